@@ -1,0 +1,197 @@
+"""Typed artifacts <-> MLflow: each kind has one writer and one reader that checks it.
+
+Every file written is hashed (sha256) and the hash recorded as a tag on the stage's run, so
+a reader refuses a missing, truncated or altered artifact with a clear error instead of
+handing the next stage garbage (`ArtifactError`; the runner then re-runs the producer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+HASH_TAG = "exitflow.sha256."  # + artifact path, e.g. exitflow.sha256.checkpoint/model.pt
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, corrupted or does not match its kind's schema."""
+
+
+@dataclass(frozen=True)
+class TableKind:
+    """A Parquet table artifact: its file name and required columns (DESIGN.md's table)."""
+
+    path: str
+    columns: tuple[str, ...]
+
+
+TABLES: dict[str, TableKind] = {
+    "exits": TableKind("exits.parquet", ("exit", "flops", "accuracy")),
+    "curve": TableKind("curve.parquet", ("criterion", "threshold", "flops", "accuracy")),
+    "budgets": TableKind("budgets.parquet", ("regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds")),
+    "trials": TableKind("trials.parquet", ("trial", "lr", "best_val", "epochs", "stopped_early")),
+    "history": TableKind("history.parquet", ("epoch", "train_loss", "val_acc_mean", "val_acc_final")),
+}
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILES = ("model.pt", "spec.json")
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """Where a stage's outputs live: results pass between stages as references, never pickled models."""
+
+    run_id: str
+    path: str
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
+    """Hash of a state_dict's names and exact tensor bytes (independent of file format)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class ArtifactStore:
+    """Load / save / exists / describe for typed artifacts, MLflow as the implementation."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self.client = client
+
+    # ------------------------------------------------------------------ writing
+    def _log_dir(self, run_id: str, local_dir: Path, artifact_path: str | None) -> None:
+        for f in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            rel = f.relative_to(local_dir).as_posix()
+            full = f"{artifact_path}/{rel}" if artifact_path else rel
+            self.client.set_tag(run_id, HASH_TAG + full, sha256_file(f))
+        if artifact_path:
+            self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+        else:
+            self.client.log_artifacts(run_id, str(local_dir))
+
+    def save_table(self, run_id: str, kind: str, table: pa.Table, metadata: dict[str, str] | None = None) -> ArtifactRef:
+        spec = TABLES[kind]
+        missing = [c for c in spec.columns if c not in table.column_names]
+        if missing:
+            raise ArtifactError(f"{kind}: table lacks columns {missing}")
+        if metadata:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
+        with tempfile.TemporaryDirectory() as d:
+            pq.write_table(table, Path(d) / spec.path)
+            self._log_dir(run_id, Path(d), None)
+        return ArtifactRef(run_id, spec.path)
+
+    def save_checkpoint(self, run_id: str, state_dict: dict[str, torch.Tensor], spec: dict[str, Any]) -> ArtifactRef:
+        """`checkpoint/`: model.pt (unwrapped state_dict) + spec.json (rebuilds the net)."""
+        if "net" not in spec:
+            raise ArtifactError("checkpoint spec.json needs a 'net' entry (NetSpec.to_dict())")
+        spec = {**spec, "state_sha256": state_dict_hash(state_dict)}
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, Path(d) / "model.pt")
+            (Path(d) / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
+            self._log_dir(run_id, Path(d), CHECKPOINT_DIR)
+        return ArtifactRef(run_id, CHECKPOINT_DIR)
+
+    def save_file(self, run_id: str, local_path: Path, artifact_path: str | None = None) -> ArtifactRef:
+        """A plain file (plots, the resolved spec); hashed like the rest."""
+        full = f"{artifact_path}/{local_path.name}" if artifact_path else local_path.name
+        self.client.set_tag(run_id, HASH_TAG + full, sha256_file(local_path))
+        self.client.log_artifact(run_id, str(local_path), artifact_path)
+        return ArtifactRef(run_id, full)
+
+    # ------------------------------------------------------------------ reading
+    def _download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.client.tracking_uri
+            )
+        except Exception as e:  # MLflow raises several types for "not there"
+            raise ArtifactError(f"run {run_id}: artifact {artifact_path!r} is missing ({type(e).__name__}: {e})") from None
+        return Path(local)
+
+    def _verify(self, run_id: str, artifact_path: str, local: Path) -> None:
+        tags = self.client.get_run(run_id).data.tags
+        expected = tags.get(HASH_TAG + artifact_path)
+        if expected is None:
+            raise ArtifactError(f"run {run_id}: no recorded hash for {artifact_path!r}; refusing an unverifiable artifact")
+        if not local.is_file():
+            raise ArtifactError(f"run {run_id}: artifact {artifact_path!r} is missing")
+        actual = sha256_file(local)
+        if actual != expected:
+            raise ArtifactError(f"run {run_id}: artifact {artifact_path!r} is corrupted (sha256 {actual[:12]} != recorded {expected[:12]})")
+
+    def load_table(self, run_id: str, kind: str) -> pa.Table:
+        spec = TABLES[kind]
+        with tempfile.TemporaryDirectory() as d:
+            local = self._download(run_id, spec.path, Path(d))
+            self._verify(run_id, spec.path, local)
+            try:
+                table = pq.read_table(local)
+            except Exception as e:
+                raise ArtifactError(f"run {run_id}: {spec.path} is not a readable Parquet file ({e})") from None
+        missing = [c for c in spec.columns if c not in table.column_names]
+        if missing:
+            raise ArtifactError(f"run {run_id}: {spec.path} lacks columns {missing}")
+        return table
+
+    def load_checkpoint(self, run_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(state_dict, spec) of a `checkpoint/` artifact, verified file by file."""
+        with tempfile.TemporaryDirectory() as d:
+            local = self._download(run_id, CHECKPOINT_DIR, Path(d))
+            for name in CHECKPOINT_FILES:
+                self._verify(run_id, f"{CHECKPOINT_DIR}/{name}", local / name)
+            try:
+                spec = json.loads((local / "spec.json").read_text())
+                state = torch.load(io.BytesIO((local / "model.pt").read_bytes()), map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ArtifactError(f"run {run_id}: checkpoint unreadable ({type(e).__name__}: {e})") from None
+        if "net" not in spec:
+            raise ArtifactError(f"run {run_id}: checkpoint/spec.json has no 'net' entry")
+        return state, spec
+
+    def exists(self, run_id: str, artifact_path: str) -> bool:
+        parent = artifact_path.rpartition("/")[0]
+        try:
+            listing = self.client.list_artifacts(run_id, parent or None)
+        except Exception:
+            return False
+        return any(f.path == artifact_path for f in listing)
+
+    def describe(self, run_id: str) -> dict[str, str]:
+        """Artifact path -> recorded sha256, for a run."""
+        tags = self.client.get_run(run_id).data.tags
+        return {k[len(HASH_TAG):]: v for k, v in tags.items() if k.startswith(HASH_TAG)}
+
+    def verify_all(self, run_id: str) -> None:
+        """Download and check every hashed artifact of a run (cache hits are verified this way)."""
+        with tempfile.TemporaryDirectory() as d:
+            for path in self.describe(run_id):
+                local = self._download(run_id, path, Path(d))
+                self._verify(run_id, path, local)

@@ -1,0 +1,159 @@
+"""The `exitflow` command: plan, run, submit, report, ui.
+
+Bad input (a spec, a data set, a tracking store) exits with status 2 and a message naming
+the field and the reason, before Ray starts and before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.spec import SpecError, StudySpec, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and study early-exit networks: joint, disjoint and mixed regimes on Ray, tracked in MLflow.")
+
+SpecArg = Annotated[Path, typer.Argument(help="Study spec (YAML). Every field has a default.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: key.path=value (YAML value), e.g. seeds=[0,1].")]
+UriOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster to join (default: $RAY_ADDRESS or a local Ray).")]
+
+
+def _fail(msg: str, code: int = 2) -> typer.Exit:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _load(spec: Path, sets: list[str] | None) -> StudySpec:
+    try:
+        return load_spec(spec, sets or [])
+    except SpecError as e:
+        raise _fail(f"exitflow: {e}") from None
+
+
+@app.command()
+def plan(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None) -> None:
+    """Print the DAG: stages, edges and which ones are already cached. Runs nothing."""
+    from pipeline.runner import plan as make_plan
+
+    study = _load(spec, set_)
+    try:
+        graph, planned = make_plan(study, tracking_uri)
+    except ValueError as e:
+        raise _fail(f"exitflow: {e}") from None
+    cached = sum(p.cached_run is not None for p in planned)
+    typer.echo(f"study {study.name}: {len(planned)} nodes, {cached} cached, {len(planned) - cached} to run")
+    for p in planned:
+        n = p.node
+        state = f"cached ({p.cached_run})" if p.cached_run else "to run"
+        inputs = f" <- {', '.join(n.inputs)}" if n.inputs else ""
+        typer.echo(f"  {n.id:<22} {n.kind:<8} key={n.key}  {state}{inputs}")
+    typer.echo("edges:")
+    for src, dst in graph.edges():
+        typer.echo(f"  {src} -> {dst}")
+
+
+@app.command()
+def run(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None, address: AddressOpt = None) -> None:
+    """Run the study (or reuse what is cached) and print the budget table."""
+    from pipeline.runner import StudyFailed, run_study
+    from pipeline.tracking import TrackingError
+
+    study = _load(spec, set_)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_study(study, tracking_uri, address, progress=lambda m: typer.echo(m, err=True))
+    except SpecError as e:
+        raise _fail(f"exitflow: {e}") from None
+    except TrackingError as e:
+        raise _fail(f"exitflow: tracking store: {e}") from None
+    except StudyFailed as e:
+        raise _fail(f"exitflow: {e}\nfinished stages are cached: run the same command again to resume.", 1) from None
+    typer.echo(result.table)
+    typer.echo(
+        f"pipeline run {result.parent_run_id}: {len(result.results)} nodes, {len(result.cache_hits)} cached, "
+        f"{len(result.trained)} phases trained, {result.seconds:.1f}s\n"
+        f"results: exitflow report {result.parent_run_id}   (or: exitflow ui)"
+    )
+
+
+@app.command()
+def submit(
+    spec: SpecArg,
+    address: Annotated[str, typer.Option("--address", help="Ray dashboard address of the cluster, e.g. http://HEAD:8265.")],
+    set_: SetOpt = None,
+    tracking_uri: UriOpt = None,
+    wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = False,
+) -> None:
+    """Submit `exitflow run` as a Ray job to a cluster (the working directory is uploaded)."""
+    from ray.job_submission import JobSubmissionClient
+
+    study = _load(spec, set_)  # validate locally first: a typo costs nothing
+    uri = tracking_uri or study.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri or uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        raise _fail("exitflow submit: a cluster needs a tracking server every node reaches: pass --tracking-uri http://... (or set tracking.uri)")
+    rel = spec.resolve().relative_to(Path.cwd().resolve()) if spec.resolve().is_relative_to(Path.cwd().resolve()) else None
+    if rel is None:
+        raise _fail(f"exitflow submit: {spec} must lie under the working directory, which is uploaded to the cluster")
+    args = ["exitflow", "run", str(rel), "--tracking-uri", uri] + [a for s in (set_ or []) for a in ("--set", s)]
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=shlex.join(args),
+        runtime_env={"working_dir": ".", "excludes": [".venv", "mlartifacts", "mlflow.db", ".exitflow", ".git"]},
+        metadata={"exitflow.study": study.name},
+    )
+    typer.echo(f"submitted {job_id} to {address}\nfollow: ray job logs --address {address} -f {job_id}")
+    if wait:
+        import asyncio
+
+        async def tail() -> None:
+            async for lines in client.tail_job_logs(job_id):
+                typer.echo(lines, nl=False)
+
+        asyncio.run(tail())
+        typer.echo(f"job {job_id}: {client.get_job_status(job_id)}")
+
+
+@app.command()
+def report(run_id: Annotated[str, typer.Argument(help="A pipeline run id (printed by exitflow run) or a report run id.")],
+           tracking_uri: UriOpt = None) -> None:
+    """Print a study's budget table and where its plots are."""
+    from pipeline.runner import study_report
+
+    try:
+        table, where = study_report(run_id, tracking_uri)
+    except Exception as e:  # noqa: BLE001 - an unknown run id is the usual cause
+        raise _fail(f"exitflow report: {type(e).__name__}: {e}") from None
+    typer.echo(table)
+    typer.echo(f"report run {where['report_run']} (experiment {where['experiment_id']})")
+    typer.echo(f"plots: {', '.join(where['artifact_uri'].rstrip('/') + '/' + p for p in where['plots'])}")
+
+
+@app.command()
+def ui(tracking_uri: UriOpt = None, port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000) -> None:
+    """Open the MLflow UI on the same tracking store."""
+    from pipeline.tracking import DEFAULT_ARTIFACTS, resolve_uri
+
+    uri = resolve_uri(tracking_uri, None)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--port", str(port), "--host", "127.0.0.1"]
+    if uri.startswith("sqlite:///"):
+        cmd += ["--artifacts-destination", str(Path(uri[len("sqlite:///"):]).parent / DEFAULT_ARTIFACTS)]
+    elif uri.startswith("http"):
+        raise _fail(f"exitflow ui: {uri} is already a tracking server: open it in a browser")
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

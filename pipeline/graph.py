@@ -1,0 +1,154 @@
+"""Spec -> DAG of stage nodes, with content-addressed cache keys.
+
+Per seed: one P1 node feeds both disjoint (P3) and mixed (P2), so the backbone is never
+trained twice; joint is a P2 node from scratch; every final model feeds an evaluate node;
+one report node joins all regimes and seeds. A node's key hashes its kind, its resolved
+config, its inputs' keys and the package version (DESIGN.md "The DAG").
+"""
+
+from __future__ import annotations
+
+import graphlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipeline import __version__
+from pipeline.spec import StudySpec
+
+StageKind = Literal["train", "tune", "evaluate", "report"]
+
+# Which phase produces a regime's final model, and which phase it starts from.
+FINAL_PHASE = {"joint": "P2", "disjoint": "P3", "mixed": "P2"}
+STARTS_FROM_P1 = {"joint": False, "disjoint": True, "mixed": True}
+
+
+@dataclass(frozen=True)
+class Node:
+    """One stage of the study. `config` is everything that changes its result."""
+
+    id: str  # human-readable and unique, e.g. "seed0/P1", "seed0/mixed/P2", "report"
+    kind: StageKind
+    config: dict[str, Any]
+    inputs: tuple[str, ...] = ()
+    phase: str | None = None  # P1 | P2 | P3
+    regime: str | None = None  # joint | disjoint | mixed | shared
+    seed: int | None = None
+    key: str = ""  # filled in by build_graph once the inputs' keys are known
+
+    def tags(self) -> dict[str, str]:
+        """The MLflow tags DESIGN.md asks for on the stage's run."""
+        tags = {"exitflow.stage": self.kind, "exitflow.key": self.key, "exitflow.node": self.id}
+        if self.phase:
+            tags["exitflow.phase"] = self.phase
+        if self.regime:
+            tags["exitflow.regime"] = self.regime
+        if self.seed is not None:
+            tags["exitflow.seed"] = str(self.seed)
+        return tags
+
+
+@dataclass
+class Graph:
+    nodes: dict[str, Node] = field(default_factory=dict)
+
+    def order(self) -> list[str]:
+        """Topological order (inputs first); raises graphlib.CycleError on a cycle."""
+        ts = graphlib.TopologicalSorter({n.id: set(n.inputs) for n in self.nodes.values()})
+        return list(ts.static_order())
+
+    def edges(self) -> list[tuple[str, str]]:
+        return [(src, n.id) for n in self.nodes.values() for src in n.inputs]
+
+    def phase_nodes(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.kind in ("train", "tune")]
+
+
+def cache_key(kind: str, config: dict[str, Any], input_keys: list[str]) -> str:
+    """Content hash of a stage: kind, sorted resolved config, inputs' keys, code version."""
+    blob = json.dumps(
+        {"kind": kind, "config": config, "inputs": input_keys, "version": __version__},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _phase_config(spec: StudySpec, phase: str, seed: int) -> dict[str, Any]:
+    pc = getattr(spec.phases, phase)
+    cfg: dict[str, Any] = {
+        "phase": phase,
+        "seed": seed,
+        "data": spec.data.model_dump(mode="json"),
+        "net": spec.net.model_dump(mode="json"),
+        "train": pc.model_dump(mode="json"),
+    }
+    if pc.is_search():
+        search = spec.search.model_dump(mode="json")
+        search.pop("max_concurrent_trials")  # how fast, not what: keep it out of the key
+        cfg["search"] = search
+    return cfg
+
+
+def build_graph(spec: StudySpec) -> Graph:
+    """The whole study as a DAG; validated (acyclic, inputs present) before anything runs."""
+    g = Graph()
+    regimes = list(spec.regimes)
+    p1_users = [r for r in regimes if STARTS_FROM_P1[r]]
+
+    def add(node: Node) -> None:
+        assert node.id not in g.nodes, node.id
+        g.nodes[node.id] = node
+
+    for seed in spec.seeds:
+        s = f"seed{seed}"
+        if p1_users:
+            add(_phase_node(spec, f"{s}/P1", "P1", "shared" if len(p1_users) > 1 else p1_users[0], seed, ()))
+        for regime in regimes:
+            phase = FINAL_PHASE[regime]
+            inputs = (f"{s}/P1",) if STARTS_FROM_P1[regime] else ()
+            add(_phase_node(spec, f"{s}/{regime}/{phase}", phase, regime, seed, inputs))
+            add(
+                Node(
+                    id=f"{s}/{regime}/evaluate",
+                    kind="evaluate",
+                    config={
+                        "seed": seed,
+                        "data": spec.data.model_dump(mode="json"),
+                        "evaluation": spec.evaluation.model_dump(mode="json", exclude={"budgets"}),
+                    },
+                    inputs=(f"{s}/{regime}/{phase}",),
+                    phase=phase,
+                    regime=regime,
+                    seed=seed,
+                )
+            )
+    add(
+        Node(
+            id="report",
+            kind="report",
+            config={"budgets": [str(b) for b in spec.evaluation.budgets], "regimes": regimes, "seeds": list(spec.seeds)},
+            inputs=tuple(f"seed{s}/{r}/evaluate" for s in spec.seeds for r in regimes),
+        )
+    )
+    return _with_keys(g)
+
+
+def _phase_node(spec: StudySpec, node_id: str, phase: str, regime: str, seed: int, inputs: tuple[str, ...]) -> Node:
+    cfg = _phase_config(spec, phase, seed)
+    kind: StageKind = "tune" if "search" in cfg else "train"
+    return Node(id=node_id, kind=kind, config=cfg, inputs=inputs, phase=phase, regime=regime, seed=seed)
+
+
+def _with_keys(g: Graph) -> Graph:
+    missing = [(n.id, i) for n in g.nodes.values() for i in n.inputs if i not in g.nodes]
+    if missing:
+        raise ValueError(f"graph: inputs not produced by any node: {missing}")
+    keyed: dict[str, Node] = {}
+    for nid in g.order():
+        n = g.nodes[nid]
+        key = cache_key(n.kind, n.config, [keyed[i].key for i in n.inputs])
+        keyed[nid] = Node(**{**n.__dict__, "key": key})
+    return Graph(nodes={nid: keyed[nid] for nid in g.nodes})

@@ -1,0 +1,257 @@
+"""Run a study: check everything, then execute the DAG as Ray tasks that hold no CPU.
+
+Independent nodes run concurrently (Ray schedules a task as soon as its inputs are ready);
+results pass between nodes as MLflow run ids, never as pickled models. Cached nodes are
+reused after their artifacts verify; an interrupted phase resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pipeline import tracking
+from pipeline.artifacts import ArtifactStore
+from pipeline.execute import NodeResult, RunContext, execute_node
+from pipeline.graph import Graph, Node, build_graph
+from pipeline.resolve import preflight
+from pipeline.spec import StudySpec, spec_to_yaml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = ".exitflow/ray"
+FAULT_ENV = "EXITFLOW_FAULT"  # fault injection for tests, see stages.train.FaultPlan
+Progress = Callable[[str], None]
+
+
+class StudyFailed(RuntimeError):
+    """One or more nodes failed; finished nodes stay cached for the next run."""
+
+
+@dataclass
+class StudyResult:
+    parent_run_id: str
+    tracking_uri: str
+    results: dict[str, NodeResult] = field(default_factory=dict)
+    table: str = ""
+    seconds: float = 0.0
+
+    @property
+    def trained(self) -> list[str]:
+        return [r.node_id for r in self.results.values() if not r.cached and r.node_id.count("/") and r.node_id.split("/")[-1] in ("P1", "P2", "P3")]
+
+    @property
+    def cache_hits(self) -> list[str]:
+        return [r.node_id for r in self.results.values() if r.cached]
+
+
+def local_env() -> dict[str, str]:
+    """Env vars every Ray process needs on one machine (DESIGN.md pitfalls)."""
+    return {
+        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),  # hosts resolving to 127.0.1.1
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+        "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore:`torch.jit.script` is deprecated:FutureWarning",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one bar per download floods the log
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    }
+
+
+def storage_path(spec: StudySpec) -> str:
+    p = spec.tracking.storage_path or DEFAULT_STORAGE
+    return p if "://" in p else str(Path(p).resolve())
+
+
+def ensure_ray(address: str | None) -> bool:
+    """Join `address` / $RAY_ADDRESS, or start a local Ray; True if we started it (and stop it)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {} if address else local_env()
+    os.environ.update(env)  # the local raylet's workers inherit these too
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, include_dashboard=False,
+             logging_level=logging.WARNING, configure_logging=False)
+    return True
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PlannedNode:
+    node: Node
+    cached_run: str | None
+
+
+def plan(spec: StudySpec, tracking_uri: str | None = None) -> tuple[Graph, list[PlannedNode]]:
+    """The DAG in execution order and, per node, the finished run it would reuse (runs nothing)."""
+    graph = build_graph(spec)
+    uri = tracking.resolve_uri(tracking_uri, spec.tracking.uri)
+    planned = [PlannedNode(graph.nodes[n], None) for n in graph.order()]
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return graph, planned  # no store yet: nothing is cached, and plan creates nothing
+    with tracking.serve_store(uri) as http:
+        c = tracking.client(http)
+        exp = c.get_experiment_by_name(spec.tracking.experiment or spec.name)
+        if exp is not None:
+            for p in planned:
+                p.cached_run = tracking.find_finished(c, exp.experiment_id, p.node.key)
+    return graph, planned
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _node_task(ctx: RunContext, node: Node, *inputs: NodeResult) -> NodeResult:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    return execute_node(ctx, node, list(inputs))
+
+
+def _recover_zombies(c: Any, experiment_id: str) -> list[str]:
+    """Parent runs left RUNNING by a dead driver on this host -> KILLED (the UI shows no zombie)."""
+    host = socket.gethostname()
+    fixed = []
+    for r in c.search_runs([experiment_id], filter_string="tags.`exitflow.stage` = 'pipeline' and attributes.status = 'RUNNING'"):
+        tags = r.data.tags
+        if tags.get("exitflow.host") != host or _alive(int(tags.get("exitflow.pid", "0"))):
+            continue
+        c.set_tag(r.info.run_id, "exitflow.recovered", "driver died; marked KILLED by a later run")
+        tracking.end_run(c, r.info.run_id, "KILLED")
+        fixed.append(r.info.run_id)
+    return fixed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_study(
+    spec: StudySpec,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    progress: Progress | None = None,
+) -> StudyResult:
+    """Validate, then run every node of the study (or reuse it) and return the budget table."""
+    say = progress or (lambda msg: log.info(msg))
+    start = time.monotonic()
+    preflight(spec)  # bad data or nets fail here: before Ray, before the store is touched
+    graph = build_graph(spec)
+    uri = tracking.resolve_uri(tracking_uri, spec.tracking.uri)
+    tracking.check_writable(uri)
+    storage = storage_path(spec)
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    with tracking.serve_store(uri) as http:
+        c = tracking.client(http)
+        exp = tracking.ensure_experiment(c, spec.tracking.experiment or spec.name)
+        for run_id in _recover_zombies(c, exp):
+            say(f"recovered: run {run_id} of a dead driver marked KILLED")
+        parent = tracking.start_run(c, exp, spec.name, {
+            "exitflow.stage": "pipeline", "exitflow.host": socket.gethostname(), "exitflow.pid": str(os.getpid()),
+        })
+        result = StudyResult(parent_run_id=parent, tracking_uri=uri)
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "spec.yaml").write_text(spec_to_yaml(spec))
+                ArtifactStore(c).save_file(parent, Path(d) / "spec.yaml")
+            tracking.log_params(c, parent, {"regimes": ",".join(spec.regimes), "seeds": ",".join(map(str, spec.seeds)),
+                                  "backbone": spec.net.backbone, "data": spec.data.name, "nodes": len(graph.nodes)})
+            started_ray = ensure_ray(address)
+            try:
+                _execute(graph, RunContext(http, exp, parent, storage, spec.model_dump(mode="json"), os.environ.get(FAULT_ENV)), result, say)
+            finally:
+                if started_ray:
+                    ray.shutdown()
+            report = result.results["report"]
+            result.table = _read_text(c, report.run_id, "budgets.txt")
+            c.set_tag(parent, "exitflow.report_run", report.run_id)
+            tracking.log_metrics(c, parent, {"nodes_cached": len(result.cache_hits), "nodes_run": len(result.results) - len(result.cache_hits)})
+        except KeyboardInterrupt:
+            tracking.end_run(c, parent, "KILLED")
+            raise
+        except BaseException:
+            tracking.end_run(c, parent, "FAILED")
+            raise
+        result.seconds = time.monotonic() - start
+        c.log_metric(parent, "seconds", result.seconds)
+        tracking.end_run(c, parent, "FINISHED")
+    return result
+
+
+def _execute(graph: Graph, ctx: RunContext, result: StudyResult, say: Progress) -> None:
+    task = ray.remote(num_cpus=0, max_retries=0)(_node_task)
+    refs: dict[str, ray.ObjectRef] = {}
+    for nid in graph.order():
+        node = graph.nodes[nid]
+        refs[nid] = task.options(name=f"exitflow:{nid}").remote(ctx, node, *[refs[i] for i in node.inputs])
+    say(f"running {len(refs)} nodes ({', '.join(graph.order())})")
+    pending = {ref: nid for nid, ref in refs.items()}
+    failures: dict[str, str] = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        nid = pending.pop(done[0])
+        try:
+            res: NodeResult = ray.get(done[0])
+        except Exception as e:  # noqa: BLE001 - reported per node, raised together below
+            cause = getattr(e, "cause", None) or e
+            failures[nid] = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+            say(f"FAILED  {nid}: {failures[nid]}")
+            continue
+        result.results[nid] = res
+        say(_describe(graph.nodes[nid], res))
+    if failures:
+        first = [f for f in failures.values() if "upstream" not in f]
+        raise StudyFailed(f"{len(failures)} node(s) failed: {', '.join(failures)}; first error: {(first or list(failures.values()))[0]}")
+
+
+def _describe(node: Node, res: NodeResult) -> str:
+    s = res.summary
+    how = "cached " if res.cached else "done   "
+    extra = ""
+    if node.kind in ("train", "tune"):
+        extra = f" lr={s.get('lr', float('nan')):.3g} val={s.get('best_val', float('nan')):.4f} epochs={s.get('epochs')}"
+        if node.kind == "tune":
+            extra += f" trials={s.get('trials')}"
+    elif node.kind == "evaluate":
+        extra = f" test_acc_final={s.get('test_acc_final', float('nan')):.4f}"
+    return f"{how}{node.id:<22} {node.kind:<8} {res.seconds:6.1f}s{extra}"
+
+
+def _read_text(c: Any, run_id: str, path: str) -> str:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as d:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=d, tracking_uri=c.tracking_uri)
+        return Path(local).read_text()
+
+
+def study_report(run_id: str, tracking_uri: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The budget table of a pipeline run (or of a report run) and where its plots are."""
+    uri = tracking.resolve_uri(tracking_uri, None)
+    with tracking.serve_store(uri) as http:
+        c = tracking.client(http)
+        run = c.get_run(run_id)
+        report_id = run.data.tags.get("exitflow.report_run", run_id if run.data.tags.get("exitflow.stage") == "report" else None)
+        if report_id is None:
+            raise ValueError(f"run {run_id} is neither a finished pipeline run nor a report run")
+        table = _read_text(c, report_id, "budgets.txt")
+        rep = c.get_run(report_id)
+        plots = [f.path for f in c.list_artifacts(report_id) if f.path.endswith(".png")]
+        where = {"report_run": report_id, "experiment_id": rep.info.experiment_id, "artifact_uri": rep.info.artifact_uri, "plots": plots}
+    return table, where

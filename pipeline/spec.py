@@ -1,0 +1,291 @@
+"""The experiment spec: one YAML file, validated by pydantic, with `--set key=value` overrides.
+
+Raw dicts stop here: the rest of exitflow sees frozen, validated models. Every field has a
+default that serves the embedded digits study, so an empty file is a valid spec.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Regime = Literal["joint", "disjoint", "mixed"]
+PhaseName = Literal["P1", "P2", "P3"]
+
+# The paper's per-family learning-rate grids (appendix D; DESIGN.md "Paper facts").
+LR_PRESETS: dict[str, tuple[float, ...]] = {
+    "resnet": (8e-3, 2e-2, 5e-2, 8e-2, 2e-1),
+    "vit": (1e-3, 1e-4, 1e-5, 4e-3, 8e-3, 5e-4, 8e-4, 4e-5, 8e-5),
+    "efficientnet": (3e-1, 1e-1, 3e-2, 1e-2, 1e-3, 3e-3),
+}
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; `str()` names each bad field and the reason."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Model):
+    name: Literal["digits", "parquet", "cifar10", "cifar100", "imagefolder"] = "digits"
+    root: str | None = None  # folder of the data set; relative paths resolve against the spec file
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # stratified validation split of train
+    augment: bool = True  # train-time augmentation (never on val/test)
+    download: bool = False  # torchvision cifar10/cifar100 only
+    train_subset: int | None = Field(None, ge=10)  # stratified cap on train samples (quick runs)
+    test_subset: int | None = Field(None, ge=10)  # stratified cap on test samples
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes per training worker
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> "DataConfig":
+        if self.name in ("parquet", "imagefolder") and not self.root:
+            raise ValueError(f"data.root is required for data.name={self.name!r}")
+        return self
+
+
+class NetConfig(_Model):
+    backbone: str = "resnet20"  # registry name (exitflow plan lists them on error)
+    method: Literal["sdn"] = "sdn"  # early-exit method
+    exits: list[int] | None = None  # IC positions: 1-based block numbers an IC follows
+    exit_every: int | None = Field(None, ge=1)  # or one IC every n blocks ...
+    exit_start: int | None = Field(None, ge=1)  # ... from this block
+    head: Literal["sdn", "linear"] | None = None  # IC head kind; None -> family default
+    head_norm: bool = False  # LayerNorm before a linear head
+    small_input: bool | None = None  # torchvision ResNets: CIFAR stem; None -> by image size
+    width: int | None = Field(None, ge=1)  # width / embed-dim override (small nets)
+    depth: int | None = Field(None, ge=1)  # block-count override where the family allows it
+
+
+class LogUniform(_Model):
+    loguniform: tuple[float, float]  # (low, high), both > 0
+    num_samples: int = Field(4, ge=1)
+
+    @field_validator("loguniform")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0 < lo < hi):
+            raise ValueError("needs 0 < low < high")
+        return v
+
+
+class Preset(_Model):
+    preset: Literal["resnet", "vit", "efficientnet"]  # the paper's grid for that family
+
+
+LrSpec = Union[float, list[float], Preset, LogUniform]
+
+
+class PhaseConfig(_Model):
+    optimizer: Literal["sgd", "adamw", "adam"] = "adam"
+    lr: LrSpec = 3e-3  # a number, a grid (list or preset) or a log-uniform range: a list/range is tuned
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(64, ge=1)
+    max_epochs: int = Field(15, ge=1)
+    patience: int = Field(4, ge=1)  # early stopping: epochs with no exit improving
+    schedule: Literal["none", "cosine", "step"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    loss_weighting: Literal["uniform", "kaya", "han", "gradient_equilibrium"] = "uniform"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    bf16: bool = False  # bf16 autocast (CUDA only; a no-op on CPU)
+    channels_last: bool = False  # NHWC memory format for conv nets on CUDA
+
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, v: LrSpec) -> LrSpec:
+        values = v if isinstance(v, list) else [v] if isinstance(v, (int, float)) else []
+        if isinstance(v, list) and not v:
+            raise ValueError("an lr grid needs at least one value")
+        for x in values:
+            if not (isinstance(x, (int, float)) and x > 0 and math.isfinite(x)):
+                raise ValueError(f"learning rates must be finite and > 0, got {x!r}")
+        return v
+
+    def lr_values(self) -> list[float] | None:
+        """The grid to search, or None for a log-uniform range (sampled by Tune)."""
+        if isinstance(self.lr, (int, float)):
+            return [float(self.lr)]
+        if isinstance(self.lr, list):
+            return [float(x) for x in self.lr]
+        if isinstance(self.lr, Preset):
+            return list(LR_PRESETS[self.lr.preset])
+        return None
+
+    def is_search(self) -> bool:
+        values = self.lr_values()
+        return values is None or len(values) > 1
+
+
+def _default_p1() -> PhaseConfig:
+    return PhaseConfig()
+
+
+class PhasesConfig(_Model):
+    P1: PhaseConfig = Field(default_factory=_default_p1)  # backbone alone, final exit only
+    P2: PhaseConfig = Field(default_factory=PhaseConfig)  # backbone + every IC
+    P3: PhaseConfig = Field(default_factory=PhaseConfig)  # frozen backbone, ICs only
+
+
+class SearchConfig(_Model):
+    selection: Literal["mean", "final", "auc"] = "mean"  # P2/P3 metric; P1 always uses the final exit
+    scheduler: Literal["none", "asha"] = "none"  # ASHA stops poor learning rates early
+    grace_period: int = Field(2, ge=1)  # ASHA: epochs before a trial may be stopped
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_concurrent_trials: int = Field(2, ge=1)
+
+
+class EvaluationConfig(_Model):
+    criteria: list[Literal["max_softmax", "entropy"]] = Field(default_factory=lambda: ["max_softmax", "entropy"], min_length=1)
+    thresholds: int = Field(100, ge=2)
+    budgets: list[Union[float, Literal["max"]]] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, "max"], min_length=1)
+    batch_size: int = Field(256, ge=1)
+
+    @field_validator("budgets")
+    @classmethod
+    def _in_range(cls, v: list[Any]) -> list[Any]:
+        for b in v:
+            if b != "max" and not (0.0 < float(b) <= 1.0):
+                raise ValueError(f"a budget is a fraction of the backbone's FLOPs in (0, 1] or 'max', got {b!r}")
+        return v
+
+
+class ResourcesConfig(_Model):
+    num_workers: int = Field(1, ge=0)  # Ray Train workers per phase (0 = Train's local mode, no resume)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)  # used only with use_gpu
+    max_failures: int = Field(1, ge=0)  # worker-group restarts from the last checkpoint
+    torch_threads: int | None = Field(None, ge=1)  # torch.set_num_threads in workers (None: cpus_per_worker)
+
+
+class TrackingConfig(_Model):
+    uri: str | None = None  # MLflow tracking URI; None -> $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str | None = None  # MLflow experiment; None -> the spec's name
+    storage_path: str | None = None  # Ray Train/Tune storage; None -> ./.exitflow/ray (shared FS or s3:// on a cluster)
+
+
+class StudySpec(_Model):
+    """One study: every regime x seed trained, evaluated and compared."""
+
+    name: str = Field("digits-study", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    data: DataConfig = Field(default_factory=DataConfig)
+    net: NetConfig = Field(default_factory=NetConfig)
+    regimes: list[Regime] = Field(default_factory=lambda: ["joint", "disjoint", "mixed"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    phases: PhasesConfig = Field(default_factory=PhasesConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("regimes", "seeds")
+    @classmethod
+    def _unique(cls, v: list[Any]) -> list[Any]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicates in {v}")
+        return v
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML), so `seeds=[0,1]` gives a list."""
+    if "=" not in item:
+        raise SpecError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise SpecError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise SpecError(f"--set {key}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set` overrides to a raw document (a copy)."""
+    out = _deep_copy(doc)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {'.'.join(parts)}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)) or "(spec)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    # Union members repeat the same location; keep each line once, in order.
+    return "invalid spec:\n" + "\n".join(dict.fromkeys(lines))
+
+
+_UNION_TAGS = {"float", "list[float]", "Preset", "LogUniform", "function-after[_ordered(), LogUniform]", "literal['max']"}
+
+
+def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> StudySpec:
+    """Read, override and validate a spec; relative data paths resolve against the spec file."""
+    doc: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(f"spec file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise SpecError(f"{p}: malformed YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SpecError(f"{p}: the top level must be a mapping of fields, got {type(loaded).__name__}")
+        doc = loaded
+        base = p.resolve().parent
+    doc = apply_overrides(doc, overrides or [])
+    try:
+        spec = StudySpec.model_validate(doc)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e)) from None
+    return resolve_paths(spec, base)
+
+
+def resolve_paths(spec: StudySpec, base: Path) -> StudySpec:
+    """Make data.root and tracking.storage_path absolute (Ray changes workers' cwd)."""
+    data = spec.data
+    if data.root and "://" not in data.root and not Path(data.root).is_absolute():
+        data = data.model_copy(update={"root": str((base / data.root).resolve())})
+    return spec.model_copy(update={"data": data})
+
+
+def spec_to_yaml(spec: StudySpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,200 @@
+"""The tracking store: resolve the URI, serve a local sqlite store over HTTP, make clients.
+
+Many processes writing one SQLite file hit "database is locked", so for a local sqlite store
+`exitflow` starts `mlflow server` on loopback for the duration of a command and every
+process (driver, Ray tasks, Train workers) logs over HTTP, exactly as on a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or written."""
+
+
+def resolve_uri(cli_uri: str | None, spec_uri: str | None) -> str:
+    """--tracking-uri, then the spec, then $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db (absolute)."""
+    uri = cli_uri or spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif "://" not in uri:  # a bare folder means a file store
+        uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TrackingError(f"mlflow server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    proc.terminate()
+    raise TrackingError(f"mlflow server did not become healthy in {timeout:.0f}s: {log_path.read_text()[-2000:]}")
+
+
+def check_writable(uri: str) -> None:
+    """Fail early (before Ray starts) when a local store cannot be created or written."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        folder = db.parent
+        if not folder.is_dir():
+            raise TrackingError(f"tracking store {uri}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise TrackingError(f"tracking store {uri}: {db} is not writable")
+
+
+@contextlib.contextmanager
+def serve_store(uri: str, artifacts_dir: Path | None = None, port: int | None = None, timeout: float = 90.0) -> Iterator[str]:
+    """Yield an HTTP tracking URI for `uri`: sqlite is served on loopback, anything else passes through."""
+    if not uri.startswith("sqlite:"):
+        yield uri
+        return
+    check_writable(uri)
+    db = Path(uri[len("sqlite:///"):])
+    artifacts = (artifacts_dir or db.parent / DEFAULT_ARTIFACTS).resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    port = port or _free_port()
+    log_path = db.parent / f".mlflow-server-{port}.log"
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", uri,
+        "--artifacts-destination", str(artifacts),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",  # one process: SQLite sees a single writer
+    ]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, timeout, log_path)
+        log.info("tracking store %s served at %s", uri, url)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        with contextlib.suppress(FileNotFoundError):
+            log_path.unlink()
+
+
+def client(uri: str) -> MlflowClient:
+    # The client prints a "View run" URL on every run end: noise in a pipeline of many runs.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(c: MlflowClient, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # another process created it between the two calls
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_run(c: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """A run in another process's hierarchy: nesting across processes is the parentRunId tag."""
+    tags = dict(tags)
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    return c.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v == v]
+    for i in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def end_run(c: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    c.set_terminated(run_id, status=status)
+
+
+def find_finished(c: MlflowClient, experiment_id: str, key: str) -> str | None:
+    """The newest FINISHED stage run with this cache key, or None."""
+    runs = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`exitflow.key` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def find_stale(c: MlflowClient, experiment_id: str, key: str) -> list[str]:
+    """RUNNING stage runs with this key (left behind by a killed process)."""
+    runs = c.search_runs([experiment_id], filter_string=f"tags.`exitflow.key` = '{key}' and attributes.status = 'RUNNING'")
+    return [r.info.run_id for r in runs]
+
+
+@dataclass(frozen=True)
+class MetricsSink:
+    """A picklable handle a Train worker (rank 0) uses to log per-epoch metrics to a stage run."""
+
+    tracking_uri: str
+    run_id: str
+
+    def __call__(self, step: int, metrics: dict[str, Any]) -> None:
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+        if not values:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()])
+
+
+RUN_STATUS_FINISHED = RunStatus.to_string(RunStatus.FINISHED)

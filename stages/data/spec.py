@@ -1,0 +1,64 @@
+"""DataSpec (which dataset and how to split it), DatasetInfo (what a net needs to know) and DataError."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+DATASET_NAMES: tuple[str, ...] = ("digits", "parquet", "cifar10", "cifar100", "imagefolder")
+
+
+class DataError(ValueError):
+    """A dataset is missing, malformed or unusable; the message names the problem and where it is."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A dataset and how to split it. `to_dict`/`from_dict` round-trip it through configs and artifacts."""
+
+    name: str = "digits"  # one of DATASET_NAMES
+    root: str | None = None  # absolute path: parquet folder, imagefolder root or torchvision cifar root; digits: unused
+    val_fraction: float = 0.1  # share of the training set held out (stratified) for early stopping
+    augment: bool = True  # augment the train split (val and test are never augmented)
+    download: bool = False  # let torchvision download cifar10/cifar100 when root lacks them
+    train_subset: int | None = None  # stratified cap on the training pool (before the val split), for quick runs
+    test_subset: int | None = None  # stratified cap on the test set, for quick runs
+    num_workers: int = 0  # DataLoader worker processes
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASET_NAMES:
+            raise DataError(f"data spec: unknown dataset {self.name!r}; known: {list(DATASET_NAMES)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise DataError(f"data spec: val_fraction must lie in (0, 1), got {self.val_fraction}")
+        for field in ("train_subset", "test_subset"):
+            cap = getattr(self, field)
+            if cap is not None and cap < 2:
+                raise DataError(f"data spec: {field} must be >= 2 or None, got {cap}")
+        if self.num_workers < 0:
+            raise DataError(f"data spec: num_workers must be >= 0, got {self.num_workers}")
+        if self.name != "digits" and not self.root:
+            raise DataError(f"data spec: dataset {self.name!r} needs a root folder")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataSpec":
+        """Inverse of `to_dict`; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DataError(f"data spec: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a net needs to know about its data."""
+
+    num_classes: int  # labels lie in [0, num_classes)
+    in_chans: int  # 1 (grayscale) or 3 (RGB)
+    img_size: int  # square side of the tensors the loaders yield
+    classes: tuple[str, ...]  # class names in label order

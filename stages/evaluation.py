@@ -1,0 +1,175 @@
+"""Early-exit evaluation maths: cached logits -> fixed-exit accuracy, threshold curves, budget tables.
+
+Everything after `collect_logits` works on the cached [E, N, C] logits, vectorized over samples,
+exits and thresholds at once (DESIGN.md, "Evaluation, exactly").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+Criterion = Literal["max_softmax", "entropy"]
+Budget = float | Literal["max"]
+CRITERIA: tuple[str, ...] = ("max_softmax", "entropy")
+DEFAULT_BUDGETS: tuple[Budget, ...] = (0.25, 0.5, 0.75, 1.0, "max")
+
+
+def collect_logits(net: nn.Module, loader: DataLoader, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over `loader`: (logits [E, N, C] float32 on CPU, labels [N] int64). Leaves `net` in eval mode."""
+    net.eval()
+    per_batch: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for x, y in loader:
+            outs = net(x.to(device, non_blocking=True))
+            per_batch.append(torch.stack([o.float() for o in outs]).cpu())  # [E, B, C]
+            labels.append(torch.as_tensor(y).cpu())
+    if not per_batch:
+        raise ValueError("collect_logits: the loader yielded no batches")
+    return torch.cat(per_batch, dim=1), torch.cat(labels).long()
+
+
+def fixed_exit_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy of every exit when it is forced to classify every sample: [E] float64.
+
+    float64 so it equals the threshold curve's end points exactly (both are counts / N).
+    """
+    return (logits.argmax(dim=-1) == labels.unsqueeze(0)).double().mean(dim=1)
+
+
+def exit_criterion(logits: torch.Tensor, criterion: Criterion) -> np.ndarray:
+    """Per-exit, per-sample confidence [E, N] (float64): max softmax, or predictive entropy in nats."""
+    logp = torch.log_softmax(torch.as_tensor(logits).double(), dim=-1)
+    if criterion == "max_softmax":
+        return logp.max(dim=-1).values.exp().numpy()
+    if criterion == "entropy":
+        # Clamp: rounding must not put an entropy outside [0, ln C], where the end thresholds would misbehave.
+        entropy = -(logp.exp() * logp).sum(dim=-1)
+        return entropy.clamp(0.0, math.log(logits.shape[-1])).numpy()
+    raise ValueError(f"unknown criterion {criterion!r}; known: {list(CRITERIA)}")
+
+
+def threshold_grid(criterion: Criterion, num_classes: int, num_thresholds: int = 100) -> np.ndarray:
+    """Evenly spaced thresholds: [0, 1] for max softmax, [0, ln C] for entropy."""
+    top = 1.0 if criterion == "max_softmax" else math.log(num_classes)
+    return np.linspace(0.0, top, num_thresholds)
+
+
+def exit_indices(conf: np.ndarray, thresholds: np.ndarray, criterion: Criterion) -> np.ndarray:
+    """Exit taken by every sample at every threshold: [T, N] ints in [0, E-1].
+
+    A sample leaves at the first IC (exits 0..E-2) whose criterion passes (max softmax > t,
+    entropy < t), else at the final exit E-1. With the running best confidence over ICs
+    (a prefix max, or prefix min for entropy), "first passing IC" = number of ICs whose running
+    best still fails, so one broadcast comparison and a sum give all thresholds at once.
+    """
+    ics = conf[:-1]  # [E-1, N]; the final exit always accepts
+    t = thresholds[:, None, None]
+    if criterion == "max_softmax":
+        return (np.maximum.accumulate(ics, axis=0)[None] <= t).sum(axis=1)
+    return (np.minimum.accumulate(ics, axis=0)[None] >= t).sum(axis=1)
+
+
+def threshold_curve(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    exit_flops: Sequence[float],
+    criterion: Criterion = "max_softmax",
+    num_thresholds: int = 100,
+) -> dict[str, np.ndarray]:
+    """FLOPs-accuracy trade-off of confidence-based early exiting: arrays threshold, flops, accuracy [T].
+
+    flops is the mean per-sample cost (the cost of the exit each sample leaves at); accuracy the
+    share of samples whose exit classifies them correctly.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; known: {list(CRITERIA)}")
+    num_exits, n, num_classes = logits.shape
+    cost = np.asarray(exit_flops, dtype=np.float64)
+    if cost.shape != (num_exits,):
+        raise ValueError(f"exit_flops has {cost.size} entries for {num_exits} exits")
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} samples")
+    thresholds = threshold_grid(criterion, num_classes, num_thresholds)
+    exits = exit_indices(exit_criterion(logits, criterion), thresholds, criterion)  # [T, N]
+    correct = (logits.argmax(dim=-1) == torch.as_tensor(labels).unsqueeze(0)).numpy()  # [E, N]
+    hit = np.take_along_axis(correct, exits, axis=0)  # row t picks each sample's exit at threshold t
+    return {
+        "threshold": thresholds,
+        "flops": cost[exits].mean(axis=1),
+        "accuracy": hit.mean(axis=1, dtype=np.float64),
+    }
+
+
+def budget_accuracy(
+    flops: Sequence[float] | np.ndarray,
+    accuracy: Sequence[float] | np.ndarray,
+    backbone_flops: float,
+    budget: Budget,
+) -> float:
+    """Accuracy at the costliest curve point within `budget` x backbone FLOPs (NaN if none fits).
+
+    Ties in cost take the best accuracy among them. "max" = the best accuracy anywhere on the curve.
+    """
+    flops = np.asarray(flops, dtype=np.float64)
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    if flops.shape != accuracy.shape:
+        raise ValueError(f"flops {flops.shape} and accuracy {accuracy.shape} differ in shape")
+    if budget == "max":
+        return float(np.max(accuracy)) if accuracy.size else math.nan
+    fits = flops <= float(budget) * backbone_flops
+    if not fits.any():
+        return math.nan
+    top = flops[fits].max()
+    return float(accuracy[fits & (flops == top)].max())
+
+
+def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """(mean, std) over seeds: sample std (ddof=1) for n > 1, 0 for a single value, NaNs for none.
+
+    NaNs propagate: a budget that one seed cannot meet is not silently averaged over the others.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return math.nan, math.nan
+    if arr.size == 1:
+        return float(arr[0]), 0.0 if np.isfinite(arr[0]) else math.nan
+    return float(arr.mean()), float(arr.std(ddof=1))
+
+
+def budget_label(budget: Budget) -> str:
+    """How a budget is named in tables: "0.25", "0.5", "0.75", "1.0", "max"."""
+    return "max" if budget == "max" else str(float(budget))
+
+
+def budget_table(
+    curves_by_regime: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]],
+    backbone_flops: float,
+    budgets: Sequence[Budget] = DEFAULT_BUDGETS,
+) -> list[dict[str, object]]:
+    """Rows (regime, budget, accuracy_mean, accuracy_std, n_seeds): one per regime and budget.
+
+    `curves_by_regime[regime]` holds one (flops, accuracy) curve per seed.
+    """
+    rows: list[dict[str, object]] = []
+    for regime, curves in curves_by_regime.items():
+        for budget in budgets:
+            per_seed = [budget_accuracy(f, a, backbone_flops, budget) for f, a in curves]
+            mean, std = mean_std(per_seed)
+            rows.append(
+                {
+                    "regime": regime,
+                    "budget": budget_label(budget),
+                    "accuracy_mean": mean,
+                    "accuracy_std": std,
+                    "n_seeds": len(per_seed),
+                }
+            )
+    return rows

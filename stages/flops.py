@@ -1,0 +1,120 @@
+"""FLOPs of every exit: fvcore multiply-adds for one sample, attention included.
+
+One trace of the whole multi-exit forward gives each block's and each IC's cost (fvcore
+attributes ops to modules by name); one small trace of the final head splits the remainder into
+stem and head. Exit k costs stem + blocks up to IC k + ICs 0..k; the final exit costs the whole
+backbone + every IC. fvcore skips fused attention (`aten::scaled_dot_product_attention`);
+`sdpa_flop_jit` counts it, the same as fvcore counts timm's unfused (matmul) path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
+from torch import Tensor, nn
+
+from stages.nets.multi_exit import MultiExitNet
+
+
+def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """Multiply-adds of scaled_dot_product_attention: Q K^T plus attn V.
+
+    For q [..., N, d], k [..., M, d], v [..., M, dv]: prod(...) * N * M * (d + dv), i.e.
+    B * H * N^2 * 2d for self-attention (softmax and scaling are not counted, as fvcore does not
+    count elementwise ops).
+    """
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+EXTRA_OP_HANDLES = {"aten::scaled_dot_product_attention": sdpa_flop_jit}
+
+
+def flop_analysis(module: nn.Module, inputs: Tensor | tuple[Tensor, ...]) -> FlopCountAnalysis:
+    """fvcore's FlopCountAnalysis with fused attention counted and its warnings off.
+
+    Lazy, like fvcore: call it under torch.no_grad() with the module in eval mode.
+    """
+    analysis = FlopCountAnalysis(module, inputs).set_op_handle(**EXTRA_OP_HANDLES)
+    # Elementwise ops (add, relu, softmax, ...) are knowingly uncounted, and pieces traced alone
+    # leave sibling modules uncalled: neither is worth a warning.
+    return analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+
+
+class _Method(nn.Module):
+    """One method of a module as a module of its own, so fvcore can trace that piece alone."""
+
+    def __init__(self, owner: nn.Module, method: str) -> None:
+        super().__init__()
+        self.owner = owner
+        self.method = method
+
+    def forward(self, x: Tensor) -> Tensor:
+        return getattr(self.owner, self.method)(x)
+
+
+@dataclass(frozen=True)
+class PieceFlops:
+    """Multiply-adds of each piece of a multi-exit net, for one sample."""
+
+    stem: int  # input -> first block's input
+    blocks: tuple[int, ...]  # each backbone block
+    ics: tuple[int, ...]  # each internal classifier
+    head: int  # last block's output -> final logits
+
+    @property
+    def backbone(self) -> int:
+        return self.stem + sum(self.blocks) + self.head
+
+
+@contextlib.contextmanager
+def _eval_mode(net: nn.Module) -> Iterator[None]:
+    """Eval mode inside; every submodule's own mode restored after (a P3 net mixes both)."""
+    modes = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def piece_flops(net: MultiExitNet) -> PieceFlops:
+    """Multiply-adds of every piece of `net` for one zero image of the spec's shape (batch 1)."""
+    backbone, spec = net.backbone, net.spec
+    param = next(net.parameters())
+    x = torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size, device=param.device, dtype=param.dtype)
+    names = {id(m): name for name, m in net.named_modules()}
+    with torch.no_grad(), _eval_mode(net):
+        analysis = flop_analysis(net, (x,))
+        by_module = analysis.by_module()
+        blocks = tuple(int(by_module[names[id(b)]]) for b in backbone.blocks)
+        ics = tuple(int(by_module[names[id(ic)]]) for ic in net.ics)
+        last = net.forward_intermediates(x, [net.num_blocks])[0]
+        head = int(flop_analysis(_Method(backbone, "forward_head"), (last,)).total())
+    # the stem is the rest: whatever is counted outside blocks, ICs and head (so nothing is lost)
+    stem = int(analysis.total()) - sum(blocks) - sum(ics) - head
+    return PieceFlops(stem=stem, blocks=blocks, ics=ics, head=head)
+
+
+def exit_flops(net: MultiExitNet) -> list[int]:
+    """Multiply-adds of every exit for one sample: backbone up to exit k + every IC up to and including k.
+
+    The final exit (last) costs the whole backbone, its classifier and every IC.
+    """
+    p = piece_flops(net)
+    costs = [p.stem + sum(p.blocks[:b]) + sum(p.ics[: k + 1]) for k, b in enumerate(net.ic_blocks)]
+    costs.append(p.backbone + sum(p.ics))
+    return costs
+
+
+def backbone_flops(net: MultiExitNet) -> int:
+    """Multiply-adds of the plain backbone (final classifier included, no ICs) for one sample."""
+    return piece_flops(net).backbone

@@ -1,0 +1,494 @@
+"""The training loop of one phase: plain functions with explicit arguments.
+
+`fit_phase` reads top to bottom: prepare -> optimizer -> schedule -> resume -> epochs.
+It runs the same with and without DDP; Ray (or any launcher) wraps it from outside: build
+the net, call `prepare_phase`, wrap in DDP, then call `fit_phase` with an `on_epoch` that
+reports and checkpoints. Nothing here imports Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from stages.early_stopping import EarlyStopping
+from stages.phases import (
+    LossWeighting,
+    Phase,
+    check_phase,
+    exit_weights,
+    phase_loss,
+    prepare_phase,
+    set_train_mode,
+    unwrap,
+)
+
+__all__ = [
+    "EarlyStopping",
+    "EpochReport",
+    "PhaseConfig",
+    "PhaseResult",
+    "build_optimizer",
+    "build_scheduler",
+    "evaluate_exits",
+    "fit_phase",
+    "lr_factor",
+    "seed_everything",
+    "train_one_epoch",
+    "unwrap",
+]
+
+logger = logging.getLogger(__name__)
+
+OptimizerName = Literal["sgd", "adamw", "adam"]
+Schedule = Literal["none", "cosine", "step"]
+Selection = Literal["final", "mean"]
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """Hyper-parameters of one training phase."""
+
+    optimizer: OptimizerName = "sgd"  # paper: SGD for ResNet/EfficientNet, AdamW for ViT
+    lr: float = 0.1  # peak learning rate (after warm-up)
+    momentum: float = 0.9  # SGD momentum (paper: 0.9); unused by Adam(W)
+    nesterov: bool = False  # SGD Nesterov momentum
+    weight_decay: float = 0.0  # on weights with ndim >= 2 only: biases, norms, SDN alphas are not decayed
+    batch_size: int = 128  # per-worker batch size; the caller builds the loaders with it
+    max_epochs: int = 100  # hard cap; early stopping usually ends the phase first
+    patience: int = 10  # epochs in a row with no exit beating its best val accuracy before stopping
+    schedule: Schedule = "none"  # per-step lr factor after warm-up: constant, cosine to 0 at max_epochs, step decay
+    warmup_epochs: int = 0  # linear warm-up from lr / (warm-up steps) to lr
+    step_epochs: int = 30  # "step": multiply the lr by step_gamma every this many epochs
+    step_gamma: float = 0.1  # "step": decay factor
+    grad_clip: float | None = None  # max global grad norm of the trainable params (paper: 1 for EfficientNet)
+    loss_weighting: LossWeighting = "uniform"  # exit loss weights (stages.phases.exit_weights); equilibrium acts in P2 only
+    kaya_epochs: int | None = None  # "kaya": epochs for IC weights to reach their caps; None -> max_epochs
+    label_smoothing: float = 0.0  # training loss only; validation loss is plain cross-entropy
+    bf16: bool = False  # bf16 autocast on CUDA; a no-op on CPU (CPU autocast is slow on most CPUs)
+    channels_last: bool = False  # channels-last net and 4-D inputs on CUDA; a no-op on CPU
+    selection: Selection = "mean"  # val accuracy that picks the best state: final exit or mean over exits (P2)
+
+    def __post_init__(self) -> None:
+        for name, kind in (("optimizer", OptimizerName), ("schedule", Schedule), ("selection", Selection),
+                           ("loss_weighting", LossWeighting)):
+            allowed = get_args(kind)
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; known: {list(allowed)}")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= label_smoothing < 1: {self}")
+        if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1 or self.warmup_epochs < 0:
+            raise ValueError(f"need batch_size, max_epochs, patience >= 1 and warmup_epochs >= 0: {self}")
+        if self.step_epochs < 1 or (self.kaya_epochs is not None and self.kaya_epochs < 1):
+            raise ValueError(f"need step_epochs >= 1 and kaya_epochs >= 1: {self}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (a resume state and MLflow params hold this)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PhaseConfig:
+        """Inverse of `to_dict`; unknown keys fail loudly."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"phase config: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class EpochReport:
+    """What `fit_phase` hands `on_epoch` after every epoch."""
+
+    epoch: int  # 0-based epoch just finished
+    metrics: dict[str, float]  # flat: train_loss, val_acc_<k>, val_acc_mean, val_acc_final, val_score, lr, ...
+    state: dict[str, Any]  # CPU snapshot that `fit_phase(resume=state)` continues from (see `fit_phase`)
+    improved: bool  # the selection score improved: state["best_state_dict"] is this epoch's net
+    stop: bool  # early stopping fired: this is the phase's last epoch
+
+
+@dataclass
+class PhaseResult:
+    """Outcome of `fit_phase`; the net itself already holds `best_state_dict`."""
+
+    best_state_dict: dict[str, Tensor]  # unwrapped net state (CPU) at the best epoch
+    best_epoch: int  # 0-based epoch of the best selection score
+    epochs_run: int  # epochs trained in total, resumed ones included
+    stopped_early: bool  # early stopping fired (False: max_epochs reached)
+    history: list[dict[str, float]] = field(default_factory=list)  # metrics of every epoch
+    best_val: dict[str, float] = field(default_factory=dict)  # val_* metrics of the best epoch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices). Seeding is the caller's job, not `fit_phase`'s."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: PhaseConfig) -> Optimizer:
+    """The phase's optimizer over `params` (the trainable ones, from `prepare_phase`).
+
+    Weight decay applies to tensors with ndim >= 2 only (the nanoGPT/timm convention).
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters: did prepare_phase freeze everything?")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, cfg: PhaseConfig, steps_per_epoch: int) -> float:
+    """Multiplier of `cfg.lr` at optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "none":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** (step // (steps_per_epoch * cfg.step_epochs))
+    total = cfg.max_epochs * steps_per_epoch
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: Optimizer, cfg: PhaseConfig, steps_per_epoch: int) -> LRScheduler:
+    """A per-step scheduler (call `.step()` after every optimizer step) following `lr_factor`.
+
+    Its state_dict holds plain numbers only (a closure is not pickled), so it resumes exactly.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch))
+
+
+def _strip_ddp(net: nn.Module) -> nn.Module:
+    """The module inside DDP, keeping any compile wrapper: forward passes that need no
+    gradient sync (evaluation) skip DDP's per-forward buffer broadcast."""
+    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum `t` over ranks when torch.distributed is up, so every rank sees the global value."""
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_device(x: Tensor, y: Tensor, device: torch.device, cfg: PhaseConfig) -> tuple[Tensor, Tensor]:
+    x = x.to(device, non_blocking=True)
+    if cfg.channels_last and x.ndim == 4 and x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    net: nn.Module,
+    phase: Phase,
+    weights: Tensor,
+    optimizer: Optimizer,
+    scheduler: LRScheduler,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    cfg: PhaseConfig,
+    epoch: int,
+) -> dict[str, Any]:
+    """One pass over `loader`; returns train_loss, train_loss_per_exit, samples_per_s, num_samples.
+
+    Losses accumulate on the device and sync once at the end; with torch.distributed up
+    they are averaged over all ranks' samples (num_samples is global, samples_per_s this
+    worker's throughput).
+    """
+    set_train_mode(net, phase)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    weights = weights.to(device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # [sum of the phase loss, sum of each exit's loss ..., samples], all sample-weighted.
+    sums = torch.zeros(weights.numel() + 2, dtype=torch.float64, device=device)
+    start = time.perf_counter()
+    for x, y in loader:
+        x, y = _to_device(x, y, device, cfg)
+        with _autocast(device, cfg.bf16):
+            logits = net(x)
+            loss, per_exit = phase_loss(logits, y, phase, weights, loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        n = y.shape[0]
+        sums[0] += loss.detach() * n
+        sums[1:-1] += per_exit * n
+        sums[-1] += n
+    local_samples = sums[-1].item()  # syncs the device, so the clock below is honest
+    elapsed = time.perf_counter() - start
+    if local_samples == 0:
+        raise ValueError(f"epoch {epoch}: the training loader yielded no samples")
+    totals = _all_reduce_sum(sums).tolist()
+    count = totals[-1]
+    return {
+        "train_loss": totals[0] / count,
+        "train_loss_per_exit": [s / count for s in totals[1:-1]],
+        "samples_per_s": local_samples / elapsed if elapsed > 0 else float("inf"),
+        "num_samples": int(count),
+    }
+
+
+def evaluate_exits(
+    net: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    cfg: PhaseConfig,
+) -> dict[str, Any]:
+    """Every exit's accuracy and mean cross-entropy over `loader` (lists, final exit last).
+
+    With torch.distributed up, correct counts, loss sums and sample counts are summed over
+    ranks, so every rank returns the same numbers and makes the same early-stopping call.
+    """
+    model = _strip_ddp(net)
+    model.eval()
+    with torch.inference_mode():
+        sums: Tensor | None = None  # [correct per exit ..., loss sum per exit ..., samples]
+        for x, y in loader:
+            x, y = _to_device(x, y, device, cfg)
+            with _autocast(device, cfg.bf16):
+                logits = torch.stack(model(x)).float()  # [E, B, C]
+            num_exits, batch = logits.shape[:2]
+            if sums is None:
+                sums = torch.zeros(2 * num_exits + 1, dtype=torch.float64, device=device)
+            sums[:num_exits] += (logits.argmax(-1) == y).sum(1)
+            losses = F.cross_entropy(logits.flatten(0, 1), y.repeat(num_exits), reduction="none")
+            sums[num_exits:-1] += losses.view(num_exits, batch).sum(1)
+            sums[-1] += batch
+        if sums is None:
+            raise ValueError("the validation loader yielded no samples")
+        totals = _all_reduce_sum(sums).tolist()
+    num_exits, count = (len(totals) - 1) // 2, totals[-1]
+    return {
+        "accuracy": [c / count for c in totals[:num_exits]],
+        "loss": [s / count for s in totals[num_exits:-1]],
+        "num_samples": int(count),
+    }
+
+
+def _monitored(phase: Phase, accuracies: list[float], selection: Selection) -> tuple[list[float], float]:
+    """The accuracies early stopping watches, and the selection score, for `phase`.
+
+    P1 trains the final exit only: ICs are untrained and their accuracies noise, so only the
+    final exit counts. P3 freezes the final head, so its constant accuracy is left out and the
+    score is the ICs' mean. P2 watches every exit and scores by `selection`.
+    """
+    if phase == "P1":
+        return accuracies[-1:], accuracies[-1]
+    if phase == "P3":
+        ics = accuracies[:-1]
+        return ics, sum(ics) / len(ics)
+    score = accuracies[-1] if selection == "final" else sum(accuracies) / len(accuracies)
+    return accuracies, score
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """Deep copy with every tensor cloned to CPU: a snapshot later training cannot mutate."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        copied = type(obj)((k, _cpu_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # module versions that load_state_dict consults
+            copied._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
+        return copied
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _loader_generators(loader: Any) -> list[torch.Generator]:
+    """The torch generators that decide a loader's shuffling and worker seeds, deduplicated."""
+    found: list[torch.Generator] = []
+    for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
+
+
+def _rng_state(loader: Any, device: torch.device) -> dict[str, Any]:
+    """RNG states that the next epoch draws from (shuffling, augmentation, dropout)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "loader": [g.get_state() for g in _loader_generators(loader)]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], loader: Any, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    gens = _loader_generators(loader)
+    if len(gens) != len(state["loader"]):
+        logger.warning("resume: loader has %d generators, state has %d; shuffling will differ",
+                       len(gens), len(state["loader"]))
+    else:
+        for gen, gen_state in zip(gens, state["loader"]):
+            gen.set_state(gen_state)
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """DistributedSampler (and friends) reshuffle per epoch only when told the epoch."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def fit_phase(
+    net: nn.Module,
+    phase: Phase,
+    cfg: PhaseConfig,
+    train_loader: Iterable[tuple[Tensor, Tensor]],
+    val_loader: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device | str,
+    resume: dict[str, Any] | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+) -> PhaseResult:
+    """Train `net` for one phase with early stopping; the net ends holding its best state.
+
+    `net` may be DDP-wrapped, provided `prepare_phase(net, phase)` ran before the wrap.
+    After every epoch `on_epoch` gets an `EpochReport` whose `state` (CPU tensors and plain
+    values; loads with `torch.load(weights_only=True)`) has the keys phase, epoch, config,
+    net (unwrapped state_dict), optimizer, scheduler, early_stopping, best_state_dict,
+    history, rng. Passing it back as `resume` continues at epoch + 1 exactly where the
+    uninterrupted run would be (same optimizer, schedule, early stopping and RNG states).
+    """
+    check_phase(phase)
+    device = torch.device(device)
+    model = unwrap(net)
+    is_ddp = isinstance(net, nn.parallel.DistributedDataParallel)
+    flags_before = [p.requires_grad for p in model.parameters()]
+    params = prepare_phase(net, phase)
+    if is_ddp and flags_before != [p.requires_grad for p in model.parameters()]:
+        raise RuntimeError(f"call prepare_phase(net, {phase!r}) before wrapping the net in DDP")
+    if not is_ddp:
+        model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # in place: `params` stay valid
+    # Gradient equilibrium balances several exits' gradients inside the backbone, which only
+    # P2 has (in P1 it would merely shrink early layers' gradients). It is a switch in the
+    # net, not a weight: set it every phase so a carried-over net never keeps a stale one.
+    model.set_gradient_equilibrium(cfg.loss_weighting == "gradient_equilibrium" and phase == "P2")
+
+    optimizer = build_optimizer(params, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(train_loader))  # type: ignore[arg-type]
+    stopper = EarlyStopping(cfg.patience)
+    history: list[dict[str, float]] = []
+    best_state: dict[str, Tensor] | None = None
+    start_epoch = 0
+
+    if resume is not None:
+        if resume["phase"] != phase:
+            raise ValueError(f"resume state is from phase {resume['phase']}, not {phase}")
+        if resume["config"] != cfg.to_dict():
+            logger.warning("resuming %s with a changed config: %s -> %s", phase, resume["config"], cfg.to_dict())
+        model.load_state_dict(resume["net"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        stopper.load_state_dict(resume["early_stopping"])
+        best_state = resume["best_state_dict"]
+        history = [dict(m) for m in resume["history"]]
+        start_epoch = int(resume["epoch"]) + 1
+        _set_rng_state(resume["rng"], train_loader, device)
+        logger.info("%s: resumed after epoch %d", phase, start_epoch - 1)
+
+    num_exits = model.num_exits
+    ramp_epochs = cfg.kaya_epochs or cfg.max_epochs
+    for epoch in range(start_epoch, cfg.max_epochs):
+        if stopper.stop:  # a resumed state may already have stopped
+            break
+        weights = exit_weights(cfg.loss_weighting, num_exits, progress=min(1.0, (epoch + 1) / ramp_epochs))
+        _set_epoch(train_loader, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        train = train_one_epoch(net, phase, weights, optimizer, scheduler, train_loader, device, cfg, epoch)
+        val = evaluate_exits(net, val_loader, device, cfg)
+        watched, score = _monitored(phase, val["accuracy"], cfg.selection)
+        improved = stopper.update(epoch, watched, score)
+        if improved:
+            best_state = _cpu_copy(model.state_dict())
+
+        metrics: dict[str, float] = {"epoch": float(epoch), "train_loss": train["train_loss"]}
+        metrics.update({f"train_loss_{k}": v for k, v in enumerate(train["train_loss_per_exit"])})
+        metrics.update({f"val_acc_{k}": v for k, v in enumerate(val["accuracy"])})
+        metrics.update({f"val_loss_{k}": v for k, v in enumerate(val["loss"])})
+        metrics.update({
+            "val_acc_mean": sum(val["accuracy"]) / num_exits,
+            "val_acc_final": val["accuracy"][-1],
+            "val_score": score,
+            "lr": lr,
+            "samples_per_s": train["samples_per_s"],
+            "epoch_time": time.perf_counter() - start,
+        })
+        history.append(metrics)
+        logger.info("%s epoch %d: train_loss %.4f val_acc %s score %.4f%s", phase, epoch, train["train_loss"],
+                    " ".join(f"{a:.3f}" for a in val["accuracy"]), score, " (best)" if improved else "")
+        if on_epoch is not None:
+            state = {
+                "phase": phase,
+                "epoch": epoch,
+                "config": cfg.to_dict(),
+                "net": _cpu_copy(model.state_dict()),
+                "optimizer": _cpu_copy(optimizer.state_dict()),
+                "scheduler": _cpu_copy(scheduler.state_dict()),
+                "early_stopping": stopper.state_dict(),
+                "best_state_dict": best_state,  # never mutated in place: safe to share
+                "history": [dict(m) for m in history],
+                "rng": _rng_state(train_loader, device),
+            }
+            on_epoch(EpochReport(epoch=epoch, metrics=dict(metrics), state=state, improved=improved, stop=stopper.stop))
+
+    if best_state is None:
+        raise RuntimeError(f"{phase}: no epoch ran (start epoch {start_epoch}, max_epochs {cfg.max_epochs})")
+    model.load_state_dict(best_state)
+    best_val = next((m for m in history if int(m["epoch"]) == stopper.best_epoch), {})
+    return PhaseResult(
+        best_state_dict=best_state,
+        best_epoch=stopper.best_epoch,
+        epochs_run=len(history),
+        stopped_early=stopper.stop,
+        history=history,
+        best_val={k: v for k, v in best_val.items() if k.startswith("val_")},
+    )

@@ -1,0 +1,204 @@
+"""MultiExitNet: a backbone cut into stem -> blocks -> head, with internal classifiers (ICs) after chosen blocks."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stages.nets.heads import make_head
+from stages.nets.spec import NetSpec
+
+
+class ExitBackbone(nn.Module, abc.ABC):
+    """A classifier cut into `forward_stem` -> `blocks` -> `forward_head`; ICs attach after blocks.
+
+    Subclasses provide `blocks` (an indexable sequence of modules registered under the backbone)
+    and the two forwards. Every backbone parameter, the final classifier included, lives here:
+    these are the P1 parameters.
+    """
+
+    blocks: Sequence[nn.Module]
+
+    @abc.abstractmethod
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """Input images -> the first block's input."""
+
+    @abc.abstractmethod
+    def forward_head(self, h: Tensor) -> Tensor:
+        """The last block's output -> final logits."""
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.forward_stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.forward_head(h)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by a constant backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        # a view, not x itself: autograd needs a new tensor to attach this node to
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """`x` unchanged forward; its gradient multiplied by `scale` backward."""
+    return _ScaleGrad.apply(x, scale)
+
+
+def exits_every(num_blocks: int, every: int, start: int) -> tuple[int, ...]:
+    """IC positions start, start + every, ... strictly before the last block (the final head's place)."""
+    return tuple(range(start, num_blocks, every))
+
+
+def resnet_exits(num_blocks: int) -> tuple[int, ...]:
+    """The paper's ResNet placement: every other block from the 5th (appendix D.2).
+
+    Short nets (resnet18: 8 blocks, resnet20: 9) would get only 2 ICs that way, so when that
+    rule yields fewer than 3 ICs, ICs go after every other block from the 2nd instead
+    (resnet18 -> 2, 4, 6; resnet20 -> 2, 4, 6, 8).
+    """
+    paper = exits_every(num_blocks, 2, 5)
+    return paper if len(paper) >= 3 else exits_every(num_blocks, 2, 2)
+
+
+def resolve_exits(spec: NetSpec, num_blocks: int, default: Sequence[int]) -> tuple[int, ...]:
+    """IC positions (1-based block numbers an IC follows) from the spec, else the family `default`."""
+    if spec.exits is not None:
+        if spec.exit_every is not None or spec.exit_start is not None:
+            raise ValueError("net spec field `exits`: give either `exits` or `exit_every`/`exit_start`, not both")
+        positions = tuple(spec.exits)
+    elif spec.exit_every is not None or spec.exit_start is not None:
+        if spec.exit_every is None:
+            raise ValueError("net spec field `exit_every`: required when `exit_start` is given")
+        if spec.exit_every < 1:
+            raise ValueError(f"net spec field `exit_every`: must be >= 1, got {spec.exit_every}")
+        start = spec.exit_every if spec.exit_start is None else spec.exit_start
+        if not 1 <= start <= num_blocks - 1:
+            raise ValueError(f"net spec field `exit_start`: must lie in [1, {num_blocks - 1}] for {spec.backbone} "
+                             f"({num_blocks} blocks), got {start}")
+        positions = exits_every(num_blocks, spec.exit_every, start)
+    else:
+        positions = tuple(default)
+    bad = [p for p in positions if not 1 <= p <= num_blocks - 1]
+    if bad:
+        raise ValueError(f"net spec field `exits`: IC positions {bad} out of range [1, {num_blocks - 1}] for "
+                         f"{spec.backbone} ({num_blocks} blocks; the final head follows block {num_blocks})")
+    if any(a >= b for a, b in zip(positions, positions[1:])):
+        raise ValueError(f"net spec field `exits`: IC positions must be strictly increasing, got {list(positions)}")
+    return positions
+
+
+@torch.no_grad()
+def block_shapes(backbone: ExitBackbone, in_chans: int, img_size: int) -> tuple[tuple[int, ...], ...]:
+    """Per-sample output shape of every block, from one eval-mode pass on a single zero image."""
+    modes = {m: m.training for m in backbone.modules()}
+    param = next(backbone.parameters())
+    backbone.eval()  # train-mode BatchNorm on one sample at 1x1 would fail, and must not see this pass
+    try:
+        h = backbone.forward_stem(torch.zeros(1, in_chans, img_size, img_size, device=param.device, dtype=param.dtype))
+        shapes = []
+        for block in backbone.blocks:
+            h = block(h)
+            shapes.append(tuple(h.shape[1:]))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return tuple(shapes)
+
+
+class MultiExitNet(nn.Module):
+    """A backbone with ICs after chosen blocks; `forward` returns every exit's logits, the final one last.
+
+    `backbone` holds every backbone parameter including the final classifier (P1); `ics` holds
+    the internal classifiers only. `exit_blocks[k]` is the block exit k follows (1-based); the
+    last entry is `num_blocks` (the final head).
+    """
+
+    def __init__(self, spec: NetSpec, backbone: ExitBackbone, default_exits: Sequence[int]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backbone = backbone
+        self.num_blocks = backbone.num_blocks
+        ic_blocks = resolve_exits(spec, self.num_blocks, default_exits)
+        self.exit_blocks: tuple[int, ...] = (*ic_blocks, self.num_blocks)
+        self.num_exits = len(self.exit_blocks)
+        self.feature_shapes = block_shapes(backbone, spec.in_chans, spec.img_size)
+        self.ics = nn.ModuleList(
+            make_head(spec.head, self.feature_shapes[b - 1], spec.num_classes, spec.head_norm) for b in ic_blocks
+        )
+        self._ic_after = {b: i for i, b in enumerate(ic_blocks)}  # block number -> IC index
+        self.gradient_equilibrium = False
+
+    @property
+    def ic_blocks(self) -> tuple[int, ...]:
+        """Blocks the ICs follow (every exit but the final one)."""
+        return self.exit_blocks[:-1]
+
+    def set_gradient_equilibrium(self, enabled: bool) -> None:
+        """Gradient equilibrium (Li et al. 2019, "Improved techniques for training adaptive deep networks").
+
+        At the branch point of IC i (0-based) of n exits, with r = n - i exits from there on:
+        the IC branch's gradient is scaled by 1 / r and the deeper path's by (r - 1) / r, exactly
+        as in the authors' MSDNet code (rescale by 1 / (n - i) before the classifier, then by
+        (n - i - 1) on the way on). Forward values are unchanged.
+        """
+        self.gradient_equilibrium = bool(enabled)
+
+    def _branch(self, h: Tensor, ic: int) -> tuple[Tensor, Tensor]:
+        """(deeper path, IC input) at IC `ic`'s branch point."""
+        if not self.gradient_equilibrium:
+            return h, h
+        remaining = self.num_exits - ic
+        return scale_grad(h, (remaining - 1) / remaining), scale_grad(h, 1.0 / remaining)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h = self.backbone.forward_stem(x)
+        logits: list[Tensor] = []
+        for number, block in enumerate(self.backbone.blocks, start=1):
+            h = block(h)
+            ic = self._ic_after.get(number)
+            if ic is not None:
+                h, branch = self._branch(h, ic)
+                logits.append(self.ics[ic](branch))
+        logits.append(self.backbone.forward_head(h))
+        return logits
+
+    def forward_until(self, x: Tensor, k: int) -> Tensor:
+        """Logits of exit `k` (0-based; negative counts from the end), running only the blocks it needs."""
+        if not -self.num_exits <= k < self.num_exits:
+            raise IndexError(f"exit {k} out of range for {self.num_exits} exits")
+        k %= self.num_exits
+        h = self.backbone.forward_stem(x)
+        for i in range(self.exit_blocks[k]):
+            h = self.backbone.blocks[i](h)
+        return self.backbone.forward_head(h) if k == self.num_exits - 1 else self.ics[k](h)
+
+    def forward_intermediates(self, x: Tensor, blocks: Sequence[int] | None = None) -> list[Tensor]:
+        """Outputs of the given 1-based blocks (default: every block), running only as far as needed."""
+        wanted = tuple(range(1, self.num_blocks + 1)) if blocks is None else tuple(blocks)
+        bad = [b for b in wanted if not 1 <= b <= self.num_blocks]
+        if bad:
+            raise IndexError(f"blocks {bad} out of range [1, {self.num_blocks}]")
+        found: dict[int, Tensor] = {}
+        h = self.backbone.forward_stem(x)
+        for number in range(1, max(wanted, default=0) + 1):
+            h = self.backbone.blocks[number - 1](h)
+            if number in wanted:
+                found[number] = h
+        return [found[b] for b in wanted]

@@ -1,0 +1,59 @@
+"""The one net registry: `register_net` fills a name -> builder dict; `create_net` builds from a NetSpec."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from stages.nets.spec import NetSpec
+
+if TYPE_CHECKING:  # runtime import would be circular: families import this module and multi_exit
+    from stages.nets.multi_exit import MultiExitNet
+
+log = logging.getLogger(__name__)
+
+NetBuilder = Callable[[NetSpec], "MultiExitNet"]
+METHODS = ("sdn",)  # early-exit methods: independent ICs on backbone features
+
+_NETS: dict[str, NetBuilder] = {}
+
+
+def register_net(builder: NetBuilder) -> NetBuilder:
+    """Register `builder` under its function name; a name may be registered once."""
+    name = builder.__name__
+    if name in _NETS:
+        raise ValueError(f"net {name!r} is already registered")
+    _NETS[name] = builder
+    return builder
+
+
+def list_nets() -> list[str]:
+    """Names of every registered net, sorted."""
+    return sorted(_NETS)
+
+
+def _check_spec(spec: NetSpec) -> None:
+    """Family-independent checks, before anything is built."""
+    if spec.backbone not in _NETS:
+        raise ValueError(f"net spec field `backbone`: unknown net {spec.backbone!r}; known: {list_nets()}")
+    if spec.num_classes < 2:
+        raise ValueError(f"net spec field `num_classes`: need at least 2 classes, got {spec.num_classes}")
+    if spec.in_chans < 1:
+        raise ValueError(f"net spec field `in_chans`: must be >= 1, got {spec.in_chans}")
+    if spec.img_size < 1:
+        raise ValueError(f"net spec field `img_size`: must be >= 1, got {spec.img_size}")
+    if spec.method not in METHODS:
+        raise ValueError(f"net spec field `method`: unknown method {spec.method!r}; known: {list(METHODS)}")
+    for field in ("width", "depth"):
+        value = getattr(spec, field)
+        if value is not None and value < 1:
+            raise ValueError(f"net spec field `{field}`: must be >= 1, got {value}")
+
+
+def create_net(spec: NetSpec) -> MultiExitNet:
+    """Build the multi-exit net `spec` describes (fresh weights; nothing is ever downloaded)."""
+    _check_spec(spec)
+    net = _NETS[spec.backbone](spec)
+    log.debug("built %s: %d blocks, exits after %s", spec.backbone, net.num_blocks, net.exit_blocks)
+    return net

@@ -1,0 +1,143 @@
+"""Training phases and regimes of multi-exit nets (paper section 2).
+
+P1 trains the backbone (with its final classifier) on the final exit's loss; P2 trains
+everything on a weighted sum of every exit's loss; P3 freezes the backbone (parameters *and*
+BatchNorm statistics) and trains the internal classifiers (ICs) alone. A regime is the
+sequence of phases it runs: joint = P2, disjoint = P1 then P3, mixed = P1 then P2.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+Phase = Literal["P1", "P2", "P3"]
+Regime = Literal["joint", "disjoint", "mixed"]
+LossWeighting = Literal["uniform", "kaya", "han", "gradient_equilibrium"]
+
+PHASES: tuple[Phase, ...] = get_args(Phase)
+REGIME_PHASES: dict[str, tuple[Phase, ...]] = {
+    "joint": ("P2",),
+    "disjoint": ("P1", "P3"),
+    "mixed": ("P1", "P2"),
+}
+
+# Kaya et al. 2019 (SDN): IC k's weight grows linearly from 0.01 to a cap equal to the IC's
+# relative depth; their six ICs sit at 15%..90% of the net, hence caps 0.15..0.9.
+KAYA_START = 0.01
+KAYA_MAX_CAP = 0.9
+# Han et al. 2022: constant weights rising linearly with depth, mean 1.
+HAN_FIRST, HAN_LAST = 0.6, 1.4
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The bare net inside DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
+    while True:
+        if isinstance(net, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            net = net.module
+        elif hasattr(net, "_orig_mod") and isinstance(net._orig_mod, nn.Module):
+            net = net._orig_mod
+        else:
+            return net
+
+
+def check_phase(phase: str) -> Phase:
+    """`phase` itself if it is a known phase; a ValueError naming the known ones otherwise."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; known: {list(PHASES)}")
+    return phase  # type: ignore[return-value]
+
+
+def prepare_phase(net: nn.Module, phase: Phase) -> list[nn.Parameter]:
+    """Set `requires_grad` for `phase` and return the trainable parameters, in module order.
+
+    P1: backbone only; P2: everything; P3: ICs only. Call it before any DDP wrap: DDP
+    registers the parameters that require grad at construction, and a frozen parameter it
+    registered would stall its gradient all-reduce. A wrapped net is accepted (unwrapped).
+    """
+    check_phase(phase)
+    model = unwrap(net)
+    backbone, ics = model.backbone, model.ics
+    grouped = {id(p) for p in backbone.parameters()} | {id(p) for p in ics.parameters()}
+    stray = [name for name, p in model.named_parameters() if id(p) not in grouped]
+    if stray:
+        # A parameter in neither group has no phase semantics; refuse rather than guess.
+        raise ValueError(f"parameters outside net.backbone and net.ics: {stray}")
+    backbone.requires_grad_(phase in ("P1", "P2"))
+    ics.requires_grad_(phase in ("P2", "P3"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    logger.debug("phase %s: %d trainable tensors, %d values", phase, len(params), sum(p.numel() for p in params))
+    return params
+
+
+def set_train_mode(net: nn.Module, phase: Phase) -> None:
+    """Train mode for `phase`; in P3 the frozen backbone stays in eval mode.
+
+    Eval mode keeps BatchNorm from updating its running statistics (requires_grad does not
+    cover buffers) and turns dropout off, so P3 sees exactly the backbone P1 produced.
+    """
+    check_phase(phase)
+    net.train()
+    if phase == "P3":
+        unwrap(net).backbone.eval()
+
+
+def exit_weights(kind: LossWeighting, num_exits: int, progress: float = 1.0) -> Tensor:
+    """Per-exit loss weights (float32, final exit last).
+
+    - "uniform", "gradient_equilibrium": all 1 (gradient equilibrium rescales gradients in
+      the net instead, see `MultiExitNet.set_gradient_equilibrium`).
+    - "han" (Han et al. 2022): constant, linear in depth from 0.6 (first exit) to 1.4 (last).
+    - "kaya" (Kaya et al. 2019, SDN): the final exit weighs 1; IC k of K ICs (0-based) weighs
+      min(cap_k, 0.01 + progress * cap_k) with cap_k = 0.9 * (k + 1) / K, i.e. the SDN
+      schedule with caps at the ICs' relative positions. `progress` in [0, 1] is the fraction
+      of the ramp done (SDN: epoch / epochs, 1-based epoch); the other kinds ignore it.
+    """
+    if num_exits < 1:
+        raise ValueError(f"num_exits must be >= 1, got {num_exits}")
+    if kind in ("uniform", "gradient_equilibrium"):
+        return torch.ones(num_exits)
+    if kind == "han":
+        if num_exits == 1:
+            return torch.ones(1)
+        return torch.linspace(HAN_FIRST, HAN_LAST, num_exits)
+    if kind == "kaya":
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress must lie in [0, 1], got {progress}")
+        num_ics = num_exits - 1
+        caps = KAYA_MAX_CAP * torch.arange(1, num_ics + 1, dtype=torch.float64) / max(num_ics, 1)
+        ics = torch.minimum(caps, KAYA_START + progress * caps)
+        return torch.cat([ics, torch.ones(1, dtype=torch.float64)]).float()
+    raise ValueError(f"unknown loss weighting {kind!r}; known: {list(get_args(LossWeighting))}")
+
+
+def phase_loss(
+    logits: list[Tensor],
+    target: Tensor,
+    phase: Phase,
+    weights: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """The phase's training loss and every exit's loss (detached, for logging).
+
+    P1: the final exit's loss alone. P2: sum_k weights[k] * loss_k over all exits.
+    P3: the same sum over the ICs only: the final head belongs to the frozen backbone.
+    """
+    check_phase(phase)
+    if len(logits) != weights.numel():
+        raise ValueError(f"{len(logits)} exits but {weights.numel()} weights")
+    losses = [loss_fn(z, target) for z in logits]
+    if phase == "P1":
+        loss = losses[-1]
+    else:
+        # Build the sum only from the exits in the objective: a stack of all losses would
+        # send zero gradients back through every excluded head.
+        used = losses if phase == "P2" else losses[:-1]
+        loss = torch.stack(used).mul(weights[: len(used)].to(used[0].device)).sum()
+    per_exit = torch.stack([l.detach() for l in losses])
+    return loss, per_exit

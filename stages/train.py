@@ -1,0 +1,235 @@
+"""The train stage: one training phase on Ray Train V2 (TorchTrainer, DDP via prepare_model).
+
+Only this adapter touches Ray: the loop itself is `stages.loop.fit_phase`, which runs without
+Ray. Rank 0 writes a checkpoint every epoch (the full resumable state); every rank calls
+`ray.train.report` (it is a barrier). A re-run with the same (storage_path, name) resumes
+from `ray.train.get_checkpoint()`, so the runner names runs by cache key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
+
+from stages.data import DataSpec, load_splits, make_loader
+from stages.flops import exit_flops
+from stages.loop import EpochReport, PhaseConfig, fit_phase, seed_everything
+from stages.nets import NetSpec, create_net
+from stages.phases import prepare_phase
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory
+InitFrom = Callable[[], dict[str, torch.Tensor]]  # loads the input model's state (on the worker)
+MetricsSink = Callable[[int, dict[str, float]], None]  # logs one epoch's metrics (rank 0 only)
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Fault injection for tests: after `after_epoch`'s checkpoint, fail once (marker file)."""
+
+    after_epoch: int
+    marker: str  # absolute path; the fault fires only while it does not exist
+    mode: str = "raise"  # "raise": an exception in the worker; "exit": the worker process dies
+    phase: str | None = None  # only this phase (None: any)
+
+    @classmethod
+    def parse(cls, text: str) -> "FaultPlan":
+        """`after_epoch=1,marker=/tmp/x,mode=exit,phase=P1` (the EXITFLOW_FAULT variable)."""
+        kv = dict(item.split("=", 1) for item in text.split(",") if item)
+        return cls(after_epoch=int(kv["after_epoch"]), marker=kv["marker"], mode=kv.get("mode", "raise"), phase=kv.get("phase"))
+
+
+@dataclass(frozen=True)
+class PhaseJob:
+    """Everything a Train worker needs for one phase: plain values plus two picklable callables."""
+
+    phase: str  # P1 | P2 | P3
+    seed: int
+    data: dict[str, Any]  # DataSpec.to_dict()
+    net: dict[str, Any]  # NetSpec.to_dict(), already sized for the data
+    train: dict[str, Any]  # stages.loop.PhaseConfig.to_dict(); batch_size is global
+    selection: str = "mean"  # score reported to Tune: mean | final | auc (P1: always final)
+    init_from: InitFrom | None = None  # the input model (P3 and mixed P2 start from P1)
+    metrics_sink: MetricsSink | None = None
+    torch_threads: int = 1
+    fault: FaultPlan | None = None
+    label: str = ""  # the node id, for progress lines
+
+    def with_lr(self, lr: float) -> "PhaseJob":
+        return replace(self, train={**self.train, "lr": float(lr)})
+
+
+@dataclass
+class PhaseOutcome:
+    """What a phase produced, read back from its last checkpoint."""
+
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val: dict[str, float] = field(default_factory=dict)
+    resumed_at: int | None = None  # first epoch of this attempt, when it resumed from a checkpoint
+
+
+def selection_score(metrics: dict[str, float], selection: str, phase: str, flops_frac: list[float]) -> float:
+    """The metric a learning-rate search maximises: best validation accuracy per DESIGN/issue 4.
+
+    P1 always uses the final exit. `auc` is the area under the validation FLOPs-accuracy
+    points of the fixed exits (relative FLOPs on x, trapezoids), normalised by its x-range.
+    """
+    accs = [metrics[f"val_acc_{k}"] for k in range(len(flops_frac))]
+    if phase == "P1" or selection == "final":
+        return accs[-1]
+    if selection == "mean":
+        return sum(accs) / len(accs)
+    xs = flops_frac
+    if len(xs) < 2 or xs[-1] <= xs[0]:
+        return accs[-1]
+    area = sum((xs[i + 1] - xs[i]) * (accs[i] + accs[i + 1]) / 2 for i in range(len(xs) - 1))
+    return area / (xs[-1] - xs[0])
+
+
+def _world() -> tuple[int, int]:
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def _load_resume() -> dict[str, Any] | None:
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def train_worker(job: PhaseJob) -> None:
+    """The Ray Train loop: data -> net -> (input model) -> phase setup -> DDP -> resume -> fit."""
+    torch.set_num_threads(job.torch_threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("stages.loop").setLevel(logging.WARNING)  # this adapter prints the epoch line
+    rank, world = _world()
+    seed_everything(job.seed)
+    cfg = PhaseConfig.from_dict(job.train)
+    cfg = replace(cfg, batch_size=max(1, cfg.batch_size // world))  # the spec's batch size is global
+
+    data = DataSpec.from_dict(job.data)
+    splits = load_splits(data, job.seed)
+    train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=job.seed, num_workers=data.num_workers, drop_last=len(splits.train) > cfg.batch_size * world)
+    val_loader = make_loader(splits.val, cfg.batch_size, shuffle=False, seed=job.seed, num_workers=data.num_workers)
+
+    net = create_net(NetSpec.from_dict(job.net))
+    flops = exit_flops(net)
+    flops_frac = [f / flops[-1] for f in flops]
+    if job.init_from is not None:
+        net.load_state_dict(job.init_from())
+    prepare_phase(net, job.phase)  # before DDP: DDP must see only the trainable parameters
+    if world > 1 or ray.train.torch.get_device().type == "cuda":
+        net = prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": False} if world > 1 else None)
+        train_loader = prepare_data_loader(train_loader)
+        val_loader = prepare_data_loader(val_loader)
+    device = ray.train.torch.get_device()
+    resume = _load_resume()
+    if resume is not None and rank == 0:
+        log.info("%s: resuming after epoch %d", job.phase, resume["epoch"])
+
+    def on_epoch(report: EpochReport) -> None:
+        extra = {
+            "score": selection_score(report.metrics, job.selection, job.phase, flops_frac),
+            "resumed_at": float(resume["epoch"] + 1) if resume is not None else -1.0,
+        }
+        report.state["history"][-1].update(extra)  # kept in the checkpoint, so a resumed run keeps them
+        metrics = {**report.metrics, **extra}
+        if rank == 0:
+            log.info("%s epoch %d: train_loss %.4f val_acc %s score %.4f", job.label, report.epoch,
+                     metrics["train_loss"], " ".join(f"{metrics[f'val_acc_{k}']:.3f}" for k in range(len(flops_frac))), extra["score"])
+        if rank == 0 and job.metrics_sink is not None:
+            job.metrics_sink(report.epoch, metrics)
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(report.state, Path(d) / STATE_FILE)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        _maybe_fault(job, report.epoch)
+
+    fit_phase(net, job.phase, cfg, train_loader, val_loader, device, resume=resume, on_epoch=on_epoch)
+
+
+def _maybe_fault(job: PhaseJob, epoch: int) -> None:
+    f = job.fault
+    if f is None or epoch != f.after_epoch or (f.phase and f.phase != job.phase) or os.path.exists(f.marker):
+        return
+    Path(f.marker).write_text(f"{job.phase} epoch {epoch}\n")
+    if f.mode == "exit":
+        os._exit(1)  # a worker killed mid-run, as a preempted node would be
+    raise RuntimeError(f"injected fault after epoch {epoch} ({job.phase})")
+
+
+def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float) -> ScalingConfig:
+    resources: dict[str, float] = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def build_trainer(
+    job: PhaseJob,
+    scaling: ScalingConfig,
+    name: str,
+    storage_path: str,
+    max_failures: int,
+    callbacks: list[Any] | None = None,
+) -> TorchTrainer:
+    """A TorchTrainer for one phase; `name` is deterministic (cache key) so a re-run resumes."""
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=job,  # type: ignore[arg-type]  # a frozen dataclass pickles as well as a dict
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def outcome_from_checkpoint(path: str | Path) -> PhaseOutcome:
+    """Read the phase's result from a checkpoint directory written by `train_worker`."""
+    state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    history = state["history"]
+    es = state["early_stopping"]
+    best_epoch = int(es["best_epoch"])
+    best_val = next((m for m in history if int(m["epoch"]) == best_epoch), history[-1])
+    resumed = [int(m["resumed_at"]) for m in history if m.get("resumed_at", -1) >= 0]
+    return PhaseOutcome(
+        best_state=state["best_state_dict"],
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        stopped_early=int(es["epochs_without_improvement"]) >= int(es["patience"]),
+        history=history,
+        best_val={k: v for k, v in best_val.items() if k.startswith("val_") or k == "score"},
+        resumed_at=resumed[0] if resumed else None,
+    )
+
+
+def run_phase(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: str, max_failures: int) -> PhaseOutcome:
+    """Fit one phase with one learning rate; raises ray.train's TrainingFailedError on failure."""
+    result = build_trainer(job, scaling, name, storage_path, max_failures).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"phase {job.phase} ({name}) finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return outcome_from_checkpoint(d)

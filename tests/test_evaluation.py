@@ -1,0 +1,167 @@
+"""Evaluation maths against direct per-sample, per-threshold reference implementations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from stages.evaluation import (
+    budget_accuracy,
+    budget_table,
+    collect_logits,
+    fixed_exit_accuracy,
+    mean_std,
+    threshold_curve,
+)
+
+EXIT_FLOPS = [10.0, 25.0, 45.0, 70.0]
+
+
+def random_logits(
+    num_exits: int = 4, n: int = 300, num_classes: int = 5, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    # Sharper, more often right, deeper exits: a realistic spread of confidences.
+    scale = torch.linspace(0.5, 3.0, num_exits).view(-1, 1, 1)
+    logits = torch.randn(num_exits, n, num_classes, generator=g) * scale
+    logits[:, torch.arange(n), labels] += scale.view(-1, 1) * 0.8
+    return logits.float(), labels
+
+
+def reference_curve(
+    logits: torch.Tensor, labels: torch.Tensor, flops: list[float], criterion: str, num_thresholds: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The definition, literally: for each threshold, walk each sample through the exits."""
+    e, n, c = logits.shape
+    top = 1.0 if criterion == "max_softmax" else math.log(c)
+    thresholds = np.linspace(0.0, top, num_thresholds)
+    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    acc, cost = [], []
+    for t in thresholds:
+        right, spent = 0, 0.0
+        for i in range(n):
+            k = e - 1
+            for j in range(e - 1):
+                p = probs[j, i]
+                conf = p.max() if criterion == "max_softmax" else float(-(p * np.log(p)).sum())
+                if (conf > t) if criterion == "max_softmax" else (conf < t):
+                    k = j
+                    break
+            right += int(probs[k, i].argmax() == int(labels[i]))
+            spent += flops[k]
+        acc.append(right / n)
+        cost.append(spent / n)
+    return np.array(acc), np.array(cost)
+
+
+@pytest.mark.parametrize("criterion", ["max_softmax", "entropy"])
+def test_curve_matches_reference(criterion: str) -> None:
+    logits, labels = random_logits()
+    curve = threshold_curve(logits, labels, EXIT_FLOPS, criterion, num_thresholds=37)
+    acc, cost = reference_curve(logits, labels, EXIT_FLOPS, criterion, 37)
+    assert set(curve) == {"threshold", "flops", "accuracy"}
+    assert all(v.shape == (37,) for v in curve.values())
+    np.testing.assert_allclose(curve["accuracy"], acc, atol=1e-12)
+    np.testing.assert_allclose(curve["flops"], cost, rtol=1e-12)
+    # The curve actually moves between its ends (the test is not vacuous).
+    assert len(np.unique(curve["flops"])) > 10
+
+
+@pytest.mark.parametrize("criterion", ["max_softmax", "entropy"])
+def test_curve_ends_are_exact(criterion: str) -> None:
+    logits, labels = random_logits(seed=1)
+    curve = threshold_curve(logits, labels, EXIT_FLOPS, criterion)
+    fixed = fixed_exit_accuracy(logits, labels).numpy()
+    first, last = (0, -1) if criterion == "max_softmax" else (-1, 0)
+    assert curve["flops"][first] == EXIT_FLOPS[0]
+    assert curve["accuracy"][first] == pytest.approx(fixed[0], abs=1e-12)
+    assert curve["flops"][last] == EXIT_FLOPS[-1]
+    assert curve["accuracy"][last] == pytest.approx(fixed[-1], abs=1e-12)
+    top = 1.0 if criterion == "max_softmax" else math.log(5)
+    assert curve["threshold"][0] == 0.0 and curve["threshold"][-1] == pytest.approx(top)
+
+
+def test_single_exit_and_bad_inputs() -> None:
+    logits, labels = random_logits(num_exits=1)
+    curve = threshold_curve(logits, labels, [7.0], "entropy", num_thresholds=5)
+    assert np.all(curve["flops"] == 7.0)
+    with pytest.raises(ValueError, match="exit_flops"):
+        threshold_curve(logits, labels, [1.0, 2.0], "entropy")
+    with pytest.raises(ValueError, match="criterion"):
+        threshold_curve(logits, labels, [1.0], "margin")  # type: ignore[arg-type]
+
+
+def test_fixed_exit_accuracy() -> None:
+    labels = torch.tensor([0, 1, 2, 1])
+    logits = torch.zeros(2, 4, 3)
+    logits[0, torch.arange(4), torch.tensor([0, 1, 0, 0])] = 1.0  # 2 of 4 right
+    logits[1, torch.arange(4), labels] = 1.0  # all right
+    assert torch.equal(fixed_exit_accuracy(logits, labels), torch.tensor([0.5, 1.0], dtype=torch.float64))
+
+
+class TwoExitNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.drop(self.a(x)), self.b(x)]
+
+
+def test_collect_logits() -> None:
+    torch.manual_seed(0)
+    net = TwoExitNet().train()
+    x, y = torch.randn(10, 4), torch.arange(10) % 3
+    logits, labels = collect_logits(net, DataLoader(TensorDataset(x, y), batch_size=4), "cpu")
+    assert logits.shape == (2, 10, 3) and logits.dtype == torch.float32 and not logits.requires_grad
+    assert torch.equal(labels, y) and not net.training
+    assert torch.allclose(logits[0], net.a(x).detach()) and torch.allclose(logits[1], net.b(x).detach())
+
+
+def test_budget_accuracy_picks_costliest_point_within_budget() -> None:
+    flops = np.array([10.0, 20.0, 30.0, 40.0, 30.0])
+    acc = np.array([0.5, 0.7, 0.6, 0.9, 0.65])
+    assert budget_accuracy(flops, acc, 40.0, 0.5) == 0.7  # <= 20
+    assert budget_accuracy(flops, acc, 40.0, 0.74) == 0.7  # 29.6: 30 does not fit
+    assert budget_accuracy(flops, acc, 40.0, 0.75) == 0.65  # 30 fits; ties -> best of them
+    assert budget_accuracy(flops, acc, 40.0, 1.0) == 0.9
+    assert math.isnan(budget_accuracy(flops, acc, 40.0, 0.2))
+    assert budget_accuracy(flops, acc, 40.0, "max") == 0.9
+    # "max" is the best point anywhere, even above the backbone's cost.
+    assert budget_accuracy([10.0, 50.0], [0.5, 0.95], 40.0, "max") == 0.95
+
+
+def test_mean_std() -> None:
+    assert mean_std([0.5]) == (0.5, 0.0)
+    mean, std = mean_std([0.1, 0.2, 0.3, 0.4])
+    assert mean == pytest.approx(0.25) and std == pytest.approx(np.std([0.1, 0.2, 0.3, 0.4], ddof=1))
+    assert all(math.isnan(v) for v in mean_std([]))
+
+
+def test_budget_table() -> None:
+    flops = np.array([10.0, 20.0, 30.0, 40.0])
+    curves = {
+        "joint": [(flops, np.array([0.5, 0.6, 0.7, 0.8])), (flops, np.array([0.4, 0.7, 0.7, 0.9]))],
+        "disjoint": [(flops, np.array([0.3, 0.5, 0.6, 0.7]))],
+    }
+    rows = budget_table(curves, backbone_flops=40.0)
+    assert len(rows) == 10
+    assert set(rows[0]) == {"regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds"}
+    by = {(r["regime"], r["budget"]): r for r in rows}
+    assert [r["budget"] for r in rows[:5]] == ["0.25", "0.5", "0.75", "1.0", "max"]
+    assert by["joint", "0.5"]["accuracy_mean"] == pytest.approx(0.65)
+    assert by["joint", "0.5"]["accuracy_std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
+    assert by["joint", "0.5"]["n_seeds"] == 2
+    assert by["joint", "max"]["accuracy_mean"] == pytest.approx(0.85)
+    expected = {"regime": "disjoint", "budget": "0.25", "accuracy_mean": 0.3, "accuracy_std": 0.0, "n_seeds": 1}
+    assert by["disjoint", "0.25"] == expected
+    rows = budget_table(curves, backbone_flops=100.0, budgets=(0.05,))
+    assert all(math.isnan(r["accuracy_mean"]) for r in rows)

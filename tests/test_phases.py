@@ -1,0 +1,183 @@
+"""Phase semantics: which parameters and buffers each phase may change, weights and losses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from stages.loop import PhaseConfig, build_optimizer
+from stages.nets import create_net
+from stages.nets.spec import NetSpec
+from stages.phases import (
+    PHASES,
+    REGIME_PHASES,
+    exit_weights,
+    phase_loss,
+    prepare_phase,
+    set_train_mode,
+    unwrap,
+)
+
+
+SPEC = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: these tiny convs gain nothing from two, and on a shared 2-core
+    machine a second spinning thread makes epochs 10-20x slower under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return create_net(SPEC)
+
+
+@pytest.fixture
+def batch() -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+
+
+def _snapshot(module: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer (BatchNorm running stats and counters included), cloned."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _unchanged(before: dict[str, Tensor], module: nn.Module) -> bool:
+    return all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def _one_step(net: nn.Module, phase: str, batch: tuple[Tensor, Tensor]) -> torch.optim.Optimizer:
+    params = prepare_phase(net, phase)
+    optimizer = build_optimizer(params, PhaseConfig(optimizer="sgd", lr=0.1, weight_decay=1e-4))
+    set_train_mode(net, phase)
+    x, y = batch
+    loss, _ = phase_loss(net(x), y, phase, exit_weights("uniform", net.num_exits), nn.CrossEntropyLoss())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return optimizer
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_regimes_map_to_paper_phases() -> None:
+    assert REGIME_PHASES == {"joint": ("P2",), "disjoint": ("P1", "P3"), "mixed": ("P1", "P2")}
+    assert PHASES == ("P1", "P2", "P3")
+
+
+@pytest.mark.parametrize(
+    ("phase", "backbone_trains", "ics_train"),
+    [("P1", True, False), ("P2", True, True), ("P3", False, True)],
+)
+def test_prepare_phase_sets_requires_grad_and_optimizer_holds_exactly_the_trainable(
+    net: nn.Module, phase: str, backbone_trains: bool, ics_train: bool
+) -> None:
+    params = prepare_phase(net, phase)
+    assert all(p.requires_grad is backbone_trains for p in net.backbone.parameters())
+    assert all(p.requires_grad is ics_train for p in net.ics.parameters())
+    expected = {id(p) for p in net.parameters() if p.requires_grad}
+    assert {id(p) for p in params} == expected and len(params) == len(expected)
+    assert _optimizer_params(build_optimizer(params, PhaseConfig())) == expected
+
+
+def test_prepare_phase_accepts_wrapped_nets(net: nn.Module) -> None:
+    wrapped = torch.compile(nn.DataParallel(net))  # compile is lazy: nothing compiles here
+    assert unwrap(wrapped) is net
+    params = prepare_phase(wrapped, "P3")
+    assert {id(p) for p in params} == {id(p) for p in net.ics.parameters()}
+
+
+def test_set_train_mode_keeps_frozen_backbone_in_eval(net: nn.Module) -> None:
+    set_train_mode(net, "P3")
+    assert not any(m.training for m in net.backbone.modules())
+    assert all(m.training for m in net.ics.modules())
+    for phase in ("P1", "P2"):
+        set_train_mode(net, phase)
+        assert all(m.training for m in net.modules())
+
+
+def test_p3_step_leaves_backbone_and_batchnorm_stats_bit_identical(net: nn.Module, batch: tuple[Tensor, Tensor]) -> None:
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.backbone.modules())
+    backbone, ics = _snapshot(net.backbone), _snapshot(net.ics)
+    _one_step(net, "P3", batch)
+    assert _unchanged(backbone, net.backbone)  # weights, running_mean/var, num_batches_tracked
+    assert all(p.grad is None for p in net.backbone.parameters())
+    for k, ic in enumerate(net.ics):
+        changed = [not torch.equal(ics[f"{k}.{name}"], p) for name, p in ic.named_parameters()]
+        assert any(changed), f"IC {k} did not move"
+
+
+def test_p1_step_leaves_ics_untouched(net: nn.Module, batch: tuple[Tensor, Tensor]) -> None:
+    backbone, ics = _snapshot(net.backbone), _snapshot(net.ics)
+    _one_step(net, "P1", batch)
+    assert _unchanged(ics, net.ics)
+    assert all(p.grad is None for p in net.ics.parameters())
+    assert not _unchanged(backbone, net.backbone)
+    # The final classifier is a backbone parameter: P1 trains it.
+    final_out = [p for p in net.backbone.parameters() if p.shape[:1] == (SPEC.num_classes,)]
+    assert final_out and all(p.grad is not None for p in final_out)
+
+
+def test_p2_step_changes_backbone_and_every_ic(net: nn.Module, batch: tuple[Tensor, Tensor]) -> None:
+    backbone, ics = _snapshot(net.backbone), _snapshot(net.ics)
+    _one_step(net, "P2", batch)
+    assert not _unchanged(backbone, net.backbone)
+    for k, ic in enumerate(net.ics):
+        assert any(not torch.equal(ics[f"{k}.{name}"], p) for name, p in ic.named_parameters())
+
+
+def test_exit_weights_values() -> None:
+    assert torch.equal(exit_weights("uniform", 4), torch.ones(4))
+    assert torch.equal(exit_weights("gradient_equilibrium", 4), torch.ones(4))
+    assert torch.allclose(exit_weights("han", 3), torch.tensor([0.6, 1.0, 1.4]))
+    han = exit_weights("han", 7)
+    assert han[0].item() == pytest.approx(0.6) and han[-1].item() == pytest.approx(1.4)
+    assert han.mean().item() == pytest.approx(1.0)
+    # Kaya (SDN): ICs ramp from 0.01 to caps at their relative depth; the final exit stays at 1.
+    assert torch.allclose(exit_weights("kaya", 3, progress=0.0), torch.tensor([0.01, 0.01, 1.0]))
+    assert torch.allclose(exit_weights("kaya", 3, progress=1.0), torch.tensor([0.45, 0.9, 1.0]))
+    assert torch.allclose(exit_weights("kaya", 7, progress=1.0)[:-1], torch.tensor([0.15, 0.3, 0.45, 0.6, 0.75, 0.9]))
+    half = exit_weights("kaya", 3, progress=0.5)
+    assert torch.allclose(half, torch.tensor([0.01 + 0.225, 0.01 + 0.45, 1.0]))
+    assert exit_weights("kaya", 1).tolist() == [1.0]
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        exit_weights("bogus", 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="progress"):
+        exit_weights("kaya", 3, progress=1.5)
+
+
+@pytest.mark.parametrize(("phase", "in_loss"), [("P1", [2]), ("P2", [0, 1, 2]), ("P3", [0, 1])])
+def test_phase_loss_uses_the_right_exits(phase: str, in_loss: list[int]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(5, 4, generator=gen, requires_grad=True) for _ in range(3)]
+    target = torch.randint(0, 4, (5,), generator=gen)
+    weights = torch.tensor([0.5, 2.0, 3.0])
+    loss_fn = nn.CrossEntropyLoss()
+    loss, per_exit = phase_loss(logits, target, phase, weights, loss_fn)
+    singles = torch.stack([loss_fn(z, target) for z in logits]).detach()
+    assert torch.allclose(per_exit, singles) and not per_exit.requires_grad
+    expected = singles[-1] if phase == "P1" else sum(weights[k] * singles[k] for k in in_loss)
+    assert torch.allclose(loss.detach(), expected)
+    loss.backward()
+    for k, z in enumerate(logits):
+        assert (z.grad is not None) is (k in in_loss), f"exit {k} in {phase}"
+
+
+def test_phase_loss_checks_weights_and_phase() -> None:
+    logits, target = [torch.zeros(2, 3)] * 2, torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="weights"):
+        phase_loss(logits, target, "P2", torch.ones(3), nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="unknown phase"):
+        phase_loss(logits, target, "P4", torch.ones(2), nn.CrossEntropyLoss())  # type: ignore[arg-type]
