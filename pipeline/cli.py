@@ -38,16 +38,35 @@ def _load(spec: Path, sets: list[str] | None) -> StudySpec:
         raise _fail(f"exitflow: {e}") from None
 
 
+def _check(study: StudySpec, tracking_uri: str | None, data: bool) -> None:
+    """Up-front checks that write nothing: the tracking store, Ray storage and (if `data`) data + net."""
+    from pipeline.resolve import check_storage, check_store, preflight
+    from pipeline.runner import storage_path
+    from pipeline.tracking import TrackingError, resolve_uri
+
+    try:
+        check_store(resolve_uri(tracking_uri, study.tracking.uri))
+        check_storage(storage_path(study))
+        if data:
+            preflight(study)
+    except (SpecError, TrackingError) as e:
+        raise _fail(f"exitflow: {e}") from None
+
+
 @app.command()
 def plan(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None) -> None:
     """Print the DAG: stages, edges and which ones are already cached. Runs nothing."""
     from pipeline.runner import plan as make_plan
+    from pipeline.tracking import TrackingError
 
     study = _load(spec, set_)
+    _check(study, tracking_uri, data=True)  # plan fails on whatever would stop `run`
     try:
         graph, planned = make_plan(study, tracking_uri)
     except ValueError as e:
         raise _fail(f"exitflow: {e}") from None
+    except TrackingError as e:
+        raise _fail(f"exitflow: tracking store: {e}") from None
     cached = sum(p.cached_run is not None for p in planned)
     typer.echo(f"study {study.name}: {len(planned)} nodes, {cached} cached, {len(planned) - cached} to run")
     for p in planned:
@@ -67,6 +86,7 @@ def run(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None, address
     from pipeline.tracking import TrackingError
 
     study = _load(spec, set_)
+    _check(study, tracking_uri, data=False)  # run_study checks data and net itself, before Ray
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = run_study(study, tracking_uri, address, progress=lambda m: typer.echo(m, err=True))

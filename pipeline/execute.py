@@ -94,14 +94,11 @@ def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult]) -> NodeR
     start = time.monotonic()
     c = tracking.client(ctx.tracking_uri)
     store = ArtifactStore(c)
-    cached = _cached_run(c, store, ctx.experiment_id, node)
-    if cached is not None:
-        return NodeResult(node.id, node.key, cached, True, time.monotonic() - start, _summary(c, cached))
     with key_lock(ctx.storage_path, node.key):
         # Another run of the same study may have finished this node while we waited.
-        cached = _cached_run(c, store, ctx.experiment_id, node)
-        if cached is not None:
-            return NodeResult(node.id, node.key, cached, True, time.monotonic() - start, _summary(c, cached))
+        hit = cached_result(c, store, ctx.experiment_id, node)
+        if hit is not None:
+            return hit
         stale = tracking.find_stale(c, ctx.experiment_id, node.key)
         for run_id in stale:  # holding the lock, no live process owns these: they are zombies
             c.set_tag(run_id, "exitflow.recovered", "marked FAILED by a later run")
@@ -119,7 +116,9 @@ def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult]) -> NodeR
     return NodeResult(node.id, node.key, run_id, False, time.monotonic() - start, summary)
 
 
-def _cached_run(c: Any, store: ArtifactStore, experiment_id: str, node: Node) -> str | None:
+def cached_result(c: Any, store: ArtifactStore, experiment_id: str, node: Node) -> NodeResult | None:
+    """The node's finished run, if its artifacts verify; a corrupted one is set aside (re-run)."""
+    start = time.monotonic()
     run_id = tracking.find_finished(c, experiment_id, node.key)
     if run_id is None:
         return None
@@ -130,7 +129,7 @@ def _cached_run(c: Any, store: ArtifactStore, experiment_id: str, node: Node) ->
         c.set_tag(run_id, "exitflow.key", INVALID_PREFIX + node.key)
         c.set_tag(run_id, "exitflow.invalid", str(e)[:500])
         return None
-    return run_id
+    return NodeResult(node.id, node.key, run_id, True, time.monotonic() - start, _summary(c, run_id))
 
 
 def _summary(c: Any, run_id: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import ray
 
 from pipeline import tracking
 from pipeline.artifacts import ArtifactStore
-from pipeline.execute import NodeResult, RunContext, execute_node
+from pipeline.execute import NodeResult, RunContext, cached_result, execute_node
 from pipeline.graph import Graph, Node, build_graph
 from pipeline.resolve import preflight
 from pipeline.spec import StudySpec, spec_to_yaml
@@ -47,7 +47,8 @@ class StudyResult:
 
     @property
     def trained(self) -> list[str]:
-        return [r.node_id for r in self.results.values() if not r.cached and r.node_id.count("/") and r.node_id.split("/")[-1] in ("P1", "P2", "P3")]
+        """Phase nodes that trained in this execution (not reused)."""
+        return [nid for nid, r in self.results.items() if not r.cached and nid.rsplit("/", 1)[-1] in ("P1", "P2", "P3")]
 
     @property
     def cache_hits(self) -> list[str]:
@@ -172,12 +173,8 @@ def run_study(
                 ArtifactStore(c).save_file(parent, Path(d) / "spec.yaml")
             tracking.log_params(c, parent, {"regimes": ",".join(spec.regimes), "seeds": ",".join(map(str, spec.seeds)),
                                   "backbone": spec.net.backbone, "data": spec.data.name, "nodes": len(graph.nodes)})
-            started_ray = ensure_ray(address)
-            try:
-                _execute(graph, RunContext(http, exp, parent, storage, spec.model_dump(mode="json"), os.environ.get(FAULT_ENV)), result, say)
-            finally:
-                if started_ray:
-                    ray.shutdown()
+            ctx = RunContext(http, exp, parent, storage, spec.model_dump(mode="json"), os.environ.get(FAULT_ENV))
+            _execute(graph, ctx, result, say, address)
             report = result.results["report"]
             result.table = _read_text(c, report.run_id, "budgets.txt")
             c.set_tag(parent, "exitflow.report_run", report.run_id)
@@ -194,14 +191,38 @@ def run_study(
     return result
 
 
-def _execute(graph: Graph, ctx: RunContext, result: StudyResult, say: Progress) -> None:
-    task = ray.remote(num_cpus=0, max_retries=0)(_node_task)
-    refs: dict[str, ray.ObjectRef] = {}
+def _execute(graph: Graph, ctx: RunContext, result: StudyResult, say: Progress, address: str | None) -> None:
+    """Reuse cached nodes from the driver; run the rest as Ray tasks (Ray starts only if needed)."""
+    c = tracking.client(ctx.tracking_uri)
+    store = ArtifactStore(c)
+    inputs: dict[str, Any] = {}  # node id -> NodeResult (cached) or ObjectRef (running)
+    to_run: list[str] = []
     for nid in graph.order():
+        hit = cached_result(c, store, ctx.experiment_id, graph.nodes[nid])
+        if hit is None:
+            to_run.append(nid)
+            continue
+        inputs[nid] = result.results[nid] = hit
+        say(_describe(graph.nodes[nid], hit))
+    if not to_run:
+        return
+    started_ray = ensure_ray(address)
+    try:
+        _run_tasks(graph, to_run, ctx, inputs, result, say)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[str, Any], result: StudyResult, say: Progress) -> None:
+    task = ray.remote(num_cpus=0, max_retries=0)(_node_task)
+    pending: dict[Any, str] = {}
+    for nid in to_run:
         node = graph.nodes[nid]
-        refs[nid] = task.options(name=f"exitflow:{nid}").remote(ctx, node, *[refs[i] for i in node.inputs])
-    say(f"running {len(refs)} nodes ({', '.join(graph.order())})")
-    pending = {ref: nid for nid, ref in refs.items()}
+        ref = task.options(name=f"exitflow:{nid}").remote(ctx, node, *[inputs[i] for i in node.inputs])
+        inputs[nid] = ref
+        pending[ref] = nid
+    say(f"running {len(to_run)} of {len(graph.nodes)} nodes: {', '.join(to_run)}")
     failures: dict[str, str] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -210,14 +231,14 @@ def _execute(graph: Graph, ctx: RunContext, result: StudyResult, say: Progress) 
             res: NodeResult = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - reported per node, raised together below
             cause = getattr(e, "cause", None) or e
-            failures[nid] = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+            lines = str(cause).strip().splitlines()
+            failures[nid] = f"{type(cause).__name__}: {lines[-1] if lines else ''}"
             say(f"FAILED  {nid}: {failures[nid]}")
             continue
         result.results[nid] = res
         say(_describe(graph.nodes[nid], res))
     if failures:
-        first = [f for f in failures.values() if "upstream" not in f]
-        raise StudyFailed(f"{len(failures)} node(s) failed: {', '.join(failures)}; first error: {(first or list(failures.values()))[0]}")
+        raise StudyFailed(f"{len(failures)} node(s) failed: {', '.join(failures)}; first error: {next(iter(failures.values()))}")
 
 
 def _describe(node: Node, res: NodeResult) -> str:

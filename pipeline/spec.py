@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Regime = Literal["joint", "disjoint", "mixed"]
 PhaseName = Literal["P1", "P2", "P3"]
@@ -28,19 +38,35 @@ class SpecError(ValueError):
     """A spec that cannot run; `str()` names each bad field and the reason."""
 
 
+def _not_bool(v: Any) -> Any:
+    # pydantic's lax mode reads true/false as 1/0: `patience: yes` must not mean 1 epoch.
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got the boolean {v!r}")
+    return v
+
+
+# Numbers as YAML gives them (ints, floats, and strings such as "1e-3": PyYAML reads an
+# exponent without a dot as a string), but never booleans.
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+# numpy/sklearn seeds must fit in 32 bits.
+Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, lt=2**32)]
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: .inf / .nan are never a meaningful size, rate or fraction.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Model):
     name: Literal["digits", "parquet", "cifar10", "cifar100", "imagefolder"] = "digits"
     root: str | None = None  # folder of the data set; relative paths resolve against the spec file
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # stratified validation split of train
+    val_fraction: Float = Field(0.1, gt=0.0, lt=0.5)  # stratified validation split of train
     augment: bool = True  # train-time augmentation (never on val/test)
     download: bool = False  # torchvision cifar10/cifar100 only
-    train_subset: int | None = Field(None, ge=10)  # stratified cap on train samples (quick runs)
-    test_subset: int | None = Field(None, ge=10)  # stratified cap on test samples
-    num_workers: int = Field(0, ge=0)  # DataLoader worker processes per training worker
+    train_subset: Int | None = Field(None, ge=10)  # stratified cap on train samples (quick runs)
+    test_subset: Int | None = Field(None, ge=10)  # stratified cap on test samples
+    num_workers: Int = Field(0, ge=0)  # DataLoader worker processes per training worker
 
     @model_validator(mode="after")
     def _root_needed(self) -> "DataConfig":
@@ -52,19 +78,19 @@ class DataConfig(_Model):
 class NetConfig(_Model):
     backbone: str = "resnet20"  # registry name (exitflow plan lists them on error)
     method: Literal["sdn"] = "sdn"  # early-exit method
-    exits: list[int] | None = None  # IC positions: 1-based block numbers an IC follows
-    exit_every: int | None = Field(None, ge=1)  # or one IC every n blocks ...
-    exit_start: int | None = Field(None, ge=1)  # ... from this block
+    exits: list[Int] | None = None  # IC positions: 1-based block numbers an IC follows
+    exit_every: Int | None = Field(None, ge=1)  # or one IC every n blocks ...
+    exit_start: Int | None = Field(None, ge=1)  # ... from this block
     head: Literal["sdn", "linear"] | None = None  # IC head kind; None -> family default
     head_norm: bool = False  # LayerNorm before a linear head
     small_input: bool | None = None  # torchvision ResNets: CIFAR stem; None -> by image size
-    width: int | None = Field(None, ge=1)  # width / embed-dim override (small nets)
-    depth: int | None = Field(None, ge=1)  # block-count override where the family allows it
+    width: Int | None = Field(None, ge=1)  # width / embed-dim override (small nets)
+    depth: Int | None = Field(None, ge=1)  # block-count override where the family allows it
 
 
 class LogUniform(_Model):
-    loguniform: tuple[float, float]  # (low, high), both > 0
-    num_samples: int = Field(4, ge=1)
+    loguniform: tuple[Float, Float]  # (low, high), both > 0
+    num_samples: Int = Field(4, ge=1)
 
     @field_validator("loguniform")
     @classmethod
@@ -79,23 +105,56 @@ class Preset(_Model):
     preset: Literal["resnet", "vit", "efficientnet"]  # the paper's grid for that family
 
 
-LrSpec = Union[float, list[float], Preset, LogUniform]
+def _lr_kind(v: Any) -> str | None:
+    """Which form of lr `v` is, so a bad value gets the errors of that form alone."""
+    if isinstance(v, (Preset, LogUniform)):
+        return f"lr={type(v).__name__.lower()}"
+    if isinstance(v, dict):
+        return "lr=preset" if "preset" in v else "lr=loguniform" if "loguniform" in v else None
+    if isinstance(v, (list, tuple)):
+        return "lr=grid"
+    return "lr=number"
+
+
+LrSpec = Annotated[
+    Union[
+        Annotated[Float, Tag("lr=number")],
+        Annotated[list[Float], Tag("lr=grid")],
+        Annotated[Preset, Tag("lr=preset")],
+        Annotated[LogUniform, Tag("lr=loguniform")],
+    ],
+    Discriminator(
+        _lr_kind,
+        custom_error_type="lr_form",
+        custom_error_message="an lr is a number, a list of numbers, {preset: NAME} or {loguniform: [LOW, HIGH]}",
+    ),
+]
+
+
+def _budget_kind(v: Any) -> str:
+    return "budget=max" if isinstance(v, str) and v.strip() == "max" else "budget=number"
+
+
+Budget = Annotated[
+    Union[Annotated[Float, Tag("budget=number")], Annotated[Literal["max"], Tag("budget=max")]],
+    Discriminator(_budget_kind),
+]
 
 
 class PhaseConfig(_Model):
     optimizer: Literal["sgd", "adamw", "adam"] = "adam"
     lr: LrSpec = 3e-3  # a number, a grid (list or preset) or a log-uniform range: a list/range is tuned
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    momentum: Float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0.0)
-    batch_size: int = Field(64, ge=1)
-    max_epochs: int = Field(15, ge=1)
-    patience: int = Field(4, ge=1)  # early stopping: epochs with no exit improving
+    weight_decay: Float = Field(0.0, ge=0.0)
+    batch_size: Int = Field(64, ge=1)
+    max_epochs: Int = Field(15, ge=1)
+    patience: Int = Field(4, ge=1)  # early stopping: epochs with no exit improving
     schedule: Literal["none", "cosine", "step"] = "cosine"
-    warmup_epochs: int = Field(0, ge=0)
-    grad_clip: float | None = Field(None, gt=0.0)
+    warmup_epochs: Int = Field(0, ge=0)
+    grad_clip: Float | None = Field(None, gt=0.0)
     loss_weighting: Literal["uniform", "kaya", "han", "gradient_equilibrium"] = "uniform"
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: Float = Field(0.0, ge=0.0, lt=1.0)
     bf16: bool = False  # bf16 autocast (CUDA only; a no-op on CPU)
     channels_last: bool = False  # NHWC memory format for conv nets on CUDA
 
@@ -138,16 +197,16 @@ class PhasesConfig(_Model):
 class SearchConfig(_Model):
     selection: Literal["mean", "final", "auc"] = "mean"  # P2/P3 metric; P1 always uses the final exit
     scheduler: Literal["none", "asha"] = "none"  # ASHA stops poor learning rates early
-    grace_period: int = Field(2, ge=1)  # ASHA: epochs before a trial may be stopped
-    reduction_factor: float = Field(2.0, gt=1.0)
-    max_concurrent_trials: int = Field(2, ge=1)
+    grace_period: Int = Field(2, ge=1)  # ASHA: epochs before a trial may be stopped
+    reduction_factor: Float = Field(2.0, gt=1.0)
+    max_concurrent_trials: Int = Field(2, ge=1)
 
 
 class EvaluationConfig(_Model):
     criteria: list[Literal["max_softmax", "entropy"]] = Field(default_factory=lambda: ["max_softmax", "entropy"], min_length=1)
-    thresholds: int = Field(100, ge=2)
-    budgets: list[Union[float, Literal["max"]]] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, "max"], min_length=1)
-    batch_size: int = Field(256, ge=1)
+    thresholds: Int = Field(100, ge=2)
+    budgets: list[Budget] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, "max"], min_length=1)
+    batch_size: Int = Field(256, ge=1)
 
     @field_validator("budgets")
     @classmethod
@@ -159,12 +218,12 @@ class EvaluationConfig(_Model):
 
 
 class ResourcesConfig(_Model):
-    num_workers: int = Field(1, ge=0)  # Ray Train workers per phase (0 = Train's local mode, no resume)
+    num_workers: Int = Field(1, ge=0)  # Ray Train workers per phase (0 = Train's local mode, no resume)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    gpus_per_worker: float = Field(1.0, ge=0.0)  # used only with use_gpu
-    max_failures: int = Field(1, ge=0)  # worker-group restarts from the last checkpoint
-    torch_threads: int | None = Field(None, ge=1)  # torch.set_num_threads in workers (None: cpus_per_worker)
+    cpus_per_worker: Float = Field(1.0, gt=0.0)
+    gpus_per_worker: Float = Field(1.0, ge=0.0)  # used only with use_gpu
+    max_failures: Int = Field(1, ge=0)  # worker-group restarts from the last checkpoint
+    torch_threads: Int | None = Field(None, ge=1)  # torch.set_num_threads in workers (None: cpus_per_worker)
 
 
 class TrackingConfig(_Model):
@@ -180,7 +239,7 @@ class StudySpec(_Model):
     data: DataConfig = Field(default_factory=DataConfig)
     net: NetConfig = Field(default_factory=NetConfig)
     regimes: list[Regime] = Field(default_factory=lambda: ["joint", "disjoint", "mixed"], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     phases: PhasesConfig = Field(default_factory=PhasesConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -210,6 +269,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise SpecError(f"--set {key}: value is not valid YAML ({e})") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise SpecError(f"--set {key}: value is nested too deeply") from None
     return parts, value
 
 
@@ -239,18 +300,21 @@ def _deep_copy(d: Any) -> Any:
 
 
 def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: `  dotted.field: reason`, under an "invalid spec:" heading."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)) or "(spec)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"  {loc}: {msg}")
+        loc = list(e["loc"])
+        # Drop union tags from the path, but never the last part of an unknown key: that is the user's key.
+        keep_last = loc[-1:] if e["type"] == "extra_forbidden" else []
+        parts = [p for p in loc[: len(loc) - len(keep_last)] if not (isinstance(p, str) and p in _UNION_TAGS)] + keep_last
+        where = ".".join(str(p) for p in parts) or "(spec)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {msg}")
     # Union members repeat the same location; keep each line once, in order.
     return "invalid spec:\n" + "\n".join(dict.fromkeys(lines))
 
 
-_UNION_TAGS = {"float", "list[float]", "Preset", "LogUniform", "function-after[_ordered(), LogUniform]", "literal['max']"}
+_UNION_TAGS = {"lr=number", "lr=grid", "lr=preset", "lr=loguniform", "budget=number", "budget=max"}
 
 
 def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> StudySpec:
@@ -260,27 +324,38 @@ def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> St
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise SpecError(f"spec file not found: {p}")
+            raise SpecError(f"spec file {'is a folder' if p.is_dir() else 'not found'}: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise SpecError(f"{p}: malformed YAML: {e}") from None
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise SpecError(f"{p}: malformed YAML: nested too deeply") from None
+        except OSError as e:
+            raise SpecError(f"{p}: cannot read: {e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise SpecError(f"{p}: the top level must be a mapping of fields, got {type(loaded).__name__}")
         doc = loaded
         base = p.resolve().parent
-    doc = apply_overrides(doc, overrides or [])
+    where = str(path) if path is not None else "--set"
     try:
+        doc = apply_overrides(doc, overrides or [])
         spec = StudySpec.model_validate(doc)
     except ValidationError as e:
         raise SpecError(format_validation_error(e)) from None
+    except RecursionError:  # a recursive YAML alias (`a: &x [*x]`) or absurd nesting
+        raise SpecError(f"{where}: invalid spec: nested too deeply (a recursive YAML alias?)") from None
     return resolve_paths(spec, base)
 
 
 def resolve_paths(spec: StudySpec, base: Path) -> StudySpec:
-    """Make data.root and tracking.storage_path absolute (Ray changes workers' cwd)."""
+    """Make a relative data.root absolute against the spec's folder (Ray changes workers' cwd).
+
+    tracking.uri and tracking.storage_path are left as given: like their defaults they are
+    relative to the working directory, and the runner makes them absolute.
+    """
     data = spec.data
     if data.root and "://" not in data.root and not Path(data.root).is_absolute():
         data = data.model_copy(update={"root": str((base / data.root).resolve())})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,8 +62,20 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float, log_p
                     return
         except OSError:
             time.sleep(0.3)
-    proc.terminate()
+    _stop(proc)
     raise TrackingError(f"mlflow server did not become healthy in {timeout:.0f}s: {log_path.read_text()[-2000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the server and its worker processes (its own session: signal the whole group)."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def check_writable(uri: str) -> None:
@@ -104,11 +117,7 @@ def serve_store(uri: str, artifacts_dir: Path | None = None, port: int | None = 
         log.info("tracking store %s served at %s", uri, url)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
         with contextlib.suppress(FileNotFoundError):
             log_path.unlink()
 
@@ -116,6 +125,7 @@ def serve_store(uri: str, artifacts_dir: Path | None = None, port: int | None = 
 def client(uri: str) -> MlflowClient:
     # The client prints a "View run" URL on every run end: noise in a pipeline of many runs.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download floods logs
     return MlflowClient(tracking_uri=uri)
 
 

@@ -36,7 +36,11 @@ MetricsSink = Callable[[int, dict[str, float]], None]  # logs one epoch's metric
 
 @dataclass(frozen=True)
 class FaultPlan:
-    """Fault injection for tests: after `after_epoch`'s checkpoint, fail once (marker file)."""
+    """Fault injection for tests: fail once (marker file) in the epoch after `after_epoch`'s checkpoint.
+
+    The fault fires when that next epoch has trained but before it is reported, so its work
+    is lost exactly as in a crash mid-epoch, and recovery must start from `after_epoch`.
+    """
 
     after_epoch: int
     marker: str  # absolute path; the fault fires only while it does not exist
@@ -101,6 +105,16 @@ def selection_score(metrics: dict[str, float], selection: str, phase: str, flops
     return area / (xs[-1] - xs[0])
 
 
+def _progress_logging() -> None:
+    """Epoch lines from this module only: Ray forwards them to the driver; Ray's own INFO stays off."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def _world() -> tuple[int, int]:
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size()
@@ -117,8 +131,7 @@ def _load_resume() -> dict[str, Any] | None:
 def train_worker(job: PhaseJob) -> None:
     """The Ray Train loop: data -> net -> (input model) -> phase setup -> DDP -> resume -> fit."""
     torch.set_num_threads(job.torch_threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("stages.loop").setLevel(logging.WARNING)  # this adapter prints the epoch line
+    _progress_logging()
     rank, world = _world()
     seed_everything(job.seed)
     cfg = PhaseConfig.from_dict(job.train)
@@ -144,12 +157,20 @@ def train_worker(job: PhaseJob) -> None:
     if resume is not None and rank == 0:
         log.info("%s: resuming after epoch %d", job.phase, resume["epoch"])
 
+    # score / resumed_at of every epoch so far (fit_phase's history holds only its own metrics)
+    extras: dict[int, dict[str, float]] = {
+        int(m["epoch"]): {k: m[k] for k in ("score", "resumed_at") if k in m} for m in (resume or {}).get("history", [])
+    }
+
     def on_epoch(report: EpochReport) -> None:
+        _maybe_fault(job, report.epoch)  # before reporting: this epoch's work is lost, as in a real crash
         extra = {
             "score": selection_score(report.metrics, job.selection, job.phase, flops_frac),
             "resumed_at": float(resume["epoch"] + 1) if resume is not None else -1.0,
         }
-        report.state["history"][-1].update(extra)  # kept in the checkpoint, so a resumed run keeps them
+        extras[report.epoch] = extra
+        for m in report.state["history"]:  # kept in the checkpoint, so a resumed run keeps them
+            m.update(extras.get(int(m["epoch"]), {}))
         metrics = {**report.metrics, **extra}
         if rank == 0:
             log.info("%s epoch %d: train_loss %.4f val_acc %s score %.4f", job.label, report.epoch,
@@ -162,19 +183,18 @@ def train_worker(job: PhaseJob) -> None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
-        _maybe_fault(job, report.epoch)
 
     fit_phase(net, job.phase, cfg, train_loader, val_loader, device, resume=resume, on_epoch=on_epoch)
 
 
 def _maybe_fault(job: PhaseJob, epoch: int) -> None:
     f = job.fault
-    if f is None or epoch != f.after_epoch or (f.phase and f.phase != job.phase) or os.path.exists(f.marker):
+    if f is None or epoch != f.after_epoch + 1 or (f.phase and f.phase != job.phase) or os.path.exists(f.marker):
         return
     Path(f.marker).write_text(f"{job.phase} epoch {epoch}\n")
     if f.mode == "exit":
         os._exit(1)  # a worker killed mid-run, as a preempted node would be
-    raise RuntimeError(f"injected fault after epoch {epoch} ({job.phase})")
+    raise RuntimeError(f"injected fault in epoch {epoch} ({job.phase})")
 
 
 def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float) -> ScalingConfig:

@@ -1,0 +1,52 @@
+"""Shared fixtures: one local Ray session and one MLflow server (temporary sqlite) per test run.
+
+Ray costs 10-30 s to start on a 2-core machine and the MLflow server ~10-20 s, so both are
+session-scoped and started lazily: tests that need neither never pay for them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CIFAR10 = SHARED / "data" / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An HTTP tracking URI backed by a fresh sqlite store, as `exitflow run` serves it."""
+    from pipeline.tracking import serve_store
+
+    root = tmp_path_factory.mktemp("mlflow")
+    with serve_store(f"sqlite:///{root / 'mlflow.db'}") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the whole suite: 4 logical CPUs so a Tune trial + Train workers never deadlock."""
+    import ray
+
+    from pipeline.runner import local_env
+
+    env = local_env()
+    os.environ.update(env)
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> str:
+    """A Ray Train/Tune storage folder of this test's own."""
+    p = tmp_path / "ray"
+    p.mkdir()
+    return str(p)
+
+
+def needs_cifar() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not CIFAR10.is_dir(), reason="../shared/data/cifar10 is absent")

@@ -1,0 +1,28 @@
+"""Small builders shared by the Ray-backed tests (tiny digits studies that train in seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.spec import StudySpec, load_spec
+
+TINY = [
+    "net.width=8",
+    "resources.num_workers=1",
+    "resources.torch_threads=1",
+    "evaluation.thresholds=20",
+]
+
+
+def tiny_spec(storage: str | Path, *sets: str, epochs: int = 2) -> StudySpec:
+    """A digits study with every phase `epochs` long (patience never stops it first)."""
+    phase = [f"phases.{p}.{k}={v}" for p in ("P1", "P2", "P3") for k, v in (("max_epochs", epochs), ("patience", epochs + 1))]
+    return load_spec(None, [*TINY, *phase, f"tracking.storage_path={storage}", *sets])
+
+
+def runs(client: Any, experiment: str, **tags: str) -> list[Any]:
+    """Runs of an experiment whose tags match (keys without the 'exitflow.' prefix)."""
+    exp = client.get_experiment_by_name(experiment)
+    clauses = [f"tags.`exitflow.{k}` = '{v}'" for k, v in tags.items()]
+    return client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses), max_results=1000)
