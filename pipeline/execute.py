@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -79,14 +77,46 @@ class TrialRuns:
 
     def __call__(self, trial_name: str, lr: float) -> tracking.MetricsSink:
         c = tracking.client(self.tracking_uri)
-        tags = {**dict(self.base_tags), "exitflow.stage": "trial", "exitflow.trial": trial_name}
         found = c.search_runs([self.experiment_id], filter_string=f"tags.`exitflow.trial` = '{trial_name}'", max_results=1)
-        if found:  # a resumed trial keeps logging to its run
+        if found:  # a resumed trial keeps logging to its run, now under this stage run
             run_id = found[0].info.run_id
+            c.set_tag(run_id, tracking.PARENT_TAG, self.stage_run_id)
+            tracking.set_owner(c, run_id)
+            c.update_run(run_id, status="RUNNING")
         else:
+            tags = {**dict(self.base_tags), **tracking.owner_tags(), "exitflow.stage": "trial", "exitflow.trial": trial_name}
+            # A trial is not its stage: it must never be found as the stage's cached (or stale) run.
+            tags["exitflow.search_key"] = tags.pop("exitflow.key")
             run_id = tracking.start_run(c, self.experiment_id, f"trial lr={lr:.3g}", tags, self.stage_run_id)
             c.log_param(run_id, "lr", lr)
         return tracking.MetricsSink(self.tracking_uri, run_id)
+
+    def close_all(self, search_name: str, search: Any | None) -> None:
+        """After the search: every trial's run sits under this stage run with its outcome, and none is left RUNNING.
+
+        Trials that finished in an earlier, interrupted attempt join this stage run; trials the
+        scheduler stopped (their process was killed) are closed here. With `search` None (the
+        search failed) the runs still open are marked KILLED: a re-run resumes them.
+        """
+        from stages.tune import trial_run_name
+
+        c = tracking.client(self.tracking_uri)
+        if search is None:
+            for r in c.search_runs([self.experiment_id], filter_string=f"tags.`exitflow.trial` LIKE '{search_name}-%' and attributes.status = 'RUNNING'"):
+                c.set_tag(r.info.run_id, "exitflow.note", "the search failed while this trial was open; a re-run resumes it")
+                tracking.end_run(c, r.info.run_id, "KILLED")
+            return
+        for t in search.trials:
+            found = c.search_runs([self.experiment_id], filter_string=f"tags.`exitflow.trial` = '{trial_run_name(search_name, t.trial)}'", max_results=1)
+            if not found:
+                continue
+            run = found[0]
+            c.set_tag(run.info.run_id, tracking.PARENT_TAG, self.stage_run_id)
+            c.set_tag(run.info.run_id, "exitflow.stopped_by", t.stopped_by or "max_epochs")
+            c.set_tag(run.info.run_id, "exitflow.chosen", str(t.trial == search.best.trial).lower())
+            tracking.log_metrics(c, run.info.run_id, {"best_val": t.best_val, "epochs": t.epochs})
+            if run.info.status == "RUNNING":
+                tracking.end_run(c, run.info.run_id, "FINISHED")
 
 
 def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult]) -> NodeResult:
@@ -103,7 +133,7 @@ def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult]) -> NodeR
         for run_id in stale:  # holding the lock, no live process owns these: they are zombies
             c.set_tag(run_id, "exitflow.recovered", "marked FAILED by a later run")
             tracking.end_run(c, run_id, "FAILED")
-        tags = {**node.tags(), "exitflow.host": socket.gethostname(), "exitflow.pid": str(os.getpid())}
+        tags = {**node.tags(), **tracking.owner_tags()}
         if stale:
             tags["exitflow.resumes"] = stale[0]
         run_id = tracking.start_run(c, ctx.experiment_id, node.id, tags, ctx.parent_run_id)
@@ -202,8 +232,13 @@ def _run_phase(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id
             reduction_factor=study.search.reduction_factor,
             max_concurrent_trials=study.search.max_concurrent_trials,
         )
-        trials_sink = TrialRuns(ctx.tracking_uri, ctx.experiment_id, run_id, tuple(node.tags().items()))
-        search = run_search(job, plan, scaling, name, ctx.storage_path, res.max_failures, trials_sink)
+        trial_runs = TrialRuns(ctx.tracking_uri, ctx.experiment_id, run_id, tuple(node.tags().items()))
+        try:
+            search = run_search(job, plan, scaling, name, ctx.storage_path, res.max_failures, trial_runs)
+        except BaseException:
+            trial_runs.close_all(name, None)
+            raise
+        trial_runs.close_all(name, search)
         outcome, lr = search.outcome, search.best.lr
         _log_trials(store, run_id, search, phase)
         summary["trials"] = len(search.trials)
@@ -236,7 +271,8 @@ def _log_trials(store: ArtifactStore, run_id: str, search: Any, phase: str) -> N
     from stages.report_plots import plot_lr_search
 
     rows = [
-        {"trial": t.trial, "lr": t.lr, "best_val": t.best_val, "epochs": t.epochs, "stopped_early": t.stopped_early}
+        {"trial": t.trial, "lr": t.lr, "best_val": t.best_val, "epochs": t.epochs, "stopped_early": t.stopped_early,
+         "stopped_by": t.stopped_by, "chosen": t.trial == search.best.trial}
         for t in sorted(search.trials, key=lambda t: t.lr)
     ]
     store.save_table(run_id, "trials", pa.Table.from_pylist(rows))

@@ -1,9 +1,9 @@
-"""One lock per cache key, so two concurrent runs of a study never train the same node twice.
+"""OS file locks: one per cache key, so two concurrent runs of a study never train the same node twice.
 
 The second run blocks on the lock, then finds the first run's finished result in the cache.
-It is an OS file lock (fcntl) in the Ray storage folder: released by the kernel when its
-holder dies, so a SIGKILLed run never leaves a stale lock behind. With remote storage
-(s3://, gs://) the lock folder is per machine (~/.exitflow/locks).
+The locks are fcntl locks: released by the kernel when their holder dies, so a SIGKILLed run
+never leaves a stale lock behind. Key locks live in the Ray storage folder; with remote
+storage (s3://, gs://) the lock folder is per machine (~/.exitflow/locks).
 """
 
 from __future__ import annotations
@@ -24,17 +24,25 @@ def lock_dir(storage_path: str) -> Path:
 
 
 @contextlib.contextmanager
-def key_lock(storage_path: str, key: str) -> Iterator[None]:
-    folder = lock_dir(storage_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+def file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if need be); log `waiting` if another holder makes us wait."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("stage %s is running in another process; waiting for it", key)
+            if waiting:
+                log.info(waiting)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        os.close(fd)  # closing the descriptor drops the lock
+
+
+@contextlib.contextmanager
+def key_lock(storage_path: str, key: str) -> Iterator[None]:
+    """The lock of one stage's cache key."""
+    folder = lock_dir(storage_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder / f"{key}.lock", f"stage {key} is running in another process; waiting for it"):
+        yield

@@ -25,6 +25,7 @@ from pipeline.execute import NodeResult, RunContext, cached_result, execute_node
 from pipeline.graph import Graph, Node, build_graph
 from pipeline.resolve import preflight
 from pipeline.spec import StudySpec, spec_to_yaml
+from stages.progress import progress_logging
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ class StudyResult:
         return [r.node_id for r in self.results.values() if r.cached]
 
 
+# Root loggers of the job's processes at ERROR: without the dashboard, Train's placement-group
+# cleaner warns twice a second that the state API is down. Our loggers bypass it (stages.progress).
+QUIET_RAY_LOGS = ray.LoggingConfig(log_level="ERROR")
+
+
 def local_env() -> dict[str, str]:
     """Env vars every Ray process needs on one machine (DESIGN.md pitfalls)."""
     return {
@@ -79,7 +85,7 @@ def ensure_ray(address: str | None) -> bool:
     env = {} if address else local_env()
     os.environ.update(env)  # the local raylet's workers inherit these too
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, include_dashboard=False,
-             logging_level=logging.WARNING, configure_logging=False)
+             logging_level=logging.WARNING, configure_logging=False, logging_config=QUIET_RAY_LOGS)
     return True
 
 
@@ -112,20 +118,26 @@ def plan(spec: StudySpec, tracking_uri: str | None = None) -> tuple[Graph, list[
 
 
 def _node_task(ctx: RunContext, node: Node, *inputs: NodeResult) -> NodeResult:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    progress_logging()
     return execute_node(ctx, node, list(inputs))
 
 
 def _recover_zombies(c: Any, experiment_id: str) -> list[str]:
-    """Parent runs left RUNNING by a dead driver on this host -> KILLED (the UI shows no zombie)."""
+    """Runs left RUNNING by dead processes of this host -> KILLED (pipeline) or FAILED (stages, trials).
+
+    Every exitflow run records the host and pid of the process that opened it; a run whose
+    process is gone can only be a leftover of a kill, so the UI never shows it as running.
+    Runs of other hosts are left to the stage lock (`execute_node`), which knows its key.
+    """
     host = socket.gethostname()
     fixed = []
-    for r in c.search_runs([experiment_id], filter_string="tags.`exitflow.stage` = 'pipeline' and attributes.status = 'RUNNING'"):
+    for r in c.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
         tags = r.data.tags
         if tags.get("exitflow.host") != host or _alive(int(tags.get("exitflow.pid", "0"))):
             continue
-        c.set_tag(r.info.run_id, "exitflow.recovered", "driver died; marked KILLED by a later run")
-        tracking.end_run(c, r.info.run_id, "KILLED")
+        parent = tags.get("exitflow.stage") == "pipeline"
+        c.set_tag(r.info.run_id, "exitflow.recovered", f"its process died; marked {'KILLED' if parent else 'FAILED'} by a later run")
+        tracking.end_run(c, r.info.run_id, "KILLED" if parent else "FAILED")
         fixed.append(r.info.run_id)
     return fixed
 
@@ -162,10 +174,8 @@ def run_study(
         c = tracking.client(http)
         exp = tracking.ensure_experiment(c, spec.tracking.experiment or spec.name)
         for run_id in _recover_zombies(c, exp):
-            say(f"recovered: run {run_id} of a dead driver marked KILLED")
-        parent = tracking.start_run(c, exp, spec.name, {
-            "exitflow.stage": "pipeline", "exitflow.host": socket.gethostname(), "exitflow.pid": str(os.getpid()),
-        })
+            say(f"recovered: run {run_id}, left RUNNING by a process that died, is closed")
+        parent = tracking.start_run(c, exp, spec.name, {"exitflow.stage": "pipeline", **tracking.owner_tags()})
         result = StudyResult(parent_run_id=parent, tracking_uri=uri)
         try:
             with tempfile.TemporaryDirectory() as d:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from typing import Any
 
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
+
+from pipeline.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,8 @@ def serve_store(uri: str, artifacts_dir: Path | None = None, port: int | None = 
     artifacts = (artifacts_dir or db.parent / DEFAULT_ARTIFACTS).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
-    log_path = db.parent / f".mlflow-server-{port}.log"
+    fd, name = tempfile.mkstemp(prefix=f"exitflow-mlflow-{port}-", suffix=".log")
+    log_path = Path(name)
     cmd = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", uri,
@@ -108,16 +112,23 @@ def serve_store(uri: str, artifacts_dir: Path | None = None, port: int | None = 
         "--host", "127.0.0.1", "--port", str(port),
         "--workers", "1",  # one process: SQLite sees a single writer
     ]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # MLflow's job runner (GenAI jobs, trace rollups) is unused here and costs 8 processes.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # The guard takes the server down if this process dies without a chance to (SIGKILL).
+    guarded = [sys.executable, "-m", "pipeline.store_guard", str(os.getpid()), "--", *cmd]
     url = f"http://127.0.0.1:{port}"
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        _wait_healthy(url, proc, timeout, log_path)
+        # Two commands starting servers on one new store would both create its schema: one at a time.
+        with file_lock(db.parent / f".{db.name}.start.lock"):
+            with os.fdopen(fd, "wb") as out:
+                proc = subprocess.Popen(guarded, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            _wait_healthy(url, proc, timeout, log_path)
         log.info("tracking store %s served at %s", uri, url)
         yield url
     finally:
-        _stop(proc)
+        if proc is not None:
+            _stop(proc)
         with contextlib.suppress(FileNotFoundError):
             log_path.unlink()
 
@@ -142,6 +153,16 @@ def ensure_experiment(c: MlflowClient, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process holds a run open: a later run closes it if that process is gone."""
+    return {"exitflow.host": socket.gethostname(), "exitflow.pid": str(os.getpid())}
+
+
+def set_owner(c: MlflowClient, run_id: str) -> None:
+    for k, v in owner_tags().items():
+        c.set_tag(run_id, k, v)
 
 
 def start_run(c: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
@@ -205,6 +226,10 @@ class MetricsSink:
 
         ts = int(time.time() * 1000)
         MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()])
+
+    def close(self, status: str) -> None:
+        """End the run (FINISHED, FAILED, KILLED)."""
+        MlflowClient(self.tracking_uri).set_terminated(self.run_id, status=status)
 
 
 RUN_STATUS_FINISHED = RunStatus.to_string(RunStatus.FINISHED)

@@ -8,6 +8,7 @@ from `ray.train.get_checkpoint()`, so the runner names runs by cache key.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -18,7 +19,7 @@ from typing import Any
 
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 
 from stages.data import DataSpec, load_splits, make_loader
@@ -26,6 +27,7 @@ from stages.flops import exit_flops
 from stages.loop import EpochReport, PhaseConfig, fit_phase, seed_everything
 from stages.nets import NetSpec, create_net
 from stages.phases import prepare_phase
+from stages.progress import progress_logging
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,20 @@ class FaultPlan:
     marker: str  # absolute path; the fault fires only while it does not exist
     mode: str = "raise"  # "raise": an exception in the worker; "exit": the worker process dies
     phase: str | None = None  # only this phase (None: any)
+    lr: float | None = None  # only the run with this learning rate (one trial of a search; None: any)
 
     @classmethod
     def parse(cls, text: str) -> "FaultPlan":
-        """`after_epoch=1,marker=/tmp/x,mode=exit,phase=P1` (the EXITFLOW_FAULT variable)."""
+        """`after_epoch=1,marker=/tmp/x,mode=exit,phase=P1,lr=0.01` (the EXITFLOW_FAULT variable)."""
         kv = dict(item.split("=", 1) for item in text.split(",") if item)
-        return cls(after_epoch=int(kv["after_epoch"]), marker=kv["marker"], mode=kv.get("mode", "raise"), phase=kv.get("phase"))
+        lr = float(kv["lr"]) if "lr" in kv else None
+        return cls(after_epoch=int(kv["after_epoch"]), marker=kv["marker"], mode=kv.get("mode", "raise"),
+                   phase=kv.get("phase"), lr=lr)
+
+    def fires(self, phase: str, lr: float, epoch: int) -> bool:
+        """Whether the fault hits this epoch of this run (once: the marker records that it fired)."""
+        return (epoch == self.after_epoch + 1 and self.phase in (None, phase) and self.lr in (None, lr)
+                and not os.path.exists(self.marker))
 
 
 @dataclass(frozen=True)
@@ -105,14 +115,13 @@ def selection_score(metrics: dict[str, float], selection: str, phase: str, flops
     return area / (xs[-1] - xs[0])
 
 
-def _progress_logging() -> None:
-    """Epoch lines from this module only: Ray forwards them to the driver; Ray's own INFO stays off."""
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+def _quiet_train_reports() -> None:
+    """Ray Train logs every report at INFO under a logger named by its file path (not under
+    `ray.train`, so RunConfig's LoggingConfig misses it): one line per epoch we already print."""
+    with contextlib.suppress(ImportError):
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _world() -> tuple[int, int]:
@@ -131,7 +140,8 @@ def _load_resume() -> dict[str, Any] | None:
 def train_worker(job: PhaseJob) -> None:
     """The Ray Train loop: data -> net -> (input model) -> phase setup -> DDP -> resume -> fit."""
     torch.set_num_threads(job.torch_threads)
-    _progress_logging()
+    progress_logging("stages.loop")  # the loop's epoch line lacks the node's label: ours below has it
+    _quiet_train_reports()
     rank, world = _world()
     seed_everything(job.seed)
     cfg = PhaseConfig.from_dict(job.train)
@@ -155,11 +165,12 @@ def train_worker(job: PhaseJob) -> None:
     device = ray.train.torch.get_device()
     resume = _load_resume()
     if resume is not None and rank == 0:
-        log.info("%s: resuming after epoch %d", job.phase, resume["epoch"])
+        log.info("%s: resuming after epoch %d", job.label or job.phase, resume["epoch"])
 
     # score / resumed_at of every epoch so far (fit_phase's history holds only its own metrics)
     extras: dict[int, dict[str, float]] = {
-        int(m["epoch"]): {k: m[k] for k in ("score", "resumed_at") if k in m} for m in (resume or {}).get("history", [])
+        int(m["epoch"]): {k: m[k] for k in ("score", "resumed_at", "early_stop") if k in m}
+        for m in (resume or {}).get("history", [])
     }
 
     def on_epoch(report: EpochReport) -> None:
@@ -167,6 +178,7 @@ def train_worker(job: PhaseJob) -> None:
         extra = {
             "score": selection_score(report.metrics, job.selection, job.phase, flops_frac),
             "resumed_at": float(resume["epoch"] + 1) if resume is not None else -1.0,
+            "early_stop": float(report.stop),  # patience ran out: this is the phase's last epoch
         }
         extras[report.epoch] = extra
         for m in report.state["history"]:  # kept in the checkpoint, so a resumed run keeps them
@@ -189,7 +201,7 @@ def train_worker(job: PhaseJob) -> None:
 
 def _maybe_fault(job: PhaseJob, epoch: int) -> None:
     f = job.fault
-    if f is None or epoch != f.after_epoch + 1 or (f.phase and f.phase != job.phase) or os.path.exists(f.marker):
+    if f is None or not f.fires(job.phase, float(job.train["lr"]), epoch):
         return
     Path(f.marker).write_text(f"{job.phase} epoch {epoch}\n")
     if f.mode == "exit":
@@ -222,6 +234,8 @@ def build_trainer(
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=max_failures),
+            # Train's INFO lines (every report, every checkpoint) would bury the epoch progress
+            logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
         ),
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow.fs
 from ray import tune
@@ -19,13 +19,24 @@ from ray.train import Checkpoint, ScalingConfig
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from stages.train import MetricsSink, PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint
+from stages.train import PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint
 
 log = logging.getLogger(__name__)
 
 SCORE = "score"  # the metric every trial reports (stages.train.selection_score)
+HISTORY_PREFIXES = ("val_", "train_loss", "epoch", "score", "lr")  # per-epoch columns kept per trial
 TRIAL_RESOURCES = {"cpu": 0.01}  # non-empty (an empty request is refused), tiny (never starve trainers)
-TrialSinkFactory = Callable[[str, float], MetricsSink]  # (trial name, lr) -> where the trial logs
+
+
+class TrialLog(Protocol):
+    """Where one trial logs its epochs, closed with the trial's final status (FINISHED or FAILED)."""
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self, status: str) -> None: ...
+
+
+TrialLogFactory = Callable[[str, float], TrialLog]  # (trial name, lr) -> the trial's log
 
 
 @dataclass(frozen=True)
@@ -51,11 +62,19 @@ class SearchPlan:
 class TrialRecord:
     trial: str
     lr: float
-    best_val: float
-    epochs: int
-    stopped_early: bool
-    checkpoint_path: str | None
+    best_val: float  # best selection score over the trial's epochs
+    epochs: int  # epochs trained
+    stopped_by: str  # "patience" (its own early stopping), "scheduler" (ASHA) or "" (ran max_epochs)
+    checkpoint_path: str | None  # its last checkpoint, which holds its best state
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.stopped_by)
+
+
+class SearchFailed(RuntimeError):
+    """A trial failed after its retries; the finished trials are kept and a re-run resumes the rest."""
 
 
 @dataclass
@@ -63,6 +82,11 @@ class SearchOutcome:
     best: TrialRecord
     outcome: PhaseOutcome  # read from the best trial's own checkpoint
     trials: list[TrialRecord]
+
+
+def trial_run_name(search_name: str, trial_id: str) -> str:
+    """The deterministic name of a trial: its inner Train run's name, and how its log is found."""
+    return f"{search_name}-{trial_id}"
 
 
 def _read_outcome(path: str, storage_path: str) -> PhaseOutcome:
@@ -75,19 +99,47 @@ def _read_outcome(path: str, storage_path: str) -> PhaseOutcome:
 
 
 def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: str, max_failures: int,
-                    sink_factory: TrialSinkFactory | None) -> Callable[[dict[str, Any]], None]:
+                    log_factory: TrialLogFactory | None) -> Callable[[dict[str, Any]], None]:
     def trial(config: dict[str, Any]) -> None:
         lr = float(config["lr"])
         trial_id = tune.get_context().get_trial_id()
-        trial_name = f"{name}-{trial_id}"
-        sink = sink_factory(trial_name, lr) if sink_factory is not None else None
-        trial_job = replace(job.with_lr(lr), metrics_sink=sink)
+        trial_name = trial_run_name(name, trial_id)
+        trial_log = log_factory(trial_name, lr) if log_factory is not None else None
+        trial_job = replace(job.with_lr(lr), metrics_sink=trial_log)
         # The trial name makes the inner Train run resumable: a restored search resumes
         # an interrupted trial from its last checkpoint instead of epoch 0.
         trainer = build_trainer(trial_job, scaling, trial_name, storage_path, max_failures, callbacks=[TuneReportCallback()])
-        trainer.fit()
+        try:
+            trainer.fit()
+        except BaseException:
+            if trial_log is not None:
+                trial_log.close("FAILED")
+            raise
+        # A trial the scheduler stops never gets here: the search closes it (see run_search's caller).
+        if trial_log is not None:
+            trial_log.close("FINISHED")
 
     return trial
+
+
+def _record(result: Any, max_epochs: int) -> TrialRecord:
+    """A finished trial, from its reported metrics (one row per epoch)."""
+    df = result.metrics_dataframe
+    if df is None or df.empty:
+        raise SearchFailed(f"trial {result.path} finished without reporting an epoch")
+    history = df[[c for c in df.columns if c.startswith(HISTORY_PREFIXES)]].to_dict("records")
+    epochs = int(len(df))
+    last = df.iloc[-1]
+    stopped_by = "patience" if last.get("early_stop", 0.0) > 0 else "scheduler" if epochs < max_epochs else ""
+    return TrialRecord(
+        trial=result.metrics.get("trial_id", result.path.rsplit("/", 1)[-1]),
+        lr=float(result.config["lr"]),
+        best_val=float(df[SCORE].max()),
+        epochs=epochs,
+        stopped_by=stopped_by,
+        checkpoint_path=result.metrics.get(CHECKPOINT_PATH_KEY),
+        history=history,
+    )
 
 
 def run_search(
@@ -97,11 +149,11 @@ def run_search(
     name: str,
     storage_path: str,
     max_failures: int,
-    sink_factory: TrialSinkFactory | None = None,
+    log_factory: TrialLogFactory | None = None,
 ) -> SearchOutcome:
     """Search the phase's learning rate; an interrupted search with the same name resumes."""
     trainable = tune.with_resources(
-        _trial_function(job, scaling, name, storage_path, max_failures, sink_factory), TRIAL_RESOURCES
+        _trial_function(job, scaling, name, storage_path, max_failures, log_factory), TRIAL_RESOURCES
     )
     max_t = int(job.train["max_epochs"])
     scheduler = (
@@ -128,30 +180,17 @@ def run_search(
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0),
         )
     results = tuner.fit()
-    errors = [r.error for r in results if r.error is not None]
-    records: list[TrialRecord] = []
-    for r in results:
-        if r.error is not None or r.metrics_dataframe is None or r.metrics_dataframe.empty:
-            continue
-        df = r.metrics_dataframe
-        hist_cols = [c for c in df.columns if c.startswith(("val_", "train_loss", "epoch", "score", "lr"))]
-        history = df[hist_cols].to_dict("records")
-        records.append(
-            TrialRecord(
-                trial=r.metrics.get("trial_id", r.path.rsplit("/", 1)[-1]),
-                lr=float(r.config["lr"]),
-                best_val=float(df[SCORE].max()),
-                epochs=int(len(df)),
-                stopped_early=len(df) < max_t,
-                checkpoint_path=r.metrics.get(CHECKPOINT_PATH_KEY),
-                history=history,
-            )
-        )
-    if not records:
-        raise RuntimeError(f"learning-rate search {name}: every trial failed: {errors[:1]}")
+    errors = [(r.config.get("lr"), r.error) for r in results if r.error is not None]
     if errors:
-        log.warning("search %s: %d trial(s) failed; choosing among the %d that finished", name, len(errors), len(records))
-    best = max(records, key=lambda t: (t.best_val, -t.lr))
+        # Choosing among the survivors would let a crash decide the search; fail instead, and
+        # let a re-run resume the failed trials (Tuner.restore, resume_errored).
+        lr, error = errors[0]
+        raise SearchFailed(f"learning-rate search {name}: {len(errors)} of {len(results)} trial(s) failed, "
+                           f"first lr={lr}: {type(error).__name__}: {error}; run again to resume")
+    records = [_record(r, max_t) for r in results]
+    if not records:
+        raise SearchFailed(f"learning-rate search {name}: no trial reported a result")
+    best = max(records, key=lambda t: (t.best_val, -t.lr))  # ties: the smaller, safer lr
     if best.checkpoint_path is None:
         raise RuntimeError(f"search {name}: best trial {best.trial} reported no checkpoint")
     outcome = _read_outcome(best.checkpoint_path, storage_path)

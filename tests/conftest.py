@@ -11,19 +11,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import Store
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR10 = SHARED / "data" / "cifar10"
 
 
 @pytest.fixture(scope="session")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An HTTP tracking URI backed by a fresh sqlite store, as `exitflow run` serves it."""
-    from pipeline.tracking import serve_store
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    """One MLflow server on a fresh sqlite store, as `exitflow run` serves it."""
+    from pipeline.tracking import DEFAULT_ARTIFACTS, serve_store
 
     root = tmp_path_factory.mktemp("mlflow")
     with serve_store(f"sqlite:///{root / 'mlflow.db'}") as url:
-        yield url
+        yield Store(url, root / DEFAULT_ARTIFACTS)
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(mlflow_store: Store) -> str:
+    """An HTTP tracking URI backed by the suite's sqlite store."""
+    return mlflow_store.uri
 
 
 @pytest.fixture(scope="session")
@@ -31,11 +38,12 @@ def ray_session() -> Iterator[None]:
     """One local Ray for the whole suite: 4 logical CPUs so a Tune trial + Train workers never deadlock."""
     import ray
 
-    from pipeline.runner import local_env
+    from pipeline.runner import QUIET_RAY_LOGS, local_env
 
     env = local_env()
     os.environ.update(env)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING")
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING",
+             logging_config=QUIET_RAY_LOGS)
     yield
     ray.shutdown()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +27,15 @@ def runs(client: Any, experiment: str, **tags: str) -> list[Any]:
     exp = client.get_experiment_by_name(experiment)
     clauses = [f"tags.`exitflow.{k}` = '{v}'" for k, v in tags.items()]
     return client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses), max_results=1000)
+
+
+@dataclass(frozen=True)
+class Store:
+    """The suite's tracking store: the HTTP URI every process logs to, and where artifacts lie on disk."""
+
+    uri: str
+    artifacts: Path
+
+    def artifact_file(self, artifact_uri: str, path: str) -> Path:
+        """The file behind `path` of a run whose artifact URI is `artifact_uri` (mlflow-artifacts:/...)."""
+        return self.artifacts / artifact_uri.removeprefix("mlflow-artifacts:/") / path

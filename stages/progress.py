@@ -1,0 +1,30 @@
+"""Progress lines from inside Ray processes, independent of how Ray configured their logging.
+
+exitflow starts Ray with the job's root logger at ERROR (Ray Train's helper actors warn in a
+loop when the dashboard is off), so our own loggers carry their own stderr handler; Ray
+forwards every process's stderr to the driver, prefixed with the process name.
+"""
+
+from __future__ import annotations
+
+import logging
+
+OWN_LOGGERS = ("pipeline", "stages")
+
+
+class _ProgressHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler this module installed, so a second call does not add another."""
+
+
+def progress_logging(*quiet: str) -> None:
+    """INFO lines of exitflow's loggers on stderr; the loggers named in `quiet` only warn."""
+    for name in OWN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _ProgressHandler) for h in logger.handlers):
+            handler = _ProgressHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # the root logger's handlers (Ray's or Train's) would print it twice
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,174 @@
+"""A whole study on real Ray and a real MLflow server: DAG shape in the store, typed artifacts, cache.
+
+One base study (joint + disjoint, seed 0, two epochs a phase) runs once per module; each test
+then changes one thing and checks that exactly the nodes it should train, train. The tests do
+not depend on their order: each touches nodes no other test trains.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from helpers import Store, runs, tiny_spec
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+NAME = "pipeline-e2e"
+BASE = [f"name={NAME}", "regimes=[joint,disjoint]", "seeds=[0]"]
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One Ray storage folder for every run of the study (resume and key locks live there)."""
+    return str(tmp_path_factory.mktemp("ray"))
+
+
+@pytest.fixture(scope="module")
+def base(ray_session: None, mlflow_uri: str, storage: str) -> Any:
+    from pipeline.runner import run_study
+
+    return run_study(tiny_spec(storage, *BASE), mlflow_uri)
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_uri: str) -> MlflowClient:
+    return MlflowClient(mlflow_uri)
+
+
+def _run(storage: str, mlflow_uri: str, *sets: str) -> Any:
+    from pipeline.runner import run_study
+
+    return run_study(tiny_spec(storage, *BASE, *sets), mlflow_uri)
+
+
+def test_the_study_lands_in_mlflow_as_a_typed_dag(base: Any, client: MlflowClient) -> None:
+    from pipeline.artifacts import ArtifactStore
+
+    assert sorted(base.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2"]
+    parent = client.get_run(base.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["exitflow.stage"] == "pipeline"
+    children = {r.info.run_id: r for r in runs(client, NAME) if r.data.tags.get("mlflow.parentRunId") == base.parent_run_id}
+    by_node = {r.data.tags["exitflow.node"]: r for r in children.values()}
+    assert set(by_node) == {"seed0/P1", "seed0/joint/P2", "seed0/disjoint/P3", "seed0/joint/evaluate",
+                            "seed0/disjoint/evaluate", "report"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+
+    [p1] = [r for r in runs(client, NAME, phase="P1") if r.info.status == "FINISHED"]  # one P1 per seed, ever
+    assert p1.data.tags["exitflow.regime"] == "disjoint"  # its only user here
+    assert p1.data.tags["exitflow.stage"] == "train" and p1.data.tags["exitflow.seed"] == "0"
+    p3 = by_node["seed0/disjoint/P3"]
+    assert (p3.data.tags["exitflow.phase"], p3.data.tags["exitflow.regime"]) == ("P3", "disjoint")
+
+    store = ArtifactStore(client)
+    for regime in ("joint", "disjoint"):
+        ev = by_node[f"seed0/{regime}/evaluate"]
+        assert ev.data.tags["exitflow.stage"] == "evaluate"
+        exits = store.load_table(ev.info.run_id, "exits").to_pylist()
+        assert [row["exit"] for row in exits] == list(range(5))  # 4 ICs + the final head
+        assert all(a["flops"] < b["flops"] for a, b in zip(exits, exits[1:]))
+        curve = store.load_table(ev.info.run_id, "curve")
+        assert curve.num_rows == 2 * 20  # two criteria x evaluation.thresholds
+        assert ev.data.metrics["test_acc_final"] == pytest.approx(exits[-1]["accuracy"])
+
+    report = by_node["report"]
+    budgets = store.load_table(report.info.run_id, "budgets").to_pylist()
+    assert {(r["regime"], r["budget"]) for r in budgets} == {
+        (g, b) for g in ("joint", "disjoint") for b in ("0.25", "0.5", "0.75", "1.0", "max")}
+    assert all(r["n_seeds"] == 1 for r in budgets)
+    assert {"tradeoff.png", "budgets.txt"} <= {f.path for f in client.list_artifacts(report.info.run_id)}
+    assert "joint" in base.table and "disjoint" in base.table and "P1=" in base.table
+
+
+def test_phase_runs_log_every_epoch_and_a_checkpoint_that_rebuilds_the_net(base: Any, client: MlflowClient) -> None:
+    from pipeline.artifacts import ArtifactStore, state_dict_hash
+    from stages.nets import NetSpec, create_net
+
+    run_id = base.results["seed0/disjoint/P3"].run_id
+    curve = client.get_metric_history(run_id, "val_acc_final")
+    assert [m.step for m in curve] == [0, 1]  # one point per epoch, logged by rank 0 while training
+    assert len(client.get_metric_history(run_id, "val_acc_0")) == 2
+    state, spec = ArtifactStore(client).load_checkpoint(run_id)
+    assert spec["phase"] == "P3" and state_dict_hash(state) == spec["state_sha256"]
+    net = create_net(NetSpec.from_dict(spec["net"]))
+    net.load_state_dict(state)  # strict: the unwrapped state, nothing missing or extra
+    net.eval()
+    with torch.no_grad():
+        outs = net(torch.zeros(2, 1, 8, 8))
+    assert len(outs) == 5 and outs[-1].shape == (2, 10)
+    # disjoint's P3 starts from the shared P1 and cannot move the backbone
+    p1_state, _ = ArtifactStore(client).load_checkpoint(base.results["seed0/P1"].run_id)
+    backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    assert backbone and all(torch.equal(v, p1_state[k]) for k, v in backbone.items())
+
+
+def test_running_again_trains_nothing(base: Any, storage: str, mlflow_uri: str, client: MlflowClient) -> None:
+    from pipeline.runner import plan
+
+    phase_runs_before = len(runs(client, NAME, stage="train"))
+    again = _run(storage, mlflow_uri)
+    assert again.trained == [] and len(again.cache_hits) == len(again.results) == 6
+    assert again.table == base.table
+    assert len(runs(client, NAME, stage="train")) == phase_runs_before
+    _, planned = plan(tiny_spec(storage, *BASE), mlflow_uri)
+    assert all(p.cached_run is not None for p in planned)
+
+
+def test_extending_the_study_trains_only_the_new_nodes(base: Any, storage: str, mlflow_uri: str, client: MlflowClient) -> None:
+    with_mixed = _run(storage, mlflow_uri, "regimes=[joint,disjoint,mixed]")
+    assert with_mixed.trained == ["seed0/mixed/P2"]  # the shared P1 is reused, not retrained
+    assert {"seed0/P1", "seed0/joint/P2", "seed0/disjoint/P3"} <= set(with_mixed.cache_hits)
+    assert all(r in with_mixed.table for r in ("joint", "disjoint", "mixed"))
+    assert len([r for r in runs(client, NAME, phase="P1") if r.info.status == "FINISHED"]) == 1
+
+    with_seed = _run(storage, mlflow_uri, "regimes=[joint]", "seeds=[0,1]")
+    assert with_seed.trained == ["seed1/joint/P2"]
+    assert "seed0/joint/P2" in with_seed.cache_hits and "seed0/joint/evaluate" in with_seed.cache_hits
+    assert "2  " in with_seed.table  # two seeds behind the joint row
+
+
+def test_a_corrupted_checkpoint_is_refused_and_its_stage_rerun(
+    base: Any, storage: str, mlflow_uri: str, mlflow_store: Store, client: MlflowClient
+) -> None:
+    from pipeline.artifacts import ArtifactError, ArtifactStore
+
+    bad = base.results["seed0/joint/P2"].run_id
+    model = mlflow_store.artifact_file(client.get_run(bad).info.artifact_uri, "checkpoint/model.pt")
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: still a file, no longer the model
+    model.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="corrupted"):
+        ArtifactStore(client).load_checkpoint(bad)
+
+    rerun = _run(storage, mlflow_uri)
+    assert rerun.trained == ["seed0/joint/P2"]
+    assert rerun.results["seed0/joint/P2"].run_id != bad
+    tags = client.get_run(bad).data.tags
+    assert tags["exitflow.key"].startswith("invalid:") and "corrupted" in tags["exitflow.invalid"]
+    ArtifactStore(client).load_checkpoint(rerun.results["seed0/joint/P2"].run_id)  # the new one verifies
+
+
+def test_report_command_prints_the_table(base: Any, mlflow_uri: str) -> None:
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["report", base.parent_run_id, "--tracking-uri", mlflow_uri])
+    assert result.exit_code == 0, result.output
+    assert base.table.strip() in result.output and "tradeoff.png" in result.output
+
+
+def test_history_table_matches_the_logged_epochs(base: Any, client: MlflowClient, tmp_path: Path) -> None:
+    from pipeline.artifacts import ArtifactStore
+
+    run_id = base.results["seed0/P1"].run_id
+    history = ArtifactStore(client).load_table(run_id, "history").to_pylist()
+    assert [int(r["epoch"]) for r in history] == [0, 1]
+    logged = [m.value for m in client.get_metric_history(run_id, "val_acc_final")]
+    assert [r["val_acc_final"] for r in history] == pytest.approx(logged)
+    summary = json.loads(client.get_run(run_id).data.tags["exitflow.summary"])
+    assert summary["epochs"] == 2 and summary["lrs"] == {"P1": pytest.approx(3e-3)}
