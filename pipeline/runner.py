@@ -56,19 +56,21 @@ class StudyResult:
         return [r.node_id for r in self.results.values() if r.cached]
 
 
-# Root loggers of the job's processes at ERROR: without the dashboard, Train's placement-group
-# cleaner warns twice a second that the state API is down. Our loggers bypass it (stages.progress).
-QUIET_RAY_LOGS = ray.LoggingConfig(log_level="ERROR")
+def job_env() -> dict[str, str]:
+    """Env vars of every process of the job, on one machine or a cluster."""
+    return {
+        **tracking.CLIENT_ENV,
+        "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore:`torch.jit.script` is deprecated:FutureWarning",
+        "RAY_AIR_NEW_OUTPUT": "0",  # Tune's new reporter prints a banner per search whatever its verbosity
+    }
 
 
 def local_env() -> dict[str, str]:
-    """Env vars every Ray process needs on one machine (DESIGN.md pitfalls)."""
+    """`job_env` plus what a local Ray on one machine needs (DESIGN.md pitfalls)."""
     return {
+        **job_env(),
         "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),  # hosts resolving to 127.0.1.1
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
-        "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore:`torch.jit.script` is deprecated:FutureWarning",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one bar per download floods the log
-        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     }
 
 
@@ -82,10 +84,12 @@ def ensure_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {} if address else local_env()
-    os.environ.update(env)  # the local raylet's workers inherit these too
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, include_dashboard=False,
-             logging_level=logging.WARNING, configure_logging=False, logging_config=QUIET_RAY_LOGS)
+    env = job_env() if address else local_env()
+    os.environ.update(env)  # the driver's own MLflow clients too
+    # The dashboard serves the state API, which Ray Train's placement-group cleaner needs: without
+    # it, the workers' resources of a trial that Tune stops (ASHA) are never given back.
+    ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=True,
+             logging_level=logging.WARNING, configure_logging=False)
     return True
 
 

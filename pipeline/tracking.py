@@ -33,6 +33,15 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 PARENT_TAG = "mlflow.parentRunId"
 
+# Every process that talks to MLflow: no telemetry (it races on an env var when several threads
+# log at once, and this is often an offline machine), no per-download progress bar, no
+# "View run" URL on every run end: noise in a pipeline of many runs.
+CLIENT_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be reached or written."""
@@ -113,7 +122,7 @@ def serve_store(uri: str, artifacts_dir: Path | None = None, port: int | None = 
         "--workers", "1",  # one process: SQLite sees a single writer
     ]
     # MLflow's job runner (GenAI jobs, trace rollups) is unused here and costs 8 processes.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, **CLIENT_ENV, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     # The guard takes the server down if this process dies without a chance to (SIGKILL).
     guarded = [sys.executable, "-m", "pipeline.store_guard", str(os.getpid()), "--", *cmd]
     url = f"http://127.0.0.1:{port}"
@@ -134,9 +143,9 @@ def serve_store(uri: str, artifacts_dir: Path | None = None, port: int | None = 
 
 
 def client(uri: str) -> MlflowClient:
-    # The client prints a "View run" URL on every run end: noise in a pipeline of many runs.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download floods logs
+    """An MLflow client, with this process set up as CLIENT_ENV says (unless the user chose otherwise)."""
+    for k, v in CLIENT_ENV.items():
+        os.environ.setdefault(k, v)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -225,11 +234,11 @@ class MetricsSink:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()])
+        client(self.tracking_uri).log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()])
 
     def close(self, status: str) -> None:
         """End the run (FINISHED, FAILED, KILLED)."""
-        MlflowClient(self.tracking_uri).set_terminated(self.run_id, status=status)
+        client(self.tracking_uri).set_terminated(self.run_id, status=status)
 
 
 RUN_STATUS_FINISHED = RunStatus.to_string(RunStatus.FINISHED)

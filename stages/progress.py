@@ -1,8 +1,8 @@
 """Progress lines from inside Ray processes, independent of how Ray configured their logging.
 
-exitflow starts Ray with the job's root logger at ERROR (Ray Train's helper actors warn in a
-loop when the dashboard is off), so our own loggers carry their own stderr handler; Ray
-forwards every process's stderr to the driver, prefixed with the process name.
+Ray (and Ray Train, in its workers) configure the root logger of the processes they start;
+our loggers carry their own stderr handler instead, so their INFO lines show whatever that
+configuration is, once each. Ray forwards every process's stderr to the driver.
 """
 
 from __future__ import annotations

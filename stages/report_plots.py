@@ -133,11 +133,17 @@ def plot_lr_search(lrs: Sequence[float], best_val: Sequence[float], chosen: floa
 
 
 def _format_lrs(lrs: Any) -> str:
-    """A regime's chosen learning rates: {"P1": 5e-4, "P3": 1e-3} -> "P1=5e-04 P3=1e-03"."""
+    """A regime's chosen learning rates: {"P1": 5e-4, "P3": 1.5e-3} -> "P1=0.0005 P3=0.0015".
+
+    Three significant digits: sampled (log-uniform) rates keep what distinguishes them. Seeds
+    that chose differently show as a list.
+    """
     if isinstance(lrs, Mapping):
         return " ".join(f"{k}={_format_lrs(v)}" for k, v in lrs.items())
     if isinstance(lrs, float):
-        return f"{lrs:.0e}"
+        return f"{lrs:.3g}"
+    if isinstance(lrs, list):
+        return "[" + ",".join(_format_lrs(v) for v in lrs) + "]"
     return str(lrs)
 
 

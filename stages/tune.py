@@ -119,6 +119,10 @@ def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, storage_pa
         if trial_log is not None:
             trial_log.close("FINISHED")
 
+    # Tune registers a function trainable cluster-wide under its __name__: two searches running
+    # at once with the same name would swap trainables, and one search's trials would run the
+    # other's phase. The search's own (deterministic) name keeps them apart.
+    trial.__name__ = trial.__qualname__ = f"exitflow_trial_{name}"
     return trial
 
 

@@ -38,12 +38,12 @@ def ray_session() -> Iterator[None]:
     """One local Ray for the whole suite: 4 logical CPUs so a Tune trial + Train workers never deadlock."""
     import ray
 
-    from pipeline.runner import QUIET_RAY_LOGS, local_env
+    from pipeline.runner import local_env
 
     env = local_env()
     os.environ.update(env)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING",
-             logging_config=QUIET_RAY_LOGS)
+    # The dashboard (state API) as in `exitflow run`: Train's cleanup of stopped trials needs it.
+    ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": env}, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -22,6 +22,21 @@ def tiny_spec(storage: str | Path, *sets: str, epochs: int = 2) -> StudySpec:
     return load_spec(None, [*TINY, *phase, f"tracking.storage_path={storage}", *sets])
 
 
+def phase_job(max_epochs: int = 3, fault: str | None = None, phase: str = "P1", lr: float = 3e-3) -> Any:
+    """A digits phase (resnet20, width 8) for the train and tune stages; patience never stops it first."""
+    from pipeline.resolve import data_spec, loop_config, net_spec
+    from stages.data import dataset_info
+    from stages.train import FaultPlan, PhaseJob
+
+    data = data_spec({"name": "digits"})
+    ns = net_spec({"backbone": "resnet20", "method": "sdn", "exits": None, "exit_every": 2, "exit_start": 2,
+                   "head": None, "head_norm": False, "small_input": None, "width": 8, "depth": None}, dataset_info(data))
+    train = loop_config({"optimizer": "adam", "lr": lr, "batch_size": 64, "max_epochs": max_epochs,
+                         "patience": max_epochs + 1, "schedule": "cosine"}, phase, "mean")
+    return PhaseJob(phase=phase, seed=0, data=data.to_dict(), net=ns.to_dict(), train=train.to_dict(),
+                    fault=FaultPlan.parse(fault) if fault else None, label="test")
+
+
 def runs(client: Any, experiment: str, **tags: str) -> list[Any]:
     """Runs of an experiment whose tags match (keys without the 'exitflow.' prefix)."""
     exp = client.get_experiment_by_name(experiment)

@@ -64,6 +64,6 @@ def test_format_budget_table() -> None:
     lines = text.splitlines()
     assert "0.25x" in lines[1] and "max" in lines[1] and "lr" in lines[1]
     assert lines[3].startswith("joint") and lines[4].startswith("mixed")  # paper order
-    assert "50.00 ± 0.00" in lines[4] and "P1=5e-04 P2=8e-04" in lines[4]
+    assert "50.00 ± 0.00" in lines[4] and "P1=0.0005 P2=0.0008" in lines[4]
     assert "90.00 ± 0.00" in lines[3]
     assert "lr" not in format_budget_table(rows, None).splitlines()[1]

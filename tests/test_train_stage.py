@@ -6,29 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import phase_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
-
-
-def _job(tmp_path: Path, max_epochs: int = 3, fault: str | None = None, phase: str = "P1"):
-    from pipeline.resolve import data_spec, loop_config, net_spec
-    from stages.data import dataset_info
-    from stages.train import FaultPlan, PhaseJob
-
-    data = data_spec({"name": "digits"})
-    ns = net_spec({"backbone": "resnet20", "method": "sdn", "exits": None, "exit_every": 2, "exit_start": 2,
-                   "head": None, "head_norm": False, "small_input": None, "width": 8, "depth": None}, dataset_info(data))
-    train = loop_config({"optimizer": "adam", "lr": 3e-3, "batch_size": 64, "max_epochs": max_epochs,
-                         "patience": max_epochs + 1, "schedule": "cosine"}, phase, "mean")
-    return PhaseJob(phase=phase, seed=0, data=data.to_dict(), net=ns.to_dict(), train=train.to_dict(),
-                    fault=FaultPlan.parse(fault) if fault else None, label="test")
 
 
 def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_session: None, storage: str, tmp_path: Path) -> None:
     from stages.nets import NetSpec, create_net
     from stages.train import run_phase, scaling_config
 
-    job = _job(tmp_path, max_epochs=2)
+    job = phase_job(max_epochs=2)
     outcome = run_phase(job, scaling_config(2, False, 1.0, 0.0), "ddp", storage, max_failures=0)
     assert outcome.epochs_run == 2
     assert outcome.best_val["val_acc_final"] > 0.5  # two epochs of real learning, sharded over 2 ranks
@@ -50,9 +37,9 @@ def test_interrupted_phase_resumes_from_its_checkpoint(ray_session: None, storag
     marker = tmp_path / "fault-fired"
     scaling = scaling_config(1, False, 1.0, 0.0)
     with pytest.raises(TrainingFailedError):
-        run_phase(_job(tmp_path, 4, f"after_epoch=1,marker={marker}"), scaling, "resume", storage, max_failures=0)
+        run_phase(phase_job(4, f"after_epoch=1,marker={marker}"), scaling, "resume", storage, max_failures=0)
     assert marker.exists()
-    outcome = run_phase(_job(tmp_path, 4), scaling, "resume", storage, max_failures=0)
+    outcome = run_phase(phase_job(4), scaling, "resume", storage, max_failures=0)
     assert outcome.resumed_at == 2  # epochs 0-1 came from the checkpoint, not from a fresh start
     assert [int(m["epoch"]) for m in outcome.history] == [0, 1, 2, 3]
     assert [m["resumed_at"] for m in outcome.history] == [-1.0, -1.0, 2.0, 2.0]
@@ -62,7 +49,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session: None, storage:
     from stages.train import run_phase, scaling_config
 
     marker = tmp_path / "worker-killed"
-    job = _job(tmp_path, 3, f"after_epoch=0,marker={marker},mode=exit")
+    job = phase_job(3, f"after_epoch=0,marker={marker},mode=exit")
     outcome = run_phase(job, scaling_config(1, False, 1.0, 0.0), "killed", storage, max_failures=1)
     assert marker.exists()  # the worker process really died (os._exit) after epoch 0
     assert outcome.resumed_at == 1

@@ -1,0 +1,118 @@
+"""Fault injection on the real command: `exitflow run` SIGKILLed mid-phase, and two runs at once.
+
+These drive `exitflow run` as a user does, in its own process with its own local Ray and its
+own MLflow server on a sqlite store in a fresh working directory, then read that store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
+SMALL = ["regimes=[joint]", "net.width=8", "evaluation.thresholds=20", "resources.torch_threads=1"]
+
+
+def _command(*sets: str) -> list[str]:
+    args = [a for s in (*SMALL, *sets) for a in ("--set", s)]
+    return [sys.executable, "-m", "pipeline.cli", "run", str(EXAMPLE), *args]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    w = tmp_path / "work"
+    w.mkdir()
+    return w
+
+
+def _read_store(work: Path) -> list[Any]:
+    """Every run of the study in the working directory's store."""
+    from pipeline.tracking import serve_store
+
+    with serve_store(f"sqlite:///{work / 'mlflow.db'}") as url:
+        c = MlflowClient(url)
+        exp = c.get_experiment_by_name("digits-study")
+        return c.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _checkpoints(work: Path) -> int:
+    return len(list((work / ".exitflow" / "ray").glob("*-P2/checkpoint_*")))
+
+
+def _guards_of(pid: int) -> list[int]:
+    """Live store guards started by process `pid` (they must not outlive it)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pipeline.store_guard" in argv and str(pid).encode() in argv:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_sigkill_of_the_driver_mid_phase_then_a_rerun_completes(work: Path) -> None:
+    cmd = _command("phases.P2.max_epochs=6", "phases.P2.patience=7")
+    driver = subprocess.Popen(cmd, cwd=work, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 400
+    while _checkpoints(work) < 2 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert driver.poll() is None and _checkpoints(work) >= 2, "the phase never reached its second checkpoint"
+    driver.send_signal(signal.SIGKILL)  # the driver alone, as the OOM killer or `kill -9` would
+    driver.wait()
+    deadline = time.monotonic() + 15
+    while _guards_of(driver.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _guards_of(driver.pid) == []  # its MLflow server went down with it
+
+    rerun = subprocess.run(cmd, cwd=work, env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "recovered: run" in rerun.stderr and "resuming after epoch" in rerun.stderr
+    assert "joint" in rerun.stdout and "1 phases trained" in rerun.stdout
+
+    runs = _read_store(work)
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []  # no zombie in the UI
+    parents = {r.info.status for r in runs if r.data.tags.get("exitflow.stage") == "pipeline"}
+    assert parents == {"KILLED", "FINISHED"}
+    phase = [r for r in runs if r.data.tags.get("exitflow.node") == "seed0/joint/P2"]
+    assert sorted(r.info.status for r in phase) == ["FAILED", "FINISHED"]
+    [killed] = [r for r in phase if r.info.status == "FAILED"]
+    assert "died" in killed.data.tags["exitflow.recovered"]
+    [done] = [r for r in phase if r.info.status == "FINISHED"]
+    summary = json.loads(done.data.tags["exitflow.summary"])
+    assert summary["resumed_at"] >= 2 and summary["epochs"] == 6  # from its checkpoint, not from epoch 0
+
+
+def test_two_runs_at_once_train_each_node_once(work: Path) -> None:
+    cmd = _command("phases.P2.max_epochs=2", "phases.P2.patience=3")
+    procs = [subprocess.Popen(cmd, cwd=work, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    tables = [out.split("pipeline run")[0] for out, _ in outs]
+    assert tables[0] == tables[1] and "joint" in tables[0]
+    assert sorted("0 phases trained" in out for out, _ in outs) == [False, True]  # one trained, one reused
+
+    runs = _read_store(work)
+    assert [r for r in runs if r.info.status == "RUNNING"] == []
+    for node in ("seed0/joint/P2", "seed0/joint/evaluate", "report"):
+        assert len([r for r in runs if r.data.tags.get("exitflow.node") == node]) == 1, node
+    assert len([r for r in runs if r.data.tags.get("exitflow.stage") == "pipeline" and r.info.status == "FINISHED"]) == 2

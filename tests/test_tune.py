@@ -1,0 +1,137 @@
+"""The per-phase learning-rate search on real Ray Tune over Ray Train V2, and its MLflow record."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray.cloudpickle
+from helpers import phase_job, runs, tiny_spec
+from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+# Trial functions are pickled into Ray workers, which cannot import this test module by name.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+NAME = "tune-grid"
+GRID = [1e-4, 1e-3, 5e-3]
+SEARCHED = [f"phases.{p}.lr=[{','.join(map(str, GRID))}]" for p in ("P1", "P2", "P3")]
+
+
+@pytest.fixture(scope="module")
+def study(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """disjoint + mixed: one search per phase kind (P1 shared, P2, P3), three learning rates each."""
+    from pipeline.runner import run_study
+
+    storage = tmp_path_factory.mktemp("ray")
+    return run_study(tiny_spec(storage, f"name={NAME}", "regimes=[disjoint,mixed]", *SEARCHED), mlflow_uri)
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_uri: str) -> MlflowClient:
+    return MlflowClient(mlflow_uri)
+
+
+SEARCHES = ["seed0/P1", "seed0/disjoint/P3", "seed0/mixed/P2"]
+
+
+@pytest.mark.parametrize("node", SEARCHES)
+def test_every_phase_searches_the_grid_and_logs_every_trial(study: Any, client: MlflowClient, node: str) -> None:
+    from pipeline.artifacts import ArtifactStore
+
+    result = study.results[node]
+    stage = client.get_run(result.run_id)
+    assert stage.data.tags["exitflow.stage"] == "tune"
+    trials = ArtifactStore(client).load_table(result.run_id, "trials").to_pylist()
+    assert sorted(t["lr"] for t in trials) == pytest.approx(GRID)
+    best = max(trials, key=lambda t: (t["best_val"], -t["lr"]))
+    assert best["chosen"] and sum(t["chosen"] for t in trials) == 1
+    assert float(stage.data.params["chosen_lr"]) == pytest.approx(best["lr"]) == result.summary["lr"]
+    assert "lr_search.png" in {f.path for f in client.list_artifacts(result.run_id)}
+
+    nested = [r for r in runs(client, NAME, stage="trial") if r.data.tags["mlflow.parentRunId"] == result.run_id]
+    assert sorted(float(r.data.params["lr"]) for r in nested) == pytest.approx(GRID)
+    for run in nested:
+        assert run.info.status == "FINISHED"
+        assert "exitflow.key" not in run.data.tags  # never mistaken for the stage's cached run
+        curve = client.get_metric_history(run.info.run_id, "val_acc_final")
+        assert [m.step for m in curve] == [0, 1]  # the trial's validation curve, epoch by epoch
+    assert [r for r in runs(client, NAME) if r.info.status == "RUNNING"] == []
+
+
+@pytest.mark.parametrize("node", SEARCHES)
+def test_the_phase_model_is_exactly_the_best_trials_checkpoint(study: Any, client: MlflowClient, node: str) -> None:
+    from pipeline.artifacts import ArtifactStore, state_dict_hash
+    from stages.train import outcome_from_checkpoint
+
+    result = study.results[node]
+    trial_state = outcome_from_checkpoint(result.summary["best_trial_checkpoint"]).best_state
+    state, spec = ArtifactStore(client).load_checkpoint(result.run_id)
+    assert state_dict_hash(state) == state_dict_hash(trial_state) == spec["state_sha256"]
+    assert spec["lr"] == result.summary["lr"]
+
+
+def test_the_report_says_which_lr_each_phase_chose(study: Any) -> None:
+    chosen = {n: study.results[n].summary["lr"] for n in SEARCHES}
+    rows = {line.split()[0]: line for line in study.table.splitlines() if line.split()[:1] in (["disjoint"], ["mixed"])}
+    assert f"P1={chosen['seed0/P1']:.3g}" in rows["disjoint"] and f"P3={chosen['seed0/disjoint/P3']:.3g}" in rows["disjoint"]
+    assert f"P1={chosen['seed0/P1']:.3g}" in rows["mixed"] and f"P2={chosen['seed0/mixed/P2']:.3g}" in rows["mixed"]
+    assert study.results["report"].summary["chosen_lrs"]["mixed"]["P1"] == chosen["seed0/P1"]
+
+
+def test_asha_stops_poor_learning_rates_early(ray_session: None, tmp_path: Path) -> None:
+    from stages.train import scaling_config
+    from stages.tune import SearchPlan, run_search
+
+    # Grid order is trial order: the two good rates reach the first rung before the poor ones.
+    plan = SearchPlan(grid=(3e-3, 1e-3, 1e-6, 1e-7), scheduler="asha", grace_period=1, reduction_factor=2,
+                      max_concurrent_trials=2)
+    search = run_search(phase_job(max_epochs=4), plan, scaling_config(1, False, 1.0, 0.0), "asha", str(tmp_path), 0)
+    by_lr = {t.lr: t for t in search.trials}
+    for poor in (1e-6, 1e-7):  # compared at the first rung with the good rates: below the cut
+        assert by_lr[poor].stopped_by == "scheduler" and by_lr[poor].epochs == 1, [(t.lr, t.epochs) for t in search.trials]
+    assert search.best.lr in (3e-3, 1e-3) and search.best.epochs == 4 and search.best.stopped_by == ""
+
+
+@dataclass(frozen=True)
+class _NoLog:
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self, status: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class RecordingLogs:
+    """A trial-log factory that appends each trial start to a file (called once per attempt of a trial)."""
+
+    path: str
+
+    def __call__(self, trial_name: str, lr: float) -> _NoLog:
+        with open(self.path, "a") as f:
+            f.write(f"{lr}\n")
+        return _NoLog()
+
+
+def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_session: None, tmp_path: Path) -> None:
+    from stages.train import outcome_from_checkpoint, scaling_config
+    from stages.tune import SearchFailed, SearchPlan, run_search
+
+    plan = SearchPlan(grid=(3e-3, 1e-3), max_concurrent_trials=1)  # one at a time: 3e-3 finishes first
+    scaling, storage = scaling_config(1, False, 1.0, 0.0), str(tmp_path / "ray")
+    starts = tmp_path / "starts.txt"
+    faulty = phase_job(max_epochs=3, fault=f"after_epoch=0,marker={tmp_path / 'fired'},lr=0.001")
+    with pytest.raises(SearchFailed, match="1 of 2 trial"):
+        run_search(faulty, plan, scaling, "resume", storage, 0, RecordingLogs(str(starts)))
+    assert starts.read_text().split() == ["0.003", "0.001"]
+
+    search = run_search(phase_job(max_epochs=3), plan, scaling, "resume", storage, 0, RecordingLogs(str(starts)))
+    assert starts.read_text().split() == ["0.003", "0.001", "0.001"]  # only the failed trial ran again
+    by_lr = {t.lr: t for t in search.trials}
+    assert by_lr[1e-3].epochs == by_lr[3e-3].epochs == 3
+    assert outcome_from_checkpoint(by_lr[1e-3].checkpoint_path).resumed_at == 1  # from its checkpoint, not epoch 0
