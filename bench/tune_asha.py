@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -55,7 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     grid = tuple(float(x) for x in args.grid.split(","))
 
-    ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": local_env()}, logging_level="WARNING")
+    env = local_env()
+    os.environ.update(env)  # this process runs the searches (Tune's driver side) too
+    ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": env}, logging_level="WARNING")
     job = p1_job(args.epochs)
     results = {}
     with tempfile.TemporaryDirectory() as storage:
@@ -78,7 +81,8 @@ def main() -> None:
                            for t in r["trials"])
         print(f"{name:>9}: {r['total_epochs']:3d} epochs, chose lr {r['chosen_lr']:g} (val {r['best_val']:.4f})  [{trials}]")
     print(f"ASHA / full grid: epochs {asha['total_epochs'] / full['total_epochs']:.2f}, "
-          f"wall time {asha['seconds'] / full['seconds']:.2f}; same lr: {asha['chosen_lr'] == full['chosen_lr']}")
+          f"wall time {asha['seconds'] / full['seconds']:.2f}; same lr: {asha['chosen_lr'] == full['chosen_lr']}, "
+          f"same best validation score: {asha['best_val'] == full['best_val']}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

@@ -44,8 +44,8 @@ def loop_config(train: dict[str, Any], phase: str, selection: str, lr: float | N
     value = lr if lr is not None else train["lr"]
     if not isinstance(value, (int, float)):
         value = 1e-3  # a placeholder the search replaces per trial (PhaseJob.with_lr)
-    # The in-phase best state follows the search metric; "auc" snapshots on the mean (the
-    # AUC ranks trials, see stages.train.selection_score). P1 has only the final exit to watch.
+    # The loop's own selection, for runs without Ray; on Ray the train stage scores every epoch
+    # with stages.train.selection_score (which also knows "auc"). P1 watches its final exit.
     return LoopPhaseConfig(lr=float(value), selection="final" if phase == "P1" or selection == "final" else "mean", **d)
 
 

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 OptimizerName = Literal["sgd", "adamw", "adam"]
 Schedule = Literal["none", "cosine", "step"]
 Selection = Literal["final", "mean"]
+ScoreFn = Callable[[list[float]], float]  # every exit's val accuracy (final last) -> selection score
 
 
 @dataclass(frozen=True)
@@ -307,20 +308,25 @@ def evaluate_exits(
     }
 
 
-def _monitored(phase: Phase, accuracies: list[float], selection: Selection) -> tuple[list[float], float]:
+def _monitored(
+    phase: Phase, accuracies: list[float], selection: Selection, score_fn: ScoreFn | None
+) -> tuple[list[float], float]:
     """The accuracies early stopping watches, and the selection score, for `phase`.
 
     P1 trains the final exit only: ICs are untrained and their accuracies noise, so only the
     final exit counts. P3 freezes the final head, so its constant accuracy is left out and the
-    score is the ICs' mean. P2 watches every exit and scores by `selection`.
+    score is the ICs' mean. P2 watches every exit and scores by `selection`. A `score_fn`
+    replaces the P2/P3 score (a search's own metric, so the state kept is the one it ranks).
     """
     if phase == "P1":
         return accuracies[-1:], accuracies[-1]
+    watched = accuracies[:-1] if phase == "P3" else accuracies
+    if score_fn is not None:
+        return watched, score_fn(accuracies)
     if phase == "P3":
-        ics = accuracies[:-1]
-        return ics, sum(ics) / len(ics)
+        return watched, sum(watched) / len(watched)
     score = accuracies[-1] if selection == "final" else sum(accuracies) / len(accuracies)
-    return accuracies, score
+    return watched, score
 
 
 def _cpu_copy(obj: Any) -> Any:
@@ -385,6 +391,7 @@ def fit_phase(
     device: torch.device | str,
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    score_fn: ScoreFn | None = None,
 ) -> PhaseResult:
     """Train `net` for one phase with early stopping; the net ends holding its best state.
 
@@ -394,6 +401,8 @@ def fit_phase(
     net (unwrapped state_dict), optimizer, scheduler, early_stopping, best_state_dict,
     history, rng. Passing it back as `resume` continues at epoch + 1 exactly where the
     uninterrupted run would be (same optimizer, schedule, early stopping and RNG states).
+    `score_fn`, if given, scores P2 and P3 epochs from every exit's validation accuracy in
+    place of `cfg.selection` (P1 always scores its final exit).
     """
     check_phase(phase)
     device = torch.device(device)
@@ -445,7 +454,7 @@ def fit_phase(
         start = time.perf_counter()
         train = train_one_epoch(net, phase, weights, optimizer, scheduler, train_loader, device, cfg, epoch)
         val = evaluate_exits(net, val_loader, device, cfg)
-        watched, score = _monitored(phase, val["accuracy"], cfg.selection)
+        watched, score = _monitored(phase, val["accuracy"], cfg.selection, score_fn)
         improved = stopper.update(epoch, watched, score)
         if improved:
             best_state = _cpu_copy(model.state_dict())

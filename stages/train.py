@@ -9,6 +9,7 @@ from `ray.train.get_checkpoint()`, so the runner names runs by cache key.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -97,21 +98,26 @@ class PhaseOutcome:
     resumed_at: int | None = None  # first epoch of this attempt, when it resumed from a checkpoint
 
 
-def selection_score(metrics: dict[str, float], selection: str, phase: str, flops_frac: list[float]) -> float:
-    """The metric a learning-rate search maximises: best validation accuracy per DESIGN/issue 4.
+def selection_score(accuracies: list[float], selection: str, phase: str, flops_frac: list[float]) -> float:
+    """The validation score that picks a phase's best epoch and ranks a search's trials.
 
-    P1 always uses the final exit. `auc` is the area under the validation FLOPs-accuracy
-    points of the fixed exits (relative FLOPs on x, trapezoids), normalised by its x-range.
+    `accuracies`: every exit's validation accuracy, final exit last. P1 always uses the final
+    exit; otherwise `final`, `mean` over exits, or `auc`: the area under the validation
+    FLOPs-accuracy points of the fixed exits (relative FLOPs on x, trapezoids), normalised
+    by its x-range, so it reads as an accuracy.
     """
-    accs = [metrics[f"val_acc_{k}"] for k in range(len(flops_frac))]
     if phase == "P1" or selection == "final":
-        return accs[-1]
+        return accuracies[-1]
     if selection == "mean":
-        return sum(accs) / len(accs)
+        return sum(accuracies) / len(accuracies)
+    if selection != "auc":
+        raise ValueError(f"unknown selection {selection!r}; known: ['final', 'mean', 'auc']")
     xs = flops_frac
+    if len(xs) != len(accuracies):
+        raise ValueError(f"{len(xs)} FLOPs fractions for {len(accuracies)} exits")
     if len(xs) < 2 or xs[-1] <= xs[0]:
-        return accs[-1]
-    area = sum((xs[i + 1] - xs[i]) * (accs[i] + accs[i + 1]) / 2 for i in range(len(xs) - 1))
+        return accuracies[-1]
+    area = sum((xs[i + 1] - xs[i]) * (accuracies[i] + accuracies[i + 1]) / 2 for i in range(len(xs) - 1))
     return area / (xs[-1] - xs[0])
 
 
@@ -176,7 +182,7 @@ def train_worker(job: PhaseJob) -> None:
     def on_epoch(report: EpochReport) -> None:
         _maybe_fault(job, report.epoch)  # before reporting: this epoch's work is lost, as in a real crash
         extra = {
-            "score": selection_score(report.metrics, job.selection, job.phase, flops_frac),
+            "score": report.metrics["val_score"],  # the loop scored it with `score_fn` below
             "resumed_at": float(resume["epoch"] + 1) if resume is not None else -1.0,
             "early_stop": float(report.stop),  # patience ran out: this is the phase's last epoch
         }
@@ -196,7 +202,8 @@ def train_worker(job: PhaseJob) -> None:
         else:
             ray.train.report(metrics, checkpoint=None)
 
-    fit_phase(net, job.phase, cfg, train_loader, val_loader, device, resume=resume, on_epoch=on_epoch)
+    score_fn = functools.partial(selection_score, selection=job.selection, phase=job.phase, flops_frac=flops_frac)
+    fit_phase(net, job.phase, cfg, train_loader, val_loader, device, resume=resume, on_epoch=on_epoch, score_fn=score_fn)
 
 
 def _maybe_fault(job: PhaseJob, epoch: int) -> None:
