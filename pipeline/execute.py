@@ -75,11 +75,15 @@ class TrialRuns:
     stage_run_id: str
     base_tags: tuple[tuple[str, str], ...]
 
+    def _find(self, c: Any, trial_name: str) -> Any | None:
+        found = c.search_runs([self.experiment_id], filter_string=f"tags.`exitflow.trial` = '{trial_name}'", max_results=1)
+        return found[0] if found else None
+
     def __call__(self, trial_name: str, lr: float) -> tracking.MetricsSink:
         c = tracking.client(self.tracking_uri)
-        found = c.search_runs([self.experiment_id], filter_string=f"tags.`exitflow.trial` = '{trial_name}'", max_results=1)
-        if found:  # a resumed trial keeps logging to its run, now under this stage run
-            run_id = found[0].info.run_id
+        found = self._find(c, trial_name)
+        if found is not None:  # a resumed trial keeps logging to its run, now under this stage run
+            run_id = found.info.run_id
             c.set_tag(run_id, tracking.PARENT_TAG, self.stage_run_id)
             tracking.set_owner(c, run_id)
             c.update_run(run_id, status="RUNNING")
@@ -91,32 +95,35 @@ class TrialRuns:
             c.log_param(run_id, "lr", lr)
         return tracking.MetricsSink(self.tracking_uri, run_id)
 
-    def close_all(self, search_name: str, search: Any | None) -> None:
-        """After the search: every trial's run sits under this stage run with its outcome, and none is left RUNNING.
+    def adopt(self, search_name: str, search: Any) -> None:
+        """After a search: every trial's run sits under this stage run with its outcome, none left RUNNING.
 
         Trials that finished in an earlier, interrupted attempt join this stage run; trials the
-        scheduler stopped (their process was killed) are closed here. With `search` None (the
-        search failed) the runs still open are marked KILLED: a re-run resumes them.
+        scheduler stopped (their process was killed before they could close their run) end here.
         """
         from stages.tune import trial_run_name
 
         c = tracking.client(self.tracking_uri)
-        if search is None:
-            for r in c.search_runs([self.experiment_id], filter_string=f"tags.`exitflow.trial` LIKE '{search_name}-%' and attributes.status = 'RUNNING'"):
-                c.set_tag(r.info.run_id, "exitflow.note", "the search failed while this trial was open; a re-run resumes it")
-                tracking.end_run(c, r.info.run_id, "KILLED")
-            return
         for t in search.trials:
-            found = c.search_runs([self.experiment_id], filter_string=f"tags.`exitflow.trial` = '{trial_run_name(search_name, t.trial)}'", max_results=1)
-            if not found:
+            run = self._find(c, trial_run_name(search_name, t.trial))
+            if run is None:
                 continue
-            run = found[0]
             c.set_tag(run.info.run_id, tracking.PARENT_TAG, self.stage_run_id)
             c.set_tag(run.info.run_id, "exitflow.stopped_by", t.stopped_by or "max_epochs")
             c.set_tag(run.info.run_id, "exitflow.chosen", str(t.trial == search.best.trial).lower())
             tracking.log_metrics(c, run.info.run_id, {"best_val": t.best_val, "epochs": t.epochs})
-            if run.info.status == "RUNNING":
+            # The search is the authority: a stopped trial's dead process may have been taken
+            # for a crash (FAILED) by another exitflow run's recovery in the meantime.
+            if run.info.status != "FINISHED":
                 tracking.end_run(c, run.info.run_id, "FINISHED")
+
+    def abandon(self, search_name: str) -> None:
+        """After a failed search: the trial runs still open are KILLED (a re-run resumes those trials)."""
+        c = tracking.client(self.tracking_uri)
+        query = f"tags.`exitflow.trial` LIKE '{search_name}-%' and attributes.status = 'RUNNING'"
+        for r in c.search_runs([self.experiment_id], filter_string=query):
+            c.set_tag(r.info.run_id, "exitflow.note", "the search failed while this trial was open; a re-run resumes it")
+            tracking.end_run(c, r.info.run_id, "KILLED")
 
 
 def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult]) -> NodeResult:
@@ -236,9 +243,9 @@ def _run_phase(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id
         try:
             search = run_search(job, plan, scaling, name, ctx.storage_path, res.max_failures, trial_runs)
         except BaseException:
-            trial_runs.close_all(name, None)
+            trial_runs.abandon(name)
             raise
-        trial_runs.close_all(name, search)
+        trial_runs.adopt(name, search)
         outcome, lr = search.outcome, search.best.lr
         _log_trials(store, run_id, search, phase)
         summary["trials"] = len(search.trials)

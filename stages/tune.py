@@ -115,7 +115,7 @@ def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, storage_pa
             if trial_log is not None:
                 trial_log.close("FAILED")
             raise
-        # A trial the scheduler stops never gets here: the search closes it (see run_search's caller).
+        # A trial the scheduler stops never gets here: its log is closed by run_search's caller.
         if trial_log is not None:
             trial_log.close("FINISHED")
 
