@@ -310,7 +310,7 @@ def _run_evaluate(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run
     ev = node.config["evaluation"]
     out = evaluate.run(
         NetSpec.from_dict(spec["net"]), state, data_spec(node.config["data"]), int(node.config["seed"]),
-        list(ev["criteria"]), int(ev["thresholds"]), int(ev["batch_size"]),
+        list(ev["criteria"]), int(ev["thresholds"]), int(ev["batch_size"]), ev["threshold_spacing"],
     )
     meta = {"backbone_flops": str(out.backbone_flops), "model_run_id": model.run_id}
     store.save_table(run_id, "exits", out.exits, meta)

@@ -205,6 +205,9 @@ class SearchConfig(_Model):
 class EvaluationConfig(_Model):
     criteria: list[Literal["max_softmax", "entropy"]] = Field(default_factory=lambda: ["max_softmax", "entropy"], min_length=1)
     thresholds: Int = Field(100, ge=2)
+    # quantile: thresholds where the ICs' confidences are, so the curve covers the FLOPs range
+    # even when confident ICs put every max softmax above 0.99; uniform: evenly spaced
+    threshold_spacing: Literal["quantile", "uniform"] = "quantile"
     budgets: list[Budget] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, "max"], min_length=1)
     batch_size: Int = Field(256, ge=1)
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import torch
 
 from stages.data import DataSpec, load_splits, make_loader
-from stages.evaluation import collect_logits, fixed_exit_accuracy, threshold_curve
+from stages.evaluation import Spacing, collect_logits, fixed_exit_accuracy, threshold_curve
 from stages.flops import backbone_flops, exit_flops
 from stages.nets import NetSpec, create_net
 
@@ -31,6 +31,7 @@ def run(
     criteria: list[str],
     num_thresholds: int = 100,
     batch_size: int = 256,
+    spacing: Spacing = "quantile",
     device: str = "cpu",
 ) -> EvaluateOutput:
     """Evaluate one trained multi-exit net on the test split."""
@@ -52,7 +53,7 @@ def run(
     )
     parts = []
     for criterion in criteria:
-        c = threshold_curve(logits, labels, flops, criterion, num_thresholds)
+        c = threshold_curve(logits, labels, flops, criterion, num_thresholds, spacing)
         parts.append(
             pa.table(
                 {

@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 Criterion = Literal["max_softmax", "entropy"]
+Spacing = Literal["uniform", "quantile"]
+SPACINGS: tuple[str, ...] = ("uniform", "quantile")
 Budget = float | Literal["max"]
 CRITERIA: tuple[str, ...] = ("max_softmax", "entropy")
 DEFAULT_BUDGETS: tuple[Budget, ...] = (0.25, 0.5, 0.75, 1.0, "max")
@@ -56,10 +58,44 @@ def exit_criterion(logits: torch.Tensor, criterion: Criterion) -> np.ndarray:
     raise ValueError(f"unknown criterion {criterion!r}; known: {list(CRITERIA)}")
 
 
-def threshold_grid(criterion: Criterion, num_classes: int, num_thresholds: int = 100) -> np.ndarray:
-    """Evenly spaced thresholds: [0, 1] for max softmax, [0, ln C] for entropy."""
+def threshold_grid(
+    criterion: Criterion,
+    num_classes: int,
+    num_thresholds: int = 100,
+    spacing: Spacing = "uniform",
+    conf: np.ndarray | None = None,
+) -> np.ndarray:
+    """Thresholds from one end of the criterion's range to the other: [0, 1] for max softmax, [0, ln C] for entropy.
+
+    "uniform": evenly spaced. "quantile": the two ends, and between them thresholds at evenly
+    spaced quantiles of the ICs' running best confidence (`conf` [E, N], as `exit_criterion`
+    gives it), which is what decides each sample's exit. Confident ICs put almost every max
+    softmax above 0.99, so a uniform grid leaves the curve a few points near its cheap end
+    and one jump to the full cost; quantiles spread the points along the FLOPs axis. With
+    fewer distinct confidences than thresholds the grid is shorter than `num_thresholds`.
+    """
+    if num_thresholds < 2:
+        raise ValueError(f"num_thresholds must be >= 2 (the two ends), got {num_thresholds}")
     top = 1.0 if criterion == "max_softmax" else math.log(num_classes)
-    return np.linspace(0.0, top, num_thresholds)
+    if spacing == "uniform":
+        return np.linspace(0.0, top, num_thresholds)
+    if spacing != "quantile":
+        raise ValueError(f"unknown threshold spacing {spacing!r}; known: {list(SPACINGS)}")
+    if conf is None:
+        raise ValueError("quantile spacing needs the confidences (conf)")
+    ics = conf[:-1]
+    if ics.size == 0:  # a single exit: nothing to spread
+        return np.linspace(0.0, top, num_thresholds)
+    best = np.maximum.accumulate(ics, axis=0) if criterion == "max_softmax" else np.minimum.accumulate(ics, axis=0)
+    values = np.unique(best)
+    # One candidate per gap between neighbouring values, at its midpoint: every threshold in a
+    # gap gives the same curve point, and one away from the values is safe from rounding.
+    gaps = (values[:-1] + values[1:]) / 2
+    if gaps.size == 0 or num_thresholds == 2:
+        inner = np.empty(0)
+    else:
+        inner = gaps[np.unique(np.round(np.linspace(0, gaps.size - 1, num_thresholds - 2)).astype(int))]
+    return np.unique(np.concatenate([[0.0, top], np.clip(inner, 0.0, top)]))
 
 
 def exit_indices(conf: np.ndarray, thresholds: np.ndarray, criterion: Criterion) -> np.ndarray:
@@ -83,11 +119,12 @@ def threshold_curve(
     exit_flops: Sequence[float],
     criterion: Criterion = "max_softmax",
     num_thresholds: int = 100,
+    spacing: Spacing = "uniform",
 ) -> dict[str, np.ndarray]:
     """FLOPs-accuracy trade-off of confidence-based early exiting: arrays threshold, flops, accuracy [T].
 
     flops is the mean per-sample cost (the cost of the exit each sample leaves at); accuracy the
-    share of samples whose exit classifies them correctly.
+    share of samples whose exit classifies them correctly. `spacing`: see `threshold_grid`.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; known: {list(CRITERIA)}")
@@ -97,8 +134,9 @@ def threshold_curve(
         raise ValueError(f"exit_flops has {cost.size} entries for {num_exits} exits")
     if len(labels) != n:
         raise ValueError(f"{len(labels)} labels for {n} samples")
-    thresholds = threshold_grid(criterion, num_classes, num_thresholds)
-    exits = exit_indices(exit_criterion(logits, criterion), thresholds, criterion)  # [T, N]
+    conf = exit_criterion(logits, criterion)
+    thresholds = threshold_grid(criterion, num_classes, num_thresholds, spacing, conf)
+    exits = exit_indices(conf, thresholds, criterion)  # [T, N]
     correct = (logits.argmax(dim=-1) == torch.as_tensor(labels).unsqueeze(0)).numpy()  # [E, N]
     hit = np.take_along_axis(correct, exits, axis=0)  # row t picks each sample's exit at threshold t
     return {

@@ -35,12 +35,14 @@ def random_logits(
 
 
 def reference_curve(
-    logits: torch.Tensor, labels: torch.Tensor, flops: list[float], criterion: str, num_thresholds: int
+    logits: torch.Tensor, labels: torch.Tensor, flops: list[float], criterion: str, num_thresholds: int,
+    thresholds: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The definition, literally: for each threshold, walk each sample through the exits."""
+    """The definition, literally: for each threshold (default: evenly spaced), walk each sample through the exits."""
     e, n, c = logits.shape
     top = 1.0 if criterion == "max_softmax" else math.log(c)
-    thresholds = np.linspace(0.0, top, num_thresholds)
+    if thresholds is None:
+        thresholds = np.linspace(0.0, top, num_thresholds)
     probs = torch.softmax(logits.double(), dim=-1).numpy()
     acc, cost = [], []
     for t in thresholds:
@@ -74,9 +76,34 @@ def test_curve_matches_reference(criterion: str) -> None:
 
 
 @pytest.mark.parametrize("criterion", ["max_softmax", "entropy"])
-def test_curve_ends_are_exact(criterion: str) -> None:
+def test_quantile_curve_matches_reference_at_its_thresholds(criterion: str) -> None:
+    logits, labels = random_logits(seed=2)
+    curve = threshold_curve(logits, labels, EXIT_FLOPS, criterion, num_thresholds=37, spacing="quantile")
+    assert 30 <= len(curve["threshold"]) <= 37 and np.all(np.diff(curve["threshold"]) > 0)
+    acc, cost = reference_curve(logits, labels, EXIT_FLOPS, criterion, 0, thresholds=curve["threshold"])
+    np.testing.assert_allclose(curve["accuracy"], acc, atol=1e-12)
+    np.testing.assert_allclose(curve["flops"], cost, rtol=1e-12)
+
+
+def test_quantile_spacing_spreads_a_confident_net_over_the_flops_range() -> None:
+    logits, labels = random_logits(n=2000, num_classes=10, seed=3)
+    logits = logits * 10  # confident ICs: nearly every max softmax is above 0.99
+    span = EXIT_FLOPS[-1] - EXIT_FLOPS[0]
+
+    def widest_gap(spacing: str) -> float:
+        flops = np.sort(threshold_curve(logits, labels, EXIT_FLOPS, "max_softmax", 100, spacing)["flops"])
+        return float(np.diff(flops).max()) / span
+
+    uniform, quantile = widest_gap("uniform"), widest_gap("quantile")
+    assert uniform > 0.5  # the failure it fixes: one jump over most of the range
+    assert quantile < 0.1 and quantile < uniform / 5
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quantile"])
+@pytest.mark.parametrize("criterion", ["max_softmax", "entropy"])
+def test_curve_ends_are_exact(criterion: str, spacing: str) -> None:
     logits, labels = random_logits(seed=1)
-    curve = threshold_curve(logits, labels, EXIT_FLOPS, criterion)
+    curve = threshold_curve(logits, labels, EXIT_FLOPS, criterion, spacing=spacing)
     fixed = fixed_exit_accuracy(logits, labels).numpy()
     first, last = (0, -1) if criterion == "max_softmax" else (-1, 0)
     assert curve["flops"][first] == EXIT_FLOPS[0]
@@ -95,6 +122,12 @@ def test_single_exit_and_bad_inputs() -> None:
         threshold_curve(logits, labels, [1.0, 2.0], "entropy")
     with pytest.raises(ValueError, match="criterion"):
         threshold_curve(logits, labels, [1.0], "margin")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="spacing"):
+        threshold_curve(logits, labels, [7.0], "entropy", spacing="log")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_thresholds"):
+        threshold_curve(logits, labels, [7.0], "entropy", num_thresholds=1)
+    single = threshold_curve(logits, labels, [7.0], "max_softmax", num_thresholds=5, spacing="quantile")
+    assert np.all(single["flops"] == 7.0) and len(single["threshold"]) == 5
 
 
 def test_fixed_exit_accuracy() -> None:
