@@ -159,7 +159,7 @@ def report(run_id: Annotated[str, typer.Argument(help="A pipeline run id (printe
 @app.command()
 def ui(tracking_uri: UriOpt = None, port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000) -> None:
     """Open the MLflow UI on the same tracking store."""
-    from pipeline.tracking import DEFAULT_ARTIFACTS, resolve_uri
+    from pipeline.tracking import CLIENT_ENV, DEFAULT_ARTIFACTS, resolve_uri
 
     uri = resolve_uri(tracking_uri, None)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--port", str(port), "--host", "127.0.0.1"]
@@ -168,7 +168,8 @@ def ui(tracking_uri: UriOpt = None, port: Annotated[int, typer.Option(help="Port
     elif uri.startswith("http"):
         raise _fail(f"exitflow ui: {uri} is already a tracking server: open it in a browser")
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)")
-    raise typer.Exit(subprocess.call(cmd))
+    env = {**os.environ, **CLIENT_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as `exitflow run` serves it
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 def main() -> None:
