@@ -40,9 +40,9 @@ def _load(spec: Path, sets: list[str] | None) -> StudySpec:
 
 def _check(study: StudySpec, tracking_uri: str | None, data: bool) -> None:
     """Up-front checks that write nothing: the tracking store, Ray storage and (if `data`) data + net."""
-    from pipeline.resolve import check_storage, check_store, preflight
+    from pipeline.resolve import check_storage, preflight
     from pipeline.runner import storage_path
-    from pipeline.tracking import TrackingError, resolve_uri
+    from pipeline.tracking import TrackingError, check_store, resolve_uri
 
     try:
         check_store(resolve_uri(tracking_uri, study.tracking.uri))

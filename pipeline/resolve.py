@@ -15,11 +15,7 @@ from stages.loop import PhaseConfig as LoopPhaseConfig
 from stages.nets import NetSpec, create_net
 
 from pipeline.spec import SpecError, StudySpec
-from pipeline.tracking import TrackingError
 
-# MLflow's store schemes that need a server or database we cannot check from here.
-REMOTE_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc", "postgresql", "mysql", "mssql")
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def data_spec(data: dict[str, Any]) -> DataSpec:
@@ -66,45 +62,6 @@ def preflight(spec: StudySpec) -> tuple[DatasetInfo, NetSpec]:
         except ValueError as e:
             raise SpecError(f"phases.{phase}: {e}") from None
     return info, ns
-
-
-def check_store(uri: str) -> None:
-    """Fail with TrackingError, writing nothing, when a resolved tracking URI cannot work.
-
-    A sqlite store needs an existing, writable folder and, if the file exists, a writable
-    SQLite file (anything else makes `mlflow server` retry for minutes); a file store is
-    refused by MLflow 3; an unknown scheme is refused by MLflow's client.
-    """
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-    if scheme.startswith("sqlite"):
-        if not uri.startswith("sqlite:///") or uri == "sqlite:///":
-            raise TrackingError(f"tracking store {uri}: a sqlite store needs a file: sqlite:///path/to/mlflow.db")
-        db = Path(uri[len("sqlite:///"):])
-        folder = db.parent
-        if not folder.exists():
-            raise TrackingError(f"tracking store {uri}: folder {folder} does not exist")
-        if not folder.is_dir():
-            raise TrackingError(f"tracking store {uri}: {folder} is not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise TrackingError(f"tracking store {uri}: folder {folder} is not writable")
-        if db.exists():
-            if not db.is_file():
-                raise TrackingError(f"tracking store {uri}: {db} is not a file")
-            if not os.access(db, os.R_OK | os.W_OK):
-                raise TrackingError(f"tracking store {uri}: {db} is not writable")
-            with open(db, "rb") as f:
-                head = f.read(len(SQLITE_MAGIC))
-            if head and head != SQLITE_MAGIC:
-                raise TrackingError(f"tracking store {uri}: {db} is not a SQLite database")
-    elif scheme == "file":
-        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
-            raise TrackingError(
-                f"tracking store {uri}: MLflow 3 refuses file stores; use sqlite:///path/to/mlflow.db "
-                "(or set MLFLOW_ALLOW_FILE_STORE=true)"
-            )
-    elif scheme not in REMOTE_SCHEMES:
-        known = ", ".join(("sqlite", "file", *REMOTE_SCHEMES))
-        raise TrackingError(f"tracking store {uri}: unknown scheme {scheme!r}; known: {known}")
 
 
 def check_storage(path: str) -> None:

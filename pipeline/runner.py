@@ -170,7 +170,7 @@ def run_study(
     preflight(spec)  # bad data or nets fail here: before Ray, before the store is touched
     graph = build_graph(spec)
     uri = tracking.resolve_uri(tracking_uri, spec.tracking.uri)
-    tracking.check_writable(uri)
+    tracking.check_store(uri)
     storage = storage_path(spec)
     if "://" not in storage:
         Path(storage).mkdir(parents=True, exist_ok=True)

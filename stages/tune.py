@@ -196,6 +196,6 @@ def run_search(
         raise SearchFailed(f"learning-rate search {name}: no trial reported a result")
     best = max(records, key=lambda t: (t.best_val, -t.lr))  # ties: the smaller, safer lr
     if best.checkpoint_path is None:
-        raise RuntimeError(f"search {name}: best trial {best.trial} reported no checkpoint")
+        raise SearchFailed(f"learning-rate search {name}: best trial {best.trial} reported no checkpoint")
     outcome = _read_outcome(best.checkpoint_path, storage_path)
     return SearchOutcome(best=best, outcome=outcome, trials=records)
