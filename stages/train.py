@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,14 +51,15 @@ class FaultPlan:
     mode: str = "raise"  # "raise": an exception in the worker; "exit": the worker process dies
     phase: str | None = None  # only this phase (None: any)
     lr: float | None = None  # only the run with this learning rate (one trial of a search; None: any)
+    settle_s: float = 5.0  # seconds the faulty epoch lasts before failing (see _maybe_fault)
 
     @classmethod
     def parse(cls, text: str) -> "FaultPlan":
-        """`after_epoch=1,marker=/tmp/x,mode=exit,phase=P1,lr=0.01` (the EXITFLOW_FAULT variable)."""
+        """`after_epoch=1,marker=/tmp/x,mode=exit,phase=P1,lr=0.01,settle_s=5` (the EXITFLOW_FAULT variable)."""
         kv = dict(item.split("=", 1) for item in text.split(",") if item)
         lr = float(kv["lr"]) if "lr" in kv else None
         return cls(after_epoch=int(kv["after_epoch"]), marker=kv["marker"], mode=kv.get("mode", "raise"),
-                   phase=kv.get("phase"), lr=lr)
+                   phase=kv.get("phase"), lr=lr, settle_s=float(kv.get("settle_s", cls.settle_s)))
 
     def fires(self, phase: str, lr: float, epoch: int) -> bool:
         """Whether the fault hits this epoch of this run (once: the marker records that it fired)."""
@@ -210,6 +212,10 @@ def _maybe_fault(job: PhaseJob, epoch: int) -> None:
     f = job.fault
     if f is None or not f.fires(job.phase, float(job.train["lr"]), epoch):
         return
+    # Ray Train registers a reported checkpoint asynchronously (the controller polls its workers);
+    # a digits epoch is shorter than that, so a fault right away could precede the registration
+    # of the previous epoch's checkpoint. Real epochs last long enough: let this one, too.
+    time.sleep(f.settle_s)
     Path(f.marker).write_text(f"{job.phase} epoch {epoch}\n")
     if f.mode == "exit":
         os._exit(1)  # a worker killed mid-run, as a preempted node would be

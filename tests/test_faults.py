@@ -97,7 +97,9 @@ def test_sigkill_of_the_driver_mid_phase_then_a_rerun_completes(work: Path) -> N
     assert "died" in killed.data.tags["exitflow.recovered"]
     [done] = [r for r in phase if r.info.status == "FINISHED"]
     summary = json.loads(done.data.tags["exitflow.summary"])
-    assert summary["resumed_at"] >= 2 and summary["epochs"] == 6  # from its checkpoint, not from epoch 0
+    # From its last registered checkpoint, not from epoch 0 (Train registers a checkpoint a poll
+    # after its upload, so the newest upload at the kill may or may not be the one resumed from).
+    assert summary["resumed_at"] >= 1 and summary["epochs"] == 6
 
 
 def test_two_runs_at_once_train_each_node_once(work: Path) -> None:
