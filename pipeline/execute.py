@@ -265,7 +265,7 @@ def _run_phase(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id
         store.save_table(run_id, "history", pa.Table.from_pylist(_history_rows(outcome.history)))
     summary.update(lr=lr, lrs=lineage, epochs=outcome.epochs_run, best_epoch=outcome.best_epoch,
                    stopped_early=outcome.stopped_early, resumed_at=outcome.resumed_at,
-                   best_val=outcome.best_val.get("score", outcome.best_val.get("val_acc_final")))
+                   best_val=outcome.best_val["val_score"])
     return _finish_summary(c, run_id, summary)
 
 

@@ -175,16 +175,15 @@ def train_worker(job: PhaseJob) -> None:
     if resume is not None and rank == 0:
         log.info("%s: resuming after epoch %d", job.label or job.phase, resume["epoch"])
 
-    # score / resumed_at of every epoch so far (fit_phase's history holds only its own metrics)
+    # resumed_at / early_stop of every epoch so far (fit_phase's history holds only its own metrics)
     extras: dict[int, dict[str, float]] = {
-        int(m["epoch"]): {k: m[k] for k in ("score", "resumed_at", "early_stop") if k in m}
+        int(m["epoch"]): {k: m[k] for k in ("resumed_at", "early_stop") if k in m}
         for m in (resume or {}).get("history", [])
     }
 
     def on_epoch(report: EpochReport) -> None:
         _maybe_fault(job, report.epoch)  # before reporting: this epoch's work is lost, as in a real crash
         extra = {
-            "score": report.metrics["val_score"],  # the loop scored it with `score_fn` below
             "resumed_at": float(resume["epoch"] + 1) if resume is not None else -1.0,
             "early_stop": float(report.stop),  # patience ran out: this is the phase's last epoch
         }
@@ -194,7 +193,7 @@ def train_worker(job: PhaseJob) -> None:
         metrics = {**report.metrics, **extra}
         if rank == 0:
             log.info("%s epoch %d: train_loss %.4f val_acc %s score %.4f", job.label, report.epoch,
-                     metrics["train_loss"], " ".join(f"{metrics[f'val_acc_{k}']:.3f}" for k in range(len(flops_frac))), extra["score"])
+                     metrics["train_loss"], " ".join(f"{metrics[f'val_acc_{k}']:.3f}" for k in range(len(flops_frac))), metrics["val_score"])
         if rank == 0 and job.metrics_sink is not None:
             job.metrics_sink(report.epoch, metrics)
         if rank == 0:
@@ -268,7 +267,7 @@ def outcome_from_checkpoint(path: str | Path) -> PhaseOutcome:
         epochs_run=len(history),
         stopped_early=int(es["epochs_without_improvement"]) >= int(es["patience"]),
         history=history,
-        best_val={k: v for k, v in best_val.items() if k.startswith("val_") or k == "score"},
+        best_val={k: v for k, v in best_val.items() if k.startswith("val_")},
         resumed_at=resumed[0] if resumed else None,
     )
 

@@ -23,8 +23,8 @@ from stages.train import PhaseJob, PhaseOutcome, build_trainer, outcome_from_che
 
 log = logging.getLogger(__name__)
 
-SCORE = "score"  # the metric every trial reports (stages.train.selection_score)
-HISTORY_PREFIXES = ("val_", "train_loss", "epoch", "score", "lr")  # per-epoch columns kept per trial
+SCORE = "val_score"  # the metric trials are ranked by: each epoch's stages.train.selection_score
+HISTORY_PREFIXES = ("val_", "train_loss", "epoch", "lr")  # per-epoch columns kept per trial
 TRIAL_RESOURCES = {"cpu": 0.01}  # non-empty (an empty request is refused), tiny (never starve trainers)
 
 
