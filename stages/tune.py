@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import pyarrow.fs
@@ -24,7 +24,6 @@ from stages.train import PhaseJob, PhaseOutcome, build_trainer, outcome_from_che
 log = logging.getLogger(__name__)
 
 SCORE = "val_score"  # the metric trials are ranked by: each epoch's stages.train.selection_score
-HISTORY_PREFIXES = ("val_", "train_loss", "epoch", "lr")  # per-epoch columns kept per trial
 TRIAL_RESOURCES = {"cpu": 0.01}  # non-empty (an empty request is refused), tiny (never starve trainers)
 
 
@@ -66,7 +65,6 @@ class TrialRecord:
     epochs: int  # epochs trained
     stopped_by: str  # "patience" (its own early stopping), "scheduler" (ASHA) or "" (ran max_epochs)
     checkpoint_path: str | None  # its last checkpoint, which holds its best state
-    history: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def stopped_early(self) -> bool:
@@ -131,7 +129,6 @@ def _record(result: Any, max_epochs: int) -> TrialRecord:
     df = result.metrics_dataframe
     if df is None or df.empty:
         raise SearchFailed(f"trial {result.path} finished without reporting an epoch")
-    history = df[[c for c in df.columns if c.startswith(HISTORY_PREFIXES)]].to_dict("records")
     epochs = int(len(df))
     last = df.iloc[-1]
     stopped_by = "patience" if last.get("early_stop", 0.0) > 0 else "scheduler" if epochs < max_epochs else ""
@@ -142,7 +139,6 @@ def _record(result: Any, max_epochs: int) -> TrialRecord:
         epochs=epochs,
         stopped_by=stopped_by,
         checkpoint_path=result.metrics.get(CHECKPOINT_PATH_KEY),
-        history=history,
     )
 
 
