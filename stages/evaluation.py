@@ -58,6 +58,12 @@ def exit_criterion(logits: torch.Tensor, criterion: Criterion) -> np.ndarray:
     raise ValueError(f"unknown criterion {criterion!r}; known: {list(CRITERIA)}")
 
 
+def running_best(conf: np.ndarray, criterion: Criterion) -> np.ndarray:
+    """The ICs' best confidence so far, exit by exit: [E-1, N] (prefix max of max softmax, prefix min of entropy)."""
+    ics = conf[:-1]
+    return np.maximum.accumulate(ics, axis=0) if criterion == "max_softmax" else np.minimum.accumulate(ics, axis=0)
+
+
 def threshold_grid(
     criterion: Criterion,
     num_classes: int,
@@ -83,11 +89,9 @@ def threshold_grid(
         raise ValueError(f"unknown threshold spacing {spacing!r}; known: {list(SPACINGS)}")
     if conf is None:
         raise ValueError("quantile spacing needs the confidences (conf)")
-    ics = conf[:-1]
-    if ics.size == 0:  # a single exit: nothing to spread
+    if conf.shape[0] < 2:  # a single exit: nothing to spread
         return np.linspace(0.0, top, num_thresholds)
-    best = np.maximum.accumulate(ics, axis=0) if criterion == "max_softmax" else np.minimum.accumulate(ics, axis=0)
-    values = np.unique(best)
+    values = np.unique(running_best(conf, criterion))
     # One candidate per gap between neighbouring values, at its midpoint: every threshold in a
     # gap gives the same curve point, and one away from the values is safe from rounding.
     gaps = (values[:-1] + values[1:]) / 2
@@ -106,11 +110,9 @@ def exit_indices(conf: np.ndarray, thresholds: np.ndarray, criterion: Criterion)
     (a prefix max, or prefix min for entropy), "first passing IC" = number of ICs whose running
     best still fails, so one broadcast comparison and a sum give all thresholds at once.
     """
-    ics = conf[:-1]  # [E-1, N]; the final exit always accepts
+    best = running_best(conf, criterion)[None]  # [1, E-1, N]; the final exit always accepts
     t = thresholds[:, None, None]
-    if criterion == "max_softmax":
-        return (np.maximum.accumulate(ics, axis=0)[None] <= t).sum(axis=1)
-    return (np.minimum.accumulate(ics, axis=0)[None] >= t).sum(axis=1)
+    return (best <= t if criterion == "max_softmax" else best >= t).sum(axis=1)
 
 
 def threshold_curve(
