@@ -30,7 +30,7 @@ from stages.nets import NetSpec, create_net
 
 
 def literal_curve(logits: torch.Tensor, labels: torch.Tensor, flops: list[int], criterion: str, num: int) -> np.ndarray:
-    """DESIGN.md's definition, read literally: a Python loop over thresholds, samples and exits."""
+    """The README's definition ("The maths, exactly"), read literally: a Python loop over thresholds, samples and exits."""
     e, n, c = logits.shape
     probs = torch.softmax(logits.double(), dim=-1).numpy()
     conf = probs.max(-1) if criterion == "max_softmax" else -(probs * np.log(probs)).sum(-1)

@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 import torch
 from mlflow.tracking import MlflowClient
 
+from stages import faults
+
 log = logging.getLogger(__name__)
 
 HASH_TAG = "exitflow.sha256."  # + artifact path, e.g. exitflow.sha256.checkpoint/model.pt
@@ -33,7 +35,7 @@ class ArtifactError(RuntimeError):
 
 @dataclass(frozen=True)
 class TableKind:
-    """A Parquet table artifact: its file name and required columns (DESIGN.md's table)."""
+    """A Parquet table artifact: its file name and required columns."""
 
     path: str
     columns: tuple[str, ...]
@@ -82,19 +84,21 @@ def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
 class ArtifactStore:
     """Load / save / exists / describe for typed artifacts, MLflow as the implementation."""
 
-    def __init__(self, client: MlflowClient) -> None:
+    def __init__(self, client: MlflowClient, fault_plan: faults.Plan = ()) -> None:
         self.client = client
+        self.fault_plan = fault_plan  # a fault-injection test's kill point inside uploads
 
     # ------------------------------------------------------------------ writing
     def _log_dir(self, run_id: str, local_dir: Path, artifact_path: str | None) -> None:
-        for f in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            rel = f.relative_to(local_dir).as_posix()
-            full = f"{artifact_path}/{rel}" if artifact_path else rel
+        """Hash, then upload, every file of `local_dir`, one by one (a fault hook sits after the first)."""
+        for i, f in enumerate(sorted(p for p in local_dir.rglob("*") if p.is_file())):
+            rel = f.relative_to(local_dir)
+            full = f"{artifact_path}/{rel.as_posix()}" if artifact_path else rel.as_posix()
             self.client.set_tag(run_id, HASH_TAG + full, sha256_file(f))
-        if artifact_path:
-            self.client.log_artifacts(run_id, str(local_dir), artifact_path)
-        else:
-            self.client.log_artifacts(run_id, str(local_dir))
+            folder = "/".join(p for p in (artifact_path, rel.parent.as_posix()) if p and p != ".")
+            self.client.log_artifact(run_id, str(f), folder or None)
+            if i == 0:
+                faults.hit(self.fault_plan, "upload", path=full)
 
     def save_table(self, run_id: str, kind: str, table: pa.Table, metadata: dict[str, str] | None = None) -> ArtifactRef:
         spec = TABLES[kind]

@@ -22,11 +22,17 @@ from pipeline.graph import Node
 from pipeline.locks import key_lock
 from pipeline.resolve import data_spec, loop_config, net_spec
 from pipeline.spec import StudySpec
+from stages import faults
 
 log = logging.getLogger(__name__)
 
 LRS_TAG = "exitflow.lrs"  # JSON {phase: lr} of a model's whole lineage, for the report
 INVALID_PREFIX = "invalid:"  # a run whose artifacts failed verification keeps its key under this prefix
+DIVERGED_TAG = "exitflow.diverged"  # on a phase that diverged (FAILED) or a search with diverged trials
+
+
+class PhaseDiverged(RuntimeError):
+    """A fixed-lr phase's loss became non-finite: the phase fails, and is never cached."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class RunContext:
     parent_run_id: str
     storage_path: str
     spec: dict[str, Any]  # StudySpec.model_dump(mode="json")
-    fault: str | None = None  # EXITFLOW_FAULT, for fault-injection tests
+    fault_plan: faults.Plan = ()  # from $EXITFLOW_FAULT, for fault-injection tests
 
     def study(self) -> StudySpec:
         return StudySpec.model_validate(self.spec)
@@ -130,7 +136,7 @@ def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult]) -> NodeR
     """Reuse a finished, verified run with the node's key, or run the stage."""
     start = time.monotonic()
     c = tracking.client(ctx.tracking_uri)
-    store = ArtifactStore(c)
+    store = ArtifactStore(c, ctx.fault_plan)
     with key_lock(ctx.storage_path, node.key):
         # Another run of the same study may have finished this node while we waited.
         hit = cached_result(c, store, ctx.experiment_id, node)
@@ -194,7 +200,7 @@ def _dispatch(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id:
 
 def _run_phase(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id: str, inputs: list[NodeResult]) -> dict[str, Any]:
     from stages.data import dataset_info
-    from stages.train import FaultPlan, PhaseJob, run_phase, scaling_config
+    from stages.train import PhaseJob, run_phase, scaling_config
     from stages.tune import SearchPlan, run_search
 
     study = ctx.study()
@@ -204,7 +210,7 @@ def _run_phase(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id
     pc = getattr(study.phases, phase)
     data = data_spec(cfg["data"])
     ns = net_spec(cfg["net"], dataset_info(data))
-    selection = study.search.selection
+    selection = cfg.get("selection", "final")  # in the node's config, hence in its key
     lcfg = loop_config(cfg["train"], phase, selection)
     threads = res.torch_threads or max(1, int(res.cpus_per_worker))
     job = PhaseJob(
@@ -213,21 +219,27 @@ def _run_phase(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id
         data=data.to_dict(),
         net=ns.to_dict(),
         train=lcfg.to_dict(),
-        selection="final" if phase == "P1" else selection,
+        selection=selection,
         init_from=CheckpointSource(ctx.tracking_uri, inputs[0].run_id) if inputs else None,
         metrics_sink=tracking.MetricsSink(ctx.tracking_uri, run_id),
         torch_threads=threads,
-        fault=FaultPlan.parse(ctx.fault) if ctx.fault else None,
+        fault_plan=ctx.fault_plan,
         label=node.id,
     )
     tracking.log_params(c, run_id, _flat_params({"phase": phase, "seed": cfg["seed"], "net": ns.to_dict(), "data": data.to_dict(), "train": cfg["train"]}))
     scaling = scaling_config(res.num_workers, res.use_gpu, res.cpus_per_worker, res.gpus_per_worker)
     name = f"{node.key}-{phase}"
     lineage = dict(inputs[0].summary.get("lrs", {})) if inputs else {}
+    # Learning rates that diverged upstream and here (searches only: a diverged phase fails)
+    diverged = dict(inputs[0].summary.get("diverged", {})) if inputs else {}
     summary: dict[str, Any] = {"phase": phase}
     if node.kind == "train":
         outcome = run_phase(job, scaling, name, ctx.storage_path, res.max_failures)
         lr = lcfg.lr
+        if outcome.diverged:
+            c.set_tag(run_id, DIVERGED_TAG, outcome.diverged)
+            raise PhaseDiverged(f"{node.id} diverged: {outcome.diverged} (lr={lr:g}); "
+                                f"lower phases.{phase}.lr or set phases.{phase}.grad_clip")
     else:
         values = pc.lr_values()
         plan = SearchPlan(
@@ -245,6 +257,7 @@ def _run_phase(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id
         except BaseException:
             trial_runs.abandon(name)
             raise
+        faults.hit(ctx.fault_plan, "search.end", phase=phase, node=node.id)
         trial_runs.adopt(name, search)
         outcome, lr = search.outcome, search.best.lr
         _log_trials(store, run_id, search, phase)
@@ -253,6 +266,10 @@ def _run_phase(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id
         summary["trial_epochs"] = sum(t.epochs for t in search.trials)
         summary["best_trial"] = search.best.trial
         summary["best_trial_checkpoint"] = search.best.checkpoint_path
+        bad = [f"lr={t.lr:g}: {t.diverged}" for t in sorted(search.trials, key=lambda t: t.lr) if t.diverged]
+        if bad:
+            diverged[phase] = bad
+            c.set_tag(run_id, DIVERGED_TAG, "; ".join(bad)[:5000])
     lineage[phase] = lr
     c.log_param(run_id, "chosen_lr", lr)
     c.set_tag(run_id, LRS_TAG, json.dumps(lineage))
@@ -263,7 +280,7 @@ def _run_phase(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id
     })
     if outcome.history:
         store.save_table(run_id, "history", pa.Table.from_pylist(_history_rows(outcome.history)))
-    summary.update(lr=lr, lrs=lineage, epochs=outcome.epochs_run, best_epoch=outcome.best_epoch,
+    summary.update(lr=lr, lrs=lineage, diverged=diverged, epochs=outcome.epochs_run, best_epoch=outcome.best_epoch,
                    stopped_early=outcome.stopped_early, resumed_at=outcome.resumed_at,
                    best_val=outcome.best_val["val_score"])
     return _finish_summary(c, run_id, summary)
@@ -279,7 +296,7 @@ def _log_trials(store: ArtifactStore, run_id: str, search: Any, phase: str) -> N
 
     rows = [
         {"trial": t.trial, "lr": t.lr, "best_val": t.best_val, "epochs": t.epochs, "stopped_early": t.stopped_early,
-         "stopped_by": t.stopped_by, "chosen": t.trial == search.best.trial}
+         "stopped_by": t.stopped_by, "diverged": t.diverged, "chosen": t.trial == search.best.trial}
         for t in sorted(search.trials, key=lambda t: t.lr)
     ]
     store.save_table(run_id, "trials", pa.Table.from_pylist(rows))
@@ -312,13 +329,15 @@ def _run_evaluate(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run
         NetSpec.from_dict(spec["net"]), state, data_spec(node.config["data"]), int(node.config["seed"]),
         list(ev["criteria"]), int(ev["thresholds"]), int(ev["batch_size"]), ev["threshold_spacing"],
     )
+    faults.hit(ctx.fault_plan, "evaluate", node=node.id)
     meta = {"backbone_flops": str(out.backbone_flops), "model_run_id": model.run_id}
     store.save_table(run_id, "exits", out.exits, meta)
     store.save_table(run_id, "curve", out.curve, meta)
     accs = out.exits.column("accuracy").to_pylist()
     tracking.log_metrics(c, run_id, {f"test_acc_exit_{k}": a for k, a in enumerate(accs)} | {"test_acc_final": accs[-1], "backbone_flops": out.backbone_flops})
     c.set_tag(run_id, LRS_TAG, json.dumps(model.summary.get("lrs", {})))
-    return _finish_summary(c, run_id, {"lrs": model.summary.get("lrs", {}), "test_acc_final": accs[-1], "backbone_flops": out.backbone_flops})
+    return _finish_summary(c, run_id, {"lrs": model.summary.get("lrs", {}), "diverged": model.summary.get("diverged", {}),
+                                       "test_acc_final": accs[-1], "backbone_flops": out.backbone_flops})
 
 
 def _run_report(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id: str, inputs: list[NodeResult]) -> dict[str, Any]:
@@ -328,6 +347,7 @@ def _run_report(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_i
     curves: dict[tuple[str, int], pa.Table] = {}
     exits: dict[tuple[str, int], pa.Table] = {}
     lrs: dict[str, dict[str, list[float]]] = {}
+    notes: list[str] = []  # diverged learning rates, one line per phase and seed
     backbone = None
     for res in inputs:
         regime, seed = res.node_id.split("/")[1], int(res.node_id.split("/")[0].removeprefix("seed"))
@@ -337,10 +357,17 @@ def _run_report(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_i
         backbone = float(table.schema.metadata[b"backbone_flops"])
         for phase, lr in res.summary.get("lrs", {}).items():
             lrs.setdefault(regime, {}).setdefault(phase, []).append(lr)
+        for phase, bad in sorted(res.summary.get("diverged", {}).items()):
+            node_id = f"seed{seed}/P1" if phase == "P1" else f"seed{seed}/{regime}/{phase}"  # P1 is shared
+            line = f"{node_id} search: diverged, ranked last: {', '.join(bad)}"
+            if line not in notes:
+                notes.append(line)
     assert backbone is not None
+    faults.hit(ctx.fault_plan, "report", node=node.id)
     chosen = {r: {p: _one_or_list(v) for p, v in sorted(ph.items())} for r, ph in lrs.items()}
     with tempfile.TemporaryDirectory() as d:
-        out = report.run(curves, exits, backbone, study.evaluation.budgets, study.evaluation.criteria, Path(d), study.name, chosen)
+        out = report.run(curves, exits, backbone, study.evaluation.budgets, study.evaluation.criteria, Path(d), study.name, chosen,
+                         notes)
         store.save_table(run_id, "budgets", out.budgets)
         for p in out.plots:
             store.save_file(run_id, p)

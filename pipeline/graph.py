@@ -3,7 +3,8 @@
 Per seed: one P1 node feeds both disjoint (P3) and mixed (P2), so the backbone is never
 trained twice; joint is a P2 node from scratch; every final model feeds an evaluate node;
 one report node joins all regimes and seeds. A node's key hashes its kind, its resolved
-config, its inputs' keys and the package version (DESIGN.md "The DAG").
+config, its inputs' keys, the package version and a fingerprint of the code that computes it
+(`pipeline/fingerprint.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline import __version__
+from pipeline.fingerprint import fingerprint
 from pipeline.spec import StudySpec
 
 StageKind = Literal["train", "tune", "evaluate", "report"]
@@ -38,7 +40,7 @@ class Node:
     key: str = ""  # filled in by build_graph once the inputs' keys are known
 
     def tags(self) -> dict[str, str]:
-        """The MLflow tags DESIGN.md asks for on the stage's run."""
+        """The MLflow tags on the stage's run (see the README's MLflow section)."""
         tags = {"exitflow.stage": self.kind, "exitflow.key": self.key, "exitflow.node": self.id}
         if self.phase:
             tags["exitflow.phase"] = self.phase
@@ -66,9 +68,9 @@ class Graph:
 
 
 def cache_key(kind: str, config: dict[str, Any], input_keys: list[str]) -> str:
-    """Content hash of a stage: kind, sorted resolved config, inputs' keys, code version."""
+    """Content hash of a stage: kind, sorted resolved config, inputs' keys, the code that computes it."""
     blob = json.dumps(
-        {"kind": kind, "config": config, "inputs": input_keys, "version": __version__},
+        {"kind": kind, "config": config, "inputs": input_keys, "version": __version__, "code": fingerprint(kind)},
         sort_keys=True,
         separators=(",", ":"),
         default=str,
@@ -85,8 +87,10 @@ def _phase_config(spec: StudySpec, phase: str, seed: int) -> dict[str, Any]:
         "net": spec.net.model_dump(mode="json"),
         "train": pc.model_dump(mode="json"),
     }
+    if phase != "P1":  # P1 keeps its final exit's best epoch; P2 and P3 follow search.selection
+        cfg["selection"] = spec.search.selection
     if pc.is_search():
-        search = spec.search.model_dump(mode="json")
+        search = spec.search.model_dump(mode="json", exclude={"selection"})
         search.pop("max_concurrent_trials")  # how fast, not what: keep it out of the key
         cfg["search"] = search
     return cfg

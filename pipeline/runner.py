@@ -24,13 +24,14 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.execute import NodeResult, RunContext, cached_result, execute_node
 from pipeline.graph import Graph, Node, build_graph
 from pipeline.resolve import preflight
-from pipeline.spec import StudySpec, spec_to_yaml
+from pipeline.spec import SpecError, StudySpec, spec_to_yaml
+from stages import faults
 from stages.progress import progress_logging
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = ".exitflow/ray"
-FAULT_ENV = "EXITFLOW_FAULT"  # fault injection for tests, see stages.train.FaultPlan
+NODE_RETRIES = 1  # a node task whose process dies (a lost node, the OOM killer) runs again, resuming its stage
 Progress = Callable[[str], None]
 
 
@@ -58,19 +59,23 @@ class StudyResult:
 
 def job_env() -> dict[str, str]:
     """Env vars of every process of the job, on one machine or a cluster."""
+    tuned = {k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")}
     return {
         **tracking.CLIENT_ENV,
+        **tuned,  # the user's own Train settings reach every process
         "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore:`torch.jit.script` is deprecated:FutureWarning",
         "RAY_AIR_NEW_OUTPUT": "0",  # Tune's new reporter prints a banner per search whatever its verbosity
     }
 
 
 def local_env() -> dict[str, str]:
-    """`job_env` plus what a local Ray on one machine needs (DESIGN.md pitfalls)."""
+    """`job_env` plus what a local Ray on one machine needs."""
     return {
         **job_env(),
         "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),  # hosts resolving to 127.0.1.1
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+        # One machine has no node to lose to preemption: skip the watcher actor each phase would start.
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
     }
 
 
@@ -167,6 +172,10 @@ def run_study(
     """Validate, then run every node of the study (or reuse it) and return the budget table."""
     say = progress or (lambda msg: log.info(msg))
     start = time.monotonic()
+    try:
+        fault_plan = faults.from_env()
+    except ValueError as e:
+        raise SpecError(str(e)) from None
     preflight(spec)  # bad data or nets fail here: before Ray, before the store is touched
     graph = build_graph(spec)
     uri = tracking.resolve_uri(tracking_uri, spec.tracking.uri)
@@ -187,7 +196,7 @@ def run_study(
                 ArtifactStore(c).save_file(parent, Path(d) / "spec.yaml")
             tracking.log_params(c, parent, {"regimes": ",".join(spec.regimes), "seeds": ",".join(map(str, spec.seeds)),
                                   "backbone": spec.net.backbone, "data": spec.data.name, "nodes": len(graph.nodes)})
-            ctx = RunContext(http, exp, parent, storage, spec.model_dump(mode="json"), os.environ.get(FAULT_ENV))
+            ctx = RunContext(http, exp, parent, storage, spec.model_dump(mode="json"), fault_plan)
             _execute(graph, ctx, result, say, address)
             report = result.results["report"]
             result.table = _read_text(c, report.run_id, "budgets.txt")
@@ -229,30 +238,52 @@ def _execute(graph: Graph, ctx: RunContext, result: StudyResult, say: Progress, 
 
 
 def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[str, Any], result: StudyResult, say: Progress) -> None:
-    task = ray.remote(num_cpus=0, max_retries=0)(_node_task)
+    """Start each node once its inputs are done; a node downstream of a failure is skipped, not run."""
+    task = ray.remote(num_cpus=0, max_retries=NODE_RETRIES)(_node_task)
+    waiting = list(to_run)  # topological order
     pending: dict[Any, str] = {}
-    for nid in to_run:
-        node = graph.nodes[nid]
-        ref = task.options(name=f"exitflow:{nid}").remote(ctx, node, *[inputs[i] for i in node.inputs])
-        inputs[nid] = ref
-        pending[ref] = nid
+    failures: dict[str, str] = {}  # node -> why it failed
+    skipped: dict[str, str] = {}  # node -> the failed node upstream of it
     say(f"running {len(to_run)} of {len(graph.nodes)} nodes: {', '.join(to_run)}")
-    failures: dict[str, str] = {}
-    while pending:
+    while waiting or pending:
+        for nid in list(waiting):
+            node = graph.nodes[nid]
+            blocked = [i for i in node.inputs if i in failures or i in skipped]
+            if blocked:
+                skipped[nid] = blocked[0] if blocked[0] in failures else skipped[blocked[0]]
+                waiting.remove(nid)
+            elif all(isinstance(inputs.get(i), NodeResult) for i in node.inputs):
+                ref = task.options(name=f"exitflow:{nid}").remote(ctx, node, *[inputs[i] for i in node.inputs])
+                pending[ref] = nid
+                waiting.remove(nid)
+        if not pending:
+            break
         done, _ = ray.wait(list(pending), num_returns=1)
         nid = pending.pop(done[0])
         try:
             res: NodeResult = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - reported per node, raised together below
-            cause = getattr(e, "cause", None) or e
-            lines = str(cause).strip().splitlines()
-            failures[nid] = f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+            failures[nid] = brief_error(e, ctx.storage_path)
             say(f"FAILED  {nid}: {failures[nid]}")
             continue
-        result.results[nid] = res
+        inputs[nid] = result.results[nid] = res
         say(_describe(graph.nodes[nid], res))
+    for root in dict.fromkeys(skipped.values()):
+        say(f"skipped {', '.join(n for n, r in skipped.items() if r == root)}: input {root} failed")
     if failures:
-        raise StudyFailed(f"{len(failures)} node(s) failed: {', '.join(failures)}; first error: {next(iter(failures.values()))}")
+        first = next(iter(failures))
+        raise StudyFailed(f"{len(failures)} node(s) failed: {', '.join(failures)}"
+                          f"{f'; {len(skipped)} skipped' if skipped else ''}; {first}: {failures[first]}")
+
+
+def brief_error(e: BaseException, storage_path: str) -> str:
+    """`Type: last line` of a node's error, with Ray's wrapper removed and storage paths made relative."""
+    cause = getattr(e, "cause", None) or e
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    text = f"{type(cause).__name__}: {lines[-1].strip() if lines else ''}"
+    for prefix in (storage_path.rstrip("/") + "/", str(Path.cwd()) + "/"):
+        text = text.replace(prefix, "")
+    return text
 
 
 def _describe(node: Node, res: NodeResult) -> str:

@@ -26,7 +26,7 @@ from pydantic import (
 Regime = Literal["joint", "disjoint", "mixed"]
 PhaseName = Literal["P1", "P2", "P3"]
 
-# The paper's per-family learning-rate grids (appendix D; DESIGN.md "Paper facts").
+# The paper's per-family learning-rate grids (its appendix D).
 LR_PRESETS: dict[str, tuple[float, ...]] = {
     "resnet": (8e-3, 2e-2, 5e-2, 8e-2, 2e-1),
     "vit": (1e-3, 1e-4, 1e-5, 4e-3, 8e-3, 5e-4, 8e-4, 4e-5, 8e-5),

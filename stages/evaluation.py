@@ -1,7 +1,7 @@
 """Early-exit evaluation maths: cached logits -> fixed-exit accuracy, threshold curves, budget tables.
 
 Everything after `collect_logits` works on the cached [E, N, C] logits, vectorized over samples,
-exits and thresholds at once (DESIGN.md, "Evaluation, exactly").
+exits and thresholds at once (README, "The maths, exactly").
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ OptimizerName = Literal["sgd", "adamw", "adam"]
 Schedule = Literal["none", "cosine", "step"]
 Selection = Literal["final", "mean"]
 ScoreFn = Callable[[list[float]], float]  # every exit's val accuracy (final last) -> selection score
+StepHook = Callable[[int, int, int], None]  # (epoch, step within the epoch, steps per epoch), after each step
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,21 @@ class PhaseResult:
     stopped_early: bool  # early stopping fired (False: max_epochs reached)
     history: list[dict[str, float]] = field(default_factory=list)  # metrics of every epoch
     best_val: dict[str, float] = field(default_factory=dict)  # val_* metrics of the best epoch
+    diverged: str = ""  # why the phase stopped on a non-finite loss ("" when it did not)
+
+
+NO_STEP = float(2**53)  # "no non-finite step yet": above any step, so a MIN over ranks finds the first
+DIVERGED_SCORE = -1.0  # a diverged epoch's selection score: below every accuracy, never the best
+
+
+def divergence_message(epoch: int, step: int) -> str:
+    return f"non-finite loss at epoch {epoch}, step {step}"
+
+
+def diverged_in(history: list[dict[str, float]]) -> str:
+    """The divergence recorded in a phase's history, or "" (a history is what checkpoints keep)."""
+    bad = [m for m in history if m.get("nonfinite_step", -1) >= 0]
+    return divergence_message(int(bad[0]["epoch"]), int(bad[0]["nonfinite_step"])) if bad else ""
 
 
 def seed_everything(seed: int) -> None:
@@ -205,6 +221,12 @@ def _all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
+def _all_reduce_min(t: Tensor) -> Tensor:
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -228,8 +250,12 @@ def train_one_epoch(
     device: torch.device,
     cfg: PhaseConfig,
     epoch: int,
+    on_step: StepHook | None = None,
 ) -> dict[str, Any]:
-    """One pass over `loader`; returns train_loss, train_loss_per_exit, samples_per_s, num_samples.
+    """One pass over `loader`; returns train_loss, train_loss_per_exit, samples_per_s, num_samples,
+    nonfinite_step (the first step whose loss was NaN or infinite on any rank, else -1).
+
+    `on_step(epoch, step, steps)` runs after every optimizer step (progress, fault hooks).
 
     Losses accumulate on the device and sync once at the end; with torch.distributed up
     they are averaged over all ranks' samples (num_samples is global, samples_per_s this
@@ -241,8 +267,11 @@ def train_one_epoch(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # [sum of the phase loss, sum of each exit's loss ..., samples], all sample-weighted.
     sums = torch.zeros(weights.numel() + 2, dtype=torch.float64, device=device)
+    # The first step with a non-finite loss, kept on the device (a check per step would sync it).
+    nonfinite = torch.full((), NO_STEP, dtype=torch.float64, device=device)
     start = time.perf_counter()
-    for x, y in loader:
+    steps = len(loader) if on_step is not None else 0  # type: ignore[arg-type]
+    for step, (x, y) in enumerate(loader):
         x, y = _to_device(x, y, device, cfg)
         with _autocast(device, cfg.bf16):
             logits = net(x)
@@ -254,16 +283,21 @@ def train_one_epoch(
         optimizer.step()
         scheduler.step()
         n = y.shape[0]
+        nonfinite = torch.where(torch.isfinite(loss.detach()) | (nonfinite < NO_STEP), nonfinite, float(step))
         sums[0] += loss.detach() * n
         sums[1:-1] += per_exit * n
         sums[-1] += n
+        if on_step is not None:
+            on_step(epoch, step, steps)
     local_samples = sums[-1].item()  # syncs the device, so the clock below is honest
     elapsed = time.perf_counter() - start
     if local_samples == 0:
         raise ValueError(f"epoch {epoch}: the training loader yielded no samples")
+    first_bad = _all_reduce_min(nonfinite).item()
     totals = _all_reduce_sum(sums).tolist()
     count = totals[-1]
     return {
+        "nonfinite_step": -1 if first_bad == NO_STEP else int(first_bad),
         "train_loss": totals[0] / count,
         "train_loss_per_exit": [s / count for s in totals[1:-1]],
         "samples_per_s": local_samples / elapsed if elapsed > 0 else float("inf"),
@@ -392,6 +426,7 @@ def fit_phase(
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     score_fn: ScoreFn | None = None,
+    on_step: StepHook | None = None,
 ) -> PhaseResult:
     """Train `net` for one phase with early stopping; the net ends holding its best state.
 
@@ -402,7 +437,8 @@ def fit_phase(
     history, rng. Passing it back as `resume` continues at epoch + 1 exactly where the
     uninterrupted run would be (same optimizer, schedule, early stopping and RNG states).
     `score_fn`, if given, scores P2 and P3 epochs from every exit's validation accuracy in
-    place of `cfg.selection` (P1 always scores its final exit).
+    place of `cfg.selection` (P1 always scores its final exit). `on_step(epoch, step, steps)`
+    runs after every optimizer step.
     """
     check_phase(phase)
     device = torch.device(device)
@@ -452,12 +488,20 @@ def fit_phase(
         _set_epoch(train_loader, epoch)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        train = train_one_epoch(net, phase, weights, optimizer, scheduler, train_loader, device, cfg, epoch)
+        train = train_one_epoch(net, phase, weights, optimizer, scheduler, train_loader, device, cfg, epoch, on_step)
         val = evaluate_exits(net, val_loader, device, cfg)
         watched, score = _monitored(phase, val["accuracy"], cfg.selection, score_fn)
-        improved = stopper.update(epoch, watched, score)
-        if improved:
-            best_state = _cpu_copy(model.state_dict())
+        diverged = train["nonfinite_step"] >= 0
+        if diverged:  # the weights are garbage from here on: stop, as if patience had run out
+            score, improved = DIVERGED_SCORE, False
+            stopper.epochs_without_improvement = stopper.patience
+            logger.warning("%s diverged: %s", phase, divergence_message(epoch, train["nonfinite_step"]))
+            if best_state is None:  # nothing healthy to keep: the phase result is marked diverged
+                best_state = _cpu_copy(model.state_dict())
+        else:
+            improved = stopper.update(epoch, watched, score)
+            if improved:
+                best_state = _cpu_copy(model.state_dict())
 
         metrics: dict[str, float] = {"epoch": float(epoch), "train_loss": train["train_loss"]}
         metrics.update({f"train_loss_{k}": v for k, v in enumerate(train["train_loss_per_exit"])})
@@ -470,6 +514,7 @@ def fit_phase(
             "lr": lr,
             "samples_per_s": train["samples_per_s"],
             "epoch_time": time.perf_counter() - start,
+            "nonfinite_step": float(train["nonfinite_step"]),
         })
         history.append(metrics)
         logger.info("%s epoch %d: train_loss %.4f val_acc %s score %.4f%s", phase, epoch, train["train_loss"],
@@ -494,6 +539,7 @@ def fit_phase(
     model.load_state_dict(best_state)
     best_val = next((m for m in history if int(m["epoch"]) == stopper.best_epoch), {})
     return PhaseResult(
+        diverged=diverged_in(history),
         best_state_dict=best_state,
         best_epoch=stopper.best_epoch,
         epochs_run=len(history),

@@ -29,8 +29,10 @@ def run(
     out_dir: Path,
     title: str,
     chosen_lrs: Mapping[str, Mapping[str, float]] | None = None,
+    notes: Sequence[str] = (),
 ) -> ReportOutput:
-    """`curves`/`exits` are keyed by (regime, seed), as the evaluate stage wrote them."""
+    """`curves`/`exits` are keyed by (regime, seed), as the evaluate stage wrote them; `notes`
+    (diverged learning rates, say) are printed under the table."""
     regimes = list(dict.fromkeys(r for r, _ in curves))
     fixed = {r: [_columns(exits[k], "flops", "accuracy") for k in exits if k[0] == r] for r in regimes}
     tables, plots, text = [], [], ""
@@ -43,7 +45,7 @@ def run(
         name = "tradeoff.png" if i == 0 else f"tradeoff_{criterion}.png"
         plots.append(plot_tradeoff(by_regime, fixed, backbone_flops, out_dir / name, f"{title} ({criterion})"))
         if i == 0:
-            text = format_budget_table(rows, chosen_lrs)
+            text = format_budget_table(rows, chosen_lrs) + "".join(f"\nnote: {n}" for n in notes)
     return ReportOutput(budgets=pa.concat_tables(tables), plots=plots, text=text)
 
 

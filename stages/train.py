@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
-import os
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,47 +23,20 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 
+from stages import faults
 from stages.data import DataSpec, load_splits, make_loader
 from stages.flops import exit_flops
-from stages.loop import EpochReport, PhaseConfig, fit_phase, seed_everything
+from stages.loop import EpochReport, PhaseConfig, diverged_in, fit_phase, seed_everything
 from stages.nets import NetSpec, create_net
 from stages.phases import prepare_phase
 from stages.progress import progress_logging
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory
+STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory: the full resumable state
+PROGRESS_FILE = "progress.json"  # beside it: history and early stopping, small enough to read for every trial
 InitFrom = Callable[[], dict[str, torch.Tensor]]  # loads the input model's state (on the worker)
 MetricsSink = Callable[[int, dict[str, float]], None]  # logs one epoch's metrics (rank 0 only)
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """Fault injection for tests: fail once (marker file) in the epoch after `after_epoch`'s checkpoint.
-
-    The fault fires when that next epoch has trained but before it is reported, so its work
-    is lost exactly as in a crash mid-epoch, and recovery must start from `after_epoch`.
-    """
-
-    after_epoch: int
-    marker: str  # absolute path; the fault fires only while it does not exist
-    mode: str = "raise"  # "raise": an exception in the worker; "exit": the worker process dies
-    phase: str | None = None  # only this phase (None: any)
-    lr: float | None = None  # only the run with this learning rate (one trial of a search; None: any)
-    settle_s: float = 5.0  # seconds the faulty epoch lasts before failing (see _maybe_fault)
-
-    @classmethod
-    def parse(cls, text: str) -> "FaultPlan":
-        """`after_epoch=1,marker=/tmp/x,mode=exit,phase=P1,lr=0.01,settle_s=5` (the EXITFLOW_FAULT variable)."""
-        kv = dict(item.split("=", 1) for item in text.split(",") if item)
-        lr = float(kv["lr"]) if "lr" in kv else None
-        return cls(after_epoch=int(kv["after_epoch"]), marker=kv["marker"], mode=kv.get("mode", "raise"),
-                   phase=kv.get("phase"), lr=lr, settle_s=float(kv.get("settle_s", cls.settle_s)))
-
-    def fires(self, phase: str, lr: float, epoch: int) -> bool:
-        """Whether the fault hits this epoch of this run (once: the marker records that it fired)."""
-        return (epoch == self.after_epoch + 1 and self.phase in (None, phase) and self.lr in (None, lr)
-                and not os.path.exists(self.marker))
 
 
 @dataclass(frozen=True)
@@ -80,8 +52,14 @@ class PhaseJob:
     init_from: InitFrom | None = None  # the input model (P3 and mixed P2 start from P1)
     metrics_sink: MetricsSink | None = None
     torch_threads: int = 1
-    fault: FaultPlan | None = None
+    fault_plan: faults.Plan = ()
     label: str = ""  # the node id, for progress lines
+    trial: str = ""  # the trial's name when this phase is one trial of a search
+
+    def fault_context(self, epoch: int) -> dict[str, Any]:
+        """What a fault hook in this phase may filter on."""
+        return {"phase": self.phase, "lr": float(self.train["lr"]), "epoch": epoch, "search": bool(self.trial),
+                "node": self.label}
 
     def with_lr(self, lr: float) -> "PhaseJob":
         return replace(self, train={**self.train, "lr": float(lr)})
@@ -98,6 +76,7 @@ class PhaseOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
     best_val: dict[str, float] = field(default_factory=dict)
     resumed_at: int | None = None  # first epoch of this attempt, when it resumed from a checkpoint
+    diverged: str = ""  # "non-finite loss at epoch E, step S" when the phase stopped on one
 
 
 def selection_score(accuracies: list[float], selection: str, phase: str, flops_frac: list[float]) -> float:
@@ -137,12 +116,31 @@ def _world() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
-def _load_resume() -> dict[str, Any] | None:
+def _load_resume(label: str) -> dict[str, Any] | None:
+    """The state of the last registered checkpoint, or None to start afresh (none, or unreadable)."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    with ckpt.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    try:
+        with ckpt.as_directory() as d:
+            return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a checkpoint we cannot read must not leave the phase stuck
+        log.warning("%s: cannot resume from its last checkpoint (%s: %s); starting the phase afresh",
+                    label, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+
+
+def _report(state: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
+    """Report one epoch; rank 0 attaches the resumable state (every rank must call: it is a barrier)."""
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / STATE_FILE)
+        progress = {"history": state["history"], "early_stopping": state["early_stopping"],
+                    "max_epochs": state["config"]["max_epochs"]}
+        (Path(d) / PROGRESS_FILE).write_text(json.dumps(progress, default=float))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
 def train_worker(job: PhaseJob) -> None:
@@ -171,18 +169,26 @@ def train_worker(job: PhaseJob) -> None:
         train_loader = prepare_data_loader(train_loader)
         val_loader = prepare_data_loader(val_loader)
     device = ray.train.torch.get_device()
-    resume = _load_resume()
+    label = job.label or job.phase
+    resume = _load_resume(label)
     if resume is not None and rank == 0:
-        log.info("%s: resuming after epoch %d", job.label or job.phase, resume["epoch"])
+        log.info("%s: resuming after epoch %d", label, resume["epoch"])
 
     # resumed_at / early_stop of every epoch so far (fit_phase's history holds only its own metrics)
     extras: dict[int, dict[str, float]] = {
         int(m["epoch"]): {k: m[k] for k in ("resumed_at", "early_stop") if k in m}
         for m in (resume or {}).get("history", [])
     }
+    reported = False
+
+    def on_step(epoch: int, step: int, steps: int) -> None:
+        if step == steps // 2:
+            faults.hit(job.fault_plan, "train.mid_epoch", **job.fault_context(epoch))
 
     def on_epoch(report: EpochReport) -> None:
-        _maybe_fault(job, report.epoch)  # before reporting: this epoch's work is lost, as in a real crash
+        nonlocal reported
+        # before reporting: this epoch's work is lost, as in a crash mid-epoch
+        faults.hit(job.fault_plan, "train.epoch_end", **job.fault_context(report.epoch))
         extra = {
             "resumed_at": float(resume["epoch"] + 1) if resume is not None else -1.0,
             "early_stop": float(report.stop),  # patience ran out: this is the phase's last epoch
@@ -196,29 +202,21 @@ def train_worker(job: PhaseJob) -> None:
                      metrics["train_loss"], " ".join(f"{metrics[f'val_acc_{k}']:.3f}" for k in range(len(flops_frac))), metrics["val_score"])
         if rank == 0 and job.metrics_sink is not None:
             job.metrics_sink(report.epoch, metrics)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(report.state, Path(d) / STATE_FILE)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics, checkpoint=None)
+        _report(report.state, metrics, rank)
+        reported = True
+        if report.stop:
+            faults.hit(job.fault_plan, "train.stopped", **job.fault_context(report.epoch))
 
     score_fn = functools.partial(selection_score, selection=job.selection, phase=job.phase, flops_frac=flops_frac)
-    fit_phase(net, job.phase, cfg, train_loader, val_loader, device, resume=resume, on_epoch=on_epoch, score_fn=score_fn)
-
-
-def _maybe_fault(job: PhaseJob, epoch: int) -> None:
-    f = job.fault
-    if f is None or not f.fires(job.phase, float(job.train["lr"]), epoch):
-        return
-    # Ray Train registers a reported checkpoint asynchronously (the controller polls its workers);
-    # a digits epoch is shorter than that, so a fault right away could precede the registration
-    # of the previous epoch's checkpoint. Real epochs last long enough: let this one, too.
-    time.sleep(f.settle_s)
-    Path(f.marker).write_text(f"{job.phase} epoch {epoch}\n")
-    if f.mode == "exit":
-        os._exit(1)  # a worker killed mid-run, as a preempted node would be
-    raise RuntimeError(f"injected fault in epoch {epoch} ({job.phase})")
+    fit_phase(net, job.phase, cfg, train_loader, val_loader, device, resume=resume, on_epoch=on_epoch,
+              score_fn=score_fn, on_step=on_step)
+    if not reported and resume is not None:
+        # Resumed at (or past) its stopping point: nothing was left to train. Report the recorded
+        # final state again, so this attempt ends with a result like any other (a Tune trial
+        # needs one); its epochs are logged already and are not logged twice.
+        if rank == 0:
+            log.info("%s: already complete after epoch %d; keeping its recorded best state", label, resume["epoch"])
+        _report(resume, {**resume["history"][-1]}, rank)
 
 
 def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float) -> ScalingConfig:
@@ -256,19 +254,28 @@ def build_trainer(
 def outcome_from_checkpoint(path: str | Path) -> PhaseOutcome:
     """Read the phase's result from a checkpoint directory written by `train_worker`."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
-    history = state["history"]
-    es = state["early_stopping"]
+    return _outcome(state["history"], state["early_stopping"], state["best_state_dict"])
+
+
+def progress_from_checkpoint(path: str | Path) -> PhaseOutcome:
+    """The same as `outcome_from_checkpoint` without the model (`best_state` empty): cheap for every trial."""
+    progress = json.loads((Path(path) / PROGRESS_FILE).read_text())
+    return _outcome(progress["history"], progress["early_stopping"], {})
+
+
+def _outcome(history: list[dict[str, float]], es: dict[str, Any], best_state: dict[str, torch.Tensor]) -> PhaseOutcome:
     best_epoch = int(es["best_epoch"])
     best_val = next((m for m in history if int(m["epoch"]) == best_epoch), history[-1])
     resumed = [int(m["resumed_at"]) for m in history if m.get("resumed_at", -1) >= 0]
     return PhaseOutcome(
-        best_state=state["best_state_dict"],
+        best_state=best_state,
         best_epoch=best_epoch,
         epochs_run=len(history),
         stopped_early=int(es["epochs_without_improvement"]) >= int(es["patience"]),
         history=history,
         best_val={k: v for k, v in best_val.items() if k.startswith("val_")},
         resumed_at=resumed[0] if resumed else None,
+        diverged=diverged_in(history),
     )
 
 

@@ -8,9 +8,11 @@ is re-trained. An optional ASHA scheduler stops poor learning rates early.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow.fs
@@ -19,7 +21,8 @@ from ray.train import Checkpoint, ScalingConfig
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from stages.train import PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint
+from stages import faults
+from stages.train import PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint, progress_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +66,9 @@ class TrialRecord:
     lr: float
     best_val: float  # best selection score over the trial's epochs
     epochs: int  # epochs trained
-    stopped_by: str  # "patience" (its own early stopping), "scheduler" (ASHA) or "" (ran max_epochs)
-    checkpoint_path: str | None  # its last checkpoint, which holds its best state
+    stopped_by: str  # "patience" (its own early stopping), "scheduler" (ASHA), "diverged" or "" (ran max_epochs)
+    checkpoint_path: str  # its last checkpoint, which holds its best state
+    diverged: str = ""  # "non-finite loss at epoch E, step S": ranked below every healthy trial
 
     @property
     def stopped_early(self) -> bool:
@@ -87,12 +91,17 @@ def trial_run_name(search_name: str, trial_id: str) -> str:
     return f"{search_name}-{trial_id}"
 
 
-def _read_outcome(path: str, storage_path: str) -> PhaseOutcome:
-    """A trial's checkpoint path is relative to the storage filesystem (local, s3://, gs://)."""
+def _checkpoint_dir(path: str, storage_path: str) -> Any:
+    """A trial's checkpoint as a local directory (context manager); its path is relative to the
+    storage filesystem (local, s3://, gs://)."""
     if "://" not in storage_path:
-        return outcome_from_checkpoint(path)
+        return contextlib.nullcontext(path)
     fs, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
-    with Checkpoint(path=path, filesystem=fs).as_directory() as d:
+    return Checkpoint(path=path, filesystem=fs).as_directory()
+
+
+def _read_outcome(path: str, storage_path: str) -> PhaseOutcome:
+    with _checkpoint_dir(path, storage_path) as d:
         return outcome_from_checkpoint(d)
 
 
@@ -100,10 +109,11 @@ def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, storage_pa
                     log_factory: TrialLogFactory | None) -> Callable[[dict[str, Any]], None]:
     def trial(config: dict[str, Any]) -> None:
         lr = float(config["lr"])
+        faults.hit(job.fault_plan, "trial.start", phase=job.phase, lr=lr, node=job.label)
         trial_id = tune.get_context().get_trial_id()
         trial_name = trial_run_name(name, trial_id)
         trial_log = log_factory(trial_name, lr) if log_factory is not None else None
-        trial_job = replace(job.with_lr(lr), metrics_sink=trial_log)
+        trial_job = replace(job.with_lr(lr), metrics_sink=trial_log, trial=trial_name)
         # The trial name makes the inner Train run resumable: a restored search resumes
         # an interrupted trial from its last checkpoint instead of epoch 0.
         trainer = build_trainer(trial_job, scaling, trial_name, storage_path, max_failures, callbacks=[TuneReportCallback()])
@@ -124,22 +134,62 @@ def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, storage_pa
     return trial
 
 
-def _record(result: Any, max_epochs: int) -> TrialRecord:
-    """A finished trial, from its reported metrics (one row per epoch)."""
-    df = result.metrics_dataframe
-    if df is None or df.empty:
-        raise SearchFailed(f"trial {result.path} finished without reporting an epoch")
-    epochs = int(len(df))
-    last = df.iloc[-1]
-    stopped_by = "patience" if last.get("early_stop", 0.0) > 0 else "scheduler" if epochs < max_epochs else ""
+def _record(result: Any, storage_path: str, max_epochs: int) -> TrialRecord:
+    """A finished trial, from its last checkpoint's progress record.
+
+    Tune's per-trial metrics cover only the trial's last attempt (a resumed trial may report a
+    single epoch, or re-report its final one); the checkpoint holds every epoch.
+    """
+    metrics = result.metrics or {}
+    trial = str(metrics.get("trial_id") or Path(result.path).name)
+    lr = float(result.config["lr"])
+    path = metrics.get(CHECKPOINT_PATH_KEY)
+    if path is None:
+        raise SearchFailed(f"trial {trial} (lr={lr:g}) ended without a checkpoint; run again to resume it")
+    with _checkpoint_dir(path, storage_path) as d:
+        progress = progress_from_checkpoint(d)
     return TrialRecord(
-        trial=result.metrics.get("trial_id", result.path.rsplit("/", 1)[-1]),
-        lr=float(result.config["lr"]),
-        best_val=float(df[SCORE].max()),
-        epochs=epochs,
-        stopped_by=stopped_by,
-        checkpoint_path=result.metrics.get(CHECKPOINT_PATH_KEY),
+        trial=trial,
+        lr=lr,
+        best_val=max(float(m[SCORE]) for m in progress.history),
+        epochs=progress.epochs_run,
+        stopped_by=("diverged" if progress.diverged else "patience" if progress.stopped_early
+                    else "scheduler" if progress.epochs_run < max_epochs else ""),
+        checkpoint_path=path,
+        diverged=progress.diverged,
     )
+
+
+def _fresh_or_restored(trainable: Any, plan: SearchPlan, name: str, storage_path: str, tune_config: Any,
+                       run_config: Any) -> Any:
+    """Resume the search saved under `name`, or start it afresh, saying why, when its state cannot be read."""
+    exp_path = f"{storage_path.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(exp_path):
+        try:
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, param_space=plan.param_space())
+            log.info("resuming learning-rate search %s", name)
+            return tuner
+        except Exception as e:  # noqa: BLE001 - an unreadable state must not leave the study stuck
+            aside = _set_aside(storage_path, name)
+            log.warning("learning-rate search %s: cannot resume its saved state (%s: %s); starting it afresh "
+                        "(the old state is kept as %s)", name, type(e).__name__, _first_line(e), aside)
+    return tune.Tuner(trainable, param_space=plan.param_space(), tune_config=tune_config, run_config=run_config)
+
+
+def _set_aside(storage_path: str, name: str) -> str:
+    """Rename a search's folder in storage out of the way; returns its new name (relative to storage)."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    for i in range(1, 1000):
+        aside = f"{name}.unresumable-{i}"
+        if fs.get_file_info(f"{root}/{aside}").type == pyarrow.fs.FileType.NotFound:
+            fs.move(f"{root}/{name}", f"{root}/{aside}")
+            return aside
+    raise SearchFailed(f"learning-rate search {name}: too many unresumable states set aside in storage")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def run_search(
@@ -162,36 +212,32 @@ def run_search(
         if plan.scheduler == "asha"
         else FIFOScheduler()
     )
-    exp_path = f"{storage_path.rstrip('/')}/{name}"
-    if tune.Tuner.can_restore(exp_path):
-        log.info("resuming learning-rate search %s", name)
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, param_space=plan.param_space())
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=plan.param_space(),
-            tune_config=tune.TuneConfig(
-                metric=SCORE,
-                mode="max",
-                scheduler=scheduler,
-                num_samples=1 if plan.grid is not None else plan.num_samples,
-                max_concurrent_trials=plan.max_concurrent_trials,
-            ),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0),
-        )
-    results = tuner.fit()
+    faults.hit(job.fault_plan, "search.start", phase=job.phase, node=job.label)
+    tune_config = tune.TuneConfig(
+        metric=SCORE,
+        mode="max",
+        scheduler=scheduler,
+        num_samples=1 if plan.grid is not None else plan.num_samples,
+        max_concurrent_trials=plan.max_concurrent_trials,
+    )
+    # A trial whose process dies (a lost node) is retried as often as a phase's workers are.
+    run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+                                failure_config=tune.FailureConfig(max_failures=max_failures))
+    results = _fresh_or_restored(trainable, plan, name, storage_path, tune_config, run_config).fit()
     errors = [(r.config.get("lr"), r.error) for r in results if r.error is not None]
     if errors:
         # Choosing among the survivors would let a crash decide the search; fail instead, and
         # let a re-run resume the failed trials (Tuner.restore, resume_errored).
         lr, error = errors[0]
         raise SearchFailed(f"learning-rate search {name}: {len(errors)} of {len(results)} trial(s) failed, "
-                           f"first lr={lr}: {type(error).__name__}: {error}; run again to resume")
-    records = [_record(r, max_t) for r in results]
+                           f"first lr={lr}: {type(error).__name__}: {_first_line(error)}; run again to resume")
+    records = [_record(r, storage_path, max_t) for r in results]
     if not records:
         raise SearchFailed(f"learning-rate search {name}: no trial reported a result")
-    best = max(records, key=lambda t: (t.best_val, -t.lr))  # ties: the smaller, safer lr
-    if best.checkpoint_path is None:
-        raise SearchFailed(f"learning-rate search {name}: best trial {best.trial} reported no checkpoint")
+    healthy = [t for t in records if not t.diverged]
+    if not healthy:
+        raise SearchFailed(f"learning-rate search {name}: every learning rate diverged "
+                           f"({'; '.join(f'lr={t.lr:g}: {t.diverged}' for t in records)})")
+    best = max(healthy, key=lambda t: (t.best_val, -t.lr))  # ties: the smaller, safer lr
     outcome = _read_outcome(best.checkpoint_path, storage_path)
     return SearchOutcome(best=best, outcome=outcome, trials=records)

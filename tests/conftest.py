@@ -48,6 +48,14 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_address(ray_session: None) -> str:
+    """The suite's Ray, for `exitflow run --address` in a process of its own (a driver joining a cluster)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 @pytest.fixture
 def storage(tmp_path: Path) -> str:
     """A Ray Train/Tune storage folder of this test's own."""

@@ -26,7 +26,8 @@ def phase_job(max_epochs: int = 3, fault: str | None = None, phase: str = "P1", 
     """A digits phase (resnet20, width 8) for the train and tune stages; patience never stops it first."""
     from pipeline.resolve import data_spec, loop_config, net_spec
     from stages.data import dataset_info
-    from stages.train import FaultPlan, PhaseJob
+    from stages.faults import parse_plan
+    from stages.train import PhaseJob
 
     data = data_spec({"name": "digits"})
     ns = net_spec({"backbone": "resnet20", "method": "sdn", "exits": None, "exit_every": 2, "exit_start": 2,
@@ -34,7 +35,7 @@ def phase_job(max_epochs: int = 3, fault: str | None = None, phase: str = "P1", 
     train = loop_config({"optimizer": "adam", "lr": lr, "batch_size": 64, "max_epochs": max_epochs,
                          "patience": max_epochs + 1, "schedule": "cosine"}, phase, "mean")
     return PhaseJob(phase=phase, seed=0, data=data.to_dict(), net=ns.to_dict(), train=train.to_dict(),
-                    fault=FaultPlan.parse(fault) if fault else None, label="test")
+                    fault_plan=parse_plan(fault or ""), label="test")
 
 
 def runs(client: Any, experiment: str, **tags: str) -> list[Any]:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import graphlib
+import shutil
+from pathlib import Path
 
 import pytest
 
 from pipeline.graph import Graph, Node, build_graph, cache_key
 from pipeline.spec import StudySpec, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _graph(*sets: str) -> Graph:
@@ -284,3 +288,53 @@ def test_joint_and_mixed_p2_differ_by_their_input() -> None:
 
 def test_graph_from_model_validate_matches_load_spec() -> None:
     assert _keys(build_graph(StudySpec())) == _keys(_graph())
+
+
+def test_selection_keys_every_phase_it_picks_searched_or_not() -> None:
+    """search.selection picks the epoch every P2 and P3 keeps, fixed lr or searched: a change re-runs them."""
+    before, after = _graph(), _graph("search.selection=final")
+    assert _changed(before, after) == set(before.nodes) - {"seed0/P1"}
+
+
+def _code_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "tree"
+    for package in ("pipeline", "stages"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("module", "edit", "changed"),
+    [
+        ("stages/loop.py", "\nLOOP_EDITED = True\n", {"train", "tune"}),
+        ("stages/nets/heads.py", "\nHEADS_EDITED = True\n", {"train", "tune", "evaluate"}),
+        ("stages/evaluation.py", "\nEVAL_EDITED = True\n", {"tune", "evaluate", "report"}),  # via the plots
+        ("stages/report_plots.py", "\nPLOTS_EDITED = True\n", {"tune", "report"}),  # tune draws lr_search.png
+        ("stages/report.py", "\nREPORT_EDITED = True\n", {"report"}),
+        ("stages/loop.py", "\n# a comment changes nothing\n", set()),
+        ("stages/faults.py", "\nHOOKS_EDITED = True\n", set()),  # fault hooks never change a result
+        ("pipeline/tracking.py", "\nTRACKING_EDITED = True\n", set()),
+    ],
+)
+def test_editing_code_changes_the_fingerprint_of_exactly_the_stages_it_computes(
+    tmp_path: Path, module: str, edit: str, changed: set[str]
+) -> None:
+    from pipeline.fingerprint import ENTRIES, fingerprint
+
+    root = _code_tree(tmp_path)
+    before = {kind: fingerprint(kind, root) for kind in ENTRIES}
+    with open(root / module, "a") as f:
+        f.write(edit)
+    edited = root.parent / "edited"
+    shutil.copytree(root, edited)  # a fresh path: fingerprints are cached per root
+    after = {kind: fingerprint(kind, edited) for kind in ENTRIES}
+    assert {kind for kind in ENTRIES if before[kind] != after[kind]} == changed
+
+
+def test_a_report_code_edit_rekeys_only_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import graph
+
+    before = _graph()
+    real = graph.fingerprint
+    monkeypatch.setattr(graph, "fingerprint", lambda kind: real(kind) + ("-edited" if kind == "report" else ""))
+    assert _changed(before, _graph()) == {"report"}

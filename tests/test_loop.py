@@ -326,3 +326,23 @@ def test_regime_learns_digits(regime: str, digits: Splits, p1_state: dict[str, T
     assert min(accuracy) > 0.8, accuracy  # the ICs learned too
     if regime == "disjoint":
         assert accuracy[-1] == p1_accuracy[-1]  # P3 cannot touch the final exit
+
+
+def test_a_non_finite_loss_stops_the_phase_and_says_where(digits: Splits) -> None:
+    cfg = PhaseConfig(optimizer="sgd", lr=1e4, batch_size=64, max_epochs=5, patience=6, schedule="none")
+    result, reports = _fit(_net(0), "P2", cfg, digits, size=256)
+    last = reports[-1].metrics
+    epoch, step = int(last["epoch"]), int(last["nonfinite_step"])
+    assert epoch < 4 and 0 <= step < 4  # 256 samples: 4 steps an epoch
+    assert result.diverged == f"non-finite loss at epoch {epoch}, step {step}"
+    assert [r.metrics["nonfinite_step"] for r in reports[:-1]] == [-1.0] * epoch  # the epochs before were finite
+    assert result.epochs_run == epoch + 1 and reports[-1].stop and not reports[-1].improved  # stopped, never "best"
+    assert last["val_score"] == -1.0
+    # A resumed diverged phase stays stopped: nothing trains on from garbage weights.
+    resumed, more = _fit(_net(0), "P2", cfg, digits, size=256, resume=reports[-1].state)
+    assert more == [] and resumed.diverged == result.diverged
+
+
+def test_a_healthy_phase_records_no_divergence(digits: Splits) -> None:
+    result, reports = _fit(_net(0), "P1", PhaseConfig(lr=3e-3, batch_size=64, max_epochs=1), digits, size=128)
+    assert result.diverged == "" and reports[0].metrics["nonfinite_step"] == -1

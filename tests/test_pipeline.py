@@ -172,3 +172,66 @@ def test_history_table_matches_the_logged_epochs(base: Any, client: MlflowClient
     assert [r["val_acc_final"] for r in history] == pytest.approx(logged)
     summary = json.loads(client.get_run(run_id).data.tags["exitflow.summary"])
     assert summary["epochs"] == 2 and summary["lrs"] == {"P1": pytest.approx(3e-3)}
+
+
+def test_a_failed_node_is_named_once_and_everything_downstream_is_skipped(
+    ray_session: None, mlflow_uri: str, client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.runner import StudyFailed, run_study
+
+    # P1 crashes in its first epoch, and Train may not restart it: P1 fails for good.
+    monkeypatch.setenv("EXITFLOW_FAULT", f"point=train.epoch_end,node=seed0/P1,epoch=0,action=raise,marker={tmp_path / 'fired'}")
+    # A storage of its own: the module's storage holds the base study's P1 (same key), which would be resumed, done.
+    storage = str(tmp_path / "ray")
+    spec = tiny_spec(storage, "name=pipeline-failure", "regimes=[disjoint,mixed]", "resources.max_failures=0")
+    said: list[str] = []
+    with pytest.raises(StudyFailed) as failed:
+        run_study(spec, mlflow_uri, progress=said.append)
+    message = str(failed.value)
+    assert message.startswith("1 node(s) failed: seed0/P1; 5 skipped; seed0/P1: ")
+    why = message.split("; seed0/P1: ", 1)[1]
+    assert "InjectedFault" in why or "TrainingFailedError" in why, why
+    assert [line for line in said if line.startswith("FAILED")] == [f"FAILED  seed0/P1: {why}"]
+    [skipped] = [line for line in said if line.startswith("skipped")]
+    names, _, why = skipped.removeprefix("skipped ").partition(": ")
+    assert why == "input seed0/P1 failed"
+    assert sorted(names.split(", ")) == ["report", "seed0/disjoint/P3", "seed0/disjoint/evaluate", "seed0/mixed/P2", "seed0/mixed/evaluate"]
+    for text in [message, *said]:  # runs and nodes, never a machine's paths
+        assert storage not in text and str(tmp_path) not in text and "/tmp/" not in text, text
+    statuses = {r.data.tags.get("exitflow.node", "pipeline"): r.info.status for r in runs(client, "pipeline-failure")}
+    assert statuses == {"pipeline": "FAILED", "seed0/P1": "FAILED"}  # nothing left RUNNING, nothing downstream started
+
+
+def test_a_diverging_fixed_lr_phase_fails_with_its_message_and_is_never_reused(
+    ray_session: None, storage: str, mlflow_uri: str, client: MlflowClient
+) -> None:
+    from pipeline.runner import StudyFailed, run_study
+
+    spec = tiny_spec(storage, "name=pipeline-diverged", "regimes=[joint]", "phases.P2.optimizer=sgd", "phases.P2.lr=1.0e5")
+    for attempt in range(2):  # the second run finds the diverged phase in storage: it fails again, it is not a cache hit
+        with pytest.raises(StudyFailed, match=r"seed0/joint/P2 diverged: non-finite loss at epoch \d+, step \d+ \(lr=100000\)"):
+            run_study(spec, mlflow_uri, progress=lambda _: None)
+    phase = runs(client, "pipeline-diverged", node="seed0/joint/P2")
+    assert [r.info.status for r in phase] == ["FAILED", "FAILED"]
+    assert all(r.data.tags["exitflow.diverged"].startswith("non-finite loss at epoch") for r in phase)
+    assert runs(client, "pipeline-diverged", node="seed0/joint/evaluate") == []  # skipped, never run
+
+
+def test_a_search_with_a_diverging_lr_picks_a_healthy_one_and_the_report_says_so(
+    ray_session: None, storage: str, mlflow_uri: str, mlflow_store: Store, client: MlflowClient
+) -> None:
+    import pyarrow.parquet as pq
+
+    from pipeline.runner import run_study
+
+    spec = tiny_spec(storage, "name=pipeline-diverged-search", "regimes=[joint]", "phases.P2.optimizer=sgd",
+                     "phases.P2.lr=[0.05,1.0e5]")
+    result = run_study(spec, mlflow_uri, progress=lambda _: None)
+    [search] = runs(client, "pipeline-diverged-search", node="seed0/joint/P2", stage="tune")
+    trials = pq.read_table(mlflow_store.artifact_file(search.info.artifact_uri, "trials.parquet")).to_pylist()
+    by_lr = {t["lr"]: t for t in trials}
+    assert by_lr[0.05]["chosen"] and not by_lr[0.05]["diverged"]
+    assert not by_lr[1e5]["chosen"] and by_lr[1e5]["stopped_by"] == "diverged"
+    assert by_lr[1e5]["diverged"].startswith("non-finite loss at epoch")
+    assert "P2=0.05" in result.table
+    assert f"note: seed0/joint/P2 search: diverged, ranked last: lr=100000: {by_lr[1e5]['diverged']}" in result.table

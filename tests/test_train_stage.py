@@ -37,7 +37,7 @@ def test_interrupted_phase_resumes_from_its_checkpoint(ray_session: None, storag
     marker = tmp_path / "fault-fired"
     scaling = scaling_config(1, False, 1.0, 0.0)
     with pytest.raises(TrainingFailedError):
-        run_phase(phase_job(4, f"after_epoch=1,marker={marker}"), scaling, "resume", storage, max_failures=0)
+        run_phase(phase_job(4, f"point=train.epoch_end,epoch=2,action=raise,settle_s=5,marker={marker}"), scaling, "resume", storage, max_failures=0)
     assert marker.exists()
     outcome = run_phase(phase_job(4), scaling, "resume", storage, max_failures=0)
     assert outcome.resumed_at == 2  # epochs 0-1 came from the checkpoint, not from a fresh start
@@ -49,8 +49,21 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session: None, storage:
     from stages.train import run_phase, scaling_config
 
     marker = tmp_path / "worker-killed"
-    job = phase_job(3, f"after_epoch=0,marker={marker},mode=exit")
+    job = phase_job(3, f"point=train.epoch_end,epoch=1,settle_s=5,marker={marker}")
     outcome = run_phase(job, scaling_config(1, False, 1.0, 0.0), "killed", storage, max_failures=1)
-    assert marker.exists()  # the worker process really died (os._exit) after epoch 0
+    assert marker.exists()  # the worker process really died (SIGKILL) in epoch 1
     assert outcome.resumed_at == 1
     assert outcome.epochs_run == 3
+
+
+def test_a_phase_whose_checkpoint_cannot_be_read_starts_afresh(ray_session: None, storage: str) -> None:
+    from stages.train import STATE_FILE, run_phase, scaling_config
+
+    scaling = scaling_config(1, False, 1.0, 0.0)
+    run_phase(phase_job(1), scaling, "unreadable", storage, max_failures=0)
+    states = list(Path(storage).glob(f"unreadable/checkpoint_*/{STATE_FILE}"))
+    assert states
+    for state in states:
+        state.write_bytes(b"truncated")  # what a disk that filled up mid-write leaves
+    outcome = run_phase(phase_job(2), scaling, "unreadable", storage, max_failures=0)
+    assert outcome.resumed_at is None and [int(m["epoch"]) for m in outcome.history] == [0, 1]  # from scratch

@@ -125,7 +125,7 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_ses
     plan = SearchPlan(grid=(3e-3, 1e-3), max_concurrent_trials=1)  # one at a time: 3e-3 finishes first
     scaling, storage = scaling_config(1, False, 1.0, 0.0), str(tmp_path / "ray")
     starts = tmp_path / "starts.txt"
-    faulty = phase_job(max_epochs=3, fault=f"after_epoch=0,marker={tmp_path / 'fired'},lr=0.001")
+    faulty = phase_job(max_epochs=3, fault=f"point=train.epoch_end,epoch=1,action=raise,settle_s=5,lr=0.001,marker={tmp_path / 'fired'}")
     with pytest.raises(SearchFailed, match="1 of 2 trial"):
         run_search(faulty, plan, scaling, "resume", storage, 0, RecordingLogs(str(starts)))
     assert starts.read_text().split() == ["0.003", "0.001"]
@@ -135,3 +135,22 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_ses
     by_lr = {t.lr: t for t in search.trials}
     assert by_lr[1e-3].epochs == by_lr[3e-3].epochs == 3
     assert outcome_from_checkpoint(by_lr[1e-3].checkpoint_path).resumed_at == 1  # from its checkpoint, not epoch 0
+
+
+def test_a_search_whose_state_cannot_be_read_says_why_and_starts_afresh(
+    ray_session: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from stages.train import scaling_config
+    from stages.tune import SearchPlan, run_search
+
+    storage = tmp_path / "ray"
+    broken = storage / "broken"
+    broken.mkdir(parents=True)
+    (broken / "tuner.pkl").write_bytes(b"not a pickle: a half-written file from a dead process")
+    with caplog.at_level("WARNING", logger="stages.tune"):
+        search = run_search(phase_job(max_epochs=1), SearchPlan(grid=(3e-3,)), scaling_config(1, False, 1.0, 0.0),
+                            "broken", str(storage), 0)
+    assert [t.epochs for t in search.trials] == [1]  # the search ran, from scratch
+    [warning] = [r.getMessage() for r in caplog.records if "cannot resume" in r.getMessage()]
+    assert "starting it afresh" in warning and "broken.unresumable-1" in warning and str(storage) not in warning
+    assert (storage / "broken.unresumable-1" / "tuner.pkl").exists()  # set aside, not deleted

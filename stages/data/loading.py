@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from stages.data import sources
 from stages.data.spec import DataError, DatasetInfo, DataSpec
@@ -110,6 +109,8 @@ def _parquet_info(root: str) -> DatasetInfo:
 
 
 def _imagefolder_info(root: str) -> DatasetInfo:
+    from torchvision.datasets.folder import find_classes
+
     train_dir = sources.imagefolder_dir(root, "train")
     try:
         classes, _ = find_classes(str(train_dir))
@@ -126,6 +127,8 @@ def _imagefolder_info(root: str) -> DatasetInfo:
 
 
 def _first_image_file(folder: Path, classes: list[str]) -> Path:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     for name in classes:
         for path in sorted((folder / name).iterdir()):
             if path.suffix.lower() in IMG_EXTENSIONS:

@@ -17,10 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
-from torchvision import datasets as tvd
 
 from stages.data.spec import DataError
 
@@ -74,6 +71,9 @@ def digits_splits() -> tuple[TensorImages, TensorImages]:
 
     Pixels are scaled to [0, 1], then standardized with the mean/std of the fixed train part.
     """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     bunch = load_digits()
     x = bunch.images.astype(np.float32) / DIGITS_MAX_VALUE
     y = bunch.target.astype(np.int64)
@@ -216,6 +216,8 @@ def pil_mode(img: Image.Image) -> str:
 
 def cifar_split(name: str, root: str, train: bool, download: bool) -> RawSplit:
     """torchvision CIFAR-10/100 (PIL images, no transform)."""
+    from torchvision import datasets as tvd
+
     cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
     try:
         ds = cls(root=root, train=train, download=download)
@@ -238,6 +240,8 @@ def imagefolder_dir(root: str, split: str) -> Path:
 
 def imagefolder_split(root: str, split: str) -> RawSplit:
     """torchvision ImageFolder over `root/train` or `root/val|test` (class folders)."""
+    from torchvision import datasets as tvd
+
     folder = imagefolder_dir(root, split)
     try:
         ds = tvd.ImageFolder(str(folder))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from stages.data.spec import DataError
 
@@ -27,6 +26,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     counts = np.bincount(np.unique(labels, return_inverse=True)[1])
     if counts.min() < 2:
         raise DataError(f"cannot stratify: a class has only {counts.min()} sample(s); every class needs >= 2")
+    from sklearn.model_selection import train_test_split  # here: sklearn costs a second to import
+
     train_idx, val_idx = train_test_split(positions, test_size=n_val, stratify=labels, random_state=seed, shuffle=True)
     return np.sort(train_idx), np.sort(val_idx)
 
@@ -43,5 +44,7 @@ def stratified_subset(labels: np.ndarray, size: int | None, seed: int) -> np.nda
     counts = np.bincount(np.unique(labels, return_inverse=True)[1])
     if counts.min() < 2:
         raise DataError(f"cannot stratify a subset: a class has only {counts.min()} sample(s); every class needs >= 2")
+    from sklearn.model_selection import train_test_split
+
     keep, _ = train_test_split(np.arange(n), train_size=size, stratify=labels, random_state=seed, shuffle=True)
     return np.sort(keep)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torchvision import transforms as T
 
 # Images at least this large get ImageNet-style crops; smaller ones (CIFAR-like) get pad-and-crop.
 LARGE_IMAGE_SIDE = 64
@@ -40,6 +39,8 @@ def build_transforms(img_size: int, norm: Normalization, imagenet_style: bool) -
     Small images: pad-4 random crop + horizontal flip for training, identity geometry for eval.
     ImageNet-like images: RandomResizedCrop + flip for training, resize + centre crop for eval.
     """
+    from torchvision import transforms as T  # image datasets only: digits never pays for torchvision
+
     to_tensor = [T.ToTensor(), T.Normalize(norm.mean, norm.std)]
     if imagenet_style:
         train = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), *to_tensor])
@@ -54,6 +55,8 @@ def build_transforms(img_size: int, norm: Normalization, imagenet_style: bool) -
 
 def channel_stats(images: Sequence[Image.Image]) -> Normalization:
     """Per-channel mean/std over a sample of already-converted PIL images (for datasets without known stats)."""
+    from torchvision import transforms as T
+
     to_tensor = T.ToTensor()
     pixels = torch.cat([to_tensor(img).flatten(1) for img in images], dim=1).double()
     mean = pixels.mean(dim=1)

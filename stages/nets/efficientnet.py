@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
-from torchvision.models import EfficientNet
-from torchvision.models import efficientnet_b0 as tv_efficientnet_b0
-from torchvision.models import efficientnet_v2_s as tv_efficientnet_v2_s
 
 from stages.nets.multi_exit import ExitBackbone, MultiExitNet, exits_every
 from stages.nets.registry import register_net
@@ -23,7 +19,7 @@ STRIDE_SMALL = 16  # stride-1 stem + four stride-2 stages
 class EfficientNetConfig:
     """One torchvision EfficientNet variant."""
 
-    factory: Callable[..., EfficientNet]  # torchvision builder, called with weights=None
+    factory: str  # torchvision.models builder, called with weights=None (imported when a net is built)
 
 
 class TVEfficientNet(ExitBackbone):
@@ -35,7 +31,9 @@ class TVEfficientNet(ExitBackbone):
 
     def __init__(self, cfg: EfficientNetConfig, in_chans: int, num_classes: int, small_input: bool) -> None:
         super().__init__()
-        net = cfg.factory(weights=None, num_classes=num_classes)
+        import torchvision.models  # here, not at import: building a net of another family must not pay for it
+
+        net = getattr(torchvision.models, cfg.factory)(weights=None, num_classes=num_classes)
         stem_conv = net.features[0][0]
         if small_input or in_chans != 3:
             conv = nn.Conv2d(in_chans, stem_conv.out_channels, 3, 1 if small_input else 2, 1, bias=False)
@@ -70,8 +68,8 @@ def _create_efficientnet(spec: NetSpec, cfg: EfficientNetConfig) -> MultiExitNet
 
 
 _VARIANTS = {
-    "efficientnet_b0": EfficientNetConfig(factory=tv_efficientnet_b0),
-    "efficientnet_v2_s": EfficientNetConfig(factory=tv_efficientnet_v2_s),
+    "efficientnet_b0": EfficientNetConfig(factory="efficientnet_b0"),
+    "efficientnet_v2_s": EfficientNetConfig(factory="efficientnet_v2_s"),
 }
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
-from torchvision.models import ResNet, resnet18 as tv_resnet18, resnet34 as tv_resnet34, resnet50 as tv_resnet50
 
 from stages.nets.multi_exit import ExitBackbone, MultiExitNet, resnet_exits
 from stages.nets.registry import register_net
@@ -28,7 +26,7 @@ def _conv_init(conv: nn.Conv2d) -> nn.Conv2d:
 class TVResNetConfig:
     """One torchvision ResNet variant."""
 
-    factory: Callable[..., ResNet]  # torchvision builder, called with weights=None
+    factory: str  # torchvision.models builder, called with weights=None (imported when a net is built)
 
 
 class TVResNet(ExitBackbone):
@@ -40,7 +38,9 @@ class TVResNet(ExitBackbone):
 
     def __init__(self, cfg: TVResNetConfig, in_chans: int, num_classes: int, small_input: bool) -> None:
         super().__init__()
-        net = cfg.factory(weights=None, num_classes=num_classes)
+        import torchvision.models  # here, not at import: building a net of another family must not pay for it
+
+        net = getattr(torchvision.models, cfg.factory)(weights=None, num_classes=num_classes)
         if small_input:
             net.conv1 = _conv_init(nn.Conv2d(in_chans, STEM_WIDTH, 3, 1, 1, bias=False))
             net.maxpool = nn.Identity()
@@ -73,9 +73,9 @@ def _create_resnet_tv(spec: NetSpec, cfg: TVResNetConfig) -> MultiExitNet:
 
 
 _VARIANTS = {
-    "resnet18": TVResNetConfig(factory=tv_resnet18),
-    "resnet34": TVResNetConfig(factory=tv_resnet34),
-    "resnet50": TVResNetConfig(factory=tv_resnet50),
+    "resnet18": TVResNetConfig(factory="resnet18"),
+    "resnet34": TVResNetConfig(factory="resnet34"),
+    "resnet50": TVResNetConfig(factory="resnet50"),
 }
 
 

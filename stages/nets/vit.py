@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from stages.nets.multi_exit import ExitBackbone, MultiExitNet, exits_every
@@ -41,6 +40,8 @@ class ViT(ExitBackbone):
 
     def __init__(self, cfg: ViTConfig, patch_size: int, img_size: int, in_chans: int, num_classes: int) -> None:
         super().__init__()
+        from timm.models.vision_transformer import VisionTransformer  # here: timm costs seconds to import
+
         self.vit = VisionTransformer(
             img_size=img_size,
             patch_size=patch_size,

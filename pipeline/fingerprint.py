@@ -1,0 +1,92 @@
+"""Code fingerprints: which source a stage's result depends on, hashed into its cache key.
+
+A stage kind's code is its entry modules and every project module they import, found by reading
+the imports in the source (no import runs). The hash covers that code's tokens without comments
+or blank lines, so editing the training loop re-trains, editing the report re-runs only reports,
+and a comment changes nothing. Fault hooks and progress logging are left out: they never change
+a result.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import io
+import tokenize
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the folder holding pipeline/ and stages/
+PACKAGES = ("stages", "pipeline")
+
+# What computes each stage kind's result: the stage module and the orchestration that feeds it.
+ENTRIES: dict[str, tuple[str, ...]] = {
+    "train": ("stages.train", "pipeline.execute", "pipeline.resolve"),
+    "tune": ("stages.tune", "stages.train", "stages.report_plots", "pipeline.execute", "pipeline.resolve"),
+    "evaluate": ("stages.evaluate", "pipeline.execute", "pipeline.resolve"),
+    "report": ("stages.report", "pipeline.execute"),
+}
+# Whose imports are followed: the stage modules and the PyTorch core. The pipeline modules above
+# are hashed but not followed (execute dispatches every kind: following it would tie all kinds
+# together), and the rest of the pipeline (tracking, locks, the spec) reaches a result only
+# through the config, which the key holds already.
+FOLLOWED = ("stages",)
+IGNORED = frozenset({"stages.faults", "stages.progress"})
+
+
+def _module_file(name: str, root: Path) -> Path | None:
+    base = root.joinpath(*name.split("."))
+    for p in (base.with_suffix(".py"), base / "__init__.py"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _imports(path: Path, name: str) -> set[str]:
+    """Project modules imported anywhere in the file (top level or inside functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from . import x / from .y import z
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from stages import faults`: a module
+    return {m for m in found if m.split(".")[0] in PACKAGES}
+
+
+def modules(kind: str, root: Path = ROOT) -> list[str]:
+    """The project modules a stage kind's result depends on, sorted."""
+    todo, seen = list(ENTRIES[kind]), set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name in IGNORED:
+            continue
+        path = _module_file(name, root)
+        if path is None:  # a name imported from a module, not a module
+            continue
+        seen.add(name)
+        if name.startswith(FOLLOWED):
+            todo.extend(m for m in _imports(path, name) if m.startswith(FOLLOWED))
+    return sorted(seen)
+
+
+def _tokens(path: Path) -> str:
+    """The file's code without comments and blank lines: what changes behaviour, give or take docstrings."""
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.ENCODING}
+    toks = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    return " ".join(t.string for t in toks if t.type not in skip)
+
+
+@functools.cache
+def fingerprint(kind: str, root: Path = ROOT) -> str:
+    h = hashlib.sha256()
+    for name in modules(kind, root):
+        path = _module_file(name, root)
+        assert path is not None
+        h.update(name.encode() + b"\0" + _tokens(path).encode() + b"\0")
+    return h.hexdigest()[:16]

@@ -1,0 +1,319 @@
+"""The fault matrix: `exitflow run` killed at every kind of moment, then the same command again.
+
+Each cell plans one fault with the project's own hooks (`stages/faults.py`, $EXITFLOW_FAULT), so
+the kill lands at exactly its moment: a SIGKILL of the driver (the `exitflow run` process), or of
+the process standing at the moment (a Train worker, a Tune trial, the Ray task running a stage).
+Then the same command runs again, and the cell asserts:
+
+1. the re-run exits 0;
+2. no finished phase or trial is trained again (epochs logged per phase and per trial, against
+   the uninterrupted run: at most the one epoch in flight at the kill may run twice);
+3. no run is left RUNNING;
+4. the budget table is identical to the uninterrupted run's (same seeds, deterministic training).
+
+Cells share what they can: the suite's Ray session (each driver joins it with --address), its
+MLflow server, and one experiment per kill target whose cells run in order. Before a cell, the
+nodes from its moment on are forgotten (their runs deleted, their Ray storage removed), so each
+cell trains only what its moment needs; the moments after a search's last trial keep its trials.
+A killed driver ends its run, so each driver moment is a cell; killed workers are recovered
+inside the run, so the worker moments share two runs (see WORKER_RUNS). The cells run in three
+streams side by side (see STREAMS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
+P1, P3, EVALUATE, REPORT = "seed0/P1", "seed0/disjoint/P3", "seed0/disjoint/evaluate", "report"
+DOWNSTREAM = {P1: [P1, P3, EVALUATE, REPORT], P3: [P3, EVALUATE, REPORT], EVALUATE: [EVALUATE, REPORT], REPORT: [REPORT]}
+# disjoint: a fixed-lr P1, then a search over two P3 learning rates. 1e-6 learns nothing, so its
+# trial stops early (patience 1) at epoch 1; 3e-3 trains both epochs.
+STUDY = [
+    "regimes=[disjoint]", "net.width=8", "evaluation.thresholds=20", "resources.torch_threads=1",
+    "phases.P1.max_epochs=2", "phases.P1.patience=3",
+    "phases.P3.lr=[1.0e-6,3.0e-3]", "phases.P3.max_epochs=2", "phases.P3.patience=1",
+]
+SETTLE = "settle_s=3"  # let Ray Train register the last reported checkpoint before the kill
+
+
+@dataclass(frozen=True)
+class Moment:
+    name: str
+    fault: str  # point and context filters of EXITFLOW_FAULT
+    first_node: str  # the node at the moment: it and everything after it run in the cell
+    sets: tuple[str, ...] = ()  # for the cell's two runs alike (not in any cache key)
+    # The search's trials are kept (their runs and Ray storage), only its stage run is forgotten:
+    # the state a kill after the last trial leaves, reached without training the trials again.
+    keep_trials: bool = False
+
+    @property
+    def point(self) -> str:
+        return self.fault.split(",")[0].removeprefix("point=")
+
+
+MOMENTS = [
+    Moment("fixed-lr phase, mid-epoch", f"point=train.mid_epoch,node={P1},epoch=1,{SETTLE}", P1),
+    Moment("start of a search", "point=search.start", P3),
+    Moment("trial, mid-epoch", f"point=train.mid_epoch,search=1,lr=0.003,epoch=1,{SETTLE}", P3),
+    Moment("trial at its early-stopping point", f"point=train.stopped,search=1,lr=1e-06,{SETTLE}", P3),
+    Moment("between trials", "point=trial.start,lr=0.003", P3, ("search.max_concurrent_trials=1",)),
+    Moment("after the last trial, stage run open", "point=search.end", P3, keep_trials=True),
+    Moment("artifact upload (checkpoint)", "point=upload,path=checkpoint/model.pt", P3, keep_trials=True),
+    Moment("evaluate", "point=evaluate", EVALUATE),
+    Moment("report", "point=report", REPORT),
+]
+BY_NAME = {m.name: m for m in MOMENTS}
+TARGETS = ("driver", "worker")
+REPRODUCTION = "trial at its early-stopping point"  # the issue's report: a third run must succeed too
+# A killed driver ends its run, so each of its moments is a cell of its own. A killed worker is
+# recovered inside the run (Train restarts its workers, Tune its trials, Ray a stage's task once),
+# so one run takes every worker kill whose recoveries do not share a budget: each node's task
+# dies at most once per run. The P3 task's second moment (search.end) gets a run of its own.
+WORKER_RUNS = [
+    tuple(m.name for m in MOMENTS if m.name != "after the last trial, stage run open"),
+    ("after the last trial, stage run open",),
+]
+# Three streams of cells run side by side, each in an experiment and a Ray storage of its own, its
+# cells in order (each starts from what the one before left). The first stream begins with the
+# uninterrupted reference run, whose state its later cells start from.
+REFERENCE = "reference"
+STREAMS: list[list[Any]] = [
+    [REFERENCE, ("driver", ("trial at its early-stopping point",)), ("driver", ("between trials",)),
+     ("driver", ("after the last trial, stage run open",)), ("driver", ("artifact upload (checkpoint)",)),
+     ("driver", ("report",))],
+    [("worker", WORKER_RUNS[0]), ("worker", WORKER_RUNS[1]), ("driver", ("evaluate",))],
+    [("driver", ("fixed-lr phase, mid-epoch",)), ("driver", ("start of a search",)), ("driver", ("trial, mid-epoch",))],
+]
+# (In the shared worker run, the checkpoint upload killed is P1's, the first of the run.)
+TRAINING_POINTS = ("train.mid_epoch", "train.epoch_end")  # a kill here may cost the epoch in flight
+
+
+@dataclass
+class Cell:
+    moments: list[Moment]
+    target: str
+    first: Any = None  # CompletedProcess of the run with the fault(s)
+    rerun: Any = None
+    third: Any = None  # REPRODUCTION/driver only: one more run
+    fired: dict[str, dict[str, Any]] = field(default_factory=dict)  # per moment: what its marker recorded (point, context, pid)
+    at_kill: dict[str, list[int]] = field(default_factory=dict)  # epochs logged per phase/trial after the first run
+    after: dict[str, list[int]] = field(default_factory=dict)  # ... after the re-run
+    running: list[str] = field(default_factory=list)  # runs RUNNING after the re-run
+    seconds: float = 0.0
+
+    @property
+    def in_flight_kills(self) -> int:
+        """Kills that may land inside an epoch: each may cost that epoch once more."""
+        return sum(m.point in TRAINING_POINTS for m in self.moments)
+
+
+def _command(address: str, uri: str, experiment: str, storage: Path, sets: tuple[str, ...]) -> list[str]:
+    all_sets = [*STUDY, f"tracking.experiment={experiment}", f"tracking.storage_path={storage}", *sets]
+    return [sys.executable, "-m", "pipeline.cli", "run", str(EXAMPLE), "--address", address, "--tracking-uri", uri,
+            *[a for s in all_sets for a in ("--set", s)]]
+
+
+def _run(cmd: list[str], cwd: Path, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "EXITFLOW_FAULT")}
+    env.update(PYTHONUNBUFFERED="1", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    if fault:
+        env["EXITFLOW_FAULT"] = fault
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def table(proc: subprocess.CompletedProcess[str]) -> str:
+    """The budget table a run printed: from its heading to the summary line."""
+    text = proc.stdout.split("pipeline run")[0]
+    return text[text.find("test accuracy (%)"):].strip()
+
+
+def _experiment(c: MlflowClient, name: str) -> str:
+    return c.get_experiment_by_name(name).experiment_id
+
+
+def ledger(c: MlflowClient, experiment: str) -> dict[str, list[int]]:
+    """Epochs logged per phase ('seed0/P1') and per trial ('seed0/disjoint/P3 lr=0.003'), over all their runs."""
+    out: dict[str, list[int]] = {}
+    for r in c.search_runs([_experiment(c, experiment)], max_results=5000):
+        tags = r.data.tags
+        if tags.get("exitflow.stage") == "train":
+            ident = tags["exitflow.node"]
+        elif tags.get("exitflow.stage") == "trial":
+            ident = f"{tags['exitflow.node']} lr={float(r.data.params['lr']):g}"
+        else:
+            continue
+        out.setdefault(ident, []).extend(m.step for m in c.get_metric_history(r.info.run_id, "train_loss"))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _forget(c: MlflowClient, experiment: str, storage: Path, nodes: list[str], keep_trials: bool) -> None:
+    """Make the store and storage look as if `nodes` had never run (their runs deleted, their Ray
+    state removed), or, with `keep_trials`, as if the first of them had died after its last trial."""
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    for r in c.search_runs([exp.experiment_id], max_results=5000):
+        tags = r.data.tags
+        if tags.get("exitflow.node") not in nodes:
+            continue
+        if keep_trials and tags.get("exitflow.node") == nodes[0]:
+            if tags.get("exitflow.stage") != "trial":
+                c.delete_run(r.info.run_id)
+            continue
+        key = (tags.get("exitflow.key") or tags.get("exitflow.search_key") or "").removeprefix("invalid:")
+        for p in storage.glob(f"{key}-*") if key else []:
+            shutil.rmtree(p)
+        c.delete_run(r.info.run_id)
+
+
+def _cell(cell: Cell, stream: int, c: MlflowClient, address: str, uri: str, root: Path) -> Cell:
+    """Forget what the cell's first moment needs to run, run with its faults, run again."""
+    experiment, storage, work = f"matrix-{stream}", root / f"ray-{stream}", root / f"work-{stream}"
+    how = "target=driver" if cell.target == "driver" else "target=self,action=kill"
+    plan = [(m, f"{m.fault},{how}") for m in cell.moments]
+    start = time.monotonic()
+    first = cell.moments[0]
+    _forget(c, experiment, storage, DOWNSTREAM[first.first_node], first.keep_trials)
+    markers = {m.name: root / f"fired-{cell.target}-{MOMENTS.index(m)}" for m, _ in plan}
+    cmd = _command(address, uri, experiment, storage, tuple(s for m in cell.moments for s in m.sets))
+    cell.first = _run(cmd, work, ";".join(f"{fault},marker={markers[m.name]}" for m, fault in plan))
+    cell.fired = {name: json.loads(p.read_text()) for name, p in markers.items() if p.exists()}
+    cell.at_kill = ledger(c, experiment)
+    cell.rerun = _run(cmd, work)
+    cell.after = ledger(c, experiment)
+    exp = _experiment(c, experiment)
+    cell.running = [r.info.run_id for r in c.search_runs([exp], "attributes.status = 'RUNNING'", max_results=5000)]
+    if cell.target == "driver" and first.name == REPRODUCTION:
+        cell.third = _run(cmd, work)
+    cell.seconds = time.monotonic() - start
+    return cell
+
+
+def _stream(stream: int, address: str, uri: str, root: Path) -> tuple[Any, dict[str, list[int]], list[Cell]]:
+    """Run a stream's cells in order; the reference run (if the stream has it) and its ledger too."""
+    c = MlflowClient(uri)
+    (root / f"work-{stream}").mkdir()
+    reference, reference_ledger, cells = None, {}, []
+    for job in STREAMS[stream]:
+        if job == REFERENCE:
+            experiment = f"matrix-{stream}"
+            reference = _run(_command(address, uri, experiment, root / f"ray-{stream}", ()), root / f"work-{stream}")
+            reference_ledger = ledger(c, experiment) if reference.returncode == 0 else {}
+            continue
+        target, names = job
+        cells.append(_cell(Cell([BY_NAME[n] for n in names], target), stream, c, address, uri, root))
+    return reference, reference_ledger, cells
+
+
+@dataclass
+class Matrix:
+    reference: Any  # the uninterrupted run
+    reference_ledger: dict[str, list[int]]
+    cells: list[Cell]
+
+    def cell(self, target: str, moment: str) -> Cell:
+        return next(c for c in self.cells if c.target == target and any(m.name == moment for m in c.moments))
+
+
+def retrained(cell: Cell) -> dict[str, list[int]]:
+    """Epochs trained more than once, per phase or trial."""
+    return {k: sorted(e for e, n in Counter(v).items() if n > 1) for k, v in cell.after.items() if len(set(v)) < len(v)}
+
+
+def complete_at_kill(cell: Cell, reference: dict[str, list[int]]) -> list[str]:
+    """Phases and trials that had logged every epoch of the uninterrupted run when the first run ended."""
+    return [k for k, v in reference.items() if set(cell.at_kill.get(k, [])) >= set(v)]
+
+
+def _summary_table(m: Matrix) -> str:
+    lines = ["| moment | kill | first run | re-run | phases trained by the re-run | epochs trained twice | s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for moment in MOMENTS:
+        for target in TARGETS:
+            cell = m.cell(target, moment.name)
+            shared = f" (one run, {len(cell.moments)} kills)" if len(cell.moments) > 1 else ""
+            trained = next((line.split(",")[2].strip() for line in cell.rerun.stdout.splitlines() if "phases trained" in line), "?")
+            again = ", ".join(f"{k} {v}" for k, v in retrained(cell).items()) or "none"
+            lines.append(f"| {moment.name} | {target}{shared} | exit {cell.first.returncode} | exit {cell.rerun.returncode} | "
+                         f"{trained} | {again} | {cell.seconds:.0f} |")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def matrix(ray_address: str, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Matrix:
+    root = tmp_path_factory.mktemp("matrix")
+    with ThreadPoolExecutor(len(STREAMS)) as pool:
+        streams = list(pool.map(lambda i: _stream(i, ray_address, mlflow_uri, root), range(len(STREAMS))))
+    [(reference, reference_ledger)] = [(r, led) for r, led, _ in streams if r is not None]
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    m = Matrix(reference, reference_ledger, [cell for _, _, cells in streams for cell in cells])
+    summary = _summary_table(m)
+    (root / "fault-matrix.md").write_text(summary + "\n")
+    print("\n" + summary)  # the matrix as a table (pytest -s shows it; the file stays in the test's tmp folder)
+    return m
+
+
+def test_every_moment_is_killed_in_both_targets_once() -> None:
+    planned = Counter((t, n) for stream in STREAMS for job in stream if job != REFERENCE for t, names in [job] for n in names)
+    assert planned == Counter((t, m.name) for m in MOMENTS for t in TARGETS)
+
+
+def test_the_uninterrupted_run_trains_what_the_cells_need(matrix: Matrix) -> None:
+    assert matrix.reference_ledger == {P1: [0, 1], f"{P3} lr=1e-06": [0, 1], f"{P3} lr=0.003": [0, 1]}
+    assert "disjoint" in table(matrix.reference) and "P3=0.003" in table(matrix.reference)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("moment", [m.name for m in MOMENTS])
+def test_every_kill_then_a_rerun_recovers(matrix: Matrix, moment: str, target: str) -> None:
+    cell = matrix.cell(target, moment)
+    fired = cell.fired.get(moment, {})
+    assert fired.get("point") == BY_NAME[moment].point, f"the fault never fired: {cell.first.stderr[-3000:]}"
+    if target == "driver":
+        assert cell.first.returncode == -9  # SIGKILLed at the moment
+    else:  # a dead worker is restarted by Train, Tune or Ray (node tasks are retried): the run itself recovers
+        assert cell.first.returncode == 0, cell.first.stderr[-3000:]
+    # 1. the same command again completes
+    assert cell.rerun.returncode == 0, cell.rerun.stderr[-3000:]
+    # 2. nothing finished is trained again; every epoch of the uninterrupted run ran; at most the
+    #    epoch in flight at a kill ran twice
+    for ident, epochs in matrix.reference_ledger.items():
+        assert set(cell.after.get(ident, [])) == set(epochs), (ident, cell.after)
+    for ident in complete_at_kill(cell, matrix.reference_ledger):
+        assert cell.after[ident] == cell.at_kill[ident], f"{ident} was finished at the kill and trained again"
+    assert sum(len(v) for v in retrained(cell).values()) <= cell.in_flight_kills, retrained(cell)
+    if target == "worker":
+        assert cell.after == cell.at_kill and "0 phases trained" in cell.rerun.stdout  # the re-run: all cached
+    # 3. no run left RUNNING
+    assert cell.running == []
+    # 4. the uninterrupted run's table
+    assert table(cell.rerun) == table(matrix.reference)
+    assert "Traceback" not in cell.rerun.stderr
+
+
+def test_the_issue_reproduction_a_trial_killed_at_its_stopping_point_then_two_reruns(matrix: Matrix) -> None:
+    """Killed inside a searched trial at its early-stopping point: the re-run resumes the trial at
+    its stopping point and keeps its recorded best state (it used to fail, and every run after it)."""
+    cell = matrix.cell("driver", REPRODUCTION)
+    context = cell.fired[REPRODUCTION]["context"]
+    assert context["epoch"] == 1 and context["lr"] == 1e-6
+    assert cell.rerun.returncode == 0, cell.rerun.stderr[-3000:]
+    assert "already complete after epoch 1" in cell.rerun.stderr  # resumed at the stopping point, not retrained
+    assert cell.third.returncode == 0 and "0 phases trained" in cell.third.stdout
+    assert table(cell.third) == table(matrix.reference)
