@@ -26,7 +26,6 @@ from stages import faults
 
 log = logging.getLogger(__name__)
 
-LRS_TAG = "exitflow.lrs"  # JSON {phase: lr} of a model's whole lineage, for the report
 INVALID_PREFIX = "invalid:"  # a run whose artifacts failed verification keeps its key under this prefix
 DIVERGED_TAG = "exitflow.diverged"  # on a phase that diverged (FAILED) or a search with diverged trials
 
@@ -272,7 +271,6 @@ def _run_phase(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id
             c.set_tag(run_id, DIVERGED_TAG, "; ".join(bad)[:5000])
     lineage[phase] = lr
     c.log_param(run_id, "chosen_lr", lr)
-    c.set_tag(run_id, LRS_TAG, json.dumps(lineage))
     tracking.log_metrics(c, run_id, {f"best_{k}": float(v) for k, v in outcome.best_val.items()} | {"epochs_run": outcome.epochs_run, "best_epoch": outcome.best_epoch})
     store.save_checkpoint(run_id, outcome.best_state, {
         "net": ns.to_dict(), "data": data.to_dict(), "phase": phase, "seed": cfg["seed"], "lr": lr,
@@ -320,14 +318,19 @@ def _flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def _run_evaluate(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run_id: str, model: NodeResult) -> dict[str, Any]:
+    import torch
+
     from stages import evaluate
     from stages.nets import NetSpec
 
     state, spec = store.load_checkpoint(model.run_id)
     ev = node.config["evaluation"]
+    # The task holds a GPU when the study has them (see runner._task_resources); the curve maths
+    # runs on CPU either way, from the cached logits.
+    device = "cuda" if ctx.study().resources.use_gpu and torch.cuda.is_available() else "cpu"
     out = evaluate.run(
         NetSpec.from_dict(spec["net"]), state, data_spec(node.config["data"]), int(node.config["seed"]),
-        list(ev["criteria"]), int(ev["thresholds"]), int(ev["batch_size"]), ev["threshold_spacing"],
+        list(ev["criteria"]), int(ev["thresholds"]), int(ev["batch_size"]), ev["threshold_spacing"], device,
     )
     faults.hit(ctx.fault_plan, "evaluate", node=node.id)
     meta = {"backbone_flops": str(out.backbone_flops), "model_run_id": model.run_id}
@@ -335,7 +338,6 @@ def _run_evaluate(ctx: RunContext, c: Any, store: ArtifactStore, node: Node, run
     store.save_table(run_id, "curve", out.curve, meta)
     accs = out.exits.column("accuracy").to_pylist()
     tracking.log_metrics(c, run_id, {f"test_acc_exit_{k}": a for k, a in enumerate(accs)} | {"test_acc_final": accs[-1], "backbone_flops": out.backbone_flops})
-    c.set_tag(run_id, LRS_TAG, json.dumps(model.summary.get("lrs", {})))
     return _finish_summary(c, run_id, {"lrs": model.summary.get("lrs", {}), "diverged": model.summary.get("diverged", {}),
                                        "test_acc_final": accs[-1], "backbone_flops": out.backbone_flops})
 

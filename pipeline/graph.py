@@ -67,10 +67,28 @@ class Graph:
         return [n for n in self.nodes.values() if n.kind in ("train", "tune")]
 
 
+# Config fields a stage receives but whose value cannot change its result: left out of its key.
+# (data.download only fetches what is missing; a phase never reads the test split.)
+UNKEYED: dict[str, tuple[tuple[str, str], ...]] = {
+    "train": (("data", "download"), ("data", "test_subset")),
+    "tune": (("data", "download"), ("data", "test_subset")),
+    "evaluate": (("data", "download"),),
+}
+
+
+def _keyed(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    out = dict(config)
+    for section, name in UNKEYED.get(kind, ()):
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != name}
+    return out
+
+
 def cache_key(kind: str, config: dict[str, Any], input_keys: list[str]) -> str:
-    """Content hash of a stage: kind, sorted resolved config, inputs' keys, the code that computes it."""
+    """Content hash of a stage: kind, resolved config (less UNKEYED), inputs' keys, the code that computes it."""
     blob = json.dumps(
-        {"kind": kind, "config": config, "inputs": input_keys, "version": __version__, "code": fingerprint(kind)},
+        {"kind": kind, "config": _keyed(kind, config), "inputs": input_keys, "version": __version__,
+         "code": fingerprint(kind)},
         sort_keys=True,
         separators=(",", ":"),
         default=str,
@@ -92,6 +110,9 @@ def _phase_config(spec: StudySpec, phase: str, seed: int) -> dict[str, Any]:
     if pc.is_search():
         search = spec.search.model_dump(mode="json", exclude={"selection"})
         search.pop("max_concurrent_trials")  # how fast, not what: keep it out of the key
+        if search["scheduler"] != "asha":  # ASHA's settings change nothing without ASHA
+            search.pop("grace_period")
+            search.pop("reduction_factor")
         cfg["search"] = search
     return cfg
 

@@ -253,7 +253,8 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
                 skipped[nid] = blocked[0] if blocked[0] in failures else skipped[blocked[0]]
                 waiting.remove(nid)
             elif all(isinstance(inputs.get(i), NodeResult) for i in node.inputs):
-                ref = task.options(name=f"exitflow:{nid}").remote(ctx, node, *[inputs[i] for i in node.inputs])
+                ref = task.options(name=f"exitflow:{nid}", **_task_resources(node, ctx)).remote(
+                    ctx, node, *[inputs[i] for i in node.inputs])
                 pending[ref] = nid
                 waiting.remove(nid)
         if not pending:
@@ -274,6 +275,16 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
         first = next(iter(failures))
         raise StudyFailed(f"{len(failures)} node(s) failed: {', '.join(failures)}"
                           f"{f'; {len(skipped)} skipped' if skipped else ''}; {first}: {failures[first]}")
+
+
+def _task_resources(node: Node, ctx: RunContext) -> dict[str, float]:
+    """What a node's task reserves. Train and tune nodes only orchestrate (Ray Train and Tune reserve
+    their workers' resources), and a report is light; evaluate runs the net over the test set, so it
+    holds a worker's CPUs, and its GPU when the study has GPUs."""
+    if node.kind != "evaluate":
+        return {"num_cpus": 0}
+    res = ctx.study().resources
+    return {"num_cpus": res.cpus_per_worker, "num_gpus": res.gpus_per_worker if res.use_gpu else 0}
 
 
 def brief_error(e: BaseException, storage_path: str) -> str:

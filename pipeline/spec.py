@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from stages.allowed import DATASET_NAMES, HEAD_KINDS, MIN_SUBSET, VAL_FRACTION_BOUNDS
+
 Regime = Literal["joint", "disjoint", "mixed"]
 PhaseName = Literal["P1", "P2", "P3"]
 
@@ -59,13 +61,13 @@ class _Model(BaseModel):
 
 
 class DataConfig(_Model):
-    name: Literal["digits", "parquet", "cifar10", "cifar100", "imagefolder"] = "digits"
+    name: Literal[DATASET_NAMES] = "digits"  # type: ignore[valid-type]  # the core's list
     root: str | None = None  # folder of the data set; relative paths resolve against the spec file
-    val_fraction: Float = Field(0.1, gt=0.0, lt=0.5)  # stratified validation split of train
+    val_fraction: Float = Field(0.1, gt=VAL_FRACTION_BOUNDS[0], lt=VAL_FRACTION_BOUNDS[1])  # stratified validation split of train
     augment: bool = True  # train-time augmentation (never on val/test)
     download: bool = False  # torchvision cifar10/cifar100 only
-    train_subset: Int | None = Field(None, ge=10)  # stratified cap on train samples (quick runs)
-    test_subset: Int | None = Field(None, ge=10)  # stratified cap on test samples
+    train_subset: Int | None = Field(None, ge=MIN_SUBSET)  # stratified cap on train samples (quick runs)
+    test_subset: Int | None = Field(None, ge=MIN_SUBSET)  # stratified cap on test samples
     num_workers: Int = Field(0, ge=0)  # DataLoader worker processes per training worker
 
     @model_validator(mode="after")
@@ -77,15 +79,24 @@ class DataConfig(_Model):
 
 class NetConfig(_Model):
     backbone: str = "resnet20"  # registry name (exitflow plan lists them on error)
-    method: Literal["sdn"] = "sdn"  # early-exit method
+    method: str = "sdn"  # early-exit method, registered in stages.nets.methods
     exits: list[Int] | None = None  # IC positions: 1-based block numbers an IC follows
     exit_every: Int | None = Field(None, ge=1)  # or one IC every n blocks ...
     exit_start: Int | None = Field(None, ge=1)  # ... from this block
-    head: Literal["sdn", "linear"] | None = None  # IC head kind; None -> family default
+    head: Literal[HEAD_KINDS] | None = None  # type: ignore[valid-type]  # IC head kind; None -> family default
     head_norm: bool = False  # LayerNorm before a linear head
     small_input: bool | None = None  # torchvision ResNets: CIFAR stem; None -> by image size
     width: Int | None = Field(None, ge=1)  # width / embed-dim override (small nets)
     depth: Int | None = Field(None, ge=1)  # block-count override where the family allows it
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, v: str) -> str:
+        from stages.nets.methods import METHODS  # the methods' one list: their registry
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; known: {sorted(METHODS)}")
+        return v
 
 
 class LogUniform(_Model):
@@ -203,13 +214,23 @@ class SearchConfig(_Model):
 
 
 class EvaluationConfig(_Model):
-    criteria: list[Literal["max_softmax", "entropy"]] = Field(default_factory=lambda: ["max_softmax", "entropy"], min_length=1)
+    criteria: list[str] = Field(default_factory=lambda: ["max_softmax", "entropy"], min_length=1)  # registered in stages.evaluation
     thresholds: Int = Field(100, ge=2)
     # quantile: thresholds where the ICs' confidences are, so the curve covers the FLOPs range
     # even when confident ICs put every max softmax above 0.99; uniform: evenly spaced
     threshold_spacing: Literal["quantile", "uniform"] = "quantile"
     budgets: list[Budget] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, "max"], min_length=1)
     batch_size: Int = Field(256, ge=1)
+
+    @field_validator("criteria")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        from stages.evaluation import CRITERIA  # the criteria's one list: their registry
+
+        unknown = [c for c in v if c not in CRITERIA]
+        if unknown:
+            raise ValueError(f"unknown criterion {unknown[0]!r}; known: {sorted(CRITERIA)}")
+        return v
 
     @field_validator("budgets")
     @classmethod

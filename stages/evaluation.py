@@ -7,7 +7,8 @@ exits and thresholds at once (README, "The maths, exactly").
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -15,12 +16,49 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-Criterion = Literal["max_softmax", "entropy"]
 Spacing = Literal["uniform", "quantile"]
 SPACINGS: tuple[str, ...] = ("uniform", "quantile")
 Budget = float | Literal["max"]
-CRITERIA: tuple[str, ...] = ("max_softmax", "entropy")
 DEFAULT_BUDGETS: tuple[Budget, ...] = (0.25, 0.5, 0.75, 1.0, "max")
+
+
+@dataclass(frozen=True)
+class ExitCriterion:
+    """How confident an exit is in a sample, and which way a threshold reads it.
+
+    `confidence(logp)`: log-softmax [E, N, C] (float64) -> confidence [E, N]. It lies in
+    [0, upper(C)]; `confident_high`: a sample leaves at an IC when its confidence is above the
+    threshold (max softmax), else below it (entropy). Every function below reads only these
+    three, so a new criterion is one registration, never a branch.
+    """
+
+    name: str
+    confidence: Callable[[torch.Tensor], torch.Tensor]
+    confident_high: bool
+    upper: Callable[[int], float]  # the range's top, given the number of classes
+
+
+CRITERIA: dict[str, ExitCriterion] = {}
+Criterion = str | ExitCriterion  # a registered name, or the criterion itself
+
+
+def register_criterion(criterion: ExitCriterion) -> ExitCriterion:
+    if criterion.name in CRITERIA:
+        raise ValueError(f"exit criterion {criterion.name!r} is registered already")
+    CRITERIA[criterion.name] = criterion
+    return criterion
+
+
+def get_criterion(criterion: Criterion) -> ExitCriterion:
+    if isinstance(criterion, ExitCriterion):
+        return criterion
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; known: {sorted(CRITERIA)}")
+    return CRITERIA[criterion]
+
+
+register_criterion(ExitCriterion("max_softmax", lambda logp: logp.max(dim=-1).values.exp(), True, lambda c: 1.0))
+register_criterion(ExitCriterion("entropy", lambda logp: -(logp.exp() * logp).sum(dim=-1), False, math.log))
 
 
 def collect_logits(net: nn.Module, loader: DataLoader, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,21 +85,18 @@ def fixed_exit_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def exit_criterion(logits: torch.Tensor, criterion: Criterion) -> np.ndarray:
-    """Per-exit, per-sample confidence [E, N] (float64): max softmax, or predictive entropy in nats."""
+    """Per-exit, per-sample confidence [E, N] (float64): max softmax, predictive entropy in nats, ..."""
+    c = get_criterion(criterion)
     logp = torch.log_softmax(torch.as_tensor(logits).double(), dim=-1)
-    if criterion == "max_softmax":
-        return logp.max(dim=-1).values.exp().numpy()
-    if criterion == "entropy":
-        # Clamp: rounding must not put an entropy outside [0, ln C], where the end thresholds would misbehave.
-        entropy = -(logp.exp() * logp).sum(dim=-1)
-        return entropy.clamp(0.0, math.log(logits.shape[-1])).numpy()
-    raise ValueError(f"unknown criterion {criterion!r}; known: {list(CRITERIA)}")
+    # Clamp: rounding must not put a confidence outside its range, where the end thresholds would misbehave.
+    return c.confidence(logp).clamp(0.0, c.upper(logits.shape[-1])).numpy()
 
 
 def running_best(conf: np.ndarray, criterion: Criterion) -> np.ndarray:
-    """The ICs' best confidence so far, exit by exit: [E-1, N] (prefix max of max softmax, prefix min of entropy)."""
+    """The ICs' best confidence so far, exit by exit: [E-1, N] (prefix max, or prefix min when low is confident)."""
     ics = conf[:-1]
-    return np.maximum.accumulate(ics, axis=0) if criterion == "max_softmax" else np.minimum.accumulate(ics, axis=0)
+    accumulate = np.maximum.accumulate if get_criterion(criterion).confident_high else np.minimum.accumulate
+    return accumulate(ics, axis=0)
 
 
 def threshold_grid(
@@ -82,7 +117,7 @@ def threshold_grid(
     """
     if num_thresholds < 2:
         raise ValueError(f"num_thresholds must be >= 2 (the two ends), got {num_thresholds}")
-    top = 1.0 if criterion == "max_softmax" else math.log(num_classes)
+    top = get_criterion(criterion).upper(num_classes)
     if spacing == "uniform":
         return np.linspace(0.0, top, num_thresholds)
     if spacing != "quantile":
@@ -112,7 +147,7 @@ def exit_indices(conf: np.ndarray, thresholds: np.ndarray, criterion: Criterion)
     """
     best = running_best(conf, criterion)[None]  # [1, E-1, N]; the final exit always accepts
     t = thresholds[:, None, None]
-    return (best <= t if criterion == "max_softmax" else best >= t).sum(axis=1)
+    return (best <= t if get_criterion(criterion).confident_high else best >= t).sum(axis=1)
 
 
 def threshold_curve(
@@ -128,8 +163,7 @@ def threshold_curve(
     flops is the mean per-sample cost (the cost of the exit each sample leaves at); accuracy the
     share of samples whose exit classifies them correctly. `spacing`: see `threshold_grid`.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; known: {list(CRITERIA)}")
+    criterion = get_criterion(criterion)
     num_exits, n, num_classes = logits.shape
     cost = np.asarray(exit_flops, dtype=np.float64)
     if cost.shape != (num_exits,):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -11,11 +12,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from stages.evaluation import (
+    CRITERIA,
+    ExitCriterion,
     budget_accuracy,
     budget_table,
     collect_logits,
     fixed_exit_accuracy,
     mean_std,
+    register_criterion,
     threshold_curve,
 )
 
@@ -198,3 +202,39 @@ def test_budget_table() -> None:
     assert by["disjoint", "0.25"] == expected
     rows = budget_table(curves, backbone_flops=100.0, budgets=(0.05,))
     assert all(math.isnan(r["accuracy_mean"]) for r in rows)
+
+
+@pytest.fixture
+def margin() -> Iterator[ExitCriterion]:
+    """A toy criterion, registered for one test: the gap between the two most likely classes."""
+    toy = register_criterion(ExitCriterion(
+        "toy_margin", lambda logp: (lambda top: top[..., 0] - top[..., 1])(logp.exp().topk(2, dim=-1).values),
+        confident_high=True, upper=lambda c: 1.0,
+    ))
+    yield toy
+    CRITERIA.pop(toy.name)
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quantile"])
+def test_a_registered_criterion_runs_through_evaluation_without_a_branch_of_its_own(
+    margin: ExitCriterion, spacing: str
+) -> None:
+    logits, labels = random_logits(seed=4)
+    curve = threshold_curve(logits, labels, EXIT_FLOPS, "toy_margin", num_thresholds=25, spacing=spacing)
+    # The definition, literally, for the margin: leave at the first IC whose top-2 gap exceeds t.
+    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    top2 = np.sort(probs, axis=-1)[..., ::-1][..., :2]
+    gap = top2[..., 0] - top2[..., 1]
+    for t, acc, cost in zip(curve["threshold"], curve["accuracy"], curve["flops"]):
+        exits = [next((j for j in range(3) if gap[j, i] > t), 3) for i in range(len(labels))]
+        assert acc == pytest.approx(np.mean([probs[k, i].argmax() == labels[i] for i, k in enumerate(exits)]), abs=1e-12)
+        assert cost == pytest.approx(np.mean([EXIT_FLOPS[k] for k in exits]), rel=1e-12)
+    assert curve["threshold"][0] == 0.0 and curve["threshold"][-1] == 1.0 and len(np.unique(curve["flops"])) > 5
+
+
+def test_the_spec_takes_its_criteria_from_the_registry(margin: ExitCriterion) -> None:
+    from pipeline.spec import SpecError, load_spec
+
+    assert load_spec(None, ["evaluation.criteria=[toy_margin, entropy]"]).evaluation.criteria == ["toy_margin", "entropy"]
+    with pytest.raises(SpecError, match="unknown criterion 'nope'"):
+        load_spec(None, ["evaluation.criteria=[nope]"])

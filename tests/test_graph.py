@@ -338,3 +338,102 @@ def test_a_report_code_edit_rekeys_only_the_report(monkeypatch: pytest.MonkeyPat
     real = graph.fingerprint
     monkeypatch.setattr(graph, "fingerprint", lambda kind: real(kind) + ("-edited" if kind == "report" else ""))
     assert _changed(before, _graph()) == {"report"}
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_evaluate_tasks_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(use_gpu: bool) -> None:
+    from pipeline.execute import RunContext
+    from pipeline.runner import _task_resources
+
+    spec = load_spec(None, [f"resources.use_gpu={str(use_gpu).lower()}", "resources.cpus_per_worker=3"])
+    ctx = RunContext("http://127.0.0.1:1", "0", "parent", "/tmp/ray", spec.model_dump(mode="json"))
+    g = build_graph(spec)
+    assert _task_resources(g.nodes["seed0/joint/evaluate"], ctx) == {"num_cpus": 3.0, "num_gpus": 1.0 if use_gpu else 0}
+    for nid in ("seed0/P1", "seed0/joint/P2", "report"):
+        assert _task_resources(g.nodes[nid], ctx) == {"num_cpus": 0}
+
+
+# ------------------------------------------------------------------ key rules, field by field
+# Base study: three regimes, P2 searched (so the search settings matter somewhere).
+RULE_BASE = ["phases.P2.lr=[1e-3, 1e-2]"]
+_ALL = {"seed0/P1", "seed0/joint/P2", "seed0/disjoint/P3", "seed0/mixed/P2", "seed0/joint/evaluate",
+        "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report"}
+_P1 = _ALL - {"seed0/joint/P2", "seed0/joint/evaluate"}
+_P2 = {"seed0/joint/P2", "seed0/mixed/P2", "seed0/joint/evaluate", "seed0/mixed/evaluate", "report"}
+_P3 = {"seed0/disjoint/P3", "seed0/disjoint/evaluate", "report"}
+_EVAL = {"seed0/joint/evaluate", "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report"}
+_REPORT = {"report"}
+_NONE: set[str] = set()
+_PHASE_FIELDS = {  # every phase field, its changed value (each phase's own nodes follow below)
+    "optimizer": "sgd", "lr": "0.01", "momentum": "0.5", "nesterov": "true", "weight_decay": "0.1",
+    "batch_size": "32", "max_epochs": "3", "patience": "2", "schedule": "step", "warmup_epochs": "1",
+    "grad_clip": "1.0", "loss_weighting": "kaya", "label_smoothing": "0.1", "bf16": "true", "channels_last": "true",
+}
+# Every leaf field of the spec: (a changed value, the nodes whose key must change). A spec field
+# without an entry here fails test_every_spec_field_has_a_key_rule.
+KEY_RULES: dict[str, tuple[str, set[str]]] = {
+    "name": ("renamed", _NONE),
+    "data.name": ("cifar10", _ALL),
+    "data.root": ("/data/elsewhere", _ALL),
+    "data.val_fraction": ("0.2", _ALL),
+    "data.augment": ("false", _ALL),
+    "data.download": ("true", _NONE),  # fetching what is missing changes no result
+    "data.train_subset": ("500", _ALL),
+    "data.test_subset": ("200", _EVAL),  # phases never read the test split
+    "data.num_workers": ("2", _ALL),  # loader workers draw augmentation from their own seeds
+    "net.backbone": ("resnet32", _ALL),
+    "net.method": ("sdn", _NONE),  # the only registered method: the default again
+    "net.exits": ("[2, 4]", _ALL),
+    "net.exit_every": ("3", _ALL),
+    "net.exit_start": ("1", _ALL),
+    "net.head": ("linear", _ALL),
+    "net.head_norm": ("true", _ALL),
+    "net.small_input": ("true", _ALL),
+    "net.width": ("8", _ALL),
+    "net.depth": ("3", _ALL),
+    "regimes": ("[joint, disjoint]", _REPORT),  # on the nodes both graphs have
+    "seeds": ("[0, 1]", _REPORT),
+    **{f"phases.P1.{k}": (v, _P1) for k, v in _PHASE_FIELDS.items()},
+    **{f"phases.P2.{k}": (v, _P2) for k, v in _PHASE_FIELDS.items()},
+    **{f"phases.P3.{k}": (v, _P3) for k, v in _PHASE_FIELDS.items()},
+    "search.selection": ("final", _ALL - {"seed0/P1"}),  # the epoch every P2/P3 keeps, searched or not
+    "search.scheduler": ("asha", _P2),  # searched phases only
+    "search.grace_period": ("3", _NONE),  # ASHA's settings, without ASHA
+    "search.reduction_factor": ("3", _NONE),
+    "search.max_concurrent_trials": ("8", _NONE),
+    "evaluation.criteria": ("[entropy]", _EVAL),
+    "evaluation.thresholds": ("20", _EVAL),
+    "evaluation.threshold_spacing": ("uniform", _EVAL),
+    "evaluation.budgets": ("[0.5, max]", _REPORT),
+    "evaluation.batch_size": ("64", _EVAL),
+    **{f"resources.{k}": (v, _NONE) for k, v in {"num_workers": "2", "use_gpu": "true", "cpus_per_worker": "2",
+                                                "gpus_per_worker": "0.5", "max_failures": "3", "torch_threads": "2"}.items()},
+    "tracking.uri": ("http://elsewhere:5000", _NONE),
+    "tracking.experiment": ("other", _NONE),
+    "tracking.storage_path": ("/tmp/elsewhere", _NONE),
+}
+
+
+def _spec_leaves(model: type, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    out = []
+    for name, f in model.model_fields.items():  # type: ignore[attr-defined]
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _spec_leaves(ann, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def test_every_spec_field_has_a_key_rule() -> None:
+    assert sorted(KEY_RULES) == sorted(_spec_leaves(StudySpec))
+
+
+@pytest.mark.parametrize("field", sorted(KEY_RULES))
+def test_a_field_changes_the_keys_of_exactly_the_nodes_that_depend_on_it(field: str) -> None:
+    value, expected = KEY_RULES[field]
+    before, after = _graph(*RULE_BASE), _graph(*RULE_BASE, f"{field}={value}")
+    common = set(before.nodes) & set(after.nodes)
+    assert {n for n in common if before.nodes[n].key != after.nodes[n].key} == expected

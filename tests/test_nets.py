@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from dataclasses import replace
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.nets import MultiExitNet, NetSpec, create_net, list_nets, register_net
+from stages.nets.methods import METHODS, ExitMethod, register_method
 from stages.nets.multi_exit import scale_grad
 
 
@@ -312,3 +314,42 @@ def test_linear_head_on_conv_features() -> None:
     with torch.no_grad():
         out = net.eval()(images(net.spec))
     assert [o.shape for o in out] == [(2, NUM_CLASSES)] * net.num_exits
+
+
+@pytest.fixture
+def ensemble() -> Iterator[ExitMethod]:
+    """A toy method, registered for one test: every exit emits the mean of the raw logits so far."""
+    toy = register_method(ExitMethod("toy_ensemble", combine=lambda raw: torch.stack(list(raw)).mean(0)))
+    yield toy
+    METHODS.pop(toy.name)
+
+
+def test_a_registered_method_runs_through_the_net_and_evaluation(ensemble: ExitMethod) -> None:
+    from stages.evaluation import collect_logits, fixed_exit_accuracy, threshold_curve
+
+    spec = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8)
+    torch.manual_seed(0)
+    sdn = create_net(spec).eval()
+    torch.manual_seed(0)
+    toy = create_net(replace(spec, method="toy_ensemble")).eval()
+    toy.load_state_dict(sdn.state_dict())  # same weights: only the method differs
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        raw, out = sdn(x), toy(x)
+        for k in range(toy.num_exits):
+            torch.testing.assert_close(out[k], torch.stack(raw[: k + 1]).mean(0))
+            torch.testing.assert_close(toy.forward_until(x, k), out[k])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(5)), batch_size=2)
+    logits, labels = collect_logits(toy, loader, "cpu")
+    torch.testing.assert_close(logits, torch.stack(out))
+    curve = threshold_curve(logits, labels, [1.0, 2.0, 3.0], "max_softmax", num_thresholds=5)
+    assert curve["accuracy"][-1] == pytest.approx(float(fixed_exit_accuracy(logits, labels)[-1]))
+
+
+def test_an_unknown_method_is_refused_by_the_spec_and_the_registry() -> None:
+    from pipeline.spec import SpecError, load_spec
+
+    with pytest.raises(SpecError, match="unknown method 'nope'"):
+        load_spec(None, ["net.method=nope"])
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, method="nope"))

@@ -315,3 +315,46 @@ def test_spec_is_frozen() -> None:
     spec = load_spec(None)
     with pytest.raises(Exception):  # pydantic's ValidationError for a frozen instance
         spec.seeds = [1]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "valid"),
+    [
+        ("val_fraction", 0.49, True), ("val_fraction", 0.5, False), ("val_fraction", 0.0, False),
+        ("train_subset", 10, True), ("train_subset", 9, False), ("test_subset", 9, False),
+        ("name", "cifar100", True), ("name", "mnist", False),
+    ],
+)
+def test_the_spec_and_the_core_allow_the_same_data_values(field: str, value: object, valid: bool) -> None:
+    """One list of allowed values (stages/allowed.py): the spec never accepts what the core refuses, nor the reverse."""
+    from stages.data import DataSpec
+
+    extra = {"root": "/data/x"} if field == "name" and value != "digits" else {}
+    sets = [f"data.{field}={value}", *(f"data.{k}={v}" for k, v in extra.items())]
+    spec_ok = core_ok = True
+    try:
+        load_spec(None, sets)
+    except SpecError:
+        spec_ok = False
+    try:
+        DataSpec(**{field: value, **extra})
+    except ValueError:
+        core_ok = False
+    assert spec_ok == core_ok == valid
+
+
+@pytest.mark.parametrize(("head", "valid"), [("sdn", True), ("linear", True), ("conv", False)])
+def test_the_spec_and_the_core_allow_the_same_heads(head: str, valid: bool) -> None:
+    from stages.nets.heads import make_head
+
+    try:
+        load_spec(None, [f"net.head={head}"])
+        spec_ok = True
+    except SpecError:
+        spec_ok = False
+    try:
+        make_head(head, (8, 4, 4), 10)
+        core_ok = True
+    except ValueError:
+        core_ok = False
+    assert spec_ok == core_ok == valid

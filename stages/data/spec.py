@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "parquet", "cifar10", "cifar100", "imagefolder")
+from stages.allowed import DATASET_NAMES, MIN_SUBSET, VAL_FRACTION_BOUNDS
 
 
 class DataError(ValueError):
@@ -29,12 +29,13 @@ class DataSpec:
     def __post_init__(self) -> None:
         if self.name not in DATASET_NAMES:
             raise DataError(f"data spec: unknown dataset {self.name!r}; known: {list(DATASET_NAMES)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise DataError(f"data spec: val_fraction must lie in (0, 1), got {self.val_fraction}")
+        low, high = VAL_FRACTION_BOUNDS
+        if not low < self.val_fraction < high:
+            raise DataError(f"data spec: val_fraction must lie in ({low}, {high}), got {self.val_fraction}")
         for field in ("train_subset", "test_subset"):
             cap = getattr(self, field)
-            if cap is not None and cap < 2:
-                raise DataError(f"data spec: {field} must be >= 2 or None, got {cap}")
+            if cap is not None and cap < MIN_SUBSET:
+                raise DataError(f"data spec: {field} must be >= {MIN_SUBSET} or None, got {cap}")
         if self.num_workers < 0:
             raise DataError(f"data spec: num_workers must be >= 0, got {self.num_workers}")
         if self.name != "digits" and not self.root:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.nets.heads import make_head
+from stages.nets.methods import get_method
 from stages.nets.spec import NetSpec
 
 
@@ -139,8 +140,10 @@ class MultiExitNet(nn.Module):
         self.exit_blocks: tuple[int, ...] = (*ic_blocks, self.num_blocks)
         self.num_exits = len(self.exit_blocks)
         self.feature_shapes = block_shapes(backbone, spec.in_chans, spec.img_size)
+        self.method = get_method(spec.method)
+        head = spec.head if spec.head is not None else self.method.head
         self.ics = nn.ModuleList(
-            make_head(spec.head, self.feature_shapes[b - 1], spec.num_classes, spec.head_norm) for b in ic_blocks
+            make_head(head, self.feature_shapes[b - 1], spec.num_classes, spec.head_norm) for b in ic_blocks
         )
         self._ic_after = {b: i for i, b in enumerate(ic_blocks)}  # block number -> IC index
         self.gradient_equilibrium = False
@@ -177,7 +180,9 @@ class MultiExitNet(nn.Module):
                 h, branch = self._branch(h, ic)
                 logits.append(self.ics[ic](branch))
         logits.append(self.backbone.forward_head(h))
-        return logits
+        if self.method.independent:
+            return logits
+        return [self.method.combine(logits[: k + 1]) for k in range(self.num_exits)]
 
     def forward_until(self, x: Tensor, k: int) -> Tensor:
         """Logits of exit `k` (0-based; negative counts from the end), running only the blocks it needs."""
@@ -185,9 +190,15 @@ class MultiExitNet(nn.Module):
             raise IndexError(f"exit {k} out of range for {self.num_exits} exits")
         k %= self.num_exits
         h = self.backbone.forward_stem(x)
-        for i in range(self.exit_blocks[k]):
-            h = self.backbone.blocks[i](h)
-        return self.backbone.forward_head(h) if k == self.num_exits - 1 else self.ics[k](h)
+        raw: list[Tensor] = []  # every exit up to k when the method combines them, else exit k alone
+        for number in range(1, self.exit_blocks[k] + 1):
+            h = self.backbone.blocks[number - 1](h)
+            ic = self._ic_after.get(number)
+            if ic is not None and (ic == k or not self.method.independent):
+                raw.append(self.ics[ic](h))
+        if k == self.num_exits - 1:
+            raw.append(self.backbone.forward_head(h))
+        return self.method.combine(raw)
 
     def forward_intermediates(self, x: Tensor, blocks: Sequence[int] | None = None) -> list[Tensor]:
         """Outputs of the given 1-based blocks (default: every block), running only as far as needed."""

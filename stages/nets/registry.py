@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from stages.nets.methods import get_method
 from stages.nets.spec import NetSpec
 
 if TYPE_CHECKING:  # runtime import would be circular: families import this module and multi_exit
@@ -14,7 +15,6 @@ if TYPE_CHECKING:  # runtime import would be circular: families import this modu
 log = logging.getLogger(__name__)
 
 NetBuilder = Callable[[NetSpec], "MultiExitNet"]
-METHODS = ("sdn",)  # early-exit methods: independent ICs on backbone features
 
 _NETS: dict[str, NetBuilder] = {}
 
@@ -43,8 +43,7 @@ def _check_spec(spec: NetSpec) -> None:
         raise ValueError(f"net spec field `in_chans`: must be >= 1, got {spec.in_chans}")
     if spec.img_size < 1:
         raise ValueError(f"net spec field `img_size`: must be >= 1, got {spec.img_size}")
-    if spec.method not in METHODS:
-        raise ValueError(f"net spec field `method`: unknown method {spec.method!r}; known: {list(METHODS)}")
+    get_method(spec.method)  # raises, naming the registered methods
     for field in ("width", "depth"):
         value = getattr(spec, field)
         if value is not None and value < 1:

@@ -1,0 +1,11 @@
+"""Allowed values the core enforces and the study spec validates against: one list, one range.
+
+Torch-free on purpose: the spec (and so every command line, `--help` included) imports it.
+Registries that live with their code (nets, methods, criteria) are checked by the spec against
+the registry itself.
+"""
+
+DATASET_NAMES: tuple[str, ...] = ("digits", "parquet", "cifar10", "cifar100", "imagefolder")
+VAL_FRACTION_BOUNDS = (0.0, 0.5)  # exclusive: at least half of the training pool trains
+MIN_SUBSET = 10  # a stratified cap smaller than this leaves classes of a 10-class set empty
+HEAD_KINDS: tuple[str, ...] = ("sdn", "linear")  # IC heads: SDN pooling head (conv maps), linear (pooled maps or tokens)
