@@ -22,7 +22,7 @@ import ray
 from pipeline.resolve import data_spec, loop_config, net_spec
 from pipeline.runner import local_env
 from pipeline.spec import load_spec
-from stages.data import dataset_info
+from stages.core.data import dataset_info
 from stages.train import PhaseJob, scaling_config
 from stages.tune import SearchOutcome, SearchPlan, run_search
 

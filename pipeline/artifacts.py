@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import torch
 from mlflow.tracking import MlflowClient
 
-from stages import faults
+from pipeline.stage import TableKind, table_kind
+from stages.core import faults
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +33,6 @@ HASH_TAG = "exitflow.sha256."  # + artifact path, e.g. exitflow.sha256.checkpoin
 class ArtifactError(RuntimeError):
     """An artifact is missing, corrupted or does not match its kind's schema."""
 
-
-@dataclass(frozen=True)
-class TableKind:
-    """A Parquet table artifact: its file name and required columns."""
-
-    path: str
-    columns: tuple[str, ...]
-
-
-TABLES: dict[str, TableKind] = {
-    "exits": TableKind("exits.parquet", ("exit", "flops", "accuracy")),
-    "curve": TableKind("curve.parquet", ("criterion", "threshold", "flops", "accuracy")),
-    "budgets": TableKind("budgets.parquet", ("regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds")),
-    "trials": TableKind("trials.parquet", ("trial", "lr", "best_val", "epochs", "stopped_early")),
-    "history": TableKind("history.parquet", ("epoch", "train_loss", "val_acc_mean", "val_acc_final")),
-}
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILES = ("model.pt", "spec.json")
@@ -100,8 +85,10 @@ class ArtifactStore:
             if i == 0:
                 faults.hit(self.fault_plan, "upload", path=full)
 
-    def save_table(self, run_id: str, kind: str, table: pa.Table, metadata: dict[str, str] | None = None) -> ArtifactRef:
-        spec = TABLES[kind]
+    def save_table(self, run_id: str, kind: str | TableKind, table: pa.Table, metadata: dict[str, str] | None = None) -> ArtifactRef:
+        """`kind`: a table kind's name, or the writer stage's own TableKind (its schema)."""
+        spec = kind if isinstance(kind, TableKind) else table_kind(kind)
+        kind = spec.name
         missing = [c for c in spec.columns if c not in table.column_names]
         if missing:
             raise ArtifactError(f"{kind}: table lacks columns {missing}")
@@ -152,7 +139,7 @@ class ArtifactStore:
             raise ArtifactError(f"run {run_id}: artifact {artifact_path!r} is corrupted (sha256 {actual[:12]} != recorded {expected[:12]})")
 
     def load_table(self, run_id: str, kind: str) -> pa.Table:
-        spec = TABLES[kind]
+        spec = table_kind(kind)  # its schema, declared by the stage kind that writes it
         with tempfile.TemporaryDirectory() as d:
             local = self._download(run_id, spec.path, Path(d))
             self._verify(run_id, spec.path, local)

@@ -10,6 +10,7 @@ a result.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import functools
 import hashlib
 import io
@@ -19,19 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding pipeline/ and stages/
 PACKAGES = ("stages", "pipeline")
 
-# What computes each stage kind's result: the stage module and the orchestration that feeds it.
-ENTRIES: dict[str, tuple[str, ...]] = {
-    "train": ("stages.train", "pipeline.execute", "pipeline.resolve"),
-    "tune": ("stages.tune", "stages.train", "stages.report_plots", "pipeline.execute", "pipeline.resolve"),
-    "evaluate": ("stages.evaluate", "pipeline.execute", "pipeline.resolve"),
-    "report": ("stages.report", "pipeline.execute"),
-}
-# Whose imports are followed: the stage modules and the PyTorch core. The pipeline modules above
-# are hashed but not followed (execute dispatches every kind: following it would tie all kinds
-# together), and the rest of the pipeline (tracking, locks, the spec) reaches a result only
-# through the config, which the key holds already.
+# Whose imports are followed: the stage modules and the PyTorch core. Each stage kind declares its
+# entry modules (`Stage.code`); pipeline modules named there are hashed but not followed, and the
+# rest of the pipeline (tracking, locks, the spec) reaches a result only through the config,
+# which the key holds already.
 FOLLOWED = ("stages",)
-IGNORED = frozenset({"stages.faults", "stages.progress"})
+IGNORED = frozenset({"stages.core.faults", "stages.core.progress"})
 
 
 def _module_file(name: str, root: Path) -> Path | None:
@@ -39,7 +33,11 @@ def _module_file(name: str, root: Path) -> Path | None:
     for p in (base.with_suffix(".py"), base / "__init__.py"):
         if p.is_file():
             return p
-    return None
+    if name.split(".")[0] in PACKAGES:
+        return None  # a name imported from a module, not a module
+    spec = importlib.util.find_spec(name)  # a stage registered from outside the project (a plugin, a test)
+    origin = spec.origin if spec is not None else None
+    return Path(origin) if origin and origin.endswith(".py") else None
 
 
 def _imports(path: Path, name: str) -> set[str]:
@@ -55,13 +53,13 @@ def _imports(path: Path, name: str) -> set[str]:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parts, base] if base else parts)
             found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)  # `from stages import faults`: a module
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from stages.core import faults`: a module
     return {m for m in found if m.split(".")[0] in PACKAGES}
 
 
-def modules(kind: str, root: Path = ROOT) -> list[str]:
-    """The project modules a stage kind's result depends on, sorted."""
-    todo, seen = list(ENTRIES[kind]), set()
+def modules(code: tuple[str, ...], root: Path = ROOT) -> list[str]:
+    """The modules a stage's result depends on (its declared `code` and what they import in stages/), sorted."""
+    todo, seen = list(code), set()
     while todo:
         name = todo.pop()
         if name in seen or name in IGNORED:
@@ -83,9 +81,9 @@ def _tokens(path: Path) -> str:
 
 
 @functools.cache
-def fingerprint(kind: str, root: Path = ROOT) -> str:
+def fingerprint(code: tuple[str, ...], root: Path = ROOT) -> str:
     h = hashlib.sha256()
-    for name in modules(kind, root):
+    for name in modules(code, root):
         path = _module_file(name, root)
         assert path is not None
         h.update(name.encode() + b"\0" + _tokens(path).encode() + b"\0")

@@ -13,13 +13,13 @@ import graphlib
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pipeline import __version__
 from pipeline.fingerprint import fingerprint
 from pipeline.spec import StudySpec
+from pipeline.stage import get_stage, stages
 
-StageKind = Literal["train", "tune", "evaluate", "report"]
 
 # Which phase produces a regime's final model, and which phase it starts from.
 FINAL_PHASE = {"joint": "P2", "disjoint": "P3", "mixed": "P2"}
@@ -31,7 +31,7 @@ class Node:
     """One stage of the study. `config` is everything that changes its result."""
 
     id: str  # human-readable and unique, e.g. "seed0/P1", "seed0/mixed/P2", "report"
-    kind: StageKind
+    kind: str  # a registered stage kind (pipeline/stage.py)
     config: dict[str, Any]
     inputs: tuple[str, ...] = ()
     phase: str | None = None  # P1 | P2 | P3
@@ -63,6 +63,11 @@ class Graph:
     def edges(self) -> list[tuple[str, str]]:
         return [(src, n.id) for n in self.nodes.values() for src in n.inputs]
 
+    def add(self, node: Node) -> None:
+        if node.id in self.nodes:
+            raise ValueError(f"graph: two nodes named {node.id!r}")
+        self.nodes[node.id] = node
+
     def phase_nodes(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.kind in ("train", "tune")]
 
@@ -88,7 +93,7 @@ def cache_key(kind: str, config: dict[str, Any], input_keys: list[str]) -> str:
     """Content hash of a stage: kind, resolved config (less UNKEYED), inputs' keys, the code that computes it."""
     blob = json.dumps(
         {"kind": kind, "config": _keyed(kind, config), "inputs": input_keys, "version": __version__,
-         "code": fingerprint(kind)},
+         "code": fingerprint(get_stage(kind).code)},
         sort_keys=True,
         separators=(",", ":"),
         default=str,
@@ -97,6 +102,7 @@ def cache_key(kind: str, config: dict[str, Any], input_keys: list[str]) -> str:
 
 
 def _phase_config(spec: StudySpec, phase: str, seed: int) -> dict[str, Any]:
+    """A train or tune node's config; a tune node's `search` holds the resolved learning rates to try."""
     pc = getattr(spec.phases, phase)
     cfg: dict[str, Any] = {
         "phase": phase,
@@ -113,6 +119,10 @@ def _phase_config(spec: StudySpec, phase: str, seed: int) -> dict[str, Any]:
         if search["scheduler"] != "asha":  # ASHA's settings change nothing without ASHA
             search.pop("grace_period")
             search.pop("reduction_factor")
+        values = pc.lr_values()  # a grid (a list or a preset), or None for a log-uniform range
+        search["grid"] = values
+        search["loguniform"] = list(pc.lr.loguniform) if values is None else None  # type: ignore[union-attr]
+        search["num_samples"] = 1 if values is not None else pc.lr.num_samples  # type: ignore[union-attr]
         cfg["search"] = search
     return cfg
 
@@ -123,10 +133,7 @@ def build_graph(spec: StudySpec) -> Graph:
     regimes = list(spec.regimes)
     p1_users = [r for r in regimes if STARTS_FROM_P1[r]]
 
-    def add(node: Node) -> None:
-        assert node.id not in g.nodes, node.id
-        g.nodes[node.id] = node
-
+    add = g.add
     for seed in spec.seeds:
         s = f"seed{seed}"
         if p1_users:
@@ -154,16 +161,20 @@ def build_graph(spec: StudySpec) -> Graph:
         Node(
             id="report",
             kind="report",
-            config={"budgets": [str(b) for b in spec.evaluation.budgets], "regimes": regimes, "seeds": list(spec.seeds)},
+            config={"budgets": list(spec.evaluation.budgets), "criteria": list(spec.evaluation.criteria),
+                    "regimes": regimes, "seeds": list(spec.seeds)},
             inputs=tuple(f"seed{s}/{r}/evaluate" for s in spec.seeds for r in regimes),
         )
     )
+    for stage in stages():  # registered stages that join a study on their own (analyses, say)
+        for node in stage.plan(spec, g):
+            add(node)
     return _with_keys(g)
 
 
 def _phase_node(spec: StudySpec, node_id: str, phase: str, regime: str, seed: int, inputs: tuple[str, ...]) -> Node:
     cfg = _phase_config(spec, phase, seed)
-    kind: StageKind = "tune" if "search" in cfg else "train"
+    kind = "tune" if "search" in cfg else "train"
     return Node(id=node_id, kind=kind, config=cfg, inputs=inputs, phase=phase, regime=regime, seed=seed)
 
 

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stages.data import DataSpec, DatasetInfo, check_dataset
-from stages.loop import PhaseConfig as LoopPhaseConfig
-from stages.nets import NetSpec, create_net
+from stages.core.data import DataSpec, DatasetInfo, check_dataset
+from stages.core.loop import PhaseConfig as LoopPhaseConfig
+from stages.core.nets import NetSpec, create_net
 
 from pipeline.spec import SpecError, StudySpec
 

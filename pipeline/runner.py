@@ -22,11 +22,12 @@ import ray
 from pipeline import tracking
 from pipeline.artifacts import ArtifactStore
 from pipeline.execute import NodeResult, RunContext, cached_result, execute_node
+from pipeline.stage import RunSettings, Stage, get_stage
 from pipeline.graph import Graph, Node, build_graph
 from pipeline.resolve import preflight
 from pipeline.spec import SpecError, StudySpec, spec_to_yaml
-from stages import faults
-from stages.progress import progress_logging
+from stages.core import faults
+from stages.core.progress import progress_logging
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,9 @@ def plan(spec: StudySpec, tracking_uri: str | None = None) -> tuple[Graph, list[
 # ----------------------------------------------------------------------------- run
 
 
-def _node_task(ctx: RunContext, node: Node, *inputs: NodeResult) -> NodeResult:
+def _node_task(ctx: RunContext, node: Node, stage: Stage, *inputs: NodeResult) -> NodeResult:
     progress_logging()
-    return execute_node(ctx, node, list(inputs))
+    return execute_node(ctx, node, list(inputs), stage)
 
 
 def _recover_zombies(c: Any, experiment_id: str) -> list[str]:
@@ -196,7 +197,7 @@ def run_study(
                 ArtifactStore(c).save_file(parent, Path(d) / "spec.yaml")
             tracking.log_params(c, parent, {"regimes": ",".join(spec.regimes), "seeds": ",".join(map(str, spec.seeds)),
                                   "backbone": spec.net.backbone, "data": spec.data.name, "nodes": len(graph.nodes)})
-            ctx = RunContext(http, exp, parent, storage, spec.model_dump(mode="json"), fault_plan)
+            ctx = RunContext(http, exp, parent, storage, run_settings(spec), fault_plan)
             _execute(graph, ctx, result, say, address)
             report = result.results["report"]
             result.table = _read_text(c, report.run_id, "budgets.txt")
@@ -253,8 +254,9 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
                 skipped[nid] = blocked[0] if blocked[0] in failures else skipped[blocked[0]]
                 waiting.remove(nid)
             elif all(isinstance(inputs.get(i), NodeResult) for i in node.inputs):
-                ref = task.options(name=f"exitflow:{nid}", **_task_resources(node, ctx)).remote(
-                    ctx, node, *[inputs[i] for i in node.inputs])
+                stage = get_stage(node.kind)  # travels with the task: a stage registered outside the project too
+                ref = task.options(name=f"exitflow:{nid}", **task_resources(stage, node, ctx.settings)).remote(
+                    ctx, node, stage, *[inputs[i] for i in node.inputs])
                 pending[ref] = nid
                 waiting.remove(nid)
         if not pending:
@@ -277,14 +279,19 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
                           f"{f'; {len(skipped)} skipped' if skipped else ''}; {first}: {failures[first]}")
 
 
-def _task_resources(node: Node, ctx: RunContext) -> dict[str, float]:
-    """What a node's task reserves. Train and tune nodes only orchestrate (Ray Train and Tune reserve
-    their workers' resources), and a report is light; evaluate runs the net over the test set, so it
-    holds a worker's CPUs, and its GPU when the study has GPUs."""
-    if node.kind != "evaluate":
-        return {"num_cpus": 0}
-    res = ctx.study().resources
-    return {"num_cpus": res.cpus_per_worker, "num_gpus": res.gpus_per_worker if res.use_gpu else 0}
+def run_settings(spec: StudySpec) -> RunSettings:
+    """How the study runs (resources, trial concurrency, its name): read from the spec once, never keyed."""
+    r = spec.resources
+    return RunSettings(study_name=spec.name, num_workers=r.num_workers, use_gpu=r.use_gpu, cpus_per_worker=r.cpus_per_worker,
+                       gpus_per_worker=r.gpus_per_worker, max_failures=r.max_failures, torch_threads=r.torch_threads,
+                       max_concurrent_trials=spec.search.max_concurrent_trials)
+
+
+def task_resources(stage: Stage, node: Node, settings: RunSettings) -> dict[str, float]:
+    """What a node's Ray task reserves, as its stage kind declares (train and tune only orchestrate:
+    Ray Train and Tune reserve their workers' resources; evaluate runs the net in the task)."""
+    res = stage.resources(node, settings)
+    return {"num_cpus": res.num_cpus} | ({"num_gpus": res.num_gpus} if res.num_gpus else {})
 
 
 def brief_error(e: BaseException, storage_path: str) -> str:
@@ -298,16 +305,8 @@ def brief_error(e: BaseException, storage_path: str) -> str:
 
 
 def _describe(node: Node, res: NodeResult) -> str:
-    s = res.summary
     how = "cached " if res.cached else "done   "
-    extra = ""
-    if node.kind in ("train", "tune"):
-        extra = f" lr={s.get('lr', float('nan')):.3g} val={s.get('best_val', float('nan')):.4f} epochs={s.get('epochs')}"
-        if node.kind == "tune":
-            extra += f" trials={s.get('trials')}"
-    elif node.kind == "evaluate":
-        extra = f" test_acc_final={s.get('test_acc_final', float('nan')):.4f}"
-    return f"{how}{node.id:<22} {node.kind:<8} {res.seconds:6.1f}s{extra}"
+    return f"{how}{node.id:<22} {node.kind:<8} {res.seconds:6.1f}s{get_stage(node.kind).describe(res.summary)}"
 
 
 def _read_text(c: Any, run_id: str, path: str) -> str:

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from stages.allowed import DATASET_NAMES, HEAD_KINDS, MIN_SUBSET, VAL_FRACTION_BOUNDS
+from stages.core.allowed import DATASET_NAMES, HEAD_KINDS, MIN_SUBSET, VAL_FRACTION_BOUNDS
 
 Regime = Literal["joint", "disjoint", "mixed"]
 PhaseName = Literal["P1", "P2", "P3"]
@@ -79,7 +79,7 @@ class DataConfig(_Model):
 
 class NetConfig(_Model):
     backbone: str = "resnet20"  # registry name (exitflow plan lists them on error)
-    method: str = "sdn"  # early-exit method, registered in stages.nets.methods
+    method: str = "sdn"  # early-exit method, registered in stages.core.nets.methods
     exits: list[Int] | None = None  # IC positions: 1-based block numbers an IC follows
     exit_every: Int | None = Field(None, ge=1)  # or one IC every n blocks ...
     exit_start: Int | None = Field(None, ge=1)  # ... from this block
@@ -92,10 +92,10 @@ class NetConfig(_Model):
     @field_validator("method")
     @classmethod
     def _registered_method(cls, v: str) -> str:
-        from stages.nets.methods import METHODS  # the methods' one list: their registry
+        from stages.core.nets.methods import METHODS  # the methods' one list: their registry
 
         if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; known: {sorted(METHODS)}")
+            raise ValueError(f"unknown method {v!r}; known: {METHODS.names()}")
         return v
 
 
@@ -214,7 +214,7 @@ class SearchConfig(_Model):
 
 
 class EvaluationConfig(_Model):
-    criteria: list[str] = Field(default_factory=lambda: ["max_softmax", "entropy"], min_length=1)  # registered in stages.evaluation
+    criteria: list[str] = Field(default_factory=lambda: ["max_softmax", "entropy"], min_length=1)  # registered in stages.core.evaluation
     thresholds: Int = Field(100, ge=2)
     # quantile: thresholds where the ICs' confidences are, so the curve covers the FLOPs range
     # even when confident ICs put every max softmax above 0.99; uniform: evenly spaced
@@ -225,11 +225,11 @@ class EvaluationConfig(_Model):
     @field_validator("criteria")
     @classmethod
     def _registered(cls, v: list[str]) -> list[str]:
-        from stages.evaluation import CRITERIA  # the criteria's one list: their registry
+        from stages.core.evaluation import CRITERIA  # the criteria's one list: their registry
 
         unknown = [c for c in v if c not in CRITERIA]
         if unknown:
-            raise ValueError(f"unknown criterion {unknown[0]!r}; known: {sorted(CRITERIA)}")
+            raise ValueError(f"unknown criterion {unknown[0]!r}; known: {CRITERIA.names()}")
         return v
 
     @field_validator("budgets")

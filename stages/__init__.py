@@ -1,1 +1,2 @@
-"""exitflow stages: what each DAG node does, and the PyTorch core they share (nets, data, flops)."""
+"""exitflow's stages: one module per stage kind (train, tune, evaluate, report; they may use Ray),
+and `stages.core`, the PyTorch core they share, which imports neither Ray nor MLflow."""

@@ -1,67 +1,56 @@
-"""The evaluate stage: one pass over the test set, then every exit and threshold from the cache.
+"""The evaluate stage: a trained model on the test split, every exit and every threshold.
 
-A stage is a function: it takes a model and configs and returns tables; the runner stores them.
+The compute is `stages.core.evaluate.run` (one pass over the test set, then the curves from the
+cached logits); this module declares what the stage reads, writes and holds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
-import pyarrow as pa
-import torch
+from pipeline.graph import Node
+from pipeline.resolve import data_spec
+from pipeline.stage import (CHECKPOINT, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, Table,
+                            TableKind, register_stage)
+from stages.core import faults
 
-from stages.data import DataSpec, load_splits, make_loader
-from stages.evaluation import Spacing, collect_logits, fixed_exit_accuracy, threshold_curve
-from stages.flops import backbone_flops, exit_flops
-from stages.nets import NetSpec, create_net
-
-
-@dataclass
-class EvaluateOutput:
-    exits: pa.Table  # exit, flops, accuracy (each exit forced; final head included)
-    curve: pa.Table  # criterion, threshold, flops, accuracy
-    backbone_flops: int  # the plain backbone, the budgets' reference
+EXITS = TableKind("exits", "exits.parquet", ("exit", "flops", "accuracy"))
+CURVE = TableKind("curve", "curve.parquet", ("criterion", "threshold", "flops", "accuracy"))
 
 
-def run(
-    net_spec: NetSpec,
-    state: dict[str, torch.Tensor],
-    data: DataSpec,
-    seed: int,
-    criteria: list[str],
-    num_thresholds: int = 100,
-    batch_size: int = 256,
-    spacing: Spacing = "quantile",
-    device: str = "cpu",
-) -> EvaluateOutput:
-    """Evaluate one trained multi-exit net on the test split."""
-    net = create_net(net_spec)
-    net.load_state_dict(state)
-    net.to(device)
-    flops = exit_flops(net)
-    base = backbone_flops(net)
-    test = load_splits(data, seed).test
-    logits, labels = collect_logits(net, make_loader(test, batch_size, shuffle=False, seed=seed), device)
-    fixed = fixed_exit_accuracy(logits, labels).tolist()
-    exits = pa.table(
-        {
-            "exit": pa.array(range(len(flops)), pa.int32()),
-            "block": pa.array(list(net.exit_blocks), pa.int32()),
-            "flops": pa.array(flops, pa.int64()),
-            "accuracy": pa.array(fixed, pa.float64()),
-        }
-    )
-    parts = []
-    for criterion in criteria:
-        c = threshold_curve(logits, labels, flops, criterion, num_thresholds, spacing)
-        parts.append(
-            pa.table(
-                {
-                    "criterion": pa.array([criterion] * len(c["threshold"]), pa.string()),
-                    "threshold": pa.array(c["threshold"], pa.float64()),
-                    "flops": pa.array(c["flops"], pa.float64()),
-                    "accuracy": pa.array(c["accuracy"], pa.float64()),
-                }
-            )
+@register_stage
+class Evaluate(Stage):
+    kind = "evaluate"
+    reads = (CHECKPOINT,)
+    writes = (EXITS, CURVE)
+    code = ("stages.evaluate", "stages.core.evaluate", "pipeline.resolve")
+
+    def resources(self, node: Node, settings: RunSettings) -> Resources:
+        """The net runs over the test set in the task itself: a worker's CPUs, and its GPU when the study has them."""
+        return Resources(settings.cpus_per_worker, settings.gpus_per_worker if settings.use_gpu else 0.0)
+
+    def describe(self, summary: dict[str, Any]) -> str:
+        return f" test_acc_final={summary.get('test_acc_final', float('nan')):.4f}"
+
+    def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
+        import torch
+
+        from stages.core import evaluate
+        from stages.core.nets import NetSpec
+
+        [model] = inputs
+        state, spec = model.checkpoint()
+        ev, cfg = node.config["evaluation"], node.config
+        # The curve maths runs on CPU either way, from the cached logits.
+        device = "cuda" if ctx.settings.use_gpu and torch.cuda.is_available() else "cpu"
+        out = evaluate.run(NetSpec.from_dict(spec["net"]), state, data_spec(cfg["data"]), int(cfg["seed"]),
+                           list(ev["criteria"]), int(ev["thresholds"]), int(ev["batch_size"]), ev["threshold_spacing"], device)
+        faults.hit(ctx.fault_plan, "evaluate", node=node.id)
+        meta = {"backbone_flops": str(out.backbone_flops), "model_run_id": model.run_id}
+        accs = out.exits.column("accuracy").to_pylist()
+        return StageResult(
+            artifacts=[Table(EXITS.name, out.exits, meta), Table(CURVE.name, out.curve, meta)],
+            metrics={f"test_acc_exit_{k}": a for k, a in enumerate(accs)} | {"test_acc_final": accs[-1], "backbone_flops": out.backbone_flops},
+            summary={"lrs": model.summary.get("lrs", {}), "diverged": model.summary.get("diverged", {}),
+                     "test_acc_final": accs[-1], "backbone_flops": out.backbone_flops},
         )
-    return EvaluateOutput(exits=exits, curve=pa.concat_tables(parts), backbone_flops=int(base))

@@ -1,58 +1,56 @@
-"""The report stage: join every regime and seed into the budget table and the trade-off plots."""
+"""The report stage: every regime and seed joined into the budget table and the trade-off plots.
+
+The compute is `stages.core.report.run`; this module gathers its inputs (each evaluate node's
+tables and the learning rates its phases chose) and declares what the stage writes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from pipeline.graph import Node
+from pipeline.stage import FILES, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from stages.core import faults
 
-import numpy as np
-import pyarrow as pa
-
-from stages.evaluation import Budget, budget_table
-from stages.report_plots import format_budget_table, plot_tradeoff
+EXITS, CURVE = "exits", "curve"  # read from each evaluate node (their writer, stages.evaluate, holds their schemas)
+BUDGETS = TableKind("budgets", "budgets.parquet", ("regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds"))
 
 
-@dataclass
-class ReportOutput:
-    budgets: pa.Table  # criterion, regime, budget, accuracy_mean, accuracy_std, n_seeds
-    plots: list[Path]  # tradeoff.png (first criterion), tradeoff_<criterion>.png for the others
-    text: str  # the readable budget table of the first criterion
+@register_stage
+class Report(Stage):
+    kind = "report"
+    reads = (EXITS, CURVE)
+    writes = (BUDGETS, FILES)
+    code = ("stages.report", "stages.core.report")
+
+    def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
+        from stages.core import report
+
+        curves, exits, lrs, notes, backbone = {}, {}, {}, [], None
+        for res in inputs:  # node ids: seed<S>/<regime>/evaluate
+            regime, seed = res.node_id.split("/")[1], int(res.node_id.split("/")[0].removeprefix("seed"))
+            curves[(regime, seed)] = res.table(CURVE)
+            exits[(regime, seed)] = table = res.table(EXITS)
+            backbone = float(table.schema.metadata[b"backbone_flops"])
+            for phase, lr in res.summary.get("lrs", {}).items():
+                lrs.setdefault(regime, {}).setdefault(phase, []).append(lr)
+            for phase, bad in sorted(res.summary.get("diverged", {}).items()):
+                node_id = f"seed{seed}/P1" if phase == "P1" else f"seed{seed}/{regime}/{phase}"  # P1 is shared
+                line = f"{node_id} search: diverged, ranked last: {', '.join(bad)}"
+                if line not in notes:
+                    notes.append(line)
+        assert backbone is not None, "a report needs at least one evaluated model"
+        faults.hit(ctx.fault_plan, "report", node=node.id)
+        chosen = {r: {p: _one_or_list(v) for p, v in sorted(ph.items())} for r, ph in lrs.items()}
+        criteria = node.config["criteria"]
+        budgets = node.config["budgets"]  # fractions of the backbone's FLOPs, or "max"
+        out = report.run(curves, exits, backbone, budgets, criteria, ctx.workdir, ctx.settings.study_name, chosen, notes)
+        text = ctx.workdir / "budgets.txt"
+        text.write_text(out.text + "\n")
+        metrics = {f"acc_{row['regime']}_budget_{row['budget']}": row["accuracy_mean"] for row in out.budgets.to_pylist()
+                   if row["criterion"] == criteria[0] and row["accuracy_mean"] == row["accuracy_mean"]}
+        return StageResult(artifacts=[Table(BUDGETS.name, out.budgets), *map(File, out.plots), File(text)],
+                           metrics=metrics, summary={"chosen_lrs": chosen})
 
 
-def run(
-    curves: Mapping[tuple[str, int], pa.Table],
-    exits: Mapping[tuple[str, int], pa.Table],
-    backbone_flops: float,
-    budgets: Sequence[Budget],
-    criteria: Sequence[str],
-    out_dir: Path,
-    title: str,
-    chosen_lrs: Mapping[str, Mapping[str, float]] | None = None,
-    notes: Sequence[str] = (),
-) -> ReportOutput:
-    """`curves`/`exits` are keyed by (regime, seed), as the evaluate stage wrote them; `notes`
-    (diverged learning rates, say) are printed under the table."""
-    regimes = list(dict.fromkeys(r for r, _ in curves))
-    fixed = {r: [_columns(exits[k], "flops", "accuracy") for k in exits if k[0] == r] for r in regimes}
-    tables, plots, text = [], [], ""
-    for i, criterion in enumerate(criteria):
-        by_regime = {
-            r: [_columns(_where(curves[k], criterion), "flops", "accuracy") for k in curves if k[0] == r] for r in regimes
-        }
-        rows = budget_table(by_regime, backbone_flops, budgets)
-        tables.append(pa.Table.from_pylist([{"criterion": criterion, **row} for row in rows]))
-        name = "tradeoff.png" if i == 0 else f"tradeoff_{criterion}.png"
-        plots.append(plot_tradeoff(by_regime, fixed, backbone_flops, out_dir / name, f"{title} ({criterion})"))
-        if i == 0:
-            text = format_budget_table(rows, chosen_lrs) + "".join(f"\nnote: {n}" for n in notes)
-    return ReportOutput(budgets=pa.concat_tables(tables), plots=plots, text=text)
-
-
-def _where(table: pa.Table, criterion: str) -> pa.Table:
-    mask = np.asarray(table.column("criterion").to_pylist()) == criterion
-    return table.filter(pa.array(mask))
-
-
-def _columns(table: pa.Table, *names: str) -> tuple[np.ndarray, ...]:
-    return tuple(np.asarray(table.column(n).to_pylist(), dtype=np.float64) for n in names)
+def _one_or_list(values: list[float]) -> float | list[float]:
+    uniq = sorted(set(values))
+    return uniq[0] if len(uniq) == 1 else uniq

@@ -1,6 +1,6 @@
 """The train stage: one training phase on Ray Train V2 (TorchTrainer, DDP via prepare_model).
 
-Only this adapter touches Ray: the loop itself is `stages.loop.fit_phase`, which runs without
+Only this adapter touches Ray: the loop itself is `stages.core.loop.fit_phase`, which runs without
 Ray. Rank 0 writes a checkpoint every epoch (the full resumable state); every rank calls
 `ray.train.report` (it is a barrier). A re-run with the same (storage_path, name) resumes
 from `ray.train.get_checkpoint()`, so the runner names runs by cache key.
@@ -23,16 +23,19 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 
-from stages import faults
-from stages.data import DataSpec, load_splits, make_loader
-from stages.flops import exit_flops
-from stages.loop import EpochReport, PhaseConfig, diverged_in, fit_phase, seed_everything
-from stages.nets import NetSpec, create_net
-from stages.phases import prepare_phase
-from stages.progress import progress_logging
+from pipeline.graph import Node
+from pipeline.stage import CHECKPOINT, Stage, StageContext, StageInput, StageResult, TableKind, register_stage
+from stages.core import faults
+from stages.core.data import DataSpec, load_splits, make_loader
+from stages.core.flops import exit_flops
+from stages.core.loop import EpochReport, PhaseConfig, diverged_in, fit_phase, seed_everything
+from stages.core.nets import NetSpec, create_net
+from stages.core.phases import prepare_phase
+from stages.core.progress import brief, progress_logging
 
 log = logging.getLogger(__name__)
 
+HISTORY = TableKind("history", "history.parquet", ("epoch", "train_loss", "val_acc_mean", "val_acc_final"))
 STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory: the full resumable state
 PROGRESS_FILE = "progress.json"  # beside it: history and early stopping, small enough to read for every trial
 InitFrom = Callable[[], dict[str, torch.Tensor]]  # loads the input model's state (on the worker)
@@ -47,7 +50,7 @@ class PhaseJob:
     seed: int
     data: dict[str, Any]  # DataSpec.to_dict()
     net: dict[str, Any]  # NetSpec.to_dict(), already sized for the data
-    train: dict[str, Any]  # stages.loop.PhaseConfig.to_dict(); batch_size is global
+    train: dict[str, Any]  # stages.core.loop.PhaseConfig.to_dict(); batch_size is global
     selection: str = "mean"  # score reported to Tune: mean | final | auc (P1: always final)
     init_from: InitFrom | None = None  # the input model (P3 and mixed P2 start from P1)
     metrics_sink: MetricsSink | None = None
@@ -125,8 +128,7 @@ def _load_resume(label: str) -> dict[str, Any] | None:
         with ckpt.as_directory() as d:
             return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - a checkpoint we cannot read must not leave the phase stuck
-        log.warning("%s: cannot resume from its last checkpoint (%s: %s); starting the phase afresh",
-                    label, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        log.warning("%s: cannot resume from its last checkpoint (%s); starting the phase afresh", label, brief(e))
         return None
 
 
@@ -146,7 +148,7 @@ def _report(state: dict[str, Any], metrics: dict[str, float], rank: int) -> None
 def train_worker(job: PhaseJob) -> None:
     """The Ray Train loop: data -> net -> (input model) -> phase setup -> DDP -> resume -> fit."""
     torch.set_num_threads(job.torch_threads)
-    progress_logging("stages.loop")  # the loop's epoch line lacks the node's label: ours below has it
+    progress_logging("stages.core.loop")  # the loop's epoch line lacks the node's label: ours below has it
     _quiet_train_reports()
     rank, world = _world()
     seed_everything(job.seed)
@@ -286,3 +288,37 @@ def run_phase(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: st
         raise RuntimeError(f"phase {job.phase} ({name}) finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         return outcome_from_checkpoint(d)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@register_stage
+class Train(Stage):
+    """A phase with one fixed learning rate: its best model, history and metrics."""
+
+    kind = "train"
+    reads = (CHECKPOINT,)  # the input model (P3 and mixed P2 start from P1), loaded on the worker
+    writes = (CHECKPOINT, HISTORY)
+    code = ("stages.train", "stages.phase", "pipeline.resolve")
+
+    def params(self, node: Node) -> dict[str, str]:
+        from stages.phase import phase_params
+
+        return phase_params(node)
+
+    def describe(self, summary: dict[str, Any]) -> str:
+        from stages.phase import describe_phase
+
+        return describe_phase(summary)
+
+    def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
+        from stages.phase import DIVERGED_TAG, PhaseDiverged, phase_job, phase_result, run_name, scaling
+
+        job, _, ns = phase_job(node, inputs, ctx)
+        outcome = run_phase(job, scaling(ctx), run_name(node), ctx.storage_path, ctx.settings.max_failures)
+        lr = float(job.train["lr"])
+        if outcome.diverged:
+            raise PhaseDiverged(f"{node.id} diverged: {outcome.diverged} (lr={lr:g}); lower phases.{job.phase}.lr "
+                                f"or set phases.{job.phase}.grad_clip", {DIVERGED_TAG: outcome.diverged})
+        return phase_result(node, inputs, job, ns, outcome, lr)

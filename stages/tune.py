@@ -15,14 +15,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow as pa
 import pyarrow.fs
 from ray import tune
 from ray.train import Checkpoint, ScalingConfig
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from stages import faults
-from stages.train import PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint, progress_from_checkpoint
+from pipeline.graph import Node
+from pipeline.stage import CHECKPOINT, FILES, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from stages.core import faults
+from stages.core.progress import brief
+from stages.core.report_plots import plot_lr_search
+from stages.phase import DIVERGED_TAG, describe_phase, phase_job, phase_params, phase_result, run_name, scaling
+from stages.train import HISTORY, PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint, progress_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +177,8 @@ def _fresh_or_restored(trainable: Any, plan: SearchPlan, name: str, storage_path
             return tuner
         except Exception as e:  # noqa: BLE001 - an unreadable state must not leave the study stuck
             aside = _set_aside(storage_path, name)
-            log.warning("learning-rate search %s: cannot resume its saved state (%s: %s); starting it afresh "
-                        "(the old state is kept as %s)", name, type(e).__name__, _first_line(e), aside)
+            log.warning("learning-rate search %s: cannot resume its saved state (%s); starting it afresh "
+                        "(the old state is kept as %s)", name, brief(e), aside)
     return tune.Tuner(trainable, param_space=plan.param_space(), tune_config=tune_config, run_config=run_config)
 
 
@@ -185,11 +191,6 @@ def _set_aside(storage_path: str, name: str) -> str:
             fs.move(f"{root}/{name}", f"{root}/{aside}")
             return aside
     raise SearchFailed(f"learning-rate search {name}: too many unresumable states set aside in storage")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def run_search(
@@ -230,7 +231,7 @@ def run_search(
         # let a re-run resume the failed trials (Tuner.restore, resume_errored).
         lr, error = errors[0]
         raise SearchFailed(f"learning-rate search {name}: {len(errors)} of {len(results)} trial(s) failed, "
-                           f"first lr={lr}: {type(error).__name__}: {_first_line(error)}; run again to resume")
+                           f"first lr={lr}: {brief(error)}; run again to resume")
     records = [_record(r, storage_path, max_t) for r in results]
     if not records:
         raise SearchFailed(f"learning-rate search {name}: no trial reported a result")
@@ -241,3 +242,60 @@ def run_search(
     best = max(healthy, key=lambda t: (t.best_val, -t.lr))  # ties: the smaller, safer lr
     outcome = _read_outcome(best.checkpoint_path, storage_path)
     return SearchOutcome(best=best, outcome=outcome, trials=records)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+TRIALS = TableKind("trials", "trials.parquet", ("trial", "lr", "best_val", "epochs", "stopped_early"))
+
+
+@register_stage
+class Tune(Stage):
+    """A phase whose learning rate is searched: the best trial's model, every trial's record and a plot."""
+
+    kind = "tune"
+    reads = (CHECKPOINT,)
+    writes = (CHECKPOINT, HISTORY, TRIALS, FILES)
+    code = ("stages.tune", "stages.phase", "pipeline.resolve")
+
+    def params(self, node: Node) -> dict[str, str]:
+        return phase_params(node)
+
+    def describe(self, summary: dict[str, Any]) -> str:
+        return describe_phase(summary) + f" trials={summary.get('trials')}"
+
+    def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
+        job, _, ns = phase_job(node, inputs, ctx)
+        s = node.config["search"]
+        plan = SearchPlan(
+            grid=tuple(s["grid"]) if s["grid"] is not None else None,
+            loguniform=tuple(s["loguniform"]) if s["loguniform"] is not None else None,  # type: ignore[arg-type]
+            num_samples=int(s["num_samples"]),
+            scheduler=s["scheduler"],
+            grace_period=int(s.get("grace_period", 2)),
+            reduction_factor=float(s.get("reduction_factor", 2.0)),
+            max_concurrent_trials=ctx.settings.max_concurrent_trials,
+        )
+        name = run_name(node)
+        trial_runs = ctx.trial_runs()
+        try:
+            search = run_search(job, plan, scaling(ctx), name, ctx.storage_path, ctx.settings.max_failures, trial_runs)
+        except BaseException:
+            trial_runs.abandon(name)
+            raise
+        faults.hit(ctx.fault_plan, "search.end", phase=job.phase, node=node.id)
+        trial_runs.adopt(name, search)
+        trials = sorted(search.trials, key=lambda t: t.lr)
+        bad = [f"lr={t.lr:g}: {t.diverged}" for t in trials if t.diverged]
+        result = phase_result(node, inputs, job, ns, search.outcome, search.best.lr, {job.phase: bad} if bad else None)
+        rows = [{"trial": t.trial, "lr": t.lr, "best_val": t.best_val, "epochs": t.epochs, "stopped_early": t.stopped_early,
+                 "stopped_by": t.stopped_by, "diverged": t.diverged, "chosen": t.trial == search.best.trial} for t in trials]
+        plot = plot_lr_search([r["lr"] for r in rows], [r["best_val"] for r in rows], search.best.lr,
+                              ctx.workdir / "lr_search.png", f"{job.phase}: validation accuracy vs lr")
+        result.artifacts += [Table(TRIALS.name, pa.Table.from_pylist(rows)), File(plot)]
+        result.summary.update(trials=len(trials), trials_stopped_early=sum(t.stopped_early for t in trials),
+                              trial_epochs=sum(t.epochs for t in trials), best_trial=search.best.trial,
+                              best_trial_checkpoint=search.best.checkpoint_path)
+        if bad:
+            result.tags[DIVERGED_TAG] = "; ".join(bad)[:5000]
+        return result

@@ -25,8 +25,8 @@ def tiny_spec(storage: str | Path, *sets: str, epochs: int = 2) -> StudySpec:
 def phase_job(max_epochs: int = 3, fault: str | None = None, phase: str = "P1", lr: float = 3e-3) -> Any:
     """A digits phase (resnet20, width 8) for the train and tune stages; patience never stops it first."""
     from pipeline.resolve import data_spec, loop_config, net_spec
-    from stages.data import dataset_info
-    from stages.faults import parse_plan
+    from stages.core.data import dataset_info
+    from stages.core.faults import parse_plan
     from stages.train import PhaseJob
 
     data = data_spec({"name": "digits"})

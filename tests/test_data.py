@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.data import (
+from stages.core.data import (
     DataError,
     DatasetInfo,
     DataSpec,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from stages.evaluation import (
+from stages.core.evaluation import (
     CRITERIA,
     ExitCriterion,
     budget_accuracy,
@@ -212,7 +212,7 @@ def margin() -> Iterator[ExitCriterion]:
         confident_high=True, upper=lambda c: 1.0,
     ))
     yield toy
-    CRITERIA.pop(toy.name)
+    CRITERIA.unregister(toy.name)
 
 
 @pytest.mark.parametrize("spacing", ["uniform", "quantile"])

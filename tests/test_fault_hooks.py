@@ -1,4 +1,4 @@
-"""The fault hooks (`stages/faults.py`): plans parse or fail clearly, and a fault fires once, where planned."""
+"""The fault hooks (`stages/core/faults.py`): plans parse or fail clearly, and a fault fires once, where planned."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import faults
+from stages.core import faults
 
 
 def test_a_plan_of_two_faults_each_with_its_marker(tmp_path: Path) -> None:

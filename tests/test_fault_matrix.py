@@ -1,6 +1,6 @@
 """The fault matrix: `exitflow run` killed at every kind of moment, then the same command again.
 
-Each cell plans one fault with the project's own hooks (`stages/faults.py`, $EXITFLOW_FAULT), so
+Each cell plans one fault with the project's own hooks (`stages/core/faults.py`, $EXITFLOW_FAULT), so
 the kill lands at exactly its moment: a SIGKILL of the driver (the `exitflow run` process), or of
 the process standing at the moment (a Train worker, a Tune trial, the Ray task running a stage).
 Then the same command runs again, and the cell asserts:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.flops import backbone_flops, exit_flops, flop_analysis, piece_flops
-from stages.nets import MultiExitNet, NetSpec, create_net, list_nets
+from stages.core.flops import backbone_flops, exit_flops, flop_analysis, piece_flops
+from stages.core.nets import MultiExitNet, NetSpec, create_net, list_nets
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -306,29 +306,31 @@ def _code_tree(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("module", "edit", "changed"),
     [
-        ("stages/loop.py", "\nLOOP_EDITED = True\n", {"train", "tune"}),
-        ("stages/nets/heads.py", "\nHEADS_EDITED = True\n", {"train", "tune", "evaluate"}),
-        ("stages/evaluation.py", "\nEVAL_EDITED = True\n", {"tune", "evaluate", "report"}),  # via the plots
-        ("stages/report_plots.py", "\nPLOTS_EDITED = True\n", {"tune", "report"}),  # tune draws lr_search.png
-        ("stages/report.py", "\nREPORT_EDITED = True\n", {"report"}),
-        ("stages/loop.py", "\n# a comment changes nothing\n", set()),
-        ("stages/faults.py", "\nHOOKS_EDITED = True\n", set()),  # fault hooks never change a result
+        ("stages/core/loop.py", "\nLOOP_EDITED = True\n", {"train", "tune"}),
+        ("stages/core/nets/heads.py", "\nHEADS_EDITED = True\n", {"train", "tune", "evaluate"}),
+        ("stages/core/evaluation.py", "\nEVAL_EDITED = True\n", {"tune", "evaluate", "report"}),  # via the plots
+        ("stages/core/report_plots.py", "\nPLOTS_EDITED = True\n", {"tune", "report"}),  # tune draws lr_search.png
+        ("stages/core/report.py", "\nREPORT_EDITED = True\n", {"report"}),
+        ("stages/core/loop.py", "\n# a comment changes nothing\n", set()),
+        ("stages/core/faults.py", "\nHOOKS_EDITED = True\n", set()),  # fault hooks never change a result
         ("pipeline/tracking.py", "\nTRACKING_EDITED = True\n", set()),
     ],
 )
 def test_editing_code_changes_the_fingerprint_of_exactly_the_stages_it_computes(
     tmp_path: Path, module: str, edit: str, changed: set[str]
 ) -> None:
-    from pipeline.fingerprint import ENTRIES, fingerprint
+    from pipeline.fingerprint import fingerprint
+    from pipeline.stage import get_stage
 
+    kinds = ("train", "tune", "evaluate", "report")
     root = _code_tree(tmp_path)
-    before = {kind: fingerprint(kind, root) for kind in ENTRIES}
+    before = {kind: fingerprint(get_stage(kind).code, root) for kind in kinds}
     with open(root / module, "a") as f:
         f.write(edit)
     edited = root.parent / "edited"
     shutil.copytree(root, edited)  # a fresh path: fingerprints are cached per root
-    after = {kind: fingerprint(kind, edited) for kind in ENTRIES}
-    assert {kind for kind in ENTRIES if before[kind] != after[kind]} == changed
+    after = {kind: fingerprint(get_stage(kind).code, edited) for kind in kinds}
+    assert {kind for kind in kinds if before[kind] != after[kind]} == changed
 
 
 def test_a_report_code_edit_rekeys_only_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -336,21 +338,26 @@ def test_a_report_code_edit_rekeys_only_the_report(monkeypatch: pytest.MonkeyPat
 
     before = _graph()
     real = graph.fingerprint
-    monkeypatch.setattr(graph, "fingerprint", lambda kind: real(kind) + ("-edited" if kind == "report" else ""))
+    report = graph.get_stage("report").code
+    monkeypatch.setattr(graph, "fingerprint", lambda code: real(code) + ("-edited" if code == report else ""))
     assert _changed(before, _graph()) == {"report"}
 
 
 @pytest.mark.parametrize("use_gpu", [False, True])
 def test_evaluate_tasks_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(use_gpu: bool) -> None:
-    from pipeline.execute import RunContext
-    from pipeline.runner import _task_resources
+    from pipeline.runner import run_settings, task_resources
+    from pipeline.stage import get_stage
 
     spec = load_spec(None, [f"resources.use_gpu={str(use_gpu).lower()}", "resources.cpus_per_worker=3"])
-    ctx = RunContext("http://127.0.0.1:1", "0", "parent", "/tmp/ray", spec.model_dump(mode="json"))
+    settings = run_settings(spec)
     g = build_graph(spec)
-    assert _task_resources(g.nodes["seed0/joint/evaluate"], ctx) == {"num_cpus": 3.0, "num_gpus": 1.0 if use_gpu else 0}
+
+    def held(nid: str) -> dict[str, float]:
+        return task_resources(get_stage(g.nodes[nid].kind), g.nodes[nid], settings)
+
+    assert held("seed0/joint/evaluate") == {"num_cpus": 3.0} | ({"num_gpus": 1.0} if use_gpu else {})
     for nid in ("seed0/P1", "seed0/joint/P2", "report"):
-        assert _task_resources(g.nodes[nid], ctx) == {"num_cpus": 0}
+        assert held(nid) == {"num_cpus": 0}
 
 
 # ------------------------------------------------------------------ key rules, field by field

@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from stages.data import DataSpec, Splits, load_splits, make_loader
-from stages.loop import (
+from stages.core.data import DataSpec, Splits, load_splits, make_loader
+from stages.core.loop import (
     EarlyStopping,
     EpochReport,
     PhaseConfig,
@@ -27,9 +27,9 @@ from stages.loop import (
     seed_everything,
     unwrap,
 )
-from stages.nets import create_net
-from stages.nets.spec import NetSpec
-from stages.phases import REGIME_PHASES, prepare_phase
+from stages.core.nets import create_net
+from stages.core.nets.spec import NetSpec
+from stages.core.phases import REGIME_PHASES, prepare_phase
 
 
 CPU = torch.device("cpu")

@@ -6,15 +6,16 @@ import copy
 import functools
 import json
 from dataclasses import replace
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from stages.nets import MultiExitNet, NetSpec, create_net, list_nets, register_net
-from stages.nets.methods import METHODS, ExitMethod, register_method
-from stages.nets.multi_exit import scale_grad
+from stages.core.nets import MultiExitNet, NetSpec, create_net, list_nets, register_net
+from stages.core.nets.methods import METHODS, ExitMethod, register_method
+from stages.core.nets.multi_exit import scale_grad
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,7 +77,7 @@ def test_register_twice_fails() -> None:
     def resnet20(spec: NetSpec) -> MultiExitNet:
         return create_net(spec)
 
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="registered already"):
         register_net(resnet20)
 
 
@@ -321,11 +322,11 @@ def ensemble() -> Iterator[ExitMethod]:
     """A toy method, registered for one test: every exit emits the mean of the raw logits so far."""
     toy = register_method(ExitMethod("toy_ensemble", combine=lambda raw: torch.stack(list(raw)).mean(0)))
     yield toy
-    METHODS.pop(toy.name)
+    METHODS.unregister(toy.name)
 
 
 def test_a_registered_method_runs_through_the_net_and_evaluation(ensemble: ExitMethod) -> None:
-    from stages.evaluation import collect_logits, fixed_exit_accuracy, threshold_curve
+    from stages.core.evaluation import collect_logits, fixed_exit_accuracy, threshold_curve
 
     spec = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8)
     torch.manual_seed(0)
@@ -353,3 +354,29 @@ def test_an_unknown_method_is_refused_by_the_spec_and_the_registry() -> None:
         load_spec(None, ["net.method=nope"])
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, method="nope"))
+
+
+@pytest.fixture
+def final_only() -> Iterator[ExitMethod]:
+    """A toy method with its own loss: only the final exit is trained, the ICs' losses count for nothing."""
+    def losses(logits: Sequence[torch.Tensor], target: torch.Tensor, loss_fn: Any) -> list[torch.Tensor]:
+        return [loss_fn(z, target) * 0.0 for z in logits[:-1]] + [loss_fn(logits[-1], target)]
+
+    toy = register_method(ExitMethod("toy_final_only", combine=lambda raw: raw[-1], independent=True, losses=losses))
+    yield toy
+    METHODS.unregister(toy.name)
+
+
+def test_a_registered_method_brings_its_own_loss_into_training(final_only: ExitMethod) -> None:
+    from stages.core.phases import exit_weights, phase_loss, prepare_phase
+
+    net = create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8,
+                             method="toy_final_only"))
+    prepare_phase(net, "P2")
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    loss, per_exit = phase_loss(net(x), y, "P2", exit_weights("uniform", net.num_exits), nn.CrossEntropyLoss(),
+                                net.method.losses)
+    loss.backward()
+    assert per_exit[:-1].abs().sum() == 0 and per_exit[-1] > 0  # what the method says each exit costs
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.ics.parameters())  # the ICs learn nothing
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.backbone.parameters())

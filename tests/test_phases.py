@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from stages.loop import PhaseConfig, build_optimizer
-from stages.nets import create_net
-from stages.nets.spec import NetSpec
-from stages.phases import (
+from stages.core.loop import PhaseConfig, build_optimizer
+from stages.core.nets import create_net
+from stages.core.nets.spec import NetSpec
+from stages.core.phases import (
     PHASES,
     REGIME_PHASES,
     exit_weights,

@@ -88,7 +88,7 @@ def test_the_study_lands_in_mlflow_as_a_typed_dag(base: Any, client: MlflowClien
 
 def test_phase_runs_log_every_epoch_and_a_checkpoint_that_rebuilds_the_net(base: Any, client: MlflowClient) -> None:
     from pipeline.artifacts import ArtifactStore, state_dict_hash
-    from stages.nets import NetSpec, create_net
+    from stages.core.nets import NetSpec, create_net
 
     run_id = base.results["seed0/disjoint/P3"].run_id
     curve = client.get_metric_history(run_id, "val_acc_final")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.evaluation import budget_table, threshold_curve
-from stages.report_plots import format_budget_table, interpolate_curves, plot_tradeoff
+from stages.core.evaluation import budget_table, threshold_curve
+from stages.core.report_plots import format_budget_table, interpolate_curves, plot_tradeoff
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pathlib import Path
 
 import pytest
@@ -326,35 +328,29 @@ def test_spec_is_frozen() -> None:
     ],
 )
 def test_the_spec_and_the_core_allow_the_same_data_values(field: str, value: object, valid: bool) -> None:
-    """One list of allowed values (stages/allowed.py): the spec never accepts what the core refuses, nor the reverse."""
-    from stages.data import DataSpec
+    """One list of allowed values (stages/core/allowed.py): the spec never accepts what the core refuses, nor the reverse."""
+    from stages.core.data import DataSpec
 
     extra = {"root": "/data/x"} if field == "name" and value != "digits" else {}
     sets = [f"data.{field}={value}", *(f"data.{k}={v}" for k, v in extra.items())]
-    spec_ok = core_ok = True
-    try:
-        load_spec(None, sets)
-    except SpecError:
-        spec_ok = False
-    try:
-        DataSpec(**{field: value, **extra})
-    except ValueError:
-        core_ok = False
+    spec_ok = _accepts(lambda: load_spec(None, sets), SpecError)
+    core_ok = _accepts(lambda: DataSpec(**{field: value, **extra}), ValueError)
     assert spec_ok == core_ok == valid
+
+
+def _accepts(build: Callable[[], object], error: type[Exception]) -> bool:
+    """Whether `build()` accepts its input: False when it raises `error`."""
+    try:
+        build()
+    except error:
+        return False
+    return True
 
 
 @pytest.mark.parametrize(("head", "valid"), [("sdn", True), ("linear", True), ("conv", False)])
 def test_the_spec_and_the_core_allow_the_same_heads(head: str, valid: bool) -> None:
-    from stages.nets.heads import make_head
+    from stages.core.nets.heads import make_head
 
-    try:
-        load_spec(None, [f"net.head={head}"])
-        spec_ok = True
-    except SpecError:
-        spec_ok = False
-    try:
-        make_head(head, (8, 4, 4), 10)
-        core_ok = True
-    except ValueError:
-        core_ok = False
+    spec_ok = _accepts(lambda: load_spec(None, [f"net.head={head}"]), SpecError)
+    core_ok = _accepts(lambda: make_head(head, (8, 4, 4), 10), ValueError)
     assert spec_ok == core_ok == valid

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_session: None, storage: str, tmp_path: Path) -> None:
-    from stages.nets import NetSpec, create_net
+    from stages.core.nets import NetSpec, create_net
     from stages.train import run_phase, scaling_config
 
     job = phase_job(max_epochs=2)

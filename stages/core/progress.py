@@ -28,3 +28,9 @@ def progress_logging(*quiet: str) -> None:
         logger.propagate = False  # the root logger's handlers (Ray's or Train's) would print it twice
     for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def brief(e: BaseException) -> str:
+    """`Type: first line` of an error, for one-line warnings and messages."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

@@ -14,6 +14,8 @@ from typing import Callable, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from stages.core.nets.methods import ExitLosses, each_exit_alone
+
 logger = logging.getLogger(__name__)
 
 Phase = Literal["P1", "P2", "P3"]
@@ -122,16 +124,18 @@ def phase_loss(
     phase: Phase,
     weights: Tensor,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
+    exit_losses: ExitLosses = each_exit_alone,
 ) -> tuple[Tensor, Tensor]:
     """The phase's training loss and every exit's loss (detached, for logging).
 
+    `exit_losses` is the net's early-exit method's (`ExitMethod.losses`): each exit's loss.
     P1: the final exit's loss alone. P2: sum_k weights[k] * loss_k over all exits.
     P3: the same sum over the ICs only: the final head belongs to the frozen backbone.
     """
     check_phase(phase)
     if len(logits) != weights.numel():
         raise ValueError(f"{len(logits)} exits but {weights.numel()} weights")
-    losses = [loss_fn(z, target) for z in logits]
+    losses = exit_losses(logits, target, loss_fn)
     if phase == "P1":
         loss = losses[-1]
     else:

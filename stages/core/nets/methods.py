@@ -4,7 +4,8 @@ A method is one registration. `combine(raw)` gets the raw logits of exits 0..k (
 k, or the final head when k is the last exit) and returns exit k's logits: SDN (Kaya et al. 2019)
 lets every IC answer alone; an ensembling method averages the exits so far. `head` is the IC
 head kind the method defaults to (None: the family's default). When a sample leaves is the exit
-criterion's business (`stages.evaluation`), whatever the method.
+criterion's business (`stages.core.evaluation`), whatever the method. `losses` gives each
+exit's training loss (SDN: each exit against the labels alone); the phase weights and sums them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from stages.core.registry import Registry
+
+
+ExitLosses = Callable[[Sequence[Tensor], Tensor, Callable[[Tensor, Tensor], Tensor]], list[Tensor]]
+
+
+def each_exit_alone(logits: Sequence[Tensor], target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
+    """Every exit's loss against the labels (SDN's): the phase weights and sums them."""
+    return [loss_fn(z, target) for z in logits]
+
 
 @dataclass(frozen=True)
 class ExitMethod:
@@ -21,22 +32,23 @@ class ExitMethod:
     combine: Callable[[Sequence[Tensor]], Tensor]  # raw logits of exits 0..k -> exit k's logits
     independent: bool = False  # exit k's logits are its own raw output: exit k needs no earlier IC
     head: str | None = None
+    # (exits' logits, labels, the phase's loss function) -> each exit's training loss; the phase
+    # decides which exits count and weights them (stages.core.phases.phase_loss)
+    losses: ExitLosses = each_exit_alone
 
 
-METHODS: dict[str, ExitMethod] = {}
+METHODS: Registry[ExitMethod] = Registry("method")
 
 
 def register_method(method: ExitMethod) -> ExitMethod:
-    if method.name in METHODS:
-        raise ValueError(f"early-exit method {method.name!r} is registered already")
-    METHODS[method.name] = method
-    return method
+    return METHODS.register(method.name, method)
 
 
 def get_method(name: str) -> ExitMethod:
-    if name not in METHODS:
-        raise ValueError(f"net spec field `method`: unknown method {name!r}; known: {sorted(METHODS)}")
-    return METHODS[name]
+    try:
+        return METHODS.get(name)
+    except ValueError as e:
+        raise ValueError(f"net spec field `method`: {e}") from None
 
 
 register_method(ExitMethod("sdn", combine=lambda raw: raw[-1], independent=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.data.spec import DataError
+from stages.core.data.spec import DataError
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from stages.evaluation import DEFAULT_BUDGETS, budget_label
+from stages.core.evaluation import DEFAULT_BUDGETS, budget_label
 
 Curve = tuple[Sequence[float], Sequence[float]]  # (flops, accuracy) of one seed
 GRID_POINTS = 200

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from stages.allowed import DATASET_NAMES, MIN_SUBSET, VAL_FRACTION_BOUNDS
+from stages.core.allowed import DATASET_NAMES, MIN_SUBSET, VAL_FRACTION_BOUNDS
 
 
 class DataError(ValueError):

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from stages.data.spec import DataError
+from stages.core.data.spec import DataError
 
 log = logging.getLogger(__name__)
 

@@ -6,31 +6,28 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from stages.nets.methods import get_method
-from stages.nets.spec import NetSpec
+from stages.core.nets.methods import get_method
+from stages.core.nets.spec import NetSpec
+from stages.core.registry import Registry
 
 if TYPE_CHECKING:  # runtime import would be circular: families import this module and multi_exit
-    from stages.nets.multi_exit import MultiExitNet
+    from stages.core.nets.multi_exit import MultiExitNet
 
 log = logging.getLogger(__name__)
 
 NetBuilder = Callable[[NetSpec], "MultiExitNet"]
 
-_NETS: dict[str, NetBuilder] = {}
+_NETS: Registry[NetBuilder] = Registry("net")
 
 
 def register_net(builder: NetBuilder) -> NetBuilder:
     """Register `builder` under its function name; a name may be registered once."""
-    name = builder.__name__
-    if name in _NETS:
-        raise ValueError(f"net {name!r} is already registered")
-    _NETS[name] = builder
-    return builder
+    return _NETS.register(builder.__name__, builder)
 
 
 def list_nets() -> list[str]:
     """Names of every registered net, sorted."""
-    return sorted(_NETS)
+    return _NETS.names()
 
 
 def _check_spec(spec: NetSpec) -> None:
@@ -53,6 +50,6 @@ def _check_spec(spec: NetSpec) -> None:
 def create_net(spec: NetSpec) -> MultiExitNet:
     """Build the multi-exit net `spec` describes (fresh weights; nothing is ever downloaded)."""
     _check_spec(spec)
-    net = _NETS[spec.backbone](spec)
+    net = _NETS.get(spec.backbone)(spec)
     log.debug("built %s: %d blocks, exits after %s", spec.backbone, net.num_blocks, net.exit_blocks)
     return net

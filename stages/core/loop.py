@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from stages.early_stopping import EarlyStopping
-from stages.phases import (
+from stages.core.early_stopping import EarlyStopping
+from stages.core.phases import (
     LossWeighting,
     Phase,
     check_phase,
@@ -80,7 +80,7 @@ class PhaseConfig:
     step_epochs: int = 30  # "step": multiply the lr by step_gamma every this many epochs
     step_gamma: float = 0.1  # "step": decay factor
     grad_clip: float | None = None  # max global grad norm of the trainable params (paper: 1 for EfficientNet)
-    loss_weighting: LossWeighting = "uniform"  # exit loss weights (stages.phases.exit_weights); equilibrium acts in P2 only
+    loss_weighting: LossWeighting = "uniform"  # exit loss weights (stages.core.phases.exit_weights); equilibrium acts in P2 only
     kaya_epochs: int | None = None  # "kaya": epochs for IC weights to reach their caps; None -> max_epochs
     label_smoothing: float = 0.0  # training loss only; validation loss is plain cross-entropy
     bf16: bool = False  # bf16 autocast on CUDA; a no-op on CPU (CPU autocast is slow on most CPUs)
@@ -275,7 +275,7 @@ def train_one_epoch(
         x, y = _to_device(x, y, device, cfg)
         with _autocast(device, cfg.bf16):
             logits = net(x)
-            loss, per_exit = phase_loss(logits, y, phase, weights, loss_fn)
+            loss, per_exit = phase_loss(logits, y, phase, weights, loss_fn, unwrap(net).method.losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -416,6 +416,16 @@ def _set_epoch(loader: Any, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
+@dataclass
+class _Progress:
+    """What carries from epoch to epoch (and through a resume): early stopping, the best state, history."""
+
+    stopper: EarlyStopping
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, Tensor] | None = None
+    start_epoch: int = 0
+
+
 def fit_phase(
     net: nn.Module,
     phase: Phase,
@@ -440,8 +450,52 @@ def fit_phase(
     place of `cfg.selection` (P1 always scores its final exit). `on_step(epoch, step, steps)`
     runs after every optimizer step.
     """
-    check_phase(phase)
     device = torch.device(device)
+    model, params = _setup(net, phase, cfg, device)
+    optimizer = build_optimizer(params, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(train_loader))  # type: ignore[arg-type]
+    progress = _Progress(EarlyStopping(cfg.patience))
+    if resume is not None:
+        progress = _resume(resume, phase, cfg, model, optimizer, scheduler, train_loader, device)
+
+    ramp_epochs = cfg.kaya_epochs or cfg.max_epochs
+    for epoch in range(progress.start_epoch, cfg.max_epochs):
+        if progress.stopper.stop:  # a resumed state may already have stopped
+            break
+        weights = exit_weights(cfg.loss_weighting, model.num_exits, progress=min(1.0, (epoch + 1) / ramp_epochs))
+        _set_epoch(train_loader, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        train = train_one_epoch(net, phase, weights, optimizer, scheduler, train_loader, device, cfg, epoch, on_step)
+        val = evaluate_exits(net, val_loader, device, cfg)
+        score, improved = _select(progress, model, phase, epoch, val["accuracy"], train["nonfinite_step"], cfg, score_fn)
+        metrics = _epoch_metrics(epoch, train, val, score, lr, time.perf_counter() - start)
+        progress.history.append(metrics)
+        logger.info("%s epoch %d: train_loss %.4f val_acc %s score %.4f%s", phase, epoch, train["train_loss"],
+                    " ".join(f"{a:.3f}" for a in val["accuracy"]), score, " (best)" if improved else "")
+        if on_epoch is not None:
+            state = _snapshot(phase, epoch, cfg, model, optimizer, scheduler, progress, train_loader, device)
+            on_epoch(EpochReport(epoch=epoch, metrics=dict(metrics), state=state, improved=improved, stop=progress.stopper.stop))
+
+    if progress.best_state is None:
+        raise RuntimeError(f"{phase}: no epoch ran (start epoch {progress.start_epoch}, max_epochs {cfg.max_epochs})")
+    model.load_state_dict(progress.best_state)
+    history, stopper = progress.history, progress.stopper
+    best_val = next((m for m in history if int(m["epoch"]) == stopper.best_epoch), {})
+    return PhaseResult(
+        diverged=diverged_in(history),
+        best_state_dict=progress.best_state,
+        best_epoch=stopper.best_epoch,
+        epochs_run=len(history),
+        stopped_early=stopper.stop,
+        history=history,
+        best_val={k: v for k, v in best_val.items() if k.startswith("val_")},
+    )
+
+
+def _setup(net: nn.Module, phase: Phase, cfg: PhaseConfig, device: torch.device) -> tuple[Any, list[nn.Parameter]]:
+    """Freeze what the phase freezes, place the net; returns the unwrapped net and the trained parameters."""
+    check_phase(phase)
     model = unwrap(net)
     is_ddp = isinstance(net, nn.parallel.DistributedDataParallel)
     flags_before = [p.requires_grad for p in model.parameters()]
@@ -456,94 +510,74 @@ def fit_phase(
     # P2 has (in P1 it would merely shrink early layers' gradients). It is a switch in the
     # net, not a weight: set it every phase so a carried-over net never keeps a stale one.
     model.set_gradient_equilibrium(cfg.loss_weighting == "gradient_equilibrium" and phase == "P2")
+    return model, params
 
-    optimizer = build_optimizer(params, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(train_loader))  # type: ignore[arg-type]
+
+def _resume(resume: dict[str, Any], phase: Phase, cfg: PhaseConfig, model: nn.Module, optimizer: Any, scheduler: Any,
+            train_loader: Any, device: torch.device) -> _Progress:
+    """Load a state `on_epoch` reported into the net, optimizer, schedule and RNGs; continue after its epoch."""
+    if resume["phase"] != phase:
+        raise ValueError(f"resume state is from phase {resume['phase']}, not {phase}")
+    if resume["config"] != cfg.to_dict():
+        logger.warning("resuming %s with a changed config: %s -> %s", phase, resume["config"], cfg.to_dict())
+    model.load_state_dict(resume["net"])
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
     stopper = EarlyStopping(cfg.patience)
-    history: list[dict[str, float]] = []
-    best_state: dict[str, Tensor] | None = None
-    start_epoch = 0
+    stopper.load_state_dict(resume["early_stopping"])
+    _set_rng_state(resume["rng"], train_loader, device)
+    logger.info("%s: resumed after epoch %d", phase, int(resume["epoch"]))
+    return _Progress(stopper, [dict(m) for m in resume["history"]], resume["best_state_dict"], int(resume["epoch"]) + 1)
 
-    if resume is not None:
-        if resume["phase"] != phase:
-            raise ValueError(f"resume state is from phase {resume['phase']}, not {phase}")
-        if resume["config"] != cfg.to_dict():
-            logger.warning("resuming %s with a changed config: %s -> %s", phase, resume["config"], cfg.to_dict())
-        model.load_state_dict(resume["net"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        stopper.load_state_dict(resume["early_stopping"])
-        best_state = resume["best_state_dict"]
-        history = [dict(m) for m in resume["history"]]
-        start_epoch = int(resume["epoch"]) + 1
-        _set_rng_state(resume["rng"], train_loader, device)
-        logger.info("%s: resumed after epoch %d", phase, start_epoch - 1)
 
-    num_exits = model.num_exits
-    ramp_epochs = cfg.kaya_epochs or cfg.max_epochs
-    for epoch in range(start_epoch, cfg.max_epochs):
-        if stopper.stop:  # a resumed state may already have stopped
-            break
-        weights = exit_weights(cfg.loss_weighting, num_exits, progress=min(1.0, (epoch + 1) / ramp_epochs))
-        _set_epoch(train_loader, epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        start = time.perf_counter()
-        train = train_one_epoch(net, phase, weights, optimizer, scheduler, train_loader, device, cfg, epoch, on_step)
-        val = evaluate_exits(net, val_loader, device, cfg)
-        watched, score = _monitored(phase, val["accuracy"], cfg.selection, score_fn)
-        diverged = train["nonfinite_step"] >= 0
-        if diverged:  # the weights are garbage from here on: stop, as if patience had run out
-            score, improved = DIVERGED_SCORE, False
-            stopper.epochs_without_improvement = stopper.patience
-            logger.warning("%s diverged: %s", phase, divergence_message(epoch, train["nonfinite_step"]))
-            if best_state is None:  # nothing healthy to keep: the phase result is marked diverged
-                best_state = _cpu_copy(model.state_dict())
-        else:
-            improved = stopper.update(epoch, watched, score)
-            if improved:
-                best_state = _cpu_copy(model.state_dict())
+def _select(progress: _Progress, model: nn.Module, phase: Phase, epoch: int, accuracies: list[float], nonfinite_step: int,
+            cfg: PhaseConfig, score_fn: ScoreFn | None) -> tuple[float, bool]:
+    """Score the epoch, update early stopping and keep the best state; a diverged epoch stops the phase."""
+    watched, score = _monitored(phase, accuracies, cfg.selection, score_fn)
+    if nonfinite_step >= 0:  # the weights are garbage from here on: stop, as if patience had run out
+        progress.stopper.epochs_without_improvement = progress.stopper.patience
+        logger.warning("%s diverged: %s", phase, divergence_message(epoch, nonfinite_step))
+        if progress.best_state is None:  # nothing healthy to keep: the phase result is marked diverged
+            progress.best_state = _cpu_copy(model.state_dict())
+        return DIVERGED_SCORE, False
+    improved = progress.stopper.update(epoch, watched, score)
+    if improved:
+        progress.best_state = _cpu_copy(model.state_dict())
+    return score, improved
 
-        metrics: dict[str, float] = {"epoch": float(epoch), "train_loss": train["train_loss"]}
-        metrics.update({f"train_loss_{k}": v for k, v in enumerate(train["train_loss_per_exit"])})
-        metrics.update({f"val_acc_{k}": v for k, v in enumerate(val["accuracy"])})
-        metrics.update({f"val_loss_{k}": v for k, v in enumerate(val["loss"])})
-        metrics.update({
-            "val_acc_mean": sum(val["accuracy"]) / num_exits,
-            "val_acc_final": val["accuracy"][-1],
-            "val_score": score,
-            "lr": lr,
-            "samples_per_s": train["samples_per_s"],
-            "epoch_time": time.perf_counter() - start,
-            "nonfinite_step": float(train["nonfinite_step"]),
-        })
-        history.append(metrics)
-        logger.info("%s epoch %d: train_loss %.4f val_acc %s score %.4f%s", phase, epoch, train["train_loss"],
-                    " ".join(f"{a:.3f}" for a in val["accuracy"]), score, " (best)" if improved else "")
-        if on_epoch is not None:
-            state = {
-                "phase": phase,
-                "epoch": epoch,
-                "config": cfg.to_dict(),
-                "net": _cpu_copy(model.state_dict()),
-                "optimizer": _cpu_copy(optimizer.state_dict()),
-                "scheduler": _cpu_copy(scheduler.state_dict()),
-                "early_stopping": stopper.state_dict(),
-                "best_state_dict": best_state,  # never mutated in place: safe to share
-                "history": [dict(m) for m in history],
-                "rng": _rng_state(train_loader, device),
-            }
-            on_epoch(EpochReport(epoch=epoch, metrics=dict(metrics), state=state, improved=improved, stop=stopper.stop))
 
-    if best_state is None:
-        raise RuntimeError(f"{phase}: no epoch ran (start epoch {start_epoch}, max_epochs {cfg.max_epochs})")
-    model.load_state_dict(best_state)
-    best_val = next((m for m in history if int(m["epoch"]) == stopper.best_epoch), {})
-    return PhaseResult(
-        diverged=diverged_in(history),
-        best_state_dict=best_state,
-        best_epoch=stopper.best_epoch,
-        epochs_run=len(history),
-        stopped_early=stopper.stop,
-        history=history,
-        best_val={k: v for k, v in best_val.items() if k.startswith("val_")},
-    )
+def _epoch_metrics(epoch: int, train: dict[str, Any], val: dict[str, Any], score: float, lr: float,
+                   seconds: float) -> dict[str, float]:
+    """One epoch's flat metrics: what history, MLflow and Tune see."""
+    accuracies = val["accuracy"]
+    metrics: dict[str, float] = {"epoch": float(epoch), "train_loss": train["train_loss"]}
+    metrics.update({f"train_loss_{k}": v for k, v in enumerate(train["train_loss_per_exit"])})
+    metrics.update({f"val_acc_{k}": v for k, v in enumerate(accuracies)})
+    metrics.update({f"val_loss_{k}": v for k, v in enumerate(val["loss"])})
+    metrics.update({
+        "val_acc_mean": sum(accuracies) / len(accuracies),
+        "val_acc_final": accuracies[-1],
+        "val_score": score,
+        "lr": lr,
+        "samples_per_s": train["samples_per_s"],
+        "epoch_time": seconds,
+        "nonfinite_step": float(train["nonfinite_step"]),
+    })
+    return metrics
+
+
+def _snapshot(phase: Phase, epoch: int, cfg: PhaseConfig, model: nn.Module, optimizer: Any, scheduler: Any,
+              progress: _Progress, train_loader: Any, device: torch.device) -> dict[str, Any]:
+    """The resumable state after `epoch` (CPU tensors and plain values)."""
+    return {
+        "phase": phase,
+        "epoch": epoch,
+        "config": cfg.to_dict(),
+        "net": _cpu_copy(model.state_dict()),
+        "optimizer": _cpu_copy(optimizer.state_dict()),
+        "scheduler": _cpu_copy(scheduler.state_dict()),
+        "early_stopping": progress.stopper.state_dict(),
+        "best_state_dict": progress.best_state,  # never mutated in place: safe to share
+        "history": [dict(m) for m in progress.history],
+        "rng": _rng_state(train_loader, device),
+    }

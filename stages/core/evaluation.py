@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from stages.core.registry import Registry
+
 Spacing = Literal["uniform", "quantile"]
 SPACINGS: tuple[str, ...] = ("uniform", "quantile")
 Budget = float | Literal["max"]
@@ -38,23 +40,16 @@ class ExitCriterion:
     upper: Callable[[int], float]  # the range's top, given the number of classes
 
 
-CRITERIA: dict[str, ExitCriterion] = {}
+CRITERIA: Registry[ExitCriterion] = Registry("criterion")
 Criterion = str | ExitCriterion  # a registered name, or the criterion itself
 
 
 def register_criterion(criterion: ExitCriterion) -> ExitCriterion:
-    if criterion.name in CRITERIA:
-        raise ValueError(f"exit criterion {criterion.name!r} is registered already")
-    CRITERIA[criterion.name] = criterion
-    return criterion
+    return CRITERIA.register(criterion.name, criterion)
 
 
 def get_criterion(criterion: Criterion) -> ExitCriterion:
-    if isinstance(criterion, ExitCriterion):
-        return criterion
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; known: {sorted(CRITERIA)}")
-    return CRITERIA[criterion]
+    return criterion if isinstance(criterion, ExitCriterion) else CRITERIA.get(criterion)
 
 
 register_criterion(ExitCriterion("max_softmax", lambda logp: logp.max(dim=-1).values.exp(), True, lambda c: 1.0))

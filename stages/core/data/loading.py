@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from stages.data import sources
-from stages.data.spec import DataError, DatasetInfo, DataSpec
-from stages.data.split import stratified_split, stratified_subset
-from stages.data.transforms import (
+from stages.core.data import sources
+from stages.core.data.spec import DataError, DatasetInfo, DataSpec
+from stages.core.data.split import stratified_split, stratified_subset
+from stages.core.data.transforms import (
     CIFAR10_STATS,
     CIFAR100_STATS,
     IMAGENET_STATS,

@@ -20,7 +20,7 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import Tensor, nn
 
-from stages.nets.multi_exit import MultiExitNet
+from stages.core.nets.multi_exit import MultiExitNet
 
 
 def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:

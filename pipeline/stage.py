@@ -1,0 +1,241 @@
+"""The stage registry: what a stage kind declares, and the one place the pipeline finds it.
+
+A stage kind is one module with one registered class:
+
+    @register_stage
+    class Evaluate(Stage):
+        kind = "evaluate"
+        reads = (CHECKPOINT,)                 # artifact kinds it reads from its inputs
+        writes = (EXITS, CURVE)               # artifact kinds it writes (each table kind has one schema)
+        code = ("stages.evaluate",)           # modules whose source joins its cache key
+        def resources(self, node, settings): ...
+        def run(self, node, inputs, ctx) -> StageResult: ...
+
+`pipeline.execute.execute_node` is the same for every kind: verify and load inputs through the
+artifact store, call `run`, save and hash the declared outputs, log the run. A stage may also
+add nodes to the study's graph (`plan`): that is how a new stage joins a study without editing
+the graph builder. This module imports neither torch, Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from pipeline.graph import Graph, Node
+    from pipeline.spec import StudySpec
+
+# The built-in kinds: imported on first use, so a registry lookup never needs them imported by hand.
+BUILTIN_MODULES = ("stages.train", "stages.tune", "stages.evaluate", "stages.report")
+
+CHECKPOINT = "checkpoint"  # a model: state_dict + the spec that rebuilds its net
+FILES = "files"  # plain files (plots, text): hashed like the rest, no schema
+
+
+@dataclass(frozen=True)
+class TableKind:
+    """A Parquet table artifact: its kind, file name and required columns (one schema per kind)."""
+
+    name: str
+    path: str
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    state: Mapping[str, Any]  # the unwrapped state_dict
+    meta: Mapping[str, Any]  # spec.json: must hold "net" (NetSpec.to_dict())
+
+
+@dataclass(frozen=True)
+class Table:
+    kind: str
+    table: Any  # pyarrow.Table
+    meta: Mapping[str, str] = field(default_factory=dict)  # Parquet schema metadata
+
+
+@dataclass(frozen=True)
+class File:
+    path: Path
+
+
+Artifact = Checkpoint | Table | File
+
+
+@dataclass
+class StageResult:
+    """What a stage's run produced; execute_node stores every part of it on the stage's MLflow run."""
+
+    artifacts: list[Artifact] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)  # handed to downstream nodes (and kept as a tag)
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class StageFailed(RuntimeError):
+    """A stage failure that marks the stage's run (the tags) before it is closed FAILED."""
+
+    def __init__(self, message: str, tags: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.tags = dict(tags or {})
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a node's Ray task reserves while its stage runs."""
+
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a study runs, not what it computes: never in a cache key (the driver reads them once)."""
+
+    study_name: str = "study"
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    max_failures: int = 1
+    torch_threads: int | None = None
+    max_concurrent_trials: int = 2
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.cpus_per_worker))
+
+
+class StageInput(Protocol):
+    """A finished input node, as a stage sees it: only the kinds its stage `reads` can be loaded."""
+
+    node_id: str
+    run_id: str
+    summary: dict[str, Any]
+
+    def table(self, kind: str) -> Any: ...
+
+    def checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]]: ...
+
+    def checkpoint_source(self) -> Callable[[], dict[str, Any]]: ...
+
+
+class StageContext(Protocol):
+    """What the pipeline lends a running stage: its run, its settings and the tracking services."""
+
+    run_id: str
+    storage_path: str
+    settings: RunSettings
+    workdir: Path  # a scratch folder that lives until the stage's artifacts are stored
+    fault_plan: tuple[Any, ...]
+
+    def metrics_sink(self) -> Callable[[int, dict[str, float]], None]: ...
+
+    def trial_runs(self) -> Any: ...
+
+
+class Stage:
+    """The base of every stage kind; subclasses set the class attributes and `run`."""
+
+    kind: ClassVar[str] = ""
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[TableKind | str, ...]] = ()
+    code: ClassVar[tuple[str, ...]] = ()
+
+    def resources(self, node: Node, settings: RunSettings) -> Resources:
+        return Resources()  # orchestration only: the work reserves its own (Train workers, Tune trials)
+
+    def params(self, node: Node) -> dict[str, str]:
+        """MLflow params of the node's run, logged when it starts."""
+        return {}
+
+    def describe(self, summary: dict[str, Any]) -> str:
+        """The tail of the node's progress line (after kind and seconds), from its summary."""
+        return ""
+
+    def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
+        """Nodes this stage adds to a study's graph (the built-in kinds are planned by the graph builder)."""
+        return []
+
+    def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
+        raise NotImplementedError(f"stage {self.kind!r} has no run()")
+
+    # ------------------------------------------------------------------ declared outputs
+    def table_kinds(self) -> dict[str, TableKind]:
+        return {w.name: w for w in self.writes if isinstance(w, TableKind)}
+
+    def check_outputs(self, result: StageResult) -> None:
+        """Refuse an artifact the stage did not declare: each kind has one declared writer."""
+        declared = set(self.table_kinds()) | {w for w in self.writes if isinstance(w, str)}
+        for a in result.artifacts:
+            kind = a.kind if isinstance(a, Table) else CHECKPOINT if isinstance(a, Checkpoint) else FILES
+            if kind not in declared:
+                raise TypeError(f"stage {self.kind!r} wrote an undeclared artifact kind {kind!r} (declared: {sorted(declared)})")
+
+
+_STAGES: dict[str, Stage] = {}
+_TABLES: dict[str, TableKind] = {}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    """Register a stage kind (a class decorator). A kind, and a table kind's schema, is defined once."""
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__}: a stage needs a kind")
+    if not cls.code:
+        raise ValueError(f"stage {cls.kind!r}: declare the modules whose code computes it (`code`)")
+    old = _STAGES.get(cls.kind)
+    if old is not None and (type(old).__module__, type(old).__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"stage kind {cls.kind!r} is registered already (by {type(old).__module__})")
+    for t in cls.writes:
+        if isinstance(t, TableKind) and _TABLES.get(t.name, t) != t:
+            raise ValueError(f"stage {cls.kind!r}: table kind {t.name!r} is defined already as {_TABLES[t.name]}")
+    for t in cls.writes:
+        if isinstance(t, TableKind):
+            _TABLES[t.name] = t
+    _STAGES[cls.kind] = cls()
+    return cls
+
+
+def unregister_stage(kind: str) -> None:
+    """Forget a stage kind and the table kinds only it wrote (tests register and drop their own)."""
+    stage = _STAGES.pop(kind, None)
+    if stage is None:
+        return
+    still = {t for s in _STAGES.values() for t in s.table_kinds()}
+    for name in stage.table_kinds():
+        if name not in still:
+            _TABLES.pop(name, None)
+
+
+def _load_builtins() -> None:
+    for name in BUILTIN_MODULES:
+        importlib.import_module(name)
+
+
+def get_stage(kind: str) -> Stage:
+    if kind not in _STAGES:
+        _load_builtins()
+    try:
+        return _STAGES[kind]
+    except KeyError:
+        raise KeyError(f"unknown stage kind {kind!r}; registered: {sorted(_STAGES)}") from None
+
+
+def stages() -> list[Stage]:
+    """Every registered stage kind (the built-in ones included)."""
+    _load_builtins()
+    return list(_STAGES.values())
+
+
+def table_kind(name: str) -> TableKind:
+    if name not in _TABLES:
+        _load_builtins()
+    try:
+        return _TABLES[name]
+    except KeyError:
+        raise KeyError(f"unknown table kind {name!r}; known: {sorted(_TABLES)}") from None

@@ -1,0 +1,67 @@
+"""The evaluate stage: one pass over the test set, then every exit and threshold from the cache.
+
+A stage is a function: it takes a model and configs and returns tables; the runner stores them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+from stages.core.data import DataSpec, load_splits, make_loader
+from stages.core.evaluation import Spacing, collect_logits, fixed_exit_accuracy, threshold_curve
+from stages.core.flops import backbone_flops, exit_flops
+from stages.core.nets import NetSpec, create_net
+
+
+@dataclass
+class EvaluateOutput:
+    exits: pa.Table  # exit, flops, accuracy (each exit forced; final head included)
+    curve: pa.Table  # criterion, threshold, flops, accuracy
+    backbone_flops: int  # the plain backbone, the budgets' reference
+
+
+def run(
+    net_spec: NetSpec,
+    state: dict[str, torch.Tensor],
+    data: DataSpec,
+    seed: int,
+    criteria: list[str],
+    num_thresholds: int = 100,
+    batch_size: int = 256,
+    spacing: Spacing = "quantile",
+    device: str = "cpu",
+) -> EvaluateOutput:
+    """Evaluate one trained multi-exit net on the test split."""
+    net = create_net(net_spec)
+    net.load_state_dict(state)
+    net.to(device)
+    flops = exit_flops(net)
+    base = backbone_flops(net)
+    test = load_splits(data, seed).test
+    logits, labels = collect_logits(net, make_loader(test, batch_size, shuffle=False, seed=seed), device)
+    fixed = fixed_exit_accuracy(logits, labels).tolist()
+    exits = pa.table(
+        {
+            "exit": pa.array(range(len(flops)), pa.int32()),
+            "block": pa.array(list(net.exit_blocks), pa.int32()),
+            "flops": pa.array(flops, pa.int64()),
+            "accuracy": pa.array(fixed, pa.float64()),
+        }
+    )
+    parts = []
+    for criterion in criteria:
+        c = threshold_curve(logits, labels, flops, criterion, num_thresholds, spacing)
+        parts.append(
+            pa.table(
+                {
+                    "criterion": pa.array([criterion] * len(c["threshold"]), pa.string()),
+                    "threshold": pa.array(c["threshold"], pa.float64()),
+                    "flops": pa.array(c["flops"], pa.float64()),
+                    "accuracy": pa.array(c["accuracy"], pa.float64()),
+                }
+            )
+        )
+    return EvaluateOutput(exits=exits, curve=pa.concat_tables(parts), backbone_flops=int(base))

@@ -1,0 +1,100 @@
+"""What the train and tune stages share: a node's PhaseJob, and a phase's outcome as a StageResult."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.graph import Node
+from pipeline.resolve import data_spec, loop_config, net_spec
+from pipeline.stage import Checkpoint, StageContext, StageFailed, StageInput, StageResult, Table
+from stages.core.data import DataSpec, dataset_info
+from stages.core.nets import NetSpec
+from stages.train import HISTORY, PhaseJob, PhaseOutcome, scaling_config
+
+DIVERGED_TAG = "exitflow.diverged"  # on a phase that diverged (FAILED) or a search with diverged trials
+
+
+class PhaseDiverged(StageFailed):
+    """A fixed-lr phase's loss became non-finite: the phase fails, and is never cached."""
+
+
+def phase_job(node: Node, inputs: list[StageInput], ctx: StageContext) -> tuple[PhaseJob, DataSpec, NetSpec]:
+    """The Train worker's job for a phase node (P3 and mixed P2 start from their input model)."""
+    cfg = node.config
+    phase = cfg["phase"]
+    data = data_spec(cfg["data"])
+    ns = net_spec(cfg["net"], dataset_info(data))
+    selection = cfg.get("selection", "final")  # in the node's config, hence in its key
+    job = PhaseJob(
+        phase=phase,
+        seed=int(cfg["seed"]),
+        data=data.to_dict(),
+        net=ns.to_dict(),
+        train=loop_config(cfg["train"], phase, selection).to_dict(),
+        selection=selection,
+        init_from=inputs[0].checkpoint_source() if inputs else None,
+        metrics_sink=ctx.metrics_sink(),
+        torch_threads=ctx.settings.threads,
+        fault_plan=ctx.fault_plan,
+        label=node.id,
+    )
+    return job, data, ns
+
+
+def scaling(ctx: StageContext) -> Any:
+    s = ctx.settings
+    return scaling_config(s.num_workers, s.use_gpu, s.cpus_per_worker, s.gpus_per_worker)
+
+
+def run_name(node: Node) -> str:
+    """The Ray Train / Tune run name: the cache key, so a re-run of the same node resumes it."""
+    return f"{node.key}-{node.config['phase']}"
+
+
+def phase_params(node: Node) -> dict[str, str]:
+    cfg = node.config
+    return _flat({"phase": cfg["phase"], "seed": cfg["seed"], "net": cfg["net"], "data": cfg["data"], "train": cfg["train"]})
+
+
+def phase_result(node: Node, inputs: list[StageInput], job: PhaseJob, ns: NetSpec, outcome: PhaseOutcome, lr: float,
+                 diverged: dict[str, list[str]] | None = None) -> StageResult:
+    """The phase's best model, its history and its summary: the lrs chosen so far (lineage) and any diverged."""
+    phase = job.phase
+    lineage = {**(inputs[0].summary.get("lrs", {}) if inputs else {}), phase: lr}
+    all_diverged = {**(inputs[0].summary.get("diverged", {}) if inputs else {}), **(diverged or {})}
+    artifacts: list[Any] = [Checkpoint(outcome.best_state, {
+        "net": ns.to_dict(), "data": job.data, "phase": phase, "seed": job.seed, "lr": lr,
+        "best_epoch": outcome.best_epoch, "epochs_run": outcome.epochs_run, "best_val": outcome.best_val,
+    })]
+    if outcome.history:
+        artifacts.append(Table(HISTORY.name, pa.Table.from_pylist(_history_rows(outcome.history))))
+    return StageResult(
+        artifacts=artifacts,
+        params={"chosen_lr": str(lr)},
+        metrics={f"best_{k}": float(v) for k, v in outcome.best_val.items()}
+        | {"epochs_run": outcome.epochs_run, "best_epoch": outcome.best_epoch},
+        summary={"phase": phase, "lr": lr, "lrs": lineage, "diverged": all_diverged, "epochs": outcome.epochs_run,
+                 "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early,
+                 "resumed_at": outcome.resumed_at, "best_val": outcome.best_val["val_score"]},
+    )
+
+
+def describe_phase(s: dict[str, Any]) -> str:
+    return f" lr={s.get('lr', float('nan')):.3g} val={s.get('best_val', float('nan')):.4f} epochs={s.get('epochs')}"
+
+
+def _history_rows(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    keys = sorted({k for m in history for k in m})
+    return [{k: float(m.get(k, float("nan"))) for k in keys} for m in history]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)[:500]
+    return out

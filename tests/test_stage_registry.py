@@ -1,0 +1,129 @@
+"""A stage kind from outside the project: one file, one registration, nothing else edited.
+
+`ExitSpread` (the gap between a model's best and worst fixed exit) is registered by this test
+module alone. Its `plan` adds one node per evaluated model; the DAG runs it like any built-in
+stage, its table is typed (its declared schema) and hashed, and a re-run reuses it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from helpers import runs, tiny_spec
+
+from pipeline.graph import Graph, Node
+from pipeline.stage import Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage, unregister_stage
+from pipeline.spec import StudySpec
+
+SPREAD = TableKind("exit_spread", "exit_spread.parquet", ("regime", "best_exit", "spread"))
+
+
+class ExitSpread(Stage):
+    """Per evaluated model: its best fixed exit and the accuracy gap between its best and worst exit."""
+
+    kind = "exit_spread"
+    reads = ("exits",)
+    writes = (SPREAD,)
+    code = (__name__,)
+
+    def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
+        return [Node(id=n.id.replace("/evaluate", "/exit_spread"), kind=self.kind, config={"statistic": "max-min"},
+                     inputs=(n.id,), regime=n.regime, seed=n.seed)
+                for n in list(graph.nodes.values()) if n.kind == "evaluate"]
+
+    def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
+        [evaluated] = inputs
+        acc = evaluated.table("exits").column("accuracy").to_pylist()
+        best = max(range(len(acc)), key=acc.__getitem__)
+        spread = max(acc) - min(acc)
+        table = pa.table({"regime": [node.regime], "best_exit": [best], "spread": [spread]})
+        return StageResult(artifacts=[Table(SPREAD.name, table)], metrics={"spread": spread}, summary={"spread": spread})
+
+
+@pytest.fixture(scope="module")
+def registered() -> Iterator[None]:
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the Ray task gets the class itself
+    register_stage(ExitSpread)
+    yield
+    unregister_stage(ExitSpread.kind)
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory: pytest.TempPathFactory) -> StudySpec:
+    storage = tmp_path_factory.mktemp("ray")
+    return tiny_spec(storage, "regimes=[joint]", "tracking.experiment=toy-stage", epochs=1)
+
+
+@pytest.fixture(scope="module")
+def first(registered: None, spec: StudySpec, ray_session: None, mlflow_uri: str) -> Any:
+    from pipeline.runner import run_study
+
+    return run_study(spec, mlflow_uri, progress=lambda _: None)
+
+
+def test_the_registered_stage_joins_the_graph_through_its_plan(registered: None, spec: StudySpec) -> None:
+    from pipeline.graph import build_graph
+
+    g = build_graph(spec)
+    node = g.nodes["seed0/joint/exit_spread"]
+    assert node.inputs == ("seed0/joint/evaluate",) and node.key
+    # its key follows its own config and code, and its input's key
+    assert len({n.key for n in g.nodes.values()}) == len(g.nodes)
+
+
+@pytest.mark.ray
+def test_it_runs_through_the_dag_with_a_typed_hashed_artifact(first: Any, mlflow_store: Any) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.artifacts import ArtifactStore
+
+    res = first.results["seed0/joint/exit_spread"]
+    assert not res.cached
+    c = MlflowClient(mlflow_store.uri)
+    run = c.get_run(res.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["exitflow.stage"] == "exit_spread"
+    assert "exitflow.sha256.exit_spread.parquet" in run.data.tags  # hashed like every artifact
+    table = ArtifactStore(c).load_table(res.run_id, "exit_spread")  # read back against its declared schema
+    exits = ArtifactStore(c).load_table(first.results["seed0/joint/evaluate"].run_id, "exits")
+    acc = exits.column("accuracy").to_pylist()
+    assert table.column("spread").to_pylist() == [pytest.approx(max(acc) - min(acc))]
+    assert table.column("best_exit").to_pylist() == [acc.index(max(acc))]
+    assert run.data.metrics["spread"] == pytest.approx(max(acc) - min(acc))
+
+
+@pytest.mark.ray
+def test_a_rerun_reuses_it(first: Any, spec: StudySpec, mlflow_uri: str) -> None:
+    from pipeline.runner import run_study
+
+    again = run_study(spec, mlflow_uri, progress=lambda _: None)
+    assert set(again.cache_hits) == set(again.results) and "seed0/joint/exit_spread" in again.cache_hits
+    assert again.results["seed0/joint/exit_spread"].run_id == first.results["seed0/joint/exit_spread"].run_id
+
+
+def test_an_undeclared_artifact_kind_is_refused() -> None:
+    class Sneaky(ExitSpread):
+        writes = ()
+
+    with pytest.raises(TypeError, match="undeclared artifact kind 'exit_spread'"):
+        Sneaky().check_outputs(StageResult(artifacts=[Table("exit_spread", pa.table({"x": [1]}))]))
+
+
+def test_a_second_writer_of_a_table_kind_with_another_schema_is_refused() -> None:
+    from pipeline.stage import get_stage
+
+    get_stage("evaluate")  # the built-in writer of 'exits'
+
+    class Clash(Stage):
+        kind = "clash"
+        writes = (TableKind("exits", "other.parquet", ("x",)),)
+        code = (__name__,)
+
+    with pytest.raises(ValueError, match="table kind 'exits' is defined already"):
+        register_stage(Clash)
