@@ -6,13 +6,15 @@ cached logits); this module declares what the stage reads, writes and holds.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-from pipeline.graph import Node
 from pipeline.resolve import data_spec
 from pipeline.stage import (CHECKPOINT, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, Table,
                             TableKind, register_stage)
 from stages.core import faults
+
+if TYPE_CHECKING:
+    from pipeline.graph import Node
 
 EXITS = TableKind("exits", "exits.parquet", ("exit", "flops", "accuracy"))
 CURVE = TableKind("curve", "curve.parquet", ("criterion", "threshold", "flops", "accuracy"))

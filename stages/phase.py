@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import pyarrow as pa
 
-from pipeline.graph import Node
 from pipeline.resolve import data_spec, loop_config, net_spec
 from pipeline.stage import Checkpoint, StageContext, StageFailed, StageInput, StageResult, Table
 from stages.core.data import DataSpec, dataset_info
 from stages.core.nets import NetSpec
 from stages.train import HISTORY, PhaseJob, PhaseOutcome, scaling_config
+
+if TYPE_CHECKING:
+    from pipeline.graph import Node
 
 DIVERGED_TAG = "exitflow.diverged"  # on a phase that diverged (FAILED) or a search with diverged trials
 

@@ -6,9 +6,13 @@ tables and the learning rates its phases chose) and declares what the stage writ
 
 from __future__ import annotations
 
-from pipeline.graph import Node
+from typing import TYPE_CHECKING
+
 from pipeline.stage import FILES, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage
 from stages.core import faults
+
+if TYPE_CHECKING:
+    from pipeline.graph import Node
 
 EXITS, CURVE = "exits", "curve"  # read from each evaluate node (their writer, stages.evaluate, holds their schemas)
 BUDGETS = TableKind("budgets", "budgets.parquet", ("regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds"))

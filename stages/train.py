@@ -16,14 +16,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 
-from pipeline.graph import Node
 from pipeline.stage import CHECKPOINT, Stage, StageContext, StageInput, StageResult, TableKind, register_stage
 from stages.core import faults
 from stages.core.data import DataSpec, load_splits, make_loader
@@ -32,6 +31,9 @@ from stages.core.loop import EpochReport, PhaseConfig, diverged_in, fit_phase, s
 from stages.core.nets import NetSpec, create_net
 from stages.core.phases import prepare_phase
 from stages.core.progress import brief, progress_logging
+
+if TYPE_CHECKING:
+    from pipeline.graph import Node
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.fs
@@ -22,13 +22,14 @@ from ray.train import Checkpoint, ScalingConfig
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from pipeline.graph import Node
 from pipeline.stage import CHECKPOINT, FILES, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage
 from stages.core import faults
 from stages.core.progress import brief
-from stages.core.report_plots import plot_lr_search
 from stages.phase import DIVERGED_TAG, describe_phase, phase_job, phase_params, phase_result, run_name, scaling
 from stages.train import HISTORY, PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint, progress_from_checkpoint
+
+if TYPE_CHECKING:
+    from pipeline.graph import Node
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,8 @@ class Tune(Stage):
         except BaseException:
             trial_runs.abandon(name)
             raise
+        from stages.core.report_plots import plot_lr_search  # matplotlib: here, not in every trial's process
+
         faults.hit(ctx.fault_plan, "search.end", phase=job.phase, node=node.id)
         trial_runs.adopt(name, search)
         trials = sorted(search.trials, key=lambda t: t.lr)
