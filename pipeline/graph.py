@@ -40,8 +40,12 @@ class Node:
     key: str = ""  # filled in by build_graph once the inputs' keys are known
 
     def tags(self) -> dict[str, str]:
-        """The MLflow tags on the stage's run (see the README's MLflow section)."""
-        tags = {"exitflow.stage": self.kind, "exitflow.key": self.key, "exitflow.node": self.id}
+        """The MLflow tags on the stage's run (see the README's MLflow section). A kind `family.name`
+        (`analyze.rank`) is tagged by family (`exitflow.stage=analyze`) and name (`exitflow.analysis=rank`)."""
+        family, _, name = self.kind.partition(".")
+        tags = {"exitflow.stage": family, "exitflow.key": self.key, "exitflow.node": self.id}
+        if name:
+            tags["exitflow.analysis"] = name
         if self.phase:
             tags["exitflow.phase"] = self.phase
         if self.regime:
@@ -72,25 +76,17 @@ class Graph:
         return [n for n in self.nodes.values() if n.kind in ("train", "tune")]
 
 
-# Config fields a stage receives but whose value cannot change its result: left out of its key.
-# (data.download only fetches what is missing; a phase never reads the test split.)
-UNKEYED: dict[str, tuple[tuple[str, str], ...]] = {
-    "train": (("data", "download"), ("data", "test_subset")),
-    "tune": (("data", "download"), ("data", "test_subset")),
-    "evaluate": (("data", "download"),),
-}
-
-
 def _keyed(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The config less the fields its stage kind declares `unkeyed` (received, but never changing the result)."""
     out = dict(config)
-    for section, name in UNKEYED.get(kind, ()):
+    for section, name in get_stage(kind).unkeyed:
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if k != name}
     return out
 
 
 def cache_key(kind: str, config: dict[str, Any], input_keys: list[str]) -> str:
-    """Content hash of a stage: kind, resolved config (less UNKEYED), inputs' keys, the code that computes it."""
+    """Content hash of a stage: kind, resolved config (less its unkeyed fields), inputs' keys, the code that computes it."""
     blob = json.dumps(
         {"kind": kind, "config": _keyed(kind, config), "inputs": input_keys, "version": __version__,
          "code": fingerprint(get_stage(kind).code)},

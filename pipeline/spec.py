@@ -250,6 +250,20 @@ class ResourcesConfig(_Model):
     torch_threads: Int | None = Field(None, ge=1)  # torch.set_num_threads in workers (None: cpus_per_worker)
 
 
+class RankAnalysis(_Model):
+    """Numerical rank of every backbone layer's output (paper Fig. 3): P1's backbone (= disjoint's), mixed, joint."""
+
+    enabled: bool = False
+    split: Literal["test", "val"] = "test"  # which images: the test set, or the validation share of the training set
+    samples: Int = Field(1000, ge=2)  # the batch: rows of each layer's matrix (the paper: the test set)
+    features: Int = Field(6000, ge=1)  # columns kept per layer, the same random subset across models
+    rtol: Float | None = Field(None, gt=0.0)  # None: s_max * max(m, n) * float32 eps (numpy's rule)
+
+
+class AnalysesConfig(_Model):
+    rank: RankAnalysis = Field(default_factory=RankAnalysis)
+
+
 class TrackingConfig(_Model):
     uri: str | None = None  # MLflow tracking URI; None -> $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str | None = None  # MLflow experiment; None -> the spec's name
@@ -267,6 +281,7 @@ class StudySpec(_Model):
     phases: PhasesConfig = Field(default_factory=PhasesConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    analyses: AnalysesConfig = Field(default_factory=AnalysesConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from pipeline.spec import StudySpec
 
 # The built-in kinds: imported on first use, so a registry lookup never needs them imported by hand.
-BUILTIN_MODULES = ("stages.train", "stages.tune", "stages.evaluate", "stages.report")
+BUILTIN_MODULES = ("stages.train", "stages.tune", "stages.evaluate", "stages.report", "stages.analyze_rank")
 
 CHECKPOINT = "checkpoint"  # a model: state_dict + the spec that rebuilds its net
 FILES = "files"  # plain files (plots, text): hashed like the rest, no schema
@@ -146,6 +146,8 @@ class Stage:
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[TableKind | str, ...]] = ()
     code: ClassVar[tuple[str, ...]] = ()
+    # (section, field) of its config that it receives but that cannot change its result: not keyed
+    unkeyed: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
         return Resources()  # orchestration only: the work reserves its own (Train workers, Tune trials)

@@ -26,6 +26,7 @@ class Evaluate(Stage):
     reads = (CHECKPOINT,)
     writes = (EXITS, CURVE)
     code = ("stages.evaluate", "stages.core.evaluate", "pipeline.resolve")
+    unkeyed = (("data", "download"),)  # fetching what is missing changes no result
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
         """The net runs over the test set in the task itself: a worker's CPUs, and its GPU when the study has them."""

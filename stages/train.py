@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# data.download only fetches what is missing; a phase never reads the test split
+PHASE_UNKEYED = (("data", "download"), ("data", "test_subset"))
 HISTORY = TableKind("history", "history.parquet", ("epoch", "train_loss", "val_acc_mean", "val_acc_final"))
 STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory: the full resumable state
 PROGRESS_FILE = "progress.json"  # beside it: history and early stopping, small enough to read for every trial
@@ -303,6 +305,7 @@ class Train(Stage):
     reads = (CHECKPOINT,)  # the input model (P3 and mixed P2 start from P1), loaded on the worker
     writes = (CHECKPOINT, HISTORY)
     code = ("stages.train", "stages.phase", "pipeline.resolve")
+    unkeyed = PHASE_UNKEYED
 
     def params(self, node: Node) -> dict[str, str]:
         from stages.phase import phase_params

@@ -26,7 +26,7 @@ from pipeline.stage import CHECKPOINT, FILES, File, Stage, StageContext, StageIn
 from stages.core import faults
 from stages.core.progress import brief
 from stages.phase import DIVERGED_TAG, describe_phase, phase_job, phase_params, phase_result, run_name, scaling
-from stages.train import HISTORY, PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint, progress_from_checkpoint
+from stages.train import HISTORY, PHASE_UNKEYED, PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint, progress_from_checkpoint
 
 if TYPE_CHECKING:
     from pipeline.graph import Node
@@ -258,6 +258,7 @@ class Tune(Stage):
     reads = (CHECKPOINT,)
     writes = (CHECKPOINT, HISTORY, TRIALS, FILES)
     code = ("stages.tune", "stages.phase", "pipeline.resolve")
+    unkeyed = PHASE_UNKEYED
 
     def params(self, node: Node) -> dict[str, str]:
         return phase_params(node)

@@ -362,11 +362,13 @@ def test_evaluate_tasks_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(
 
 # ------------------------------------------------------------------ key rules, field by field
 # Base study: three regimes, P2 searched (so the search settings matter somewhere).
-RULE_BASE = ["phases.P2.lr=[1e-3, 1e-2]"]
+# The rank analysis is on: it reads P1's, mixed's and joint's models.
+RULE_BASE = ["phases.P2.lr=[1e-3, 1e-2]", "analyses.rank.enabled=true"]
+_RANK = {"seed0/analyze/rank"}
 _ALL = {"seed0/P1", "seed0/joint/P2", "seed0/disjoint/P3", "seed0/mixed/P2", "seed0/joint/evaluate",
-        "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report"}
+        "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report", *_RANK}
 _P1 = _ALL - {"seed0/joint/P2", "seed0/joint/evaluate"}
-_P2 = {"seed0/joint/P2", "seed0/mixed/P2", "seed0/joint/evaluate", "seed0/mixed/evaluate", "report"}
+_P2 = {"seed0/joint/P2", "seed0/mixed/P2", "seed0/joint/evaluate", "seed0/mixed/evaluate", "report", *_RANK}
 _P3 = {"seed0/disjoint/P3", "seed0/disjoint/evaluate", "report"}
 _EVAL = {"seed0/joint/evaluate", "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report"}
 _REPORT = {"report"}
@@ -386,7 +388,7 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "data.augment": ("false", _ALL),
     "data.download": ("true", _NONE),  # fetching what is missing changes no result
     "data.train_subset": ("500", _ALL),
-    "data.test_subset": ("200", _EVAL),  # phases never read the test split
+    "data.test_subset": ("200", _EVAL | _RANK),  # phases never read the test split; rank's batch comes from it
     "data.num_workers": ("2", _ALL),  # loader workers draw augmentation from their own seeds
     "net.backbone": ("resnet32", _ALL),
     "net.method": ("sdn", _NONE),  # the only registered method: the default again
@@ -398,7 +400,7 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "net.small_input": ("true", _ALL),
     "net.width": ("8", _ALL),
     "net.depth": ("3", _ALL),
-    "regimes": ("[joint, disjoint]", _REPORT),  # on the nodes both graphs have
+    "regimes": ("[joint, disjoint]", _REPORT | _RANK),  # on the nodes both graphs have; rank loses mixed's model
     "seeds": ("[0, 1]", _REPORT),
     **{f"phases.P1.{k}": (v, _P1) for k, v in _PHASE_FIELDS.items()},
     **{f"phases.P2.{k}": (v, _P2) for k, v in _PHASE_FIELDS.items()},
@@ -413,6 +415,11 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "evaluation.threshold_spacing": ("uniform", _EVAL),
     "evaluation.budgets": ("[0.5, max]", _REPORT),
     "evaluation.batch_size": ("64", _EVAL),
+    "analyses.rank.enabled": ("false", _NONE),  # the rank node goes; no other node changes
+    "analyses.rank.split": ("val", _RANK),
+    "analyses.rank.samples": ("100", _RANK),
+    "analyses.rank.features": ("500", _RANK),
+    "analyses.rank.rtol": ("1e-6", _RANK),
     **{f"resources.{k}": (v, _NONE) for k, v in {"num_workers": "2", "use_gpu": "true", "cpus_per_worker": "2",
                                                 "gpus_per_worker": "0.5", "max_failures": "3", "torch_threads": "2"}.items()},
     "tracking.uri": ("http://elsewhere:5000", _NONE),

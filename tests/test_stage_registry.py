@@ -2,7 +2,9 @@
 
 `ExitSpread` (the gap between a model's best and worst fixed exit) is registered by this test
 module alone. Its `plan` adds one node per evaluated model; the DAG runs it like any built-in
-stage, its table is typed (its declared schema) and hashed, and a re-run reuses it.
+stage, its table is typed (its declared schema) and hashed, and a re-run reuses it. The same
+study switches on the built-in rank analysis (`analyses.rank`), a stage that joins the graph the
+same way.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def registered() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory: pytest.TempPathFactory) -> StudySpec:
     storage = tmp_path_factory.mktemp("ray")
-    return tiny_spec(storage, "regimes=[joint]", "tracking.experiment=toy-stage", epochs=1)
+    return tiny_spec(storage, "regimes=[joint]", "tracking.experiment=toy-stage", "analyses.rank.enabled=true",
+                     "analyses.rank.samples=100", epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +130,21 @@ def test_a_second_writer_of_a_table_kind_with_another_schema_is_refused() -> Non
 
     with pytest.raises(ValueError, match="table kind 'exits' is defined already"):
         register_stage(Clash)
+
+
+@pytest.mark.ray
+def test_the_rank_analysis_runs_as_an_analyze_stage(first: Any, mlflow_store: Any) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.artifacts import ArtifactStore
+
+    res = first.results["seed0/analyze/rank"]
+    c = MlflowClient(mlflow_store.uri)
+    run = c.get_run(res.run_id)
+    assert run.data.tags["exitflow.stage"] == "analyze" and run.data.tags["exitflow.analysis"] == "rank"
+    assert {"exitflow.sha256.rank.parquet", "exitflow.sha256.rank.png"} <= set(run.data.tags)
+    table = ArtifactStore(c).load_table(res.run_id, "rank")
+    assert set(table.column("model").to_pylist()) == {"joint"}  # the only regime of this study
+    rows = table.to_pylist()
+    assert len(rows) == res.summary["layers"] >= 19 and all(0 < r["rank"] <= min(r["rows"], r["columns"]) for r in rows)
+    assert {r["rows"] for r in rows} == {100}

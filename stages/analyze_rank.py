@@ -1,0 +1,89 @@
+"""The rank analysis stage: numerical rank of every backbone layer, per regime's model (paper Fig. 3).
+
+Joined to a study by `analyses.rank.enabled`: one node per seed, reading P1's model (whose backbone
+is disjoint's: P3 freezes it), mixed's and joint's final models, whichever the study trains. The
+maths is `stages.core.analysis.rank`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from pipeline.resolve import data_spec
+from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult,
+                            Table, TableKind, register_stage)
+
+if TYPE_CHECKING:
+    from pipeline.graph import Graph, Node
+    from pipeline.spec import StudySpec
+
+RANK = TableKind("rank", "rank.parquet", ("model", "index", "layer", "rank", "rows", "columns", "full_columns"))
+# The models compared, by the node that trains each (P1's backbone is disjoint's as well).
+MODELS = {"P1 (= disjoint backbone)": "P1", "mixed": "mixed/P2", "joint": "joint/P2"}
+
+
+@register_stage
+class Rank(Stage):
+    kind = "analyze.rank"
+    reads = (CHECKPOINT,)
+    writes = (RANK, FILES)
+    code = ("stages.analyze_rank", "stages.core.analysis.rank", "pipeline.resolve")
+    unkeyed = (("data", "download"),)
+
+    def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
+        from pipeline.graph import Node
+
+        cfg = spec.analyses.rank
+        if not cfg.enabled:
+            return []
+        nodes = []
+        for seed in spec.seeds:
+            models = {label: f"seed{seed}/{suffix}" for label, suffix in MODELS.items() if f"seed{seed}/{suffix}" in graph.nodes}
+            if not models:
+                continue
+            config = {"seed": seed, "data": spec.data.model_dump(mode="json"), "models": list(models),
+                      **cfg.model_dump(mode="json", exclude={"enabled"})}
+            nodes.append(Node(id=f"seed{seed}/analyze/rank", kind=self.kind, config=config, inputs=tuple(models.values()),
+                              seed=seed))
+        return nodes
+
+    def resources(self, node: Node, settings: RunSettings) -> Resources:
+        return Resources(settings.cpus_per_worker, settings.gpus_per_worker if settings.use_gpu else 0.0)
+
+    def describe(self, summary: dict[str, Any]) -> str:
+        return f" layers={summary.get('layers')}"
+
+    def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
+        import torch
+
+        from stages.core.analysis.rank import layer_ranks, plot_ranks
+        from stages.core.data import load_splits
+        from stages.core.nets import NetSpec, create_net
+
+        cfg = node.config
+        device = "cuda" if ctx.settings.use_gpu and torch.cuda.is_available() else "cpu"
+        x = _batch(load_splits(data_spec(cfg["data"]), int(cfg["seed"])), cfg["split"], int(cfg["samples"]), int(cfg["seed"]))
+        ranks = {}
+        for label, model in zip(cfg["models"], inputs, strict=True):
+            state, spec = model.checkpoint()
+            net = create_net(NetSpec.from_dict(spec["net"]))
+            net.load_state_dict(state)
+            ranks[label] = layer_ranks(net.to(device), x.to(device), int(cfg["features"]), cfg["rtol"])
+        rows = [{"model": label, **r.__dict__} for label, rs in ranks.items() for r in rs]
+        plot = plot_ranks(ranks, ctx.workdir / "rank.png", f"numerical rank per layer (seed {cfg['seed']}, {x.shape[0]} samples)")
+        return StageResult(artifacts=[Table(RANK.name, pa.Table.from_pylist(rows)), File(plot)],
+                           metrics={f"mean_rank_share_{label.split()[0]}": sum(r.rank / min(r.rows, r.columns) for r in rs) / len(rs)
+                                    for label, rs in ranks.items()},
+                           summary={"layers": len(next(iter(ranks.values())))})
+
+
+def _batch(splits: Any, split: str, samples: int, seed: int) -> Any:
+    """`samples` images of the split, a seeded random subset (all of them when it is smaller)."""
+    import torch
+
+    dataset = splits.test if split == "test" else splits.val  # eval transforms, never augmented
+    n = len(dataset)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(samples, n)]
+    return torch.stack([dataset[int(i)][0] for i in idx])

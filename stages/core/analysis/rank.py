@@ -1,0 +1,113 @@
+"""Numerical rank of a backbone's layer outputs (the paper's Fig. 3 and appendix D.5).
+
+For each backbone layer (every Conv2d and Linear inside `net.backbone`, in execution order) we
+take the tensor right after the layer's operation, before any normalisation or activation: a
+forward hook on the layer itself sees exactly that. Rows are the samples of a batch, columns the
+rest of the tensor flattened; the same random subset of columns (seeded by the layer's width, so
+every model of the same architecture gets the same subset) is kept when a layer has more columns
+than `features`. The rank is the number of singular values above
+
+    tol = s_max * max(rows, columns) * eps,   eps = float32 machine epsilon (unless `rtol` is given:
+                                               tol = s_max * rtol)
+
+the rule of `numpy.linalg.matrix_rank`, with the epsilon of the precision the activations were
+computed in (float32), not of the float64 the SVD runs in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+LAYER_TYPES = (nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class LayerRank:
+    index: int  # execution order among the captured layers
+    layer: str  # module name inside the backbone
+    rank: int
+    rows: int
+    columns: int  # columns the SVD saw (after the feature subset)
+    full_columns: int  # the layer output's flattened width
+
+
+def numerical_rank(matrix: Tensor, rtol: float | None = None) -> int:
+    """Singular values above `s_max * max(m, n) * eps(float32)` (or `s_max * rtol`)."""
+    if matrix.ndim != 2:
+        raise ValueError(f"numerical_rank needs a matrix, got shape {tuple(matrix.shape)}")
+    s = torch.linalg.svdvals(matrix.detach().to(torch.float64))
+    if s.numel() == 0 or s[0] == 0:
+        return 0
+    tol = s[0] * (rtol if rtol is not None else max(matrix.shape) * FLOAT32_EPS)
+    return int((s > tol).sum())
+
+
+@contextmanager
+def capture_layer_outputs(module: nn.Module, types: tuple[type[nn.Module], ...] = LAYER_TYPES) -> Iterator[dict[str, Tensor]]:
+    """While inside, every `types` layer of `module` records its output (flattened per sample), by name, in call order."""
+    outputs: dict[str, Tensor] = {}
+    handles = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, types):
+            def hook(_: nn.Module, __: tuple[Tensor, ...], out: Tensor, name: str = name) -> None:
+                outputs[name] = out.detach().flatten(1).float().cpu()
+            handles.append(layer.register_forward_hook(hook))
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def feature_subset(columns: int, features: int) -> Tensor | None:
+    """The columns kept of a layer `columns` wide: all of them, or a fixed random `features`."""
+    if columns <= features:
+        return None
+    g = torch.Generator().manual_seed(columns)  # the same subset for every model with this layer width
+    return torch.randperm(columns, generator=g)[:features].sort().values
+
+
+@torch.no_grad()
+def layer_ranks(net: nn.Module, x: Tensor, features: int = 6000, rtol: float | None = None) -> list[LayerRank]:
+    """The numerical rank of every backbone layer's output on the batch `x` (net in eval mode)."""
+    backbone = getattr(net, "backbone", net)
+    was_training = net.training
+    net.eval()
+    try:
+        with capture_layer_outputs(backbone) as outputs:
+            net(x)
+    finally:
+        net.train(was_training)
+    ranks = []
+    for i, (name, acts) in enumerate(outputs.items()):
+        idx = feature_subset(acts.shape[1], features)
+        m = acts if idx is None else acts[:, idx]
+        ranks.append(LayerRank(i, name, numerical_rank(m, rtol), m.shape[0], m.shape[1], acts.shape[1]))
+    return ranks
+
+
+def plot_ranks(ranks: dict[str, list[LayerRank]], path: Path, title: str) -> Path:
+    """Rank (as a share of its maximum, min(rows, columns)) per layer, one line per model."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for model, rows in ranks.items():
+        ax.plot([r.index for r in rows], [r.rank / min(r.rows, r.columns) for r in rows], marker="o", ms=3, label=model)
+    ax.set_xlabel("backbone layer (execution order)")
+    ax.set_ylabel("numerical rank / max rank")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
