@@ -260,8 +260,27 @@ class RankAnalysis(_Model):
     rtol: Float | None = Field(None, gt=0.0)  # None: s_max * max(m, n) * float32 eps (numpy's rule)
 
 
+class LandscapeAnalysis(_Model):
+    """The loss of every exit (and their sum) around each regime's final model, on a plane of two
+    filter-normalised random directions (paper App. A, Fig. 17)."""
+
+    enabled: bool = False
+    split: Literal["test", "val"] = "test"
+    samples: Int = Field(500, ge=1)  # the images every grid point is evaluated on
+    steps: Int = Field(21, ge=3)  # points per axis (odd: the centre is the model); the paper: 100 x 100
+    span: Float = Field(1.0, gt=0.0)  # the grid covers [-span, span]^2 in units of the directions
+
+    @field_validator("steps")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"steps must be odd, so the grid's centre is the model itself; got {v}")
+        return v
+
+
 class AnalysesConfig(_Model):
     rank: RankAnalysis = Field(default_factory=RankAnalysis)
+    landscape: LandscapeAnalysis = Field(default_factory=LandscapeAnalysis)
 
 
 class TrackingConfig(_Model):

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from pipeline.spec import StudySpec
 
 # The built-in kinds: imported on first use, so a registry lookup never needs them imported by hand.
-BUILTIN_MODULES = ("stages.train", "stages.tune", "stages.evaluate", "stages.report", "stages.analyze_rank")
+BUILTIN_MODULES = ("stages.train", "stages.tune", "stages.evaluate", "stages.report", "stages.analyze_rank",
+                   "stages.analyze_landscape")
 
 CHECKPOINT = "checkpoint"  # a model: state_dict + the spec that rebuilds its net
 FILES = "files"  # plain files (plots, text): hashed like the rest, no schema

@@ -29,7 +29,7 @@ class Rank(Stage):
     kind = "analyze.rank"
     reads = (CHECKPOINT,)
     writes = (RANK, FILES)
-    code = ("stages.analyze_rank", "stages.core.analysis.rank", "pipeline.resolve")
+    code = ("stages.analyze_rank", "stages.core.analysis.rank", "stages.core.analysis.batch", "pipeline.resolve")
     unkeyed = (("data", "download"),)
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
@@ -58,13 +58,14 @@ class Rank(Stage):
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
         import torch
 
+        from stages.core.analysis.batch import analysis_batch
         from stages.core.analysis.rank import layer_ranks, plot_ranks
         from stages.core.data import load_splits
         from stages.core.nets import NetSpec, create_net
 
         cfg = node.config
         device = "cuda" if ctx.settings.use_gpu and torch.cuda.is_available() else "cpu"
-        x = _batch(load_splits(data_spec(cfg["data"]), int(cfg["seed"])), cfg["split"], int(cfg["samples"]), int(cfg["seed"]))
+        x, _ = analysis_batch(load_splits(data_spec(cfg["data"]), int(cfg["seed"])), cfg["split"], int(cfg["samples"]), int(cfg["seed"]))
         ranks = {}
         for label, model in zip(cfg["models"], inputs, strict=True):
             state, spec = model.checkpoint()
@@ -78,12 +79,3 @@ class Rank(Stage):
                                     for label, rs in ranks.items()},
                            summary={"layers": len(next(iter(ranks.values())))})
 
-
-def _batch(splits: Any, split: str, samples: int, seed: int) -> Any:
-    """`samples` images of the split, a seeded random subset (all of them when it is smaller)."""
-    import torch
-
-    dataset = splits.test if split == "test" else splits.val  # eval transforms, never augmented
-    n = len(dataset)
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(samples, n)]
-    return torch.stack([dataset[int(i)][0] for i in idx])

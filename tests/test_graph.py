@@ -362,14 +362,16 @@ def test_evaluate_tasks_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(
 
 # ------------------------------------------------------------------ key rules, field by field
 # Base study: three regimes, P2 searched (so the search settings matter somewhere).
-# The rank analysis is on: it reads P1's, mixed's and joint's models.
-RULE_BASE = ["phases.P2.lr=[1e-3, 1e-2]", "analyses.rank.enabled=true"]
+# The analyses are on: rank reads P1's, mixed's and joint's models; a landscape each final model.
+RULE_BASE = ["phases.P2.lr=[1e-3, 1e-2]", "analyses.rank.enabled=true", "analyses.landscape.enabled=true"]
 _RANK = {"seed0/analyze/rank"}
+_LAND = {f"seed0/{r}/analyze/landscape" for r in ("joint", "disjoint", "mixed")}
 _ALL = {"seed0/P1", "seed0/joint/P2", "seed0/disjoint/P3", "seed0/mixed/P2", "seed0/joint/evaluate",
-        "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report", *_RANK}
-_P1 = _ALL - {"seed0/joint/P2", "seed0/joint/evaluate"}
-_P2 = {"seed0/joint/P2", "seed0/mixed/P2", "seed0/joint/evaluate", "seed0/mixed/evaluate", "report", *_RANK}
-_P3 = {"seed0/disjoint/P3", "seed0/disjoint/evaluate", "report"}
+        "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report", *_RANK, *_LAND}
+_P1 = _ALL - {"seed0/joint/P2", "seed0/joint/evaluate", "seed0/joint/analyze/landscape"}
+_P2 = {"seed0/joint/P2", "seed0/mixed/P2", "seed0/joint/evaluate", "seed0/mixed/evaluate", "report", *_RANK,
+       "seed0/joint/analyze/landscape", "seed0/mixed/analyze/landscape"}
+_P3 = {"seed0/disjoint/P3", "seed0/disjoint/evaluate", "report", "seed0/disjoint/analyze/landscape"}
 _EVAL = {"seed0/joint/evaluate", "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report"}
 _REPORT = {"report"}
 _NONE: set[str] = set()
@@ -388,7 +390,7 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "data.augment": ("false", _ALL),
     "data.download": ("true", _NONE),  # fetching what is missing changes no result
     "data.train_subset": ("500", _ALL),
-    "data.test_subset": ("200", _EVAL | _RANK),  # phases never read the test split; rank's batch comes from it
+    "data.test_subset": ("200", _EVAL | _RANK | _LAND),  # phases never read the test split; the analyses' batches do
     "data.num_workers": ("2", _ALL),  # loader workers draw augmentation from their own seeds
     "net.backbone": ("resnet32", _ALL),
     "net.method": ("sdn", _NONE),  # the only registered method: the default again
@@ -420,6 +422,11 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "analyses.rank.samples": ("100", _RANK),
     "analyses.rank.features": ("500", _RANK),
     "analyses.rank.rtol": ("1e-6", _RANK),
+    "analyses.landscape.enabled": ("false", _NONE),
+    "analyses.landscape.split": ("val", _LAND),
+    "analyses.landscape.samples": ("100", _LAND),
+    "analyses.landscape.steps": ("5", _LAND),
+    "analyses.landscape.span": ("0.5", _LAND),
     **{f"resources.{k}": (v, _NONE) for k, v in {"num_workers": "2", "use_gpu": "true", "cpus_per_worker": "2",
                                                 "gpus_per_worker": "0.5", "max_failures": "3", "torch_threads": "2"}.items()},
     "tracking.uri": ("http://elsewhere:5000", _NONE),

@@ -3,8 +3,8 @@
 `ExitSpread` (the gap between a model's best and worst fixed exit) is registered by this test
 module alone. Its `plan` adds one node per evaluated model; the DAG runs it like any built-in
 stage, its table is typed (its declared schema) and hashed, and a re-run reuses it. The same
-study switches on the built-in rank analysis (`analyses.rank`), a stage that joins the graph the
-same way.
+study switches on the built-in analyses (`analyses.rank`, `analyses.landscape`), stages that join
+the graph the same way.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def registered() -> Iterator[None]:
 def spec(tmp_path_factory: pytest.TempPathFactory) -> StudySpec:
     storage = tmp_path_factory.mktemp("ray")
     return tiny_spec(storage, "regimes=[joint]", "tracking.experiment=toy-stage", "analyses.rank.enabled=true",
-                     "analyses.rank.samples=100", epochs=1)
+                     "analyses.rank.samples=100", "analyses.landscape.enabled=true", "analyses.landscape.samples=50",
+                     "analyses.landscape.steps=3", epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,20 @@ def test_the_rank_analysis_runs_as_an_analyze_stage(first: Any, mlflow_store: An
     rows = table.to_pylist()
     assert len(rows) == res.summary["layers"] >= 19 and all(0 < r["rank"] <= min(r["rows"], r["columns"]) for r in rows)
     assert {r["rows"] for r in rows} == {100}
+
+
+@pytest.mark.ray
+def test_the_landscape_analysis_centres_on_the_model(first: Any, mlflow_store: Any) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.artifacts import ArtifactStore
+
+    res = first.results["seed0/joint/analyze/landscape"]
+    c = MlflowClient(mlflow_store.uri)
+    run = c.get_run(res.run_id)
+    assert run.data.tags["exitflow.stage"] == "analyze" and run.data.tags["exitflow.analysis"] == "landscape"
+    assert "exitflow.sha256.landscape.png" in run.data.tags
+    rows = ArtifactStore(c).load_table(res.run_id, "landscape").to_pylist()
+    assert {(r["a"], r["b"]) for r in rows} == {(a, b) for a in (-1.0, 0.0, 1.0) for b in (-1.0, 0.0, 1.0)}
+    centre = {r["exit"]: r["loss"] for r in rows if r["a"] == r["b"] == 0.0}
+    assert centre[-1] == pytest.approx(sum(v for k, v in centre.items() if k >= 0)) == res.summary["centre_loss"]
