@@ -278,8 +278,19 @@ class LandscapeAnalysis(_Model):
         return v
 
 
+class MutualInformationAnalysis(_Model):
+    """I(X; Z) between the input and every block's noisy representation (paper Fig. 5, D.6)."""
+
+    enabled: bool = False
+    split: Literal["test", "val"] = "test"
+    samples: Int = Field(500, ge=2)  # N: X is uniform over these images (I <= log N)
+    noise: Float = Field(0.1, gt=0.0)  # the noise's std as a share of each block's activation RMS
+    draws: Int = Field(4, ge=1)  # Monte Carlo noise draws per sample
+
+
 class AnalysesConfig(_Model):
     rank: RankAnalysis = Field(default_factory=RankAnalysis)
+    mutual_information: MutualInformationAnalysis = Field(default_factory=MutualInformationAnalysis)
     landscape: LandscapeAnalysis = Field(default_factory=LandscapeAnalysis)
 
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 from pipeline.resolve import data_spec
 from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult,
                             Table, TableKind, register_stage)
+from stages.analysis_inputs import device_for, load_model
 
 if TYPE_CHECKING:
     from pipeline.graph import Graph, Node
@@ -52,22 +53,16 @@ class Landscape(Stage):
         return f" centre_loss={summary.get('centre_loss', float('nan')):.4f} points={summary.get('points')}"
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        import torch
-
         from stages.core.analysis.batch import analysis_batch
         from stages.core.analysis.landscape import loss_landscape, plot_landscape
         from stages.core.data import load_splits
-        from stages.core.nets import NetSpec, create_net
 
         cfg = node.config
         seed = int(cfg["seed"])
-        device = "cuda" if ctx.settings.use_gpu and torch.cuda.is_available() else "cpu"
+        device = device_for(ctx.settings)
         x, y = analysis_batch(load_splits(data_spec(cfg["data"]), seed), cfg["split"], int(cfg["samples"]), seed)
         [model] = inputs
-        state, spec = model.checkpoint()
-        net = create_net(NetSpec.from_dict(spec["net"]))
-        net.load_state_dict(state)
-        rows = loss_landscape(net.to(device), x.to(device), y.to(device), int(cfg["steps"]), float(cfg["span"]), seed)
+        rows = loss_landscape(load_model(model, device), x.to(device), y.to(device), int(cfg["steps"]), float(cfg["span"]), seed)
         centre = next(r["loss"] for r in rows if r["a"] == 0.0 and r["b"] == 0.0 and r["exit"] == -1)
         plot = plot_landscape(rows, ctx.workdir / "landscape.png", f"{cfg['regime']}: loss around the model (seed {seed})")
         return StageResult(artifacts=[Table(LANDSCAPE.name, pa.Table.from_pylist(rows)), File(plot)],

@@ -14,14 +14,13 @@ import pyarrow as pa
 from pipeline.resolve import data_spec
 from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult,
                             Table, TableKind, register_stage)
+from stages.analysis_inputs import compared_models, device_for, load_model
 
 if TYPE_CHECKING:
     from pipeline.graph import Graph, Node
     from pipeline.spec import StudySpec
 
 RANK = TableKind("rank", "rank.parquet", ("model", "index", "layer", "rank", "rows", "columns", "full_columns"))
-# The models compared, by the node that trains each (P1's backbone is disjoint's as well).
-MODELS = {"P1 (= disjoint backbone)": "P1", "mixed": "mixed/P2", "joint": "joint/P2"}
 
 
 @register_stage
@@ -40,7 +39,7 @@ class Rank(Stage):
             return []
         nodes = []
         for seed in spec.seeds:
-            models = {label: f"seed{seed}/{suffix}" for label, suffix in MODELS.items() if f"seed{seed}/{suffix}" in graph.nodes}
+            models = compared_models(graph, seed)
             if not models:
                 continue
             config = {"seed": seed, "data": spec.data.model_dump(mode="json"), "models": list(models),
@@ -56,22 +55,16 @@ class Rank(Stage):
         return f" layers={summary.get('layers')}"
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        import torch
-
         from stages.core.analysis.batch import analysis_batch
         from stages.core.analysis.rank import layer_ranks, plot_ranks
         from stages.core.data import load_splits
-        from stages.core.nets import NetSpec, create_net
 
         cfg = node.config
-        device = "cuda" if ctx.settings.use_gpu and torch.cuda.is_available() else "cpu"
+        device = device_for(ctx.settings)
         x, _ = analysis_batch(load_splits(data_spec(cfg["data"]), int(cfg["seed"])), cfg["split"], int(cfg["samples"]), int(cfg["seed"]))
         ranks = {}
         for label, model in zip(cfg["models"], inputs, strict=True):
-            state, spec = model.checkpoint()
-            net = create_net(NetSpec.from_dict(spec["net"]))
-            net.load_state_dict(state)
-            ranks[label] = layer_ranks(net.to(device), x.to(device), int(cfg["features"]), cfg["rtol"])
+            ranks[label] = layer_ranks(load_model(model, device), x.to(device), int(cfg["features"]), cfg["rtol"])
         rows = [{"model": label, **r.__dict__} for label, rs in ranks.items() for r in rs]
         plot = plot_ranks(ranks, ctx.workdir / "rank.png", f"numerical rank per layer (seed {cfg['seed']}, {x.shape[0]} samples)")
         return StageResult(artifacts=[Table(RANK.name, pa.Table.from_pylist(rows)), File(plot)],

@@ -363,8 +363,10 @@ def test_evaluate_tasks_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(
 # ------------------------------------------------------------------ key rules, field by field
 # Base study: three regimes, P2 searched (so the search settings matter somewhere).
 # The analyses are on: rank reads P1's, mixed's and joint's models; a landscape each final model.
-RULE_BASE = ["phases.P2.lr=[1e-3, 1e-2]", "analyses.rank.enabled=true", "analyses.landscape.enabled=true"]
-_RANK = {"seed0/analyze/rank"}
+RULE_BASE = ["phases.P2.lr=[1e-3, 1e-2]", "analyses.rank.enabled=true", "analyses.landscape.enabled=true",
+             "analyses.mutual_information.enabled=true"]
+_MI = {"seed0/analyze/mutual_information"}  # reads the same models as rank
+_RANK = {"seed0/analyze/rank", *_MI}
 _LAND = {f"seed0/{r}/analyze/landscape" for r in ("joint", "disjoint", "mixed")}
 _ALL = {"seed0/P1", "seed0/joint/P2", "seed0/disjoint/P3", "seed0/mixed/P2", "seed0/joint/evaluate",
         "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report", *_RANK, *_LAND}
@@ -418,10 +420,15 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "evaluation.budgets": ("[0.5, max]", _REPORT),
     "evaluation.batch_size": ("64", _EVAL),
     "analyses.rank.enabled": ("false", _NONE),  # the rank node goes; no other node changes
-    "analyses.rank.split": ("val", _RANK),
-    "analyses.rank.samples": ("100", _RANK),
-    "analyses.rank.features": ("500", _RANK),
-    "analyses.rank.rtol": ("1e-6", _RANK),
+    "analyses.rank.split": ("val", _RANK - _MI),
+    "analyses.rank.samples": ("100", _RANK - _MI),
+    "analyses.rank.features": ("500", _RANK - _MI),
+    "analyses.rank.rtol": ("1e-6", _RANK - _MI),
+    "analyses.mutual_information.enabled": ("false", _NONE),
+    "analyses.mutual_information.split": ("val", _MI),
+    "analyses.mutual_information.samples": ("100", _MI),
+    "analyses.mutual_information.noise": ("0.5", _MI),
+    "analyses.mutual_information.draws": ("2", _MI),
     "analyses.landscape.enabled": ("false", _NONE),
     "analyses.landscape.split": ("val", _LAND),
     "analyses.landscape.samples": ("100", _LAND),

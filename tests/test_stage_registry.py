@@ -3,8 +3,8 @@
 `ExitSpread` (the gap between a model's best and worst fixed exit) is registered by this test
 module alone. Its `plan` adds one node per evaluated model; the DAG runs it like any built-in
 stage, its table is typed (its declared schema) and hashed, and a re-run reuses it. The same
-study switches on the built-in analyses (`analyses.rank`, `analyses.landscape`), stages that join
-the graph the same way.
+study switches on the built-in analyses (`analyses.rank`, `analyses.landscape`,
+`analyses.mutual_information`), stages that join the graph the same way.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def spec(tmp_path_factory: pytest.TempPathFactory) -> StudySpec:
     storage = tmp_path_factory.mktemp("ray")
     return tiny_spec(storage, "regimes=[joint]", "tracking.experiment=toy-stage", "analyses.rank.enabled=true",
                      "analyses.rank.samples=100", "analyses.landscape.enabled=true", "analyses.landscape.samples=50",
-                     "analyses.landscape.steps=3", epochs=1)
+                     "analyses.landscape.steps=3", "analyses.mutual_information.enabled=true",
+                     "analyses.mutual_information.samples=60", "analyses.mutual_information.draws=1", epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +167,19 @@ def test_the_landscape_analysis_centres_on_the_model(first: Any, mlflow_store: A
     assert {(r["a"], r["b"]) for r in rows} == {(a, b) for a in (-1.0, 0.0, 1.0) for b in (-1.0, 0.0, 1.0)}
     centre = {r["exit"]: r["loss"] for r in rows if r["a"] == r["b"] == 0.0}
     assert centre[-1] == pytest.approx(sum(v for k, v in centre.items() if k >= 0)) == res.summary["centre_loss"]
+
+
+@pytest.mark.ray
+def test_the_mutual_information_analysis_gives_every_block_an_estimate(first: Any, mlflow_store: Any) -> None:
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.artifacts import ArtifactStore
+
+    res = first.results["seed0/analyze/mutual_information"]
+    c = MlflowClient(mlflow_store.uri)
+    assert c.get_run(res.run_id).data.tags["exitflow.analysis"] == "mutual_information"
+    rows = ArtifactStore(c).load_table(res.run_id, "mutual_information").to_pylist()
+    assert [r["index"] for r in rows] == list(range(1, res.summary["blocks"] + 1))
+    assert all(0.0 <= r["mi"] <= math.log(60) + 1e-6 for r in rows)
