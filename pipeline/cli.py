@@ -97,6 +97,8 @@ def run(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None, address
     except StudyFailed as e:
         raise _fail(f"exitflow: {e}\nfinished stages are cached: run the same command again to resume.", 1) from None
     typer.echo(result.table)
+    for node, run_id in result.analyses.items():
+        typer.echo(f"analysis {node}: run {run_id}")
     typer.echo(
         f"pipeline run {result.parent_run_id}: {len(result.results)} nodes, {len(result.cache_hits)} cached, "
         f"{len(result.trained)} phases trained, {result.seconds:.1f}s\n"
@@ -154,6 +156,8 @@ def report(run_id: Annotated[str, typer.Argument(help="A pipeline run id (printe
     typer.echo(table)
     typer.echo(f"report run {where['report_run']} (experiment {where['experiment_id']})")
     typer.echo(f"plots: {', '.join(where['artifact_uri'].rstrip('/') + '/' + p for p in where['plots'])}")
+    for node, plots in where["analyses"].items():
+        typer.echo(f"analysis {node}: {', '.join(plots)}")
 
 
 @app.command()

@@ -7,6 +7,7 @@ reused after their artifacts verify; an interrupted phase resumes from its check
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ from stages.core.progress import progress_logging
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = ".exitflow/ray"
+ANALYSIS_RUNS_TAG = "exitflow.analysis_runs"  # on the pipeline run: {analysis node: its run id}
 NODE_RETRIES = 1  # a node task whose process dies (a lost node, the OOM killer) runs again, resuming its stage
 Progress = Callable[[str], None]
 
@@ -52,6 +54,11 @@ class StudyResult:
     def trained(self) -> list[str]:
         """Phase nodes that trained in this execution (not reused)."""
         return [nid for nid, r in self.results.items() if not r.cached and nid.rsplit("/", 1)[-1] in ("P1", "P2", "P3")]
+
+    @property
+    def analyses(self) -> dict[str, str]:
+        """Analysis node -> its run (this execution's or the cached one)."""
+        return {nid: r.run_id for nid, r in self.results.items() if "/analyze/" in nid}
 
     @property
     def cache_hits(self) -> list[str]:
@@ -202,6 +209,8 @@ def run_study(
             report = result.results["report"]
             result.table = _read_text(c, report.run_id, "budgets.txt")
             c.set_tag(parent, "exitflow.report_run", report.run_id)
+            if result.analyses:  # the analyses are leaves beside the report: the pipeline run links them
+                c.set_tag(parent, ANALYSIS_RUNS_TAG, json.dumps(result.analyses))
             tracking.log_metrics(c, parent, {"nodes_cached": len(result.cache_hits), "nodes_run": len(result.results) - len(result.cache_hits)})
         except KeyboardInterrupt:
             tracking.end_run(c, parent, "KILLED")
@@ -330,4 +339,8 @@ def study_report(run_id: str, tracking_uri: str | None = None) -> tuple[str, dic
         rep = c.get_run(report_id)
         plots = [f.path for f in c.list_artifacts(report_id) if f.path.endswith(".png")]
         where = {"report_run": report_id, "experiment_id": rep.info.experiment_id, "artifact_uri": rep.info.artifact_uri, "plots": plots}
+        where["analyses"] = {
+            node: [c.get_run(aid).info.artifact_uri.rstrip("/") + "/" + f.path for f in c.list_artifacts(aid) if f.path.endswith(".png")]
+            for node, aid in json.loads(run.data.tags.get(ANALYSIS_RUNS_TAG, "{}")).items()
+        }
     return table, where

@@ -183,3 +183,13 @@ def test_the_mutual_information_analysis_gives_every_block_an_estimate(first: An
     rows = ArtifactStore(c).load_table(res.run_id, "mutual_information").to_pylist()
     assert [r["index"] for r in rows] == list(range(1, res.summary["blocks"] + 1))
     assert all(0.0 <= r["mi"] <= math.log(60) + 1e-6 for r in rows)
+
+
+@pytest.mark.ray
+def test_the_pipeline_run_links_every_analysis_plot(first: Any, mlflow_uri: str) -> None:
+    from pipeline.runner import study_report
+
+    _, where = study_report(first.parent_run_id, mlflow_uri)
+    assert set(where["analyses"]) == {"seed0/analyze/rank", "seed0/joint/analyze/landscape", "seed0/analyze/mutual_information"}
+    assert [p.rsplit("/", 1)[-1] for p in where["analyses"]["seed0/analyze/rank"]] == ["rank.png"]
+    assert first.analyses == {n: first.results[n].run_id for n in where["analyses"]}
