@@ -109,6 +109,8 @@ def _phase_config(spec: StudySpec, phase: str, seed: int) -> dict[str, Any]:
     }
     if phase != "P1":  # P1 keeps its final exit's best epoch; P2 and P3 follow search.selection
         cfg["selection"] = spec.search.selection
+    if phase == "P2" and spec.analyses.gradient_dominance.enabled:  # measured while P2 trains (Fig. 4)
+        cfg["train"]["gradient_dominance_every"] = spec.analyses.gradient_dominance.every
     if pc.is_search():
         search = spec.search.model_dump(mode="json", exclude={"selection"})
         search.pop("max_concurrent_trials")  # how fast, not what: keep it out of the key

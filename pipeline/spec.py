@@ -288,8 +288,17 @@ class MutualInformationAnalysis(_Model):
     draws: Int = Field(4, ge=1)  # Monte Carlo noise draws per sample
 
 
+class GradientDominanceAnalysis(_Model):
+    """During P2 (joint, mixed): each exit's gradient on the backbone against the total (paper Fig. 4).
+    Measured inside training: switching it on re-trains those P2 phases."""
+
+    enabled: bool = False
+    every: Int = Field(10, ge=1)  # measure every N training steps of an epoch (the epoch's mean is logged)
+
+
 class AnalysesConfig(_Model):
     rank: RankAnalysis = Field(default_factory=RankAnalysis)
+    gradient_dominance: GradientDominanceAnalysis = Field(default_factory=GradientDominanceAnalysis)
     mutual_information: MutualInformationAnalysis = Field(default_factory=MutualInformationAnalysis)
     landscape: LandscapeAnalysis = Field(default_factory=LandscapeAnalysis)
 

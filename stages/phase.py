@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
 import pyarrow as pa
 
 from pipeline.resolve import data_spec, loop_config, net_spec
-from pipeline.stage import Checkpoint, StageContext, StageFailed, StageInput, StageResult, Table
+from pipeline.stage import Checkpoint, File, StageContext, StageFailed, StageInput, StageResult, Table
 from stages.core.data import DataSpec, dataset_info
 from stages.core.nets import NetSpec
-from stages.train import HISTORY, PhaseJob, PhaseOutcome, scaling_config
+from stages.train import GRADIENT_DOMINANCE, HISTORY, PhaseJob, PhaseOutcome, scaling_config
 
 if TYPE_CHECKING:
     from pipeline.graph import Node
@@ -61,7 +62,7 @@ def phase_params(node: Node) -> dict[str, str]:
 
 
 def phase_result(node: Node, inputs: list[StageInput], job: PhaseJob, ns: NetSpec, outcome: PhaseOutcome, lr: float,
-                 diverged: dict[str, list[str]] | None = None) -> StageResult:
+                 diverged: dict[str, list[str]] | None = None, workdir: Path | None = None) -> StageResult:
     """The phase's best model, its history and its summary: the lrs chosen so far (lineage) and any diverged."""
     phase = job.phase
     lineage = {**(inputs[0].summary.get("lrs", {}) if inputs else {}), phase: lr}
@@ -72,6 +73,13 @@ def phase_result(node: Node, inputs: list[StageInput], job: PhaseJob, ns: NetSpe
     })]
     if outcome.history:
         artifacts.append(Table(HISTORY.name, pa.Table.from_pylist(_history_rows(outcome.history))))
+    dominance = [{"epoch": int(m["epoch"]), "exit": int(k.removeprefix("grad_cos_")), "cosine": float(v)}
+                 for m in outcome.history for k, v in m.items() if k.startswith("grad_cos_")]
+    if dominance and workdir is not None:  # measured during P2 (analyses.gradient_dominance)
+        from stages.core.analysis.gradient_dominance import plot_dominance
+
+        artifacts.append(Table(GRADIENT_DOMINANCE.name, pa.Table.from_pylist(dominance)))
+        artifacts.append(File(plot_dominance(dominance, workdir / "gradient_dominance.png", f"{node.id}: gradient dominance")))
     return StageResult(
         artifacts=artifacts,
         params={"chosen_lr": str(lr)},

@@ -23,7 +23,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 
-from pipeline.stage import CHECKPOINT, Stage, StageContext, StageInput, StageResult, TableKind, register_stage
+from pipeline.stage import CHECKPOINT, FILES, Stage, StageContext, StageInput, StageResult, TableKind, register_stage
 from stages.core import faults
 from stages.core.data import DataSpec, load_splits, make_loader
 from stages.core.flops import exit_flops
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # data.download only fetches what is missing; a phase never reads the test split
 PHASE_UNKEYED = (("data", "download"), ("data", "test_subset"))
 HISTORY = TableKind("history", "history.parquet", ("epoch", "train_loss", "val_acc_mean", "val_acc_final"))
+GRADIENT_DOMINANCE = TableKind("gradient_dominance", "gradient_dominance.parquet", ("epoch", "exit", "cosine"))
 STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory: the full resumable state
 PROGRESS_FILE = "progress.json"  # beside it: history and early stopping, small enough to read for every trial
 InitFrom = Callable[[], dict[str, torch.Tensor]]  # loads the input model's state (on the worker)
@@ -303,7 +304,7 @@ class Train(Stage):
 
     kind = "train"
     reads = (CHECKPOINT,)  # the input model (P3 and mixed P2 start from P1), loaded on the worker
-    writes = (CHECKPOINT, HISTORY)
+    writes = (CHECKPOINT, HISTORY, GRADIENT_DOMINANCE, FILES)
     code = ("stages.train", "stages.phase", "pipeline.resolve")
     unkeyed = PHASE_UNKEYED
 
@@ -326,4 +327,4 @@ class Train(Stage):
         if outcome.diverged:
             raise PhaseDiverged(f"{node.id} diverged: {outcome.diverged} (lr={lr:g}); lower phases.{job.phase}.lr "
                                 f"or set phases.{job.phase}.grad_clip", {DIVERGED_TAG: outcome.diverged})
-        return phase_result(node, inputs, job, ns, outcome, lr)
+        return phase_result(node, inputs, job, ns, outcome, lr, workdir=ctx.workdir)

@@ -26,7 +26,7 @@ from pipeline.stage import CHECKPOINT, FILES, File, Stage, StageContext, StageIn
 from stages.core import faults
 from stages.core.progress import brief
 from stages.phase import DIVERGED_TAG, describe_phase, phase_job, phase_params, phase_result, run_name, scaling
-from stages.train import HISTORY, PHASE_UNKEYED, PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint, progress_from_checkpoint
+from stages.train import GRADIENT_DOMINANCE, HISTORY, PHASE_UNKEYED, PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint, progress_from_checkpoint
 
 if TYPE_CHECKING:
     from pipeline.graph import Node
@@ -256,7 +256,7 @@ class Tune(Stage):
 
     kind = "tune"
     reads = (CHECKPOINT,)
-    writes = (CHECKPOINT, HISTORY, TRIALS, FILES)
+    writes = (CHECKPOINT, HISTORY, GRADIENT_DOMINANCE, TRIALS, FILES)
     code = ("stages.tune", "stages.phase", "pipeline.resolve")
     unkeyed = PHASE_UNKEYED
 
@@ -291,7 +291,8 @@ class Tune(Stage):
         trial_runs.adopt(name, search)
         trials = sorted(search.trials, key=lambda t: t.lr)
         bad = [f"lr={t.lr:g}: {t.diverged}" for t in trials if t.diverged]
-        result = phase_result(node, inputs, job, ns, search.outcome, search.best.lr, {job.phase: bad} if bad else None)
+        result = phase_result(node, inputs, job, ns, search.outcome, search.best.lr, {job.phase: bad} if bad else None,
+                              workdir=ctx.workdir)
         rows = [{"trial": t.trial, "lr": t.lr, "best_val": t.best_val, "epochs": t.epochs, "stopped_early": t.stopped_early,
                  "stopped_by": t.stopped_by, "diverged": t.diverged, "chosen": t.trial == search.best.trial} for t in trials]
         plot = plot_lr_search([r["lr"] for r in rows], [r["best_val"] for r in rows], search.best.lr,

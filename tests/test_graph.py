@@ -364,7 +364,7 @@ def test_evaluate_tasks_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(
 # Base study: three regimes, P2 searched (so the search settings matter somewhere).
 # The analyses are on: rank reads P1's, mixed's and joint's models; a landscape each final model.
 RULE_BASE = ["phases.P2.lr=[1e-3, 1e-2]", "analyses.rank.enabled=true", "analyses.landscape.enabled=true",
-             "analyses.mutual_information.enabled=true"]
+             "analyses.mutual_information.enabled=true", "analyses.gradient_dominance.enabled=true"]
 _MI = {"seed0/analyze/mutual_information"}  # reads the same models as rank
 _RANK = {"seed0/analyze/rank", *_MI}
 _LAND = {f"seed0/{r}/analyze/landscape" for r in ("joint", "disjoint", "mixed")}
@@ -424,6 +424,8 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "analyses.rank.samples": ("100", _RANK - _MI),
     "analyses.rank.features": ("500", _RANK - _MI),
     "analyses.rank.rtol": ("1e-6", _RANK - _MI),
+    "analyses.gradient_dominance.enabled": ("false", _P2),  # measured while P2 trains: P2 re-trains
+    "analyses.gradient_dominance.every": ("5", _P2),
     "analyses.mutual_information.enabled": ("false", _NONE),
     "analyses.mutual_information.split": ("val", _MI),
     "analyses.mutual_information.samples": ("100", _MI),

@@ -4,7 +4,8 @@
 module alone. Its `plan` adds one node per evaluated model; the DAG runs it like any built-in
 stage, its table is typed (its declared schema) and hashed, and a re-run reuses it. The same
 study switches on the built-in analyses (`analyses.rank`, `analyses.landscape`,
-`analyses.mutual_information`), stages that join the graph the same way.
+`analyses.mutual_information`: stages that join the graph the same way; and
+`analyses.gradient_dominance`, measured inside P2's training).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def spec(tmp_path_factory: pytest.TempPathFactory) -> StudySpec:
     return tiny_spec(storage, "regimes=[joint]", "tracking.experiment=toy-stage", "analyses.rank.enabled=true",
                      "analyses.rank.samples=100", "analyses.landscape.enabled=true", "analyses.landscape.samples=50",
                      "analyses.landscape.steps=3", "analyses.mutual_information.enabled=true",
-                     "analyses.mutual_information.samples=60", "analyses.mutual_information.draws=1", epochs=1)
+                     "analyses.mutual_information.samples=60", "analyses.mutual_information.draws=1",
+                     "analyses.gradient_dominance.enabled=true", "analyses.gradient_dominance.every=5", epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +195,33 @@ def test_the_pipeline_run_links_every_analysis_plot(first: Any, mlflow_uri: str)
     assert set(where["analyses"]) == {"seed0/analyze/rank", "seed0/joint/analyze/landscape", "seed0/analyze/mutual_information"}
     assert [p.rsplit("/", 1)[-1] for p in where["analyses"]["seed0/analyze/rank"]] == ["rank.png"]
     assert first.analyses == {n: first.results[n].run_id for n in where["analyses"]}
+
+
+@pytest.mark.ray
+def test_switching_an_analysis_off_or_changing_its_grid_reruns_only_it(first: Any, spec: StudySpec, mlflow_uri: str) -> None:
+    from pipeline.runner import run_study
+
+    off = spec.model_copy(update={"analyses": spec.analyses.model_copy(
+        update={"landscape": spec.analyses.landscape.model_copy(update={"enabled": False})})})
+    result = run_study(off, mlflow_uri, progress=lambda _: None)
+    assert "seed0/joint/analyze/landscape" not in result.results and set(result.cache_hits) == set(result.results)
+    grid = spec.model_copy(update={"analyses": spec.analyses.model_copy(
+        update={"landscape": spec.analyses.landscape.model_copy(update={"span": 0.5})})})
+    result = run_study(grid, mlflow_uri, progress=lambda _: None)
+    assert set(result.results) - set(result.cache_hits) == {"seed0/joint/analyze/landscape"}
+
+
+@pytest.mark.ray
+def test_gradient_dominance_is_measured_during_joint_p2(first: Any, mlflow_store: Any) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.artifacts import ArtifactStore
+
+    run_id = first.results["seed0/joint/P2"].run_id
+    c = MlflowClient(mlflow_store.uri)
+    rows = ArtifactStore(c).load_table(run_id, "gradient_dominance").to_pylist()
+    exits = sorted({r["exit"] for r in rows})
+    assert exits == list(range(len(exits))) and len(exits) >= 2 and {r["epoch"] for r in rows} == {0}
+    assert all(-1.0 <= r["cosine"] <= 1.0 for r in rows)
+    assert "exitflow.sha256.gradient_dominance.png" in c.get_run(run_id).data.tags
+    assert c.get_run(run_id).data.metrics[f"grad_cos_{exits[-1]}"] == pytest.approx(rows[-1]["cosine"])

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from stages.core.analysis.gradient_dominance import GradientDominance
 from stages.core.early_stopping import EarlyStopping
 from stages.core.phases import (
     LossWeighting,
@@ -86,6 +87,7 @@ class PhaseConfig:
     bf16: bool = False  # bf16 autocast on CUDA; a no-op on CPU (CPU autocast is slow on most CPUs)
     channels_last: bool = False  # channels-last net and 4-D inputs on CUDA; a no-op on CPU
     selection: Selection = "mean"  # val accuracy that picks the best state: final exit or mean over exits (P2)
+    gradient_dominance_every: int = 0  # P2: measure each exit's gradient dominance every N steps (0: off)
 
     def __post_init__(self) -> None:
         for name, kind in (("optimizer", OptimizerName), ("schedule", Schedule), ("selection", Selection),
@@ -97,6 +99,8 @@ class PhaseConfig:
             raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= label_smoothing < 1: {self}")
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1 or self.warmup_epochs < 0:
             raise ValueError(f"need batch_size, max_epochs, patience >= 1 and warmup_epochs >= 0: {self}")
+        if self.gradient_dominance_every < 0:
+            raise ValueError(f"gradient_dominance_every must be >= 0 (0: off), got {self.gradient_dominance_every}")
         if self.step_epochs < 1 or (self.kaya_epochs is not None and self.kaya_epochs < 1):
             raise ValueError(f"need step_epochs >= 1 and kaya_epochs >= 1: {self}")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -271,11 +275,16 @@ def train_one_epoch(
     nonfinite = torch.full((), NO_STEP, dtype=torch.float64, device=device)
     start = time.perf_counter()
     steps = len(loader) if on_step is not None else 0  # type: ignore[arg-type]
+    method = unwrap(net).method
+    probe = (GradientDominance(unwrap(net).backbone, weights, method.losses, loss_fn, cfg.gradient_dominance_every)
+             if cfg.gradient_dominance_every and phase == "P2" else None)
     for step, (x, y) in enumerate(loader):
         x, y = _to_device(x, y, device, cfg)
         with _autocast(device, cfg.bf16):
             logits = net(x)
-            loss, per_exit = phase_loss(logits, y, phase, weights, loss_fn, unwrap(net).method.losses)
+            loss, per_exit = phase_loss(logits, y, phase, weights, loss_fn, method.losses)
+            if probe is not None:
+                probe.maybe_measure(step, logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -302,6 +311,7 @@ def train_one_epoch(
         "train_loss_per_exit": [s / count for s in totals[1:-1]],
         "samples_per_s": local_samples / elapsed if elapsed > 0 else float("inf"),
         "num_samples": int(count),
+        "gradient_dominance": probe.means() if probe is not None else [],
     }
 
 
@@ -563,6 +573,7 @@ def _epoch_metrics(epoch: int, train: dict[str, Any], val: dict[str, Any], score
         "epoch_time": seconds,
         "nonfinite_step": float(train["nonfinite_step"]),
     })
+    metrics.update({f"grad_cos_{k}": v for k, v in enumerate(train.get("gradient_dominance", []))})
     return metrics
 
 
