@@ -111,6 +111,16 @@ class RunSettings:
     def threads(self) -> int:
         return self.torch_threads or max(1, int(self.cpus_per_worker))
 
+    def net_task(self) -> Resources:
+        """What a task that runs a net itself holds (evaluate, analyses): a worker's CPUs, and its GPU when the study has them."""
+        return Resources(self.cpus_per_worker, self.gpus_per_worker if self.use_gpu else 0.0)
+
+    def device(self) -> str:
+        """Where such a task runs the net: the task's GPU when the study has GPUs and one is visible, else CPU."""
+        import torch
+
+        return "cuda" if self.use_gpu and torch.cuda.is_available() else "cpu"
+
 
 class StageInput(Protocol):
     """A finished input node, as a stage sees it: only the kinds its stage `reads` can be loaded."""

@@ -27,8 +27,3 @@ def load_model(model: StageInput, device: str) -> Any:
     net.load_state_dict(state)
     return net.to(device).eval()
 
-
-def device_for(settings: Any) -> str:
-    import torch
-
-    return "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"

@@ -13,7 +13,7 @@ import pyarrow as pa
 from pipeline.resolve import data_spec
 from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult,
                             Table, TableKind, register_stage)
-from stages.analysis_inputs import device_for, load_model
+from stages.analysis_inputs import load_model
 
 if TYPE_CHECKING:
     from pipeline.graph import Graph, Node
@@ -47,7 +47,7 @@ class Landscape(Stage):
         return nodes
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
-        return Resources(settings.cpus_per_worker, settings.gpus_per_worker if settings.use_gpu else 0.0)
+        return settings.net_task()
 
     def describe(self, summary: dict[str, Any]) -> str:
         return f" centre_loss={summary.get('centre_loss', float('nan')):.4f} points={summary.get('points')}"
@@ -59,7 +59,7 @@ class Landscape(Stage):
 
         cfg = node.config
         seed = int(cfg["seed"])
-        device = device_for(ctx.settings)
+        device = ctx.settings.device()
         x, y = analysis_batch(load_splits(data_spec(cfg["data"]), seed), cfg["split"], int(cfg["samples"]), seed)
         [model] = inputs
         rows = loss_landscape(load_model(model, device), x.to(device), y.to(device), int(cfg["steps"]), float(cfg["span"]), seed)

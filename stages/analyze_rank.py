@@ -14,7 +14,7 @@ import pyarrow as pa
 from pipeline.resolve import data_spec
 from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult,
                             Table, TableKind, register_stage)
-from stages.analysis_inputs import compared_models, device_for, load_model
+from stages.analysis_inputs import compared_models, load_model
 
 if TYPE_CHECKING:
     from pipeline.graph import Graph, Node
@@ -49,7 +49,7 @@ class Rank(Stage):
         return nodes
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
-        return Resources(settings.cpus_per_worker, settings.gpus_per_worker if settings.use_gpu else 0.0)
+        return settings.net_task()
 
     def describe(self, summary: dict[str, Any]) -> str:
         return f" layers={summary.get('layers')}"
@@ -60,7 +60,7 @@ class Rank(Stage):
         from stages.core.data import load_splits
 
         cfg = node.config
-        device = device_for(ctx.settings)
+        device = ctx.settings.device()
         x, _ = analysis_batch(load_splits(data_spec(cfg["data"]), int(cfg["seed"])), cfg["split"], int(cfg["samples"]), int(cfg["seed"]))
         ranks = {}
         for label, model in zip(cfg["models"], inputs, strict=True):

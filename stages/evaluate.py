@@ -30,14 +30,12 @@ class Evaluate(Stage):
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
         """The net runs over the test set in the task itself: a worker's CPUs, and its GPU when the study has them."""
-        return Resources(settings.cpus_per_worker, settings.gpus_per_worker if settings.use_gpu else 0.0)
+        return settings.net_task()
 
     def describe(self, summary: dict[str, Any]) -> str:
         return f" test_acc_final={summary.get('test_acc_final', float('nan')):.4f}"
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        import torch
-
         from stages.core import evaluate
         from stages.core.nets import NetSpec
 
@@ -45,7 +43,7 @@ class Evaluate(Stage):
         state, spec = model.checkpoint()
         ev, cfg = node.config["evaluation"], node.config
         # The curve maths runs on CPU either way, from the cached logits.
-        device = "cuda" if ctx.settings.use_gpu and torch.cuda.is_available() else "cpu"
+        device = ctx.settings.device()
         out = evaluate.run(NetSpec.from_dict(spec["net"]), state, data_spec(cfg["data"]), int(cfg["seed"]),
                            list(ev["criteria"]), int(ev["thresholds"]), int(ev["batch_size"]), ev["threshold_spacing"], device)
         faults.hit(ctx.fault_plan, "evaluate", node=node.id)

@@ -19,13 +19,13 @@ Validated against the closed form for correlated Gaussians (`tests/test_analysis
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from stages.core.analysis.capture import capture_outputs
 
 
 def mi_pairwise_bounds(h: Tensor, s: float) -> tuple[float, float]:
@@ -68,29 +68,13 @@ class LayerMI:
     dims: int
 
 
-@contextmanager
-def capture_block_outputs(net: nn.Module) -> Iterator[dict[int, Tensor]]:
-    """While inside, every backbone block of a MultiExitNet records its output by block number."""
-    outputs: dict[int, Tensor] = {}
-    handles = []
-    for number, block in enumerate(net.backbone.blocks, start=1):  # type: ignore[union-attr]
-        def hook(_: nn.Module, __: tuple[Tensor, ...], out: Tensor, number: int = number) -> None:
-            outputs[number] = out.detach().flatten(1).float().cpu()
-        handles.append(block.register_forward_hook(hook))
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.no_grad()
 def block_mutual_information(net: nn.Module, x: Tensor, noise: float = 0.1, draws: int = 4, seed: int = 0) -> list[LayerMI]:
     """I(X; Z_b) for every backbone block b on the batch `x` (net in eval mode)."""
     was_training = net.training
     net.eval()
     try:
-        with capture_block_outputs(net) as outputs:
+        with capture_outputs(enumerate(net.backbone.blocks, start=1)) as outputs:  # by block number
             net(x)
     finally:
         net.train(was_training)

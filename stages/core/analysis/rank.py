@@ -16,13 +16,14 @@ computed in (float32), not of the float64 the SVD runs in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ContextManager
 
 import torch
 from torch import Tensor, nn
+
+from stages.core.analysis.capture import capture_outputs
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
@@ -49,21 +50,9 @@ def numerical_rank(matrix: Tensor, rtol: float | None = None) -> int:
     return int((s > tol).sum())
 
 
-@contextmanager
-def capture_layer_outputs(module: nn.Module, types: tuple[type[nn.Module], ...] = LAYER_TYPES) -> Iterator[dict[str, Tensor]]:
+def capture_layer_outputs(module: nn.Module, types: tuple[type[nn.Module], ...] = LAYER_TYPES) -> ContextManager[dict[str, Tensor]]:
     """While inside, every `types` layer of `module` records its output (flattened per sample), by name, in call order."""
-    outputs: dict[str, Tensor] = {}
-    handles = []
-    for name, layer in module.named_modules():
-        if isinstance(layer, types):
-            def hook(_: nn.Module, __: tuple[Tensor, ...], out: Tensor, name: str = name) -> None:
-                outputs[name] = out.detach().flatten(1).float().cpu()
-            handles.append(layer.register_forward_hook(hook))
-    try:
-        yield outputs
-    finally:
-        for h in handles:
-            h.remove()
+    return capture_outputs((name, layer) for name, layer in module.named_modules() if isinstance(layer, types))
 
 
 def feature_subset(columns: int, features: int) -> Tensor | None:
