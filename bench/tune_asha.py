@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from pipeline.resolve import data_spec, loop_config, net_spec
+from pipeline.resolve import data_spec, net_choice, phase_config, sized_net
 from pipeline.runner import local_env
 from pipeline.spec import load_spec
 from stages.core.data import dataset_info
@@ -32,16 +32,14 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
 def p1_job(epochs: int) -> PhaseJob:
     """P1 of the digits example, with `epochs` as its cap."""
     study = load_spec(EXAMPLE, [f"phases.P1.max_epochs={epochs}"])
-    phase = study.phases.P1
-    data = data_spec(study.data.model_dump(mode="json"))
-    net = net_spec(study.net.model_dump(mode="json"), dataset_info(data))
-    train = loop_config(phase.model_dump(mode="json"), "P1", "final")
-    return PhaseJob(phase="P1", seed=0, data=data.to_dict(), net=net.to_dict(), train=train.to_dict(),
-                    selection="final", torch_threads=1, label="bench/P1")
+    data = data_spec(study)
+    net = sized_net(net_choice(study), dataset_info(data))
+    train = phase_config(study, "P1")
+    return PhaseJob(phase="P1", seed=0, data=data, net=net, train=train, selection="final", torch_threads=1, label="bench/P1")
 
 
 def search(job: PhaseJob, grid: tuple[float, ...], scheduler: str, grace: int, storage: str) -> tuple[SearchOutcome, float]:
-    plan = SearchPlan(grid=grid, scheduler=scheduler, grace_period=grace, reduction_factor=2, max_concurrent_trials=2)
+    plan = SearchPlan(grid=grid, scheduler=scheduler, grace_period=grace, reduction_factor=2)
     start = time.perf_counter()
     out = run_search(job, plan, scaling_config(1, False, 1.0, 0.0), f"bench-{scheduler}", storage, 0)
     return out, time.perf_counter() - start

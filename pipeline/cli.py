@@ -82,7 +82,7 @@ def plan(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None) -> Non
 @app.command()
 def run(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None, address: AddressOpt = None) -> None:
     """Run the study (or reuse what is cached) and print the budget table."""
-    from pipeline.runner import StudyFailed, run_study
+    from pipeline.runner import ClusterError, StudyFailed, run_study
     from pipeline.tracking import TrackingError
 
     study = _load(spec, set_)
@@ -90,7 +90,7 @@ def run(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None, address
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = run_study(study, tracking_uri, address, progress=lambda m: typer.echo(m, err=True))
-    except SpecError as e:
+    except (SpecError, ClusterError) as e:
         raise _fail(f"exitflow: {e}") from None
     except TrackingError as e:
         raise _fail(f"exitflow: tracking store: {e}") from None

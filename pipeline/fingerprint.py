@@ -40,11 +40,21 @@ def _module_file(name: str, root: Path) -> Path | None:
     return Path(origin) if origin and origin.endswith(".py") else None
 
 
+def _type_only(tree: ast.Module) -> set[int]:
+    """ids of the nodes under `if TYPE_CHECKING:` blocks: imports for annotations, which never run."""
+    return {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and isinstance(block.test, ast.Name)
+            and block.test.id == "TYPE_CHECKING" for stmt in block.body for n in ast.walk(stmt)}
+
+
 def _imports(path: Path, name: str) -> set[str]:
-    """Project modules imported anywhere in the file (top level or inside functions)."""
+    """Project modules imported anywhere in the file (top level or inside functions), less type-only imports."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    skipped = _type_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

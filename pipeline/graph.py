@@ -2,13 +2,15 @@
 
 Per seed: one P1 node feeds both disjoint (P3) and mixed (P2), so the backbone is never
 trained twice; joint is a P2 node from scratch; every final model feeds an evaluate node;
-one report node joins all regimes and seeds. A node's key hashes its kind, its resolved
-config, its inputs' keys, the package version and a fingerprint of the code that computes it
-(`pipeline/fingerprint.py`).
+one report node joins all regimes and seeds. Each node's config is one frozen dataclass of its
+stage kind (made of the core's own configs: DataSpec, NetChoice, loop.PhaseConfig...), and its
+key hashes exactly that config, its inputs' keys, the package version and a fingerprint of the
+code that computes it (`pipeline/fingerprint.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import graphlib
 import hashlib
 import json
@@ -28,11 +30,12 @@ STARTS_FROM_P1 = {"joint": False, "disjoint": True, "mixed": True}
 
 @dataclass(frozen=True)
 class Node:
-    """One stage of the study. `config` is everything that changes its result."""
+    """One stage of the study. `config` is everything that changes its result: a frozen dataclass
+    of its stage kind, handed as it is to the stage's Ray task."""
 
     id: str  # human-readable and unique, e.g. "seed0/P1", "seed0/mixed/P2", "report"
     kind: str  # a registered stage kind (pipeline/stage.py)
-    config: dict[str, Any]
+    config: Any
     inputs: tuple[str, ...] = ()
     phase: str | None = None  # P1 | P2 | P3
     regime: str | None = None  # joint | disjoint | mixed | shared
@@ -76,17 +79,20 @@ class Graph:
         return [n for n in self.nodes.values() if n.kind in ("train", "tune")]
 
 
-def _keyed(kind: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The config less the fields its stage kind declares `unkeyed` (received, but never changing the result)."""
-    out = dict(config)
+def _keyed(kind: str, config: Any) -> dict[str, Any]:
+    """The config as plain values, less the fields its stage kind declares `unkeyed` (received, but
+    never changing the result)."""
+    if not (dataclasses.is_dataclass(config) and not isinstance(config, type) and config.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+        raise TypeError(f"a {kind} node's config must be a frozen dataclass, got {type(config).__name__}")
+    out = dataclasses.asdict(config)
     for section, name in get_stage(kind).unkeyed:
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if k != name}
     return out
 
 
-def cache_key(kind: str, config: dict[str, Any], input_keys: list[str]) -> str:
-    """Content hash of a stage: kind, resolved config (less its unkeyed fields), inputs' keys, the code that computes it."""
+def cache_key(kind: str, config: Any, input_keys: list[str]) -> str:
+    """Content hash of a stage: kind, config (less its unkeyed fields), inputs' keys, the code that computes it."""
     blob = json.dumps(
         {"kind": kind, "config": _keyed(kind, config), "inputs": input_keys, "version": __version__,
          "code": fingerprint(get_stage(kind).code)},
@@ -97,38 +103,37 @@ def cache_key(kind: str, config: dict[str, Any], input_keys: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _phase_config(spec: StudySpec, phase: str, seed: int) -> dict[str, Any]:
-    """A train or tune node's config; a tune node's `search` holds the resolved learning rates to try."""
+def _phase_config(spec: StudySpec, phase: str, seed: int) -> Any:
+    """A train or tune node's config; a tune node's `search` holds the learning rates to try."""
+    from pipeline import resolve
+    from stages.phase import PhaseNodeConfig
+    from stages.tune import SearchPlan
+
     pc = getattr(spec.phases, phase)
-    cfg: dict[str, Any] = {
-        "phase": phase,
-        "seed": seed,
-        "data": spec.data.model_dump(mode="json"),
-        "net": spec.net.model_dump(mode="json"),
-        "train": pc.model_dump(mode="json"),
-    }
-    if phase != "P1":  # P1 keeps its final exit's best epoch; P2 and P3 follow search.selection
-        cfg["selection"] = spec.search.selection
-    if phase == "P2" and spec.analyses.gradient_dominance.enabled:  # measured while P2 trains (Fig. 4)
-        cfg["train"]["gradient_dominance_every"] = spec.analyses.gradient_dominance.every
+    search = None
     if pc.is_search():
-        search = spec.search.model_dump(mode="json", exclude={"selection"})
-        search.pop("max_concurrent_trials")  # how fast, not what: keep it out of the key
-        if search["scheduler"] != "asha":  # ASHA's settings change nothing without ASHA
-            search.pop("grace_period")
-            search.pop("reduction_factor")
         values = pc.lr_values()  # a grid (a list or a preset), or None for a log-uniform range
-        search["grid"] = values
-        search["loguniform"] = list(pc.lr.loguniform) if values is None else None  # type: ignore[union-attr]
-        search["num_samples"] = 1 if values is not None else pc.lr.num_samples  # type: ignore[union-attr]
-        cfg["search"] = search
-    return cfg
+        asha = spec.search.scheduler == "asha"  # ASHA's settings change nothing without ASHA: defaults then
+        search = SearchPlan(
+            grid=tuple(values) if values is not None else None,
+            loguniform=tuple(pc.lr.loguniform) if values is None else None,  # type: ignore[union-attr]
+            num_samples=1 if values is not None else pc.lr.num_samples,  # type: ignore[union-attr]
+            scheduler=spec.search.scheduler,
+            **({"grace_period": spec.search.grace_period, "reduction_factor": spec.search.reduction_factor} if asha else {}),
+        )
+    return PhaseNodeConfig(phase=phase, seed=seed, data=resolve.data_spec(spec), net=resolve.net_choice(spec),
+                           train=resolve.phase_config(spec, phase), selection=resolve.selection(spec, phase), search=search)
 
 
 def build_graph(spec: StudySpec) -> Graph:
     """The whole study as a DAG; validated (acyclic, inputs present) before anything runs."""
+    from pipeline.resolve import data_spec
+    from stages.evaluate import EvaluateConfig
+    from stages.report import ReportConfig
+
     g = Graph()
     regimes = list(spec.regimes)
+    ev = spec.evaluation
     p1_users = [r for r in regimes if STARTS_FROM_P1[r]]
 
     add = g.add
@@ -144,11 +149,9 @@ def build_graph(spec: StudySpec) -> Graph:
                 Node(
                     id=f"{s}/{regime}/evaluate",
                     kind="evaluate",
-                    config={
-                        "seed": seed,
-                        "data": spec.data.model_dump(mode="json"),
-                        "evaluation": spec.evaluation.model_dump(mode="json", exclude={"budgets"}),
-                    },
+                    config=EvaluateConfig(seed=seed, data=data_spec(spec), criteria=tuple(ev.criteria),
+                                          thresholds=ev.thresholds, threshold_spacing=ev.threshold_spacing,
+                                          batch_size=ev.batch_size),
                     inputs=(f"{s}/{regime}/{phase}",),
                     phase=phase,
                     regime=regime,
@@ -159,8 +162,8 @@ def build_graph(spec: StudySpec) -> Graph:
         Node(
             id="report",
             kind="report",
-            config={"budgets": list(spec.evaluation.budgets), "criteria": list(spec.evaluation.criteria),
-                    "regimes": regimes, "seeds": list(spec.seeds)},
+            config=ReportConfig(budgets=tuple(ev.budgets), criteria=tuple(ev.criteria), regimes=tuple(regimes),
+                                seeds=tuple(spec.seeds)),
             inputs=tuple(f"seed{s}/{r}/evaluate" for s in spec.seeds for r in regimes),
         )
     )
@@ -172,7 +175,7 @@ def build_graph(spec: StudySpec) -> Graph:
 
 def _phase_node(spec: StudySpec, node_id: str, phase: str, regime: str, seed: int, inputs: tuple[str, ...]) -> Node:
     cfg = _phase_config(spec, phase, seed)
-    kind = "tune" if "search" in cfg else "train"
+    kind = "tune" if cfg.search is not None else "train"
     return Node(id=node_id, kind=kind, config=cfg, inputs=inputs, phase=phase, regime=regime, seed=seed)
 
 

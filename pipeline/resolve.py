@@ -1,4 +1,5 @@
-"""Spec sections -> the core's frozen configs (DataSpec, NetSpec, loop.PhaseConfig).
+"""Spec sections -> the core's frozen configs (DataSpec, NetChoice, loop.PhaseConfig): the one place
+the validated spec becomes what the stages receive (inside each node's typed config).
 
 Also the up-front checks: a bad dataset or a net that cannot be built fails here, before
 Ray starts or anything is written to the tracking store.
@@ -8,58 +9,58 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from stages.core.data import DataSpec, DatasetInfo, check_dataset
-from stages.core.loop import PhaseConfig as LoopPhaseConfig
-from stages.core.nets import NetSpec, create_net
+from stages.core.loop import PhaseConfig
+from stages.core.nets import NetChoice, NetSpec, create_net
 
 from pipeline.spec import SpecError, StudySpec
 
 
-
-def data_spec(data: dict[str, Any]) -> DataSpec:
-    return DataSpec.from_dict(data)
-
-
-def net_spec(net: dict[str, Any], info: DatasetInfo) -> NetSpec:
-    d = dict(net)
-    exits = d.pop("exits")
-    return NetSpec(
-        num_classes=info.num_classes,
-        in_chans=info.in_chans,
-        img_size=info.img_size,
-        exits=tuple(exits) if exits is not None else None,
-        **d,
-    )
+def data_spec(spec: StudySpec) -> DataSpec:
+    return DataSpec.from_dict(spec.data.model_dump(mode="json"))
 
 
-def loop_config(train: dict[str, Any], phase: str, selection: str, lr: float | None = None) -> LoopPhaseConfig:
-    """The loop's PhaseConfig for one phase; `lr` picks one value of a searched grid."""
-    d = {k: v for k, v in train.items() if k != "lr"}
-    value = lr if lr is not None else train["lr"]
-    if not isinstance(value, (int, float)):
-        value = 1e-3  # a placeholder the search replaces per trial (PhaseJob.with_lr)
+def net_choice(spec: StudySpec) -> NetChoice:
+    return NetChoice(**spec.net.model_dump(mode="json"))
+
+
+def sized_net(choice: NetChoice, info: DatasetInfo) -> NetSpec:
+    return choice.sized(info.num_classes, info.in_chans, info.img_size)
+
+
+def selection(spec: StudySpec, phase: str) -> str:
+    """The score that picks the epoch a phase keeps: P1 its final exit; P2 and P3 search.selection."""
+    return "final" if phase == "P1" else spec.search.selection
+
+
+def phase_config(spec: StudySpec, phase: str) -> PhaseConfig:
+    """The loop's PhaseConfig of one phase; a searched phase's lr is None (each trial sets its own)."""
+    section = getattr(spec.phases, phase)
+    fields = section.model_dump(mode="json", exclude={"lr"})
     # The loop's own selection, for runs without Ray; on Ray the train stage scores every epoch
-    # with stages.train.selection_score (which also knows "auc"). P1 watches its final exit.
-    return LoopPhaseConfig(lr=float(value), selection="final" if phase == "P1" or selection == "final" else "mean", **d)
+    # with stages.train.selection_score (which also knows "auc").
+    loop_selection = "final" if selection(spec, phase) == "final" else "mean"
+    every = spec.analyses.gradient_dominance.every if phase == "P2" and spec.analyses.gradient_dominance.enabled else 0
+    lr = None if section.is_search() else section.lr_values()[0]  # type: ignore[index]
+    return PhaseConfig(lr=lr, selection=loop_selection, gradient_dominance_every=every, **fields)
 
 
 def preflight(spec: StudySpec) -> tuple[DatasetInfo, NetSpec]:
     """Check the data and build the net once on CPU; raise SpecError naming the field."""
     try:
-        info = check_dataset(data_spec(spec.data.model_dump(mode="json")))
+        info = check_dataset(data_spec(spec))
     except (ValueError, OSError) as e:  # OSError: an unreadable file or folder
         raise SpecError(f"data: {e}") from None
     try:
-        ns = net_spec(spec.net.model_dump(mode="json"), info)
+        ns = sized_net(net_choice(spec), info)
         create_net(ns)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise SpecError(f"net: {e}") from None
     for phase in ("P1", "P2", "P3"):
         try:
-            loop_config(getattr(spec.phases, phase).model_dump(mode="json"), phase, spec.search.selection)
-        except ValueError as e:
+            phase_config(spec, phase)
+        except (ValueError, TypeError) as e:
             raise SpecError(f"phases.{phase}: {e}") from None
     return info, ns
 

@@ -92,6 +92,25 @@ def storage_path(spec: StudySpec) -> str:
     return p if "://" in p else str(Path(p).resolve())
 
 
+class ClusterError(RuntimeError):
+    """The Ray cluster named by --address / $RAY_ADDRESS cannot be reached or joined."""
+
+
+def check_address(address: str | None) -> None:
+    """Fail fast, before anything is stored, when a cluster address (`host:port` of its GCS) takes no
+    connections; "auto", `ray://` and a local start are left to Ray."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterError(f"--address {address!r}: expected HOST:PORT of the cluster's head (its GCS port, 6379 by default)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
+
+
 def ensure_ray(address: str | None) -> bool:
     """Join `address` / $RAY_ADDRESS, or start a local Ray; True if we started it (and stop it)."""
     if ray.is_initialized():
@@ -101,8 +120,18 @@ def ensure_ray(address: str | None) -> bool:
     os.environ.update(env)  # the driver's own MLflow clients too
     # The dashboard serves the state API, which Ray Train's placement-group cleaner needs: without
     # it, the workers' resources of a trial that Tune stops (ASHA) are never given back.
-    ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=True,
-             logging_level=logging.WARNING, configure_logging=False)
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=True,
+                 logging_level=logging.WARNING, configure_logging=False)
+    except (ConnectionError, RuntimeError) as e:
+        if not address:
+            raise
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ""
+        if "Authentication" in str(e) or "GCS" in str(e):
+            hint = (" (a cluster with token authentication needs RAY_AUTH_MODE=token and the cluster's token in "
+                    "RAY_AUTH_TOKEN; and the same Ray version as the cluster)")
+        raise ClusterError(f"could not join the Ray cluster at {address}: {why}{hint}") from None
     return True
 
 
@@ -185,6 +214,7 @@ def run_study(
     except ValueError as e:
         raise SpecError(str(e)) from None
     preflight(spec)  # bad data or nets fail here: before Ray, before the store is touched
+    check_address(address)  # and a cluster that takes no connections
     graph = build_graph(spec)
     uri = tracking.resolve_uri(tracking_uri, spec.tracking.uri)
     tracking.check_store(uri)

@@ -6,6 +6,7 @@ default that serves the embedded digits study, so an empty file is a valid spec.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -23,7 +24,9 @@ from pydantic import (
     model_validator,
 )
 
-from stages.core.allowed import DATASET_NAMES, HEAD_KINDS, MIN_SUBSET, VAL_FRACTION_BOUNDS
+from stages.core.allowed import DATASET_NAMES, HEAD_KINDS, MIN_SUBSET, NEEDS_NO_ROOT, VAL_FRACTION_BOUNDS
+from stages.core.phase_config import LossWeighting, OptimizerName, Schedule
+from stages.core.phase_config import PhaseConfig as _CorePhase
 
 Regime = Literal["joint", "disjoint", "mixed"]
 PhaseName = Literal["P1", "P2", "P3"]
@@ -72,7 +75,7 @@ class DataConfig(_Model):
 
     @model_validator(mode="after")
     def _root_needed(self) -> "DataConfig":
-        if self.name in ("parquet", "imagefolder") and not self.root:
+        if self.name not in NEEDS_NO_ROOT and not self.root:
             raise ValueError(f"data.root is required for data.name={self.name!r}")
         return self
 
@@ -84,7 +87,8 @@ class NetConfig(_Model):
     exit_every: Int | None = Field(None, ge=1)  # or one IC every n blocks ...
     exit_start: Int | None = Field(None, ge=1)  # ... from this block
     head: Literal[HEAD_KINDS] | None = None  # type: ignore[valid-type]  # IC head kind; None -> family default
-    head_norm: bool = False  # LayerNorm before a linear head
+    head_norm: bool = False  # LayerNorm before a linear or MLP head
+    head_hidden: list[Int] = Field(default_factory=list)  # an "mlp" head's hidden widths, e.g. [1024] or [2048, 2048]
     small_input: bool | None = None  # torchvision ResNets: CIFAR stem; None -> by image size
     width: Int | None = Field(None, ge=1)  # width / embed-dim override (small nets)
     depth: Int | None = Field(None, ge=1)  # block-count override where the family allows it
@@ -152,22 +156,31 @@ Budget = Annotated[
 ]
 
 
+_PHASE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(_CorePhase)}
+
+
 class PhaseConfig(_Model):
-    optimizer: Literal["sgd", "adamw", "adam"] = "adam"
-    lr: LrSpec = 3e-3  # a number, a grid (list or preset) or a log-uniform range: a list/range is tuned
-    momentum: Float = Field(0.9, ge=0.0, lt=1.0)
-    nesterov: bool = False
-    weight_decay: Float = Field(0.0, ge=0.0)
-    batch_size: Int = Field(64, ge=1)
-    max_epochs: Int = Field(15, ge=1)
-    patience: Int = Field(4, ge=1)  # early stopping: epochs with no exit improving
-    schedule: Literal["none", "cosine", "step"] = "cosine"
-    warmup_epochs: Int = Field(0, ge=0)
-    grad_clip: Float | None = Field(None, gt=0.0)
-    loss_weighting: Literal["uniform", "kaya", "han", "gradient_equilibrium"] = "uniform"
-    label_smoothing: Float = Field(0.0, ge=0.0, lt=1.0)
-    bf16: bool = False  # bf16 autocast (CUDA only; a no-op on CPU)
-    channels_last: bool = False  # NHWC memory format for conv nets on CUDA
+    """A phase's hyper-parameters: the allowed values and defaults are the core's own
+    (`stages.core.phase_config.PhaseConfig`), so the spec and the training loop cannot disagree."""
+
+    optimizer: OptimizerName = _PHASE_DEFAULTS["optimizer"]
+    lr: LrSpec = _PHASE_DEFAULTS["lr"]  # a number, a grid (list or preset) or a log-uniform range: a list/range is tuned
+    momentum: Float = Field(_PHASE_DEFAULTS["momentum"], ge=0.0, lt=1.0)
+    nesterov: bool = _PHASE_DEFAULTS["nesterov"]
+    weight_decay: Float = Field(_PHASE_DEFAULTS["weight_decay"], ge=0.0)
+    batch_size: Int = Field(_PHASE_DEFAULTS["batch_size"], ge=1)  # global: split over the Train workers
+    max_epochs: Int = Field(_PHASE_DEFAULTS["max_epochs"], ge=1)
+    patience: Int = Field(_PHASE_DEFAULTS["patience"], ge=1)  # early stopping: epochs with no exit improving
+    schedule: Schedule = _PHASE_DEFAULTS["schedule"]
+    warmup_epochs: Int = Field(_PHASE_DEFAULTS["warmup_epochs"], ge=0)
+    step_epochs: Int = Field(_PHASE_DEFAULTS["step_epochs"], ge=1)  # schedule "step": decay every this many epochs
+    step_gamma: Float = Field(_PHASE_DEFAULTS["step_gamma"], gt=0.0)  # schedule "step": the decay factor
+    grad_clip: Float | None = Field(_PHASE_DEFAULTS["grad_clip"], gt=0.0)
+    loss_weighting: LossWeighting = _PHASE_DEFAULTS["loss_weighting"]
+    kaya_epochs: Int | None = Field(_PHASE_DEFAULTS["kaya_epochs"], ge=1)  # "kaya": epochs to the IC weights' caps; None: max_epochs
+    label_smoothing: Float = Field(_PHASE_DEFAULTS["label_smoothing"], ge=0.0, lt=1.0)
+    bf16: bool = _PHASE_DEFAULTS["bf16"]  # bf16 autocast (CUDA only; a no-op on CPU)
+    channels_last: bool = _PHASE_DEFAULTS["channels_last"]  # NHWC memory format for conv nets on CUDA
 
     @field_validator("lr")
     @classmethod

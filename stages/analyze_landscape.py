@@ -6,6 +6,7 @@ regime's final model. The maths is `stages.core.analysis.landscape`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -14,10 +15,24 @@ from pipeline.resolve import data_spec
 from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult,
                             Table, TableKind, register_stage)
 from stages.analysis_inputs import load_model
+from stages.core.data import DataSpec
 
 if TYPE_CHECKING:
     from pipeline.graph import Graph, Node
     from pipeline.spec import StudySpec
+
+@dataclass(frozen=True)
+class LandscapeConfig:
+    """A landscape node's config: the batch, and the grid of points around the regime's model."""
+
+    seed: int
+    regime: str
+    data: DataSpec
+    split: str  # test | val
+    samples: int
+    steps: int  # points per axis (odd: the centre is the model)
+    span: float
+
 
 LANDSCAPE = TableKind("landscape", "landscape.parquet", ("a", "b", "exit", "loss"))
 
@@ -27,7 +42,7 @@ class Landscape(Stage):
     kind = "analyze.landscape"
     reads = (CHECKPOINT,)
     writes = (LANDSCAPE, FILES)
-    code = ("stages.analyze_landscape", "stages.core.analysis.landscape", "stages.core.analysis.batch", "pipeline.resolve")
+    code = ("stages.analyze_landscape", "stages.core.analysis.landscape", "stages.core.analysis.batch")
     unkeyed = (("data", "download"),)
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
@@ -41,7 +56,7 @@ class Landscape(Stage):
         for n in list(graph.nodes.values()):
             if n.kind == "evaluate":  # one per regime's final model: the model its evaluation reads
                 [model] = n.inputs
-                config = {"seed": n.seed, "regime": n.regime, "data": spec.data.model_dump(mode="json"), **settings}
+                config = LandscapeConfig(seed=n.seed, regime=n.regime, data=data_spec(spec), **settings)
                 nodes.append(Node(id=n.id.replace("/evaluate", "/analyze/landscape"), kind=self.kind, config=config,
                                   inputs=(model,), phase=n.phase, regime=n.regime, seed=n.seed))
         return nodes
@@ -57,14 +72,14 @@ class Landscape(Stage):
         from stages.core.analysis.landscape import loss_landscape, plot_landscape
         from stages.core.data import load_splits
 
-        cfg = node.config
-        seed = int(cfg["seed"])
+        cfg: LandscapeConfig = node.config
+        seed = cfg.seed
         device = ctx.settings.device()
-        x, y = analysis_batch(load_splits(data_spec(cfg["data"]), seed), cfg["split"], int(cfg["samples"]), seed)
+        x, y = analysis_batch(load_splits(cfg.data, seed), cfg.split, cfg.samples, seed)
         [model] = inputs
-        rows = loss_landscape(load_model(model, device), x.to(device), y.to(device), int(cfg["steps"]), float(cfg["span"]), seed)
+        rows = loss_landscape(load_model(model, device), x.to(device), y.to(device), cfg.steps, cfg.span, seed)
         centre = next(r["loss"] for r in rows if r["a"] == 0.0 and r["b"] == 0.0 and r["exit"] == -1)
-        plot = plot_landscape(rows, ctx.workdir / "landscape.png", f"{cfg['regime']}: loss around the model (seed {seed})")
+        plot = plot_landscape(rows, ctx.workdir / "landscape.png", f"{cfg.regime}: loss around the model (seed {seed})")
         return StageResult(artifacts=[Table(LANDSCAPE.name, pa.Table.from_pylist(rows)), File(plot)],
                            metrics={"centre_loss": centre, "max_loss": max(r["loss"] for r in rows if r["exit"] == -1)},
-                           summary={"centre_loss": centre, "points": int(cfg["steps"]) ** 2})
+                           summary={"centre_loss": centre, "points": cfg.steps ** 2})

@@ -6,12 +6,13 @@ cached logits); this module declares what the stage reads, writes and holds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TYPE_CHECKING
 
-from pipeline.resolve import data_spec
 from pipeline.stage import (CHECKPOINT, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, Table,
                             TableKind, register_stage)
 from stages.core import faults
+from stages.core.data import DataSpec
 
 if TYPE_CHECKING:
     from pipeline.graph import Node
@@ -20,12 +21,24 @@ EXITS = TableKind("exits", "exits.parquet", ("exit", "flops", "accuracy"))
 CURVE = TableKind("curve", "curve.parquet", ("criterion", "threshold", "flops", "accuracy"))
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """An evaluate node's config: the test split of `data` (split by `seed`), the criteria and thresholds."""
+
+    seed: int
+    data: DataSpec
+    criteria: tuple[str, ...]
+    thresholds: int
+    threshold_spacing: str  # quantile | uniform
+    batch_size: int
+
+
 @register_stage
 class Evaluate(Stage):
     kind = "evaluate"
     reads = (CHECKPOINT,)
     writes = (EXITS, CURVE)
-    code = ("stages.evaluate", "stages.core.evaluate", "pipeline.resolve")
+    code = ("stages.evaluate", "stages.core.evaluate")
     unkeyed = (("data", "download"),)  # fetching what is missing changes no result
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
@@ -41,11 +54,11 @@ class Evaluate(Stage):
 
         [model] = inputs
         state, spec = model.checkpoint()
-        ev, cfg = node.config["evaluation"], node.config
+        cfg: EvaluateConfig = node.config
         # The curve maths runs on CPU either way, from the cached logits.
         device = ctx.settings.device()
-        out = evaluate.run(NetSpec.from_dict(spec["net"]), state, data_spec(cfg["data"]), int(cfg["seed"]),
-                           list(ev["criteria"]), int(ev["thresholds"]), int(ev["batch_size"]), ev["threshold_spacing"], device)
+        out = evaluate.run(NetSpec.from_dict(spec["net"]), state, cfg.data, cfg.seed, list(cfg.criteria), cfg.thresholds,
+                           cfg.batch_size, cfg.threshold_spacing, device)
         faults.hit(ctx.fault_plan, "evaluate", node=node.id)
         meta = {"backbone_flops": str(out.backbone_flops), "model_run_id": model.run_id}
         accs = out.exits.column("accuracy").to_pylist()

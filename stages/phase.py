@@ -1,49 +1,65 @@
-"""What the train and tune stages share: a node's PhaseJob, and a phase's outcome as a StageResult."""
+"""What the train and tune stages share: a phase node's typed config, its PhaseJob, and a phase's
+outcome as a StageResult."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
 import pyarrow as pa
 
-from pipeline.resolve import data_spec, loop_config, net_spec
+from pipeline.resolve import sized_net
 from pipeline.stage import Checkpoint, File, StageContext, StageFailed, StageInput, StageResult, Table
 from stages.core.data import DataSpec, dataset_info
-from stages.core.nets import NetSpec
+from stages.core.loop import PhaseConfig
+from stages.core.nets import NetChoice, NetSpec
 from stages.train import GRADIENT_DOMINANCE, HISTORY, PhaseJob, PhaseOutcome, scaling_config
 
 if TYPE_CHECKING:
     from pipeline.graph import Node
+    from stages.tune import SearchPlan
 
 DIVERGED_TAG = "exitflow.diverged"  # on a phase that diverged (FAILED) or a search with diverged trials
+
+
+@dataclass(frozen=True)
+class PhaseNodeConfig:
+    """A train or tune node's config: everything that changes the phase's result, as the core's own
+    types. Its key hashes exactly this; the Ray task gets it in the node, the Train worker its parts."""
+
+    phase: str  # P1 | P2 | P3
+    seed: int
+    data: DataSpec
+    net: NetChoice  # sized for the dataset on the worker, where the data is
+    train: PhaseConfig  # train.lr is None when `search` is set: each trial trains with its own
+    selection: str  # the score that picks the kept epoch: final (P1 always), mean or auc
+    search: SearchPlan | None = None  # a tune node's learning rates and scheduler
 
 
 class PhaseDiverged(StageFailed):
     """A fixed-lr phase's loss became non-finite: the phase fails, and is never cached."""
 
 
-def phase_job(node: Node, inputs: list[StageInput], ctx: StageContext) -> tuple[PhaseJob, DataSpec, NetSpec]:
+def phase_job(node: Node, inputs: list[StageInput], ctx: StageContext) -> tuple[PhaseJob, NetSpec]:
     """The Train worker's job for a phase node (P3 and mixed P2 start from their input model)."""
-    cfg = node.config
-    phase = cfg["phase"]
-    data = data_spec(cfg["data"])
-    ns = net_spec(cfg["net"], dataset_info(data))
-    selection = cfg.get("selection", "final")  # in the node's config, hence in its key
+    cfg: PhaseNodeConfig = node.config
+    ns = sized_net(cfg.net, dataset_info(cfg.data))
     job = PhaseJob(
-        phase=phase,
-        seed=int(cfg["seed"]),
-        data=data.to_dict(),
-        net=ns.to_dict(),
-        train=loop_config(cfg["train"], phase, selection).to_dict(),
-        selection=selection,
+        phase=cfg.phase,
+        seed=cfg.seed,
+        data=cfg.data,
+        net=ns,
+        train=cfg.train,
+        selection=cfg.selection,
         init_from=inputs[0].checkpoint_source() if inputs else None,
         metrics_sink=ctx.metrics_sink(),
         torch_threads=ctx.settings.threads,
         fault_plan=ctx.fault_plan,
         label=node.id,
     )
-    return job, data, ns
+    return job, ns
 
 
 def scaling(ctx: StageContext) -> Any:
@@ -53,12 +69,11 @@ def scaling(ctx: StageContext) -> Any:
 
 def run_name(node: Node) -> str:
     """The Ray Train / Tune run name: the cache key, so a re-run of the same node resumes it."""
-    return f"{node.key}-{node.config['phase']}"
+    return f"{node.key}-{node.config.phase}"
 
 
 def phase_params(node: Node) -> dict[str, str]:
-    cfg = node.config
-    return _flat({"phase": cfg["phase"], "seed": cfg["seed"], "net": cfg["net"], "data": cfg["data"], "train": cfg["train"]})
+    return _flat(dataclasses.asdict(node.config))
 
 
 def phase_result(node: Node, inputs: list[StageInput], job: PhaseJob, ns: NetSpec, outcome: PhaseOutcome, lr: float,
@@ -68,7 +83,7 @@ def phase_result(node: Node, inputs: list[StageInput], job: PhaseJob, ns: NetSpe
     lineage = {**(inputs[0].summary.get("lrs", {}) if inputs else {}), phase: lr}
     all_diverged = {**(inputs[0].summary.get("diverged", {}) if inputs else {}), **(diverged or {})}
     artifacts: list[Any] = [Checkpoint(outcome.best_state, {
-        "net": ns.to_dict(), "data": job.data, "phase": phase, "seed": job.seed, "lr": lr,
+        "net": ns.to_dict(), "data": job.data.to_dict(), "phase": phase, "seed": job.seed, "lr": lr,
         "best_epoch": outcome.best_epoch, "epochs_run": outcome.epochs_run, "best_val": outcome.best_val,
     })]
     if outcome.history:

@@ -6,6 +6,7 @@ tables and the learning rates its phases chose) and declares what the stage writ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.stage import FILES, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage
@@ -16,6 +17,16 @@ if TYPE_CHECKING:
 
 EXITS, CURVE = "exits", "curve"  # read from each evaluate node (their writer, stages.evaluate, holds their schemas)
 BUDGETS = TableKind("budgets", "budgets.parquet", ("regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds"))
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The report node's config: which budgets and criteria its table and plots show, over which regimes and seeds."""
+
+    budgets: tuple[float | str, ...]  # fractions of the backbone's FLOPs, or "max"
+    criteria: tuple[str, ...]
+    regimes: tuple[str, ...]
+    seeds: tuple[int, ...]
 
 
 @register_stage
@@ -44,9 +55,9 @@ class Report(Stage):
         assert backbone is not None, "a report needs at least one evaluated model"
         faults.hit(ctx.fault_plan, "report", node=node.id)
         chosen = {r: {p: _one_or_list(v) for p, v in sorted(ph.items())} for r, ph in lrs.items()}
-        criteria = node.config["criteria"]
-        budgets = node.config["budgets"]  # fractions of the backbone's FLOPs, or "max"
-        out = report.run(curves, exits, backbone, budgets, criteria, ctx.workdir, ctx.settings.study_name, chosen, notes)
+        cfg: ReportConfig = node.config
+        criteria = list(cfg.criteria)
+        out = report.run(curves, exits, backbone, list(cfg.budgets), criteria, ctx.workdir, ctx.settings.study_name, chosen, notes)
         text = ctx.workdir / "budgets.txt"
         text.write_text(out.text + "\n")
         metrics = {f"acc_{row['regime']}_budget_{row['budget']}": row["accuracy_mean"] for row in out.budgets.to_pylist()

@@ -49,13 +49,13 @@ MetricsSink = Callable[[int, dict[str, float]], None]  # logs one epoch's metric
 
 @dataclass(frozen=True)
 class PhaseJob:
-    """Everything a Train worker needs for one phase: plain values plus two picklable callables."""
+    """Everything a Train worker needs for one phase: the node config's own objects plus two picklable callables."""
 
     phase: str  # P1 | P2 | P3
     seed: int
-    data: dict[str, Any]  # DataSpec.to_dict()
-    net: dict[str, Any]  # NetSpec.to_dict(), already sized for the data
-    train: dict[str, Any]  # stages.core.loop.PhaseConfig.to_dict(); batch_size is global
+    data: DataSpec
+    net: NetSpec  # the node's NetChoice, sized for the data
+    train: PhaseConfig  # batch_size is global; lr is None until a search's trial sets it
     selection: str = "mean"  # score reported to Tune: mean | final | auc (P1: always final)
     init_from: InitFrom | None = None  # the input model (P3 and mixed P2 start from P1)
     metrics_sink: MetricsSink | None = None
@@ -66,11 +66,11 @@ class PhaseJob:
 
     def fault_context(self, epoch: int) -> dict[str, Any]:
         """What a fault hook in this phase may filter on."""
-        return {"phase": self.phase, "lr": float(self.train["lr"]), "epoch": epoch, "search": bool(self.trial),
+        return {"phase": self.phase, "lr": self.train.lr, "epoch": epoch, "search": bool(self.trial),
                 "node": self.label}
 
     def with_lr(self, lr: float) -> "PhaseJob":
-        return replace(self, train={**self.train, "lr": float(lr)})
+        return replace(self, train=replace(self.train, lr=float(lr)))
 
 
 @dataclass
@@ -157,15 +157,13 @@ def train_worker(job: PhaseJob) -> None:
     _quiet_train_reports()
     rank, world = _world()
     seed_everything(job.seed)
-    cfg = PhaseConfig.from_dict(job.train)
-    cfg = replace(cfg, batch_size=max(1, cfg.batch_size // world))  # the spec's batch size is global
-
-    data = DataSpec.from_dict(job.data)
+    cfg = replace(job.train, batch_size=max(1, job.train.batch_size // world))  # the spec's batch size is global
+    data = job.data
     splits = load_splits(data, job.seed)
     train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=job.seed, num_workers=data.num_workers, drop_last=len(splits.train) > cfg.batch_size * world)
     val_loader = make_loader(splits.val, cfg.batch_size, shuffle=False, seed=job.seed, num_workers=data.num_workers)
 
-    net = create_net(NetSpec.from_dict(job.net))
+    net = create_net(job.net)
     flops = exit_flops(net)
     flops_frac = [f / flops[-1] for f in flops]
     if job.init_from is not None:
@@ -321,9 +319,9 @@ class Train(Stage):
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
         from stages.phase import DIVERGED_TAG, PhaseDiverged, phase_job, phase_result, run_name, scaling
 
-        job, _, ns = phase_job(node, inputs, ctx)
+        job, ns = phase_job(node, inputs, ctx)
         outcome = run_phase(job, scaling(ctx), run_name(node), ctx.storage_path, ctx.settings.max_failures)
-        lr = float(job.train["lr"])
+        lr = float(job.train.lr)  # type: ignore[arg-type]  # a train node's lr is fixed
         if outcome.diverged:
             raise PhaseDiverged(f"{node.id} diverged: {outcome.diverged} (lr={lr:g}); lower phases.{job.phase}.lr "
                                 f"or set phases.{job.phase}.grad_clip", {DIVERGED_TAG: outcome.diverged})

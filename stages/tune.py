@@ -50,15 +50,14 @@ TrialLogFactory = Callable[[str, float], TrialLog]  # (trial name, lr) -> the tr
 
 @dataclass(frozen=True)
 class SearchPlan:
-    """What to search and how."""
+    """What to search: a tune node's `search`."""
 
     grid: tuple[float, ...] | None = None  # explicit learning rates (grid search) ...
     loguniform: tuple[float, float] | None = None  # ... or a log-uniform range
-    num_samples: int = 1  # samples of the range (grid: ignored)
+    num_samples: int = 1  # samples of the range (grid: 1)
     scheduler: str = "none"  # none | asha
-    grace_period: int = 2
+    grace_period: int = 2  # ASHA only (without it, the defaults: they change nothing)
     reduction_factor: float = 2.0
-    max_concurrent_trials: int = 2
 
     def param_space(self) -> dict[str, Any]:
         if self.grid is not None:
@@ -202,12 +201,13 @@ def run_search(
     storage_path: str,
     max_failures: int,
     log_factory: TrialLogFactory | None = None,
+    max_concurrent_trials: int = 2,
 ) -> SearchOutcome:
     """Search the phase's learning rate; an interrupted search with the same name resumes."""
     trainable = tune.with_resources(
         _trial_function(job, scaling, name, storage_path, max_failures, log_factory), TRIAL_RESOURCES
     )
-    max_t = int(job.train["max_epochs"])
+    max_t = job.train.max_epochs
     scheduler = (
         ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(plan.grace_period, max_t),
                       reduction_factor=plan.reduction_factor)
@@ -220,7 +220,7 @@ def run_search(
         mode="max",
         scheduler=scheduler,
         num_samples=1 if plan.grid is not None else plan.num_samples,
-        max_concurrent_trials=plan.max_concurrent_trials,
+        max_concurrent_trials=max_concurrent_trials,
     )
     # A trial whose process dies (a lost node) is retried as often as a phase's workers are.
     run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
@@ -267,21 +267,13 @@ class Tune(Stage):
         return describe_phase(summary) + f" trials={summary.get('trials')}"
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        job, _, ns = phase_job(node, inputs, ctx)
-        s = node.config["search"]
-        plan = SearchPlan(
-            grid=tuple(s["grid"]) if s["grid"] is not None else None,
-            loguniform=tuple(s["loguniform"]) if s["loguniform"] is not None else None,  # type: ignore[arg-type]
-            num_samples=int(s["num_samples"]),
-            scheduler=s["scheduler"],
-            grace_period=int(s.get("grace_period", 2)),
-            reduction_factor=float(s.get("reduction_factor", 2.0)),
-            max_concurrent_trials=ctx.settings.max_concurrent_trials,
-        )
+        job, ns = phase_job(node, inputs, ctx)
+        plan = node.config.search
         name = run_name(node)
         trial_runs = ctx.trial_runs()
         try:
-            search = run_search(job, plan, scaling(ctx), name, ctx.storage_path, ctx.settings.max_failures, trial_runs)
+            search = run_search(job, plan, scaling(ctx), name, ctx.storage_path, ctx.settings.max_failures, trial_runs,
+                                ctx.settings.max_concurrent_trials)
         except BaseException:
             trial_runs.abandon(name)
             raise

@@ -24,18 +24,18 @@ def tiny_spec(storage: str | Path, *sets: str, epochs: int = 2) -> StudySpec:
 
 def phase_job(max_epochs: int = 3, fault: str | None = None, phase: str = "P1", lr: float = 3e-3) -> Any:
     """A digits phase (resnet20, width 8) for the train and tune stages; patience never stops it first."""
-    from pipeline.resolve import data_spec, loop_config, net_spec
-    from stages.core.data import dataset_info
+    from stages.core.data import DataSpec, dataset_info
     from stages.core.faults import parse_plan
+    from stages.core.loop import PhaseConfig
+    from stages.core.nets import NetChoice
     from stages.train import PhaseJob
 
-    data = data_spec({"name": "digits"})
-    ns = net_spec({"backbone": "resnet20", "method": "sdn", "exits": None, "exit_every": 2, "exit_start": 2,
-                   "head": None, "head_norm": False, "small_input": None, "width": 8, "depth": None}, dataset_info(data))
-    train = loop_config({"optimizer": "adam", "lr": lr, "batch_size": 64, "max_epochs": max_epochs,
-                         "patience": max_epochs + 1, "schedule": "cosine"}, phase, "mean")
-    return PhaseJob(phase=phase, seed=0, data=data.to_dict(), net=ns.to_dict(), train=train.to_dict(),
-                    fault_plan=parse_plan(fault or ""), label="test")
+    data = DataSpec(name="digits")
+    info = dataset_info(data)
+    net = NetChoice(backbone="resnet20", exit_every=2, exit_start=2, width=8).sized(info.num_classes, info.in_chans, info.img_size)
+    train = PhaseConfig(optimizer="adam", lr=lr, batch_size=64, max_epochs=max_epochs, patience=max_epochs + 1,
+                        schedule="cosine", selection="final" if phase == "P1" else "mean")
+    return PhaseJob(phase=phase, seed=0, data=data, net=net, train=train, fault_plan=parse_plan(fault or ""), label="test")
 
 
 def runs(client: Any, experiment: str, **tags: str) -> list[Any]:

@@ -86,6 +86,7 @@ SPEC_CASES: dict[str, tuple[list[str], list[str]]] = {
     "empty regimes": (["--set", "regimes=[]"], ["regimes", "at least 1 item"]),
     "duplicate seeds": (["--set", "seeds=[1, 1]"], ["seeds", "duplicates"]),
     "parquet without root": (["--set", "data.name=parquet"], ["data", "data.root is required"]),
+    "cifar10 without root": (["--set", "data.name=cifar10"], ["data", "data.root is required"]),
     "bad --set": (["--set", "seeds"], ["--set", "key=value"]),
 }
 
@@ -233,3 +234,19 @@ def test_plan_example_runs_nothing(cwd: Path) -> None:
     assert code == 0, out
     assert "8 nodes, 0 cached, 8 to run" in out
     assert sorted(p.name for p in cwd.iterdir()) == ["empty.yaml"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # free once closed: nothing listens there
+
+
+@pytest.mark.parametrize(("address", "expected"), [
+    (f"127.0.0.1:{_closed_port()}", "cannot reach the Ray cluster at 127.0.0.1:"),
+    ("head-without-port", "expected HOST:PORT"),
+])
+def test_an_unreachable_cluster_address_is_refused_before_anything_is_stored(cwd: Path, address: str, expected: str) -> None:
+    _assert_refused(cwd, "run", ["empty.yaml", "--address", address], expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import graphlib
+from dataclasses import dataclass
 import shutil
 from pathlib import Path
 
@@ -118,8 +119,9 @@ def test_node_kinds_follow_the_lr_spec() -> None:
     assert g.nodes["seed0/joint/P2"].kind == "tune"
     assert g.nodes["seed0/mixed/P2"].kind == "tune"
     assert g.nodes["seed0/disjoint/P3"].kind == "tune"
-    assert "search" not in g.nodes["seed0/P1"].config
-    assert "search" in g.nodes["seed0/joint/P2"].config
+    assert g.nodes["seed0/P1"].config.search is None and g.nodes["seed0/P1"].config.train.lr == 0.01
+    assert g.nodes["seed0/joint/P2"].config.search.grid == (1e-3, 1e-2)
+    assert g.nodes["seed0/joint/P2"].config.train.lr is None  # each trial trains with its own
     g = _graph("phases.P1.lr={loguniform: [1e-4, 1e-2], num_samples: 3}", "phases.P2.lr=[0.01]")
     assert g.nodes["seed0/P1"].kind == "tune"
     assert g.nodes["seed0/joint/P2"].kind == "train"  # a one-value grid is a plain run
@@ -160,13 +162,30 @@ def test_keys_are_deterministic_and_unique() -> None:
     assert len(set(keys)) == len(keys)
 
 
+@dataclass(frozen=True)
+class _Toy:
+    a: int
+    b: tuple[int, ...]
+
+
 def test_cache_key_hashes_kind_config_and_inputs() -> None:
-    base = cache_key("train", {"a": 1, "b": [1, 2]}, ["x"])
-    assert base == cache_key("train", {"b": [1, 2], "a": 1}, ["x"])  # key order does not matter
-    assert base != cache_key("tune", {"a": 1, "b": [1, 2]}, ["x"])
-    assert base != cache_key("train", {"a": 2, "b": [1, 2]}, ["x"])
-    assert base != cache_key("train", {"a": 1, "b": [1, 2]}, ["y"])
-    assert base != cache_key("train", {"a": 1, "b": [1, 2]}, [])
+    base = cache_key("train", _Toy(1, (1, 2)), ["x"])
+    assert base == cache_key("train", _Toy(a=1, b=(1, 2)), ["x"])
+    assert base != cache_key("tune", _Toy(1, (1, 2)), ["x"])
+    assert base != cache_key("train", _Toy(2, (1, 2)), ["x"])
+    assert base != cache_key("train", _Toy(1, (1, 2)), ["y"])
+    assert base != cache_key("train", _Toy(1, (1, 2)), [])
+
+
+def test_a_config_that_is_not_a_frozen_dataclass_is_refused() -> None:
+    """A node's config is what its key hashes and its task receives: it cannot change in between."""
+    @dataclass
+    class Mutable:
+        a: int
+
+    for config in ({"a": 1}, Mutable(1)):
+        with pytest.raises(TypeError, match="frozen dataclass"):
+            cache_key("train", config, [])
 
 
 def _changed(before: Graph, after: Graph) -> set[str]:
@@ -362,8 +381,9 @@ def test_evaluate_tasks_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(
 
 # ------------------------------------------------------------------ key rules, field by field
 # Base study: three regimes, P2 searched (so the search settings matter somewhere).
+# A data root (digits ignores it) lets data.name name a dataset that needs one.
 # The analyses are on: rank reads P1's, mixed's and joint's models; a landscape each final model.
-RULE_BASE = ["phases.P2.lr=[1e-3, 1e-2]", "analyses.rank.enabled=true", "analyses.landscape.enabled=true",
+RULE_BASE = ["data.root=/data/here", "phases.P2.lr=[1e-3, 1e-2]", "analyses.rank.enabled=true", "analyses.landscape.enabled=true",
              "analyses.mutual_information.enabled=true", "analyses.gradient_dominance.enabled=true"]
 _MI = {"seed0/analyze/mutual_information"}  # reads the same models as rank
 _RANK = {"seed0/analyze/rank", *_MI}
@@ -381,6 +401,7 @@ _PHASE_FIELDS = {  # every phase field, its changed value (each phase's own node
     "optimizer": "sgd", "lr": "0.01", "momentum": "0.5", "nesterov": "true", "weight_decay": "0.1",
     "batch_size": "32", "max_epochs": "3", "patience": "2", "schedule": "step", "warmup_epochs": "1",
     "grad_clip": "1.0", "loss_weighting": "kaya", "label_smoothing": "0.1", "bf16": "true", "channels_last": "true",
+    "step_epochs": "5", "step_gamma": "0.5", "kaya_epochs": "3",  # read by the loop whatever the schedule: keyed
 }
 # Every leaf field of the spec: (a changed value, the nodes whose key must change). A spec field
 # without an entry here fails test_every_spec_field_has_a_key_rule.
@@ -401,6 +422,7 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "net.exit_start": ("1", _ALL),
     "net.head": ("linear", _ALL),
     "net.head_norm": ("true", _ALL),
+    "net.head_hidden": ("[16]", _ALL),  # (refused by preflight unless net.head is mlp; keyed all the same)
     "net.small_input": ("true", _ALL),
     "net.width": ("8", _ALL),
     "net.depth": ("3", _ALL),

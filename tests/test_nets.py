@@ -298,7 +298,10 @@ def test_small_input_stem_is_chosen_by_image_size() -> None:
         (small_spec("vit_cifar", width=20), "width"),  # 8 heads do not divide 20
         (small_spec("resnet18", width=8), "width"),
         (small_spec("efficientnet_b0", depth=4), "depth"),
-        (small_spec("resnet20", head="mlp"), "head"),
+        (small_spec("resnet20", head="conv"), "head"),
+        (small_spec("resnet20", head="mlp"), "head_hidden"),  # an MLP head needs its hidden widths
+        (small_spec("resnet20", head_hidden=(16,)), "head_hidden"),  # hidden layers belong to MLP heads only
+        (small_spec("vit_cifar", head="mlp", head_hidden=(16, 0)), "head_hidden"),
         (small_spec("vit_cifar", head="sdn"), "head"),
         (small_spec("resnet20", head_norm=True), "head_norm"),
         (small_spec("resnet20", method="gpf"), "method"),
@@ -308,6 +311,23 @@ def test_small_input_stem_is_chosen_by_image_size() -> None:
 def test_bad_specs_name_the_field(spec: NetSpec, field: str) -> None:
     with pytest.raises(ValueError, match=f"`{field}`"):
         create_net(spec)
+
+
+@pytest.mark.parametrize(("backbone", "hidden"), [("resnet20", (32,)), ("vit_cifar", (32, 16))])
+def test_mlp_heads_with_one_or_two_hidden_layers(backbone: str, hidden: tuple[int, ...]) -> None:
+    """The paper's Table 2 heads: hidden layers of the given widths before each IC's classifier."""
+    from stages.core.flops import exit_flops
+    from stages.core.nets.heads import MLPHead
+
+    net = create_net(small_spec(backbone, head="mlp", head_hidden=hidden))
+    assert all(isinstance(ic, MLPHead) for ic in net.ics)
+    widths = [m.out_features for m in net.ics[0].mlp if isinstance(m, torch.nn.Linear)]
+    assert widths == [*hidden, NUM_CLASSES]
+    with torch.no_grad():
+        out = net.eval()(images(net.spec))
+    assert [o.shape for o in out] == [(2, NUM_CLASSES)] * net.num_exits
+    plain = create_net(small_spec(backbone, head="linear"))
+    assert exit_flops(net)[0] > exit_flops(plain)[0]  # the hidden layers cost FLOPs at every IC
 
 
 def test_linear_head_on_conv_features() -> None:

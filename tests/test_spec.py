@@ -354,3 +354,33 @@ def test_the_spec_and_the_core_allow_the_same_heads(head: str, valid: bool) -> N
     spec_ok = _accepts(lambda: load_spec(None, [f"net.head={head}"]), SpecError)
     core_ok = _accepts(lambda: make_head(head, (8, 4, 4), 10), ValueError)
     assert spec_ok == core_ok == valid
+
+
+def test_phase_defaults_and_fields_are_the_cores() -> None:
+    """One default per phase field: the spec's phases.* default to the core's PhaseConfig, and every
+    field the core reads from a study is a spec field (the rest the pipeline derives)."""
+    import dataclasses
+
+    from stages.core.phase_config import PhaseConfig as CorePhase
+
+    derived = {"selection", "gradient_dominance_every"}  # from search.selection and analyses.gradient_dominance
+    core = {f.name: f.default for f in dataclasses.fields(CorePhase) if f.name not in derived}
+    for phase in ("P1", "P2", "P3"):
+        assert getattr(StudySpec().phases, phase).model_dump() == core
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "valid"),
+    [
+        ("optimizer", "sgd", True), ("optimizer", "lion", False), ("schedule", "step", True), ("schedule", "linear", False),
+        ("loss_weighting", "han", True), ("loss_weighting", "equal", False), ("momentum", 0.99, True), ("momentum", 1.0, False),
+        ("step_gamma", 0.5, True), ("step_gamma", 0.0, False), ("kaya_epochs", 1, True), ("kaya_epochs", 0, False),
+        ("label_smoothing", 0.5, True), ("label_smoothing", 1.0, False), ("warmup_epochs", 0, True), ("warmup_epochs", -1, False),
+    ],
+)
+def test_the_spec_and_the_core_allow_the_same_phase_values(field: str, value: object, valid: bool) -> None:
+    from stages.core.phase_config import PhaseConfig as CorePhase
+
+    spec_ok = _accepts(lambda: load_spec(None, [f"phases.P2.{field}={value}"]), SpecError)
+    core_ok = _accepts(lambda: CorePhase(**{field: value}), ValueError)
+    assert spec_ok == core_ok == valid

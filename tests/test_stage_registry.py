@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ from pipeline.spec import StudySpec
 SPREAD = TableKind("exit_spread", "exit_spread.parquet", ("regime", "best_exit", "spread"))
 
 
+@dataclass(frozen=True)
+class SpreadConfig:
+    statistic: str  # what the spread is: "max-min" of the exits' accuracies
+
+
 class ExitSpread(Stage):
     """Per evaluated model: its best fixed exit and the accuracy gap between its best and worst exit."""
 
@@ -35,7 +41,7 @@ class ExitSpread(Stage):
     code = (__name__,)
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
-        return [Node(id=n.id.replace("/evaluate", "/exit_spread"), kind=self.kind, config={"statistic": "max-min"},
+        return [Node(id=n.id.replace("/evaluate", "/exit_spread"), kind=self.kind, config=SpreadConfig("max-min"),
                      inputs=(n.id,), regime=n.regime, seed=n.seed)
                 for n in list(graph.nodes.values()) if n.kind == "evaluate"]
 

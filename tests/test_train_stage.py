@@ -12,14 +12,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_session: None, storage: str, tmp_path: Path) -> None:
-    from stages.core.nets import NetSpec, create_net
+    from stages.core.nets import create_net
     from stages.train import run_phase, scaling_config
 
     job = phase_job(max_epochs=2)
     outcome = run_phase(job, scaling_config(2, False, 1.0, 0.0), "ddp", storage, max_failures=0)
     assert outcome.epochs_run == 2
     assert outcome.best_val["val_acc_final"] > 0.5  # two epochs of real learning, sharded over 2 ranks
-    net = create_net(NetSpec.from_dict(job.net))
+    net = create_net(job.net)
     net.load_state_dict(outcome.best_state)  # strict: no `module.` prefixes, nothing missing
     for name, value in net.state_dict().items():
         assert torch.equal(value, outcome.best_state[name]), name

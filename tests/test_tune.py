@@ -88,8 +88,7 @@ def test_asha_stops_poor_learning_rates_early(ray_session: None, tmp_path: Path)
     from stages.tune import SearchPlan, run_search
 
     # Grid order is trial order: the two good rates reach the first rung before the poor ones.
-    plan = SearchPlan(grid=(3e-3, 1e-3, 1e-6, 1e-7), scheduler="asha", grace_period=1, reduction_factor=2,
-                      max_concurrent_trials=2)
+    plan = SearchPlan(grid=(3e-3, 1e-3, 1e-6, 1e-7), scheduler="asha", grace_period=1, reduction_factor=2)
     search = run_search(phase_job(max_epochs=4), plan, scaling_config(1, False, 1.0, 0.0), "asha", str(tmp_path), 0)
     by_lr = {t.lr: t for t in search.trials}
     for poor in (1e-6, 1e-7):  # compared at the first rung with the good rates: below the cut
@@ -122,15 +121,16 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_ses
     from stages.train import outcome_from_checkpoint, scaling_config
     from stages.tune import SearchFailed, SearchPlan, run_search
 
-    plan = SearchPlan(grid=(3e-3, 1e-3), max_concurrent_trials=1)  # one at a time: 3e-3 finishes first
+    plan = SearchPlan(grid=(3e-3, 1e-3))  # one trial at a time (below): 3e-3 finishes first
     scaling, storage = scaling_config(1, False, 1.0, 0.0), str(tmp_path / "ray")
     starts = tmp_path / "starts.txt"
     faulty = phase_job(max_epochs=3, fault=f"point=train.epoch_end,epoch=1,action=raise,settle_s=5,lr=0.001,marker={tmp_path / 'fired'}")
     with pytest.raises(SearchFailed, match="1 of 2 trial"):
-        run_search(faulty, plan, scaling, "resume", storage, 0, RecordingLogs(str(starts)))
+        run_search(faulty, plan, scaling, "resume", storage, 0, RecordingLogs(str(starts)), max_concurrent_trials=1)
     assert starts.read_text().split() == ["0.003", "0.001"]
 
-    search = run_search(phase_job(max_epochs=3), plan, scaling, "resume", storage, 0, RecordingLogs(str(starts)))
+    search = run_search(phase_job(max_epochs=3), plan, scaling, "resume", storage, 0, RecordingLogs(str(starts)),
+                        max_concurrent_trials=1)
     assert starts.read_text().split() == ["0.003", "0.001", "0.001"]  # only the failed trial ran again
     by_lr = {t.lr: t for t in search.trials}
     assert by_lr[1e-3].epochs == by_lr[3e-3].epochs == 3

@@ -6,6 +6,7 @@ the registry itself.
 """
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "parquet", "cifar10", "cifar100", "imagefolder")
+NEEDS_NO_ROOT: tuple[str, ...] = ("digits",)  # bundled with scikit-learn; every other set names its folder
 VAL_FRACTION_BOUNDS = (0.0, 0.5)  # exclusive: at least half of the training pool trains
 MIN_SUBSET = 10  # a stratified cap smaller than this leaves classes of a 10-class set empty
-HEAD_KINDS: tuple[str, ...] = ("sdn", "linear")  # IC heads: SDN pooling head (conv maps), linear (pooled maps or tokens)
+HEAD_KINDS: tuple[str, ...] = ("sdn", "linear", "mlp")  # IC heads: SDN pooling head (conv maps), linear or MLP (pooled maps or tokens)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,8 +28,8 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from stages.core.analysis.gradient_dominance import GradientDominance
 from stages.core.early_stopping import EarlyStopping
+from stages.core.phase_config import PhaseConfig
 from stages.core.phases import (
-    LossWeighting,
     Phase,
     check_phase,
     exit_weights,
@@ -57,67 +56,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OptimizerName = Literal["sgd", "adamw", "adam"]
-Schedule = Literal["none", "cosine", "step"]
-Selection = Literal["final", "mean"]
 ScoreFn = Callable[[list[float]], float]  # every exit's val accuracy (final last) -> selection score
 StepHook = Callable[[int, int, int], None]  # (epoch, step within the epoch, steps per epoch), after each step
-
-
-@dataclass(frozen=True)
-class PhaseConfig:
-    """Hyper-parameters of one training phase."""
-
-    optimizer: OptimizerName = "sgd"  # paper: SGD for ResNet/EfficientNet, AdamW for ViT
-    lr: float = 0.1  # peak learning rate (after warm-up)
-    momentum: float = 0.9  # SGD momentum (paper: 0.9); unused by Adam(W)
-    nesterov: bool = False  # SGD Nesterov momentum
-    weight_decay: float = 0.0  # on weights with ndim >= 2 only: biases, norms, SDN alphas are not decayed
-    batch_size: int = 128  # per-worker batch size; the caller builds the loaders with it
-    max_epochs: int = 100  # hard cap; early stopping usually ends the phase first
-    patience: int = 10  # epochs in a row with no exit beating its best val accuracy before stopping
-    schedule: Schedule = "none"  # per-step lr factor after warm-up: constant, cosine to 0 at max_epochs, step decay
-    warmup_epochs: int = 0  # linear warm-up from lr / (warm-up steps) to lr
-    step_epochs: int = 30  # "step": multiply the lr by step_gamma every this many epochs
-    step_gamma: float = 0.1  # "step": decay factor
-    grad_clip: float | None = None  # max global grad norm of the trainable params (paper: 1 for EfficientNet)
-    loss_weighting: LossWeighting = "uniform"  # exit loss weights (stages.core.phases.exit_weights); equilibrium acts in P2 only
-    kaya_epochs: int | None = None  # "kaya": epochs for IC weights to reach their caps; None -> max_epochs
-    label_smoothing: float = 0.0  # training loss only; validation loss is plain cross-entropy
-    bf16: bool = False  # bf16 autocast on CUDA; a no-op on CPU (CPU autocast is slow on most CPUs)
-    channels_last: bool = False  # channels-last net and 4-D inputs on CUDA; a no-op on CPU
-    selection: Selection = "mean"  # val accuracy that picks the best state: final exit or mean over exits (P2)
-    gradient_dominance_every: int = 0  # P2: measure each exit's gradient dominance every N steps (0: off)
-
-    def __post_init__(self) -> None:
-        for name, kind in (("optimizer", OptimizerName), ("schedule", Schedule), ("selection", Selection),
-                           ("loss_weighting", LossWeighting)):
-            allowed = get_args(kind)
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; known: {list(allowed)}")
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= label_smoothing < 1: {self}")
-        if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1 or self.warmup_epochs < 0:
-            raise ValueError(f"need batch_size, max_epochs, patience >= 1 and warmup_epochs >= 0: {self}")
-        if self.gradient_dominance_every < 0:
-            raise ValueError(f"gradient_dominance_every must be >= 0 (0: off), got {self.gradient_dominance_every}")
-        if self.step_epochs < 1 or (self.kaya_epochs is not None and self.kaya_epochs < 1):
-            raise ValueError(f"need step_epochs >= 1 and kaya_epochs >= 1: {self}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (a resume state and MLflow params hold this)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PhaseConfig:
-        """Inverse of `to_dict`; unknown keys fail loudly."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"phase config: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
@@ -173,6 +113,8 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: PhaseConfig) -> Optimiz
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters: did prepare_phase freeze everything?")
+    if cfg.lr is None:
+        raise ValueError("phase config: lr is unset (a searched phase trains with each trial's own lr)")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},

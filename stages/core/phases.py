@@ -15,12 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from stages.core.nets.methods import ExitLosses, each_exit_alone
+from stages.core.phase_config import LossWeighting
 
 logger = logging.getLogger(__name__)
 
 Phase = Literal["P1", "P2", "P3"]
 Regime = Literal["joint", "disjoint", "mixed"]
-LossWeighting = Literal["uniform", "kaya", "han", "gradient_equilibrium"]
 
 PHASES: tuple[Phase, ...] = get_args(Phase)
 REGIME_PHASES: dict[str, tuple[Phase, ...]] = {

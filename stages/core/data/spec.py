@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from stages.core.allowed import DATASET_NAMES, MIN_SUBSET, VAL_FRACTION_BOUNDS
+from stages.core.allowed import DATASET_NAMES, MIN_SUBSET, NEEDS_NO_ROOT, VAL_FRACTION_BOUNDS
 
 
 class DataError(ValueError):
@@ -38,7 +38,7 @@ class DataSpec:
                 raise DataError(f"data spec: {field} must be >= {MIN_SUBSET} or None, got {cap}")
         if self.num_workers < 0:
             raise DataError(f"data spec: num_workers must be >= 0, got {self.num_workers}")
-        if self.name != "digits" and not self.root:
+        if self.name not in NEEDS_NO_ROOT and not self.root:
             raise DataError(f"data spec: dataset {self.name!r} needs a root folder")
 
     def to_dict(self) -> dict[str, Any]:

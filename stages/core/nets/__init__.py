@@ -3,6 +3,6 @@
 from stages.core.nets import efficientnet, resnet_cifar, resnet_tv, vit  # noqa: F401  (each family registers its nets)
 from stages.core.nets.multi_exit import ExitBackbone, MultiExitNet
 from stages.core.nets.registry import create_net, list_nets, register_net
-from stages.core.nets.spec import NetSpec
+from stages.core.nets.spec import NetChoice, NetSpec
 
-__all__ = ["ExitBackbone", "MultiExitNet", "NetSpec", "create_net", "list_nets", "register_net"]
+__all__ = ["ExitBackbone", "MultiExitNet", "NetChoice", "NetSpec", "create_net", "list_nets", "register_net"]

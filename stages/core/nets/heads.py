@@ -1,4 +1,5 @@
-"""Internal-classifier (IC) heads: SDN pooling head for conv features, linear head for tokens."""
+"""Internal-classifier (IC) heads: SDN pooling head for conv features, linear and MLP heads for pooled
+conv features or tokens."""
 
 from __future__ import annotations
 
@@ -60,13 +61,46 @@ class TokenHead(nn.Module):
         return self.fc(self.norm(x[:, 0]))
 
 
-def make_head(kind: str | None, feature_shape: tuple[int, ...], num_classes: int, norm: bool = False) -> nn.Module:
+class MLPHead(nn.Module):
+    """An IC with hidden layers (the paper's Table 2: one or two hidden layers of 1024 or 2048 units):
+    globally pooled conv features or the CLS token, optional LayerNorm, then Linear + activation per
+    hidden layer (ReLU on conv features, GELU on tokens: each family's own), then the classifier."""
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int, tokens: bool, norm: bool = False) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.pool = nn.Identity() if tokens else nn.AdaptiveAvgPool2d(1)
+        layers: list[nn.Module] = [nn.LayerNorm(in_features)] if norm else []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.GELU() if tokens else nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = x[:, 0] if self.tokens else torch.flatten(self.pool(x), 1)
+        return self.mlp(features)
+
+
+def make_head(kind: str | None, feature_shape: tuple[int, ...], num_classes: int, norm: bool = False,
+              hidden: tuple[int, ...] = ()) -> nn.Module:
     """An IC for features of per-sample shape `feature_shape`: (C, H, W) conv maps or (N, D) tokens.
 
-    `kind` None picks the family default: "sdn" for conv maps, "linear" for tokens.
+    `kind` None picks the family default: "sdn" for conv maps, "linear" for tokens. `hidden` are the
+    widths of an "mlp" head's hidden layers (at least one; no other kind has any).
     """
     if kind is not None and kind not in HEAD_KINDS:
         raise ValueError(f"net spec field `head`: unknown head {kind!r}; known: {list(HEAD_KINDS)}")
+    if kind == "mlp":
+        if not hidden or any(h < 1 for h in hidden):
+            raise ValueError(f"net spec field `head_hidden`: an 'mlp' head needs one or more hidden widths >= 1, got {list(hidden)}")
+        if len(feature_shape) not in (2, 3):
+            raise ValueError(f"no IC head for features of shape {feature_shape}: expected (C, H, W) or (N, D)")
+        tokens = len(feature_shape) == 2
+        return MLPHead(feature_shape[1] if tokens else feature_shape[0], tuple(hidden), num_classes, tokens, norm)
+    if hidden:
+        raise ValueError(f"net spec field `head_hidden`: hidden layers belong to 'mlp' heads only, not to {kind or 'the default'!r} heads")
     if len(feature_shape) == 3:
         channels, height, width = feature_shape
         if kind in (None, "sdn"):

@@ -143,7 +143,7 @@ class MultiExitNet(nn.Module):
         self.method = get_method(spec.method)
         head = spec.head if spec.head is not None else self.method.head
         self.ics = nn.ModuleList(
-            make_head(head, self.feature_shapes[b - 1], spec.num_classes, spec.head_norm) for b in ic_blocks
+            make_head(head, self.feature_shapes[b - 1], spec.num_classes, spec.head_norm, spec.head_hidden) for b in ic_blocks
         )
         self._ic_after = {b: i for i, b in enumerate(ic_blocks)}  # block number -> IC index
         self.gradient_equilibrium = False

@@ -1,4 +1,5 @@
-"""NetSpec: everything needed to rebuild a multi-exit net (stored as a checkpoint's spec.json)."""
+"""NetChoice: the net a study asks for; NetSpec: that net sized for a dataset, everything needed to
+rebuild it (stored as a checkpoint's spec.json)."""
 
 from __future__ import annotations
 
@@ -18,21 +19,22 @@ class NetSpec:
     exits: tuple[int, ...] | None = None  # explicit IC positions: 1-based block numbers an IC follows
     exit_every: int | None = None  # or: an IC after every n-th block ...
     exit_start: int | None = None  # ... starting at this block (1-based); None with exit_every -> n
-    head: str | None = None  # IC head kind: "sdn" (conv) | "linear" (ViT CLS token); None -> family default
-    head_norm: bool = False  # LayerNorm before a linear head
+    head: str | None = None  # IC head kind: "sdn" (conv) | "linear" | "mlp" (pooled conv or CLS token); None -> family default
+    head_norm: bool = False  # LayerNorm before a linear or MLP head
+    head_hidden: tuple[int, ...] = ()  # an "mlp" head's hidden widths (paper Table 2: 1024, 2048; one or two layers)
     method: str = "sdn"  # early-exit method: "sdn" (independent ICs on backbone features)
     small_input: bool | None = None  # torchvision ResNets: 3x3 stem, no max-pool; None -> img_size <= 64
     width: int | None = None  # base width / embed dim override (None -> variant default); small nets for tests
     depth: int | None = None  # number of blocks override where the family allows it (ViT layers)
 
     def __post_init__(self) -> None:
-        if self.exits is not None and not isinstance(self.exits, tuple):
-            object.__setattr__(self, "exits", tuple(int(i) for i in self.exits))
+        _tuples(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["exits"] is not None:
-            d["exits"] = list(d["exits"])
+        for name in ("exits", "head_hidden"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return d
 
     @classmethod
@@ -42,3 +44,38 @@ class NetSpec:
         if unknown:
             raise ValueError(f"net spec: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class NetChoice:
+    """The net a study asks for, before any dataset sizes it: what a phase node's config (and key) holds.
+
+    The dataset's classes, channels and image size join it on the worker (`sized`), where the data is:
+    a study's graph never needs the dataset on the machine that plans it.
+    """
+
+    backbone: str
+    exits: tuple[int, ...] | None = None
+    exit_every: int | None = None
+    exit_start: int | None = None
+    head: str | None = None
+    head_norm: bool = False
+    head_hidden: tuple[int, ...] = ()
+    method: str = "sdn"
+    small_input: bool | None = None
+    width: int | None = None
+    depth: int | None = None
+
+    def __post_init__(self) -> None:
+        _tuples(self)
+
+    def sized(self, num_classes: int, in_chans: int, img_size: int) -> NetSpec:
+        return NetSpec(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **dataclasses.asdict(self))
+
+
+def _tuples(spec: NetSpec | NetChoice) -> None:
+    """Lists from JSON or YAML become tuples: a frozen spec hashes and compares by value."""
+    if spec.exits is not None and not isinstance(spec.exits, tuple):
+        object.__setattr__(spec, "exits", tuple(int(i) for i in spec.exits))
+    if not isinstance(spec.head_hidden, tuple):
+        object.__setattr__(spec, "head_hidden", tuple(int(i) for i in spec.head_hidden))
