@@ -82,6 +82,10 @@ def plan(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None) -> Non
 @app.command()
 def run(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None, address: AddressOpt = None) -> None:
     """Run the study (or reuse what is cached) and print the budget table."""
+    if not (address or os.environ.get("RAY_ADDRESS")) and "ray" not in sys.modules:
+        from pipeline.loopback import use_loopback
+
+        use_loopback()  # a local Ray listens on 127.0.0.1 only
     from pipeline.runner import ClusterError, StudyFailed, run_study
     from pipeline.tracking import TrackingError
 

@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 from helpers import Store
 
+from pipeline.loopback import use_loopback
+
+use_loopback()  # before any test module imports ray: the suite's Ray (and each run's own) on 127.0.0.1
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR10 = SHARED / "data" / "cifar10"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,67 @@ class Store:
     def artifact_file(self, artifact_uri: str, path: str) -> Path:
         """The file behind `path` of a run whose artifact URI is `artifact_uri` (mlflow-artifacts:/...)."""
         return self.artifacts / artifact_uri.removeprefix("mlflow-artifacts:/") / path
+
+
+def is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(ip).is_loopback
+
+
+def listening_addresses(root_pid: int) -> set[tuple[str, str, int]]:
+    """(process name, ip, port) of every listening TCP socket held by `root_pid` and its descendants (from /proc)."""
+    pids = {root_pid}
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo = [root_pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in pids:
+                pids.add(child)
+                todo.append(child)
+    inodes: dict[int, int] = {}
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes[int(target[8:-1])] = pid
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] != "0A" or int(parts[9]) not in inodes:  # 0A: LISTEN
+                continue
+            hex_ip, hex_port = parts[1].split(":")
+            found.add((_name(inodes[int(parts[9])]), _ip(hex_ip), int(hex_port, 16)))
+    return found
+
+
+def _name(pid: int) -> str:
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").strip()
+    except OSError:
+        return str(pid)
+    return (argv0.rsplit("/", 1)[-1] if argv0.startswith("/") else argv0.split(" ")[0]) or str(pid)
+
+
+def _ip(hex_ip: str) -> str:
+    """/proc/net/tcp{,6}'s little-endian 32-bit words as an address."""
+    import ipaddress
+
+    raw = bytes.fromhex(hex_ip)
+    ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:a.b.c.d: an IPv4 socket on a dual-stack one
+    return str(mapped or ip)

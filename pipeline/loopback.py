@@ -1,0 +1,24 @@
+"""A local run keeps Ray on this machine's loopback interface.
+
+Ray picks the address its services (GCS, raylet, object manager, workers, dashboard agent) listen
+on when `ray` is imported: by default the machine's network address, which anyone on the network
+can reach. Its own switch for "no cluster here" makes it the loopback address instead, so it must
+be set before the first `import ray` of a process that starts a local Ray, and it reaches the
+processes Ray starts through their environment. A run that joins a cluster keeps the cluster's
+addresses (nothing is set). The MLflow server a run starts listens on 127.0.0.1 (`pipeline/tracking.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # on Linux too: node address = loopback
+
+
+def use_loopback() -> None:
+    """Make a Ray started by this process listen on loopback only; call before `import ray`."""
+    if "ray" in sys.modules:
+        raise RuntimeError("use_loopback() must run before ray is imported")
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
