@@ -6,6 +6,8 @@ the registry itself.
 """
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "parquet", "cifar10", "cifar100", "imagefolder")
+# Layouts `exitflow data` turns into the parquet layout (stages.core.data.prepare)
+PREPARE_FORMATS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "imagefolder", "tinyimagenet", "imagenet")
 NEEDS_NO_ROOT: tuple[str, ...] = ("digits",)  # bundled with scikit-learn; every other set names its folder
 VAL_FRACTION_BOUNDS = (0.0, 0.5)  # exclusive: at least half of the training pool trains
 MIN_SUBSET = 10  # a stratified cap smaller than this leaves classes of a 10-class set empty
