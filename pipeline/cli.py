@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.spec import SpecError, StudySpec, load_spec
+from stages.core.allowed import PREPARE_FORMATS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and study early-exit networks: joint, disjoint and mixed regimes on Ray, tracked in MLflow.")
 
@@ -80,9 +81,15 @@ def plan(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None) -> Non
 
 
 @app.command()
-def run(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None, address: AddressOpt = None) -> None:
+def run(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    tracking_uri: UriOpt = None,
+    address: AddressOpt = None,
+    ray_logs: Annotated[bool, typer.Option("--ray-logs", help="Also print Ray's own output of every process (kept in Ray's session logs otherwise).")] = False,
+) -> None:
     """Run the study (or reuse what is cached) and print the budget table."""
-    if not (address or os.environ.get("RAY_ADDRESS")) and "ray" not in sys.modules:
+    if not (address or os.environ.get("RAY_ADDRESS")):
         from pipeline.loopback import use_loopback
 
         use_loopback()  # a local Ray listens on 127.0.0.1 only
@@ -93,7 +100,7 @@ def run(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None, address
     _check(study, tracking_uri, data=False)  # run_study checks data and net itself, before Ray
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = run_study(study, tracking_uri, address, progress=lambda m: typer.echo(m, err=True))
+        result = run_study(study, tracking_uri, address, progress=lambda m: typer.echo(m, err=True), ray_logs=ray_logs)
     except (SpecError, ClusterError) as e:
         raise _fail(f"exitflow: {e}") from None
     except TrackingError as e:
@@ -178,6 +185,31 @@ def ui(tracking_uri: UriOpt = None, port: Annotated[int, typer.Option(help="Port
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)")
     env = {**os.environ, **CLIENT_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as `exitflow run` serves it
     raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+@app.command()
+def data(
+    source: Annotated[Path, typer.Argument(help="The dataset in its own layout: a torchvision download folder, an image folder...")],
+    out: Annotated[Path, typer.Argument(help="Where train.parquet and test.parquet go: a study's data.root.")],
+    format_: Annotated[Optional[str], typer.Option("--format", help=f"Layout of SOURCE: {' | '.join(PREPARE_FORMATS)}; detected when omitted.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the Parquet files OUT already has.")] = False,
+) -> None:
+    """Prepare a dataset as exitflow's Parquet layout (a study reads it with data.name: parquet, data.root: OUT)."""
+    from functools import partial
+
+    from tqdm import tqdm
+
+    from stages.core.data import DataError
+    from stages.core.data.prepare import prepare
+
+    try:
+        done = prepare(source, out, format_, force, bar=partial(tqdm, file=sys.stderr, disable=None, leave=False))
+    except DataError as e:
+        raise _fail(f"exitflow data: {e}") from None
+    typer.echo(f"{done.format}: {len(done.classes)} classes")
+    for name, split in done.splits.items():
+        typer.echo(f"  {split.path}  {split.rows} images  sha256 {split.sha256}")
+    typer.echo(f"a study reads it with: data: {{name: parquet, root: {out}}}")
 
 
 def main() -> None:

@@ -116,6 +116,10 @@ class NodeContext:
     def metrics_sink(self) -> tracking.MetricsSink:
         return tracking.MetricsSink(self.run.tracking_uri, self.run_id)
 
+    def run_checkpoint(self, run_id: str) -> CheckpointSource:
+        """Loads any finished phase run's model state (a starting point `runs:/RUN_ID`), on the worker."""
+        return CheckpointSource(self.run.tracking_uri, run_id)
+
     def trial_runs(self) -> TrialRuns:
         return TrialRuns(self.run.tracking_uri, self.run.experiment_id, self.run_id, tuple(self.node.tags().items()))
 

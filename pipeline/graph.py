@@ -174,7 +174,11 @@ def build_graph(spec: StudySpec) -> Graph:
 
 
 def _phase_node(spec: StudySpec, node_id: str, phase: str, regime: str, seed: int, inputs: tuple[str, ...]) -> Node:
+    from pipeline.resolve import start_weights
+
     cfg = _phase_config(spec, phase, seed)
+    if not inputs:  # trains from scratch: net.init, when set, is where its backbone starts
+        cfg = dataclasses.replace(cfg, start=start_weights(spec))
     kind = "tune" if cfg.search is not None else "train"
     return Node(id=node_id, kind=kind, config=cfg, inputs=inputs, phase=phase, regime=regime, seed=seed)
 

@@ -17,7 +17,10 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # on Linux too: node 
 
 
 def use_loopback() -> None:
-    """Make a Ray started by this process listen on loopback only; call before `import ray`."""
+    """Make a Ray started by this process listen on loopback only; call before `import ray`
+    (again after it is harmless once the switch was set in time, as the test suite does)."""
+    if all(os.environ.get(k) == v for k, v in LOOPBACK_ENV.items()):
+        return
     if "ray" in sys.modules:
         raise RuntimeError("use_loopback() must run before ray is imported")
     for key, value in LOOPBACK_ENV.items():

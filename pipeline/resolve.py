@@ -7,12 +7,16 @@ Ray starts or anything is written to the tracking store.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from stages.core.data import DataSpec, DatasetInfo, check_dataset
 from stages.core.loop import PhaseConfig
 from stages.core.nets import NetChoice, NetSpec, create_net
+from stages.core.nets.start import StartWeights, backbone_weights, read_state_file
 
 from pipeline.spec import SpecError, StudySpec
 
@@ -22,7 +26,42 @@ def data_spec(spec: StudySpec) -> DataSpec:
 
 
 def net_choice(spec: StudySpec) -> NetChoice:
-    return NetChoice(**spec.net.model_dump(mode="json"))
+    return NetChoice(**spec.net.model_dump(mode="json", exclude={"init"}))
+
+
+def start_weights(spec: StudySpec) -> StartWeights | None:
+    """The starting point of the phases that train from scratch: a file's content hash, or a run id."""
+    source = spec.net.init
+    if source is None:
+        return None
+    if source.startswith("runs:/"):
+        return StartWeights(identity=source, source=source)
+    path = Path(source)
+    if not path.is_file():
+        raise SpecError(f"net.init: {source}: no such file")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return StartWeights(identity=f"sha256:{digest.hexdigest()}", source=source)
+
+
+def check_start(spec: StudySpec, ns: NetSpec, read_run: Callable[[str], dict[str, Any]] | None = None) -> None:
+    """The starting weights load into the study's net (every backbone key, each its shape): a
+    SpecError naming net.init otherwise. A run's weights are read with `read_run` (needs the store)."""
+    start = start_weights(spec)
+    if start is None:
+        return
+    run_id = start.source.removeprefix("runs:/") if start.source.startswith("runs:/") else None
+    if run_id is not None and read_run is None:
+        return
+    try:
+        state = read_run(run_id) if run_id is not None and read_run is not None else read_state_file(start.source)
+        backbone_weights(create_net(ns), state)
+    except SpecError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load and MLflow raise many types; each is a bad start
+        raise SpecError(f"net.init: {start.source}: {type(e).__name__}: {e}") from None
 
 
 def sized_net(choice: NetChoice, info: DatasetInfo) -> NetSpec:
@@ -57,6 +96,7 @@ def preflight(spec: StudySpec) -> tuple[DatasetInfo, NetSpec]:
         create_net(ns)
     except (ValueError, KeyError, TypeError) as e:
         raise SpecError(f"net: {e}") from None
+    check_start(spec, ns)  # a file: now; a run's weights once the tracking store is open
     for phase in ("P1", "P2", "P3"):
         try:
             phase_config(spec, phase)

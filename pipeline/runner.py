@@ -25,10 +25,10 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.execute import NodeResult, RunContext, cached_result, execute_node
 from pipeline.stage import RunSettings, Stage, get_stage
 from pipeline.graph import Graph, Node, build_graph
-from pipeline.resolve import preflight
+from pipeline.resolve import check_start, preflight
 from pipeline.spec import SpecError, StudySpec, spec_to_yaml
 from stages.core import faults
-from stages.core.progress import progress_logging
+from pipeline.relay import relay, relayed_progress
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,11 @@ def check_address(address: str | None) -> None:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
-def ensure_ray(address: str | None) -> bool:
-    """Join `address` / $RAY_ADDRESS, or start a local Ray; True if we started it (and stop it)."""
+def ensure_ray(address: str | None, ray_logs: bool = False) -> bool:
+    """Join `address` / $RAY_ADDRESS, or start a local Ray; True if we started it (and stop it).
+
+    Ray's own output of the processes stays in the session's log files unless `ray_logs`: the
+    terminal shows exitflow's lines, relayed by `pipeline.relay`."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -120,9 +123,11 @@ def ensure_ray(address: str | None) -> bool:
     os.environ.update(env)  # the driver's own MLflow clients too
     # The dashboard serves the state API, which Ray Train's placement-group cleaner needs: without
     # it, the workers' resources of a trial that Tune stops (ASHA) are never given back.
+    if not address:  # a local Ray's default token auth is right; its notice about it is not progress
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=True,
-                 logging_level=logging.WARNING, configure_logging=False)
+                 logging_level=logging.WARNING, configure_logging=False, log_to_driver=ray_logs)
     except (ConnectionError, RuntimeError) as e:
         if not address:
             raise
@@ -164,7 +169,7 @@ def plan(spec: StudySpec, tracking_uri: str | None = None) -> tuple[Graph, list[
 
 
 def _node_task(ctx: RunContext, node: Node, stage: Stage, *inputs: NodeResult) -> NodeResult:
-    progress_logging()
+    relayed_progress()
     return execute_node(ctx, node, list(inputs), stage)
 
 
@@ -188,6 +193,18 @@ def _recover_zombies(c: Any, experiment_id: str) -> list[str]:
     return fixed
 
 
+def _phase_run_state(c: Any, run_id: str) -> dict[str, Any]:
+    """The model state of a finished exitflow phase run (train or tune) of this tracking store."""
+    try:
+        run = c.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow's "not found" comes as several exception types
+        raise ValueError(f"no run {run_id} in the tracking store") from None
+    if run.data.tags.get("exitflow.stage") not in ("train", "tune") or run.info.status != "FINISHED":
+        raise ValueError(f"run {run_id} is not a finished exitflow phase run (a train or tune stage)")
+    state, _ = ArtifactStore(c).load_checkpoint(run_id)
+    return state
+
+
 def _alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -205,6 +222,7 @@ def run_study(
     tracking_uri: str | None = None,
     address: str | None = None,
     progress: Progress | None = None,
+    ray_logs: bool = False,
 ) -> StudyResult:
     """Validate, then run every node of the study (or reuse it) and return the budget table."""
     say = progress or (lambda msg: log.info(msg))
@@ -213,7 +231,7 @@ def run_study(
         fault_plan = faults.from_env()
     except ValueError as e:
         raise SpecError(str(e)) from None
-    preflight(spec)  # bad data or nets fail here: before Ray, before the store is touched
+    _, net = preflight(spec)  # bad data or nets fail here: before Ray, before the store is touched
     check_address(address)  # and a cluster that takes no connections
     graph = build_graph(spec)
     uri = tracking.resolve_uri(tracking_uri, spec.tracking.uri)
@@ -223,6 +241,7 @@ def run_study(
         Path(storage).mkdir(parents=True, exist_ok=True)
     with tracking.serve_store(uri) as http:
         c = tracking.client(http)
+        check_start(spec, net, read_run=lambda run_id: _phase_run_state(c, run_id))  # net.init: runs:/RUN_ID
         exp = tracking.ensure_experiment(c, spec.tracking.experiment or spec.name)
         for run_id in _recover_zombies(c, exp):
             say(f"recovered: run {run_id}, left RUNNING by a process that died, is closed")
@@ -235,7 +254,7 @@ def run_study(
             tracking.log_params(c, parent, {"regimes": ",".join(spec.regimes), "seeds": ",".join(map(str, spec.seeds)),
                                   "backbone": spec.net.backbone, "data": spec.data.name, "nodes": len(graph.nodes)})
             ctx = RunContext(http, exp, parent, storage, run_settings(spec), fault_plan)
-            _execute(graph, ctx, result, say, address)
+            _execute(graph, ctx, result, say, address, ray_logs)
             report = result.results["report"]
             result.table = _read_text(c, report.run_id, "budgets.txt")
             c.set_tag(parent, "exitflow.report_run", report.run_id)
@@ -254,7 +273,8 @@ def run_study(
     return result
 
 
-def _execute(graph: Graph, ctx: RunContext, result: StudyResult, say: Progress, address: str | None) -> None:
+def _execute(graph: Graph, ctx: RunContext, result: StudyResult, say: Progress, address: str | None,
+             ray_logs: bool = False) -> None:
     """Reuse cached nodes from the driver; run the rest as Ray tasks (Ray starts only if needed)."""
     c = tracking.client(ctx.tracking_uri)
     store = ArtifactStore(c)
@@ -269,16 +289,19 @@ def _execute(graph: Graph, ctx: RunContext, result: StudyResult, say: Progress, 
         say(_describe(graph.nodes[nid], hit))
     if not to_run:
         return
-    started_ray = ensure_ray(address)
+    started_ray = ensure_ray(address, ray_logs)
     try:
-        _run_tasks(graph, to_run, ctx, inputs, result, say)
+        with relay(say) as lines:
+            _run_tasks(graph, to_run, ctx, inputs, result, say, lines.flush)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[str, Any], result: StudyResult, say: Progress) -> None:
-    """Start each node once its inputs are done; a node downstream of a failure is skipped, not run."""
+def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[str, Any], result: StudyResult, say: Progress,
+               flush: Callable[[], None]) -> None:
+    """Start each node once its inputs are done; a node downstream of a failure is skipped, not run.
+    `flush` prints the lines the nodes posted so far: a node's own lines come before its verdict."""
     task = ray.remote(num_cpus=0, max_retries=NODE_RETRIES)(_node_task)
     waiting = list(to_run)  # topological order
     pending: dict[Any, str] = {}
@@ -301,6 +324,7 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
         if not pending:
             break
         done, _ = ray.wait(list(pending), num_returns=1)
+        flush()
         nid = pending.pop(done[0])
         try:
             res: NodeResult = ray.get(done[0])

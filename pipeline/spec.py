@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -92,6 +93,23 @@ class NetConfig(_Model):
     small_input: bool | None = None  # torchvision ResNets: CIFAR stem; None -> by image size
     width: Int | None = Field(None, ge=1)  # width / embed-dim override (small nets)
     depth: Int | None = Field(None, ge=1)  # block-count override where the family allows it
+    # Starting point of the phases that train from scratch (P1, joint's P2): a state-dict file (relative
+    # paths resolve against the spec file) or runs:/RUN_ID (an exitflow phase run, e.g. another study's P1)
+    init: str | None = None
+
+    @field_validator("init")
+    @classmethod
+    def _init_source(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip()
+        if not v:
+            raise ValueError("a path to a state-dict file, or runs:/RUN_ID")
+        if v.startswith("runs:/") and not re.fullmatch(r"runs:/[0-9a-f]{32}", v):
+            raise ValueError(f"{v!r}: expected runs:/ and a 32-character MLflow run id")
+        if "://" in v:
+            raise ValueError(f"{v!r}: a local state-dict file or runs:/RUN_ID (other URIs are not read)")
+        return v
 
     @field_validator("method")
     @classmethod
@@ -442,15 +460,19 @@ def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> St
 
 
 def resolve_paths(spec: StudySpec, base: Path) -> StudySpec:
-    """Make a relative data.root absolute against the spec's folder (Ray changes workers' cwd).
+    """Make a relative data.root and net.init absolute against the spec's folder (Ray changes workers' cwd).
 
     tracking.uri and tracking.storage_path are left as given: like their defaults they are
     relative to the working directory, and the runner makes them absolute.
     """
-    data = spec.data
+    data, net = spec.data, spec.net
     if data.root and "://" not in data.root and not Path(data.root).is_absolute():
         data = data.model_copy(update={"root": str((base / data.root).resolve())})
-    return spec.model_copy(update={"data": data})
+    if net.init and not net.init.startswith("runs:/") and not Path(net.init).expanduser().is_absolute():
+        net = net.model_copy(update={"init": str((base / net.init).resolve())})
+    elif net.init and not net.init.startswith("runs:/"):
+        net = net.model_copy(update={"init": str(Path(net.init).expanduser())})
+    return spec.model_copy(update={"data": data, "net": net})
 
 
 def spec_to_yaml(spec: StudySpec) -> str:

@@ -1,11 +1,18 @@
-"""What the analysis stages share: which models a study compares, and loading one from its input."""
+"""What the analysis stages share: which models a study compares, loading one from its input, and
+the stage shape of an analysis that compares them per seed (rank, mutual information)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pipeline.resolve import data_spec
+from pipeline.stage import CHECKPOINT, Resources, RunSettings, Stage
+from stages.core.data import DataSpec
 
 if TYPE_CHECKING:
-    from pipeline.graph import Graph
+    from pipeline.graph import Graph, Node
+    from pipeline.spec import StudySpec
     from pipeline.stage import StageInput
 
 # The models a per-seed analysis compares, by the node that trains each (P1's backbone is disjoint's
@@ -27,3 +34,49 @@ def load_model(model: StageInput, device: str) -> Any:
     net.load_state_dict(state)
     return net.to(device).eval()
 
+
+class ModelAnalysis(Stage):
+    """An analysis of trained models: reads their checkpoints, runs where a net runs (a GPU when
+    the study trains on one); the data's download switch is not part of what it computes."""
+
+    reads = (CHECKPOINT,)
+    unkeyed = (("data", "download"),)
+
+    def resources(self, node: Node, settings: RunSettings) -> Resources:
+        return settings.net_task()
+
+
+@dataclass(frozen=True)
+class ComparisonConfig:
+    """What every per-seed comparison's config holds: the models compared (labels, in input order)
+    and the batch their layers see; a kind's config adds its own settings."""
+
+    seed: int
+    data: DataSpec
+    models: tuple[str, ...]
+    split: str  # test | val
+    samples: int
+
+
+class ComparisonAnalysis(ModelAnalysis):
+    """One node per seed comparing the regimes' models (`compared_models`), switched on by
+    `analyses.<section>.enabled`; the section's other fields complete `config_type`."""
+
+    section: ClassVar[str]
+    config_type: ClassVar[type[ComparisonConfig]]
+
+    def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
+        from pipeline.graph import Node
+
+        cfg = getattr(spec.analyses, self.section)
+        if not cfg.enabled:
+            return []
+        settings = cfg.model_dump(mode="json", exclude={"enabled"})
+        nodes = []
+        for seed in spec.seeds:
+            models = compared_models(graph, seed)
+            if models:
+                config = self.config_type(seed=seed, data=data_spec(spec), models=tuple(models), **settings)
+                nodes.append(Node(id=f"seed{seed}/analyze/{self.section}", kind=self.kind, config=config,
+                                  inputs=tuple(models.values()), seed=seed))
+        return nodes

@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipeline.resolve import data_spec
-from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult,
-                            Table, TableKind, register_stage)
-from stages.analysis_inputs import load_model
+from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from stages.analysis_inputs import ModelAnalysis, load_model
 from stages.core.data import DataSpec
 
 if TYPE_CHECKING:
@@ -38,12 +37,10 @@ LANDSCAPE = TableKind("landscape", "landscape.parquet", ("a", "b", "exit", "loss
 
 
 @register_stage
-class Landscape(Stage):
+class Landscape(ModelAnalysis):
     kind = "analyze.landscape"
-    reads = (CHECKPOINT,)
     writes = (LANDSCAPE, FILES)
-    code = ("stages.analyze_landscape", "stages.core.analysis.landscape", "stages.core.analysis.batch")
-    unkeyed = (("data", "download"),)
+    code = ("stages.analyze_landscape", "stages.analysis_inputs", "stages.core.analysis.landscape", "stages.core.analysis.batch")
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
         from pipeline.graph import Node
@@ -60,9 +57,6 @@ class Landscape(Stage):
                 nodes.append(Node(id=n.id.replace("/evaluate", "/analyze/landscape"), kind=self.kind, config=config,
                                   inputs=(model,), phase=n.phase, regime=n.regime, seed=n.seed))
         return nodes
-
-    def resources(self, node: Node, settings: RunSettings) -> Resources:
-        return settings.net_task()
 
     def describe(self, summary: dict[str, Any]) -> str:
         return f" centre_loss={summary.get('centre_loss', float('nan')):.4f} points={summary.get('points')}"

@@ -11,25 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipeline.resolve import data_spec
-from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult,
-                            Table, TableKind, register_stage)
-from stages.analysis_inputs import compared_models, load_model
-from stages.core.data import DataSpec
+from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, load_model
 
 if TYPE_CHECKING:
-    from pipeline.graph import Graph, Node
-    from pipeline.spec import StudySpec
+    from pipeline.graph import Node
+
 
 @dataclass(frozen=True)
-class MutualInformationConfig:
-    """A mutual-information node's config: the models compared (labels, in input order), the batch, the noise."""
+class MutualInformationConfig(ComparisonConfig):
+    """A mutual-information node's config: the compared models and their batch, and the noise."""
 
-    seed: int
-    data: DataSpec
-    models: tuple[str, ...]
-    split: str  # test | val
-    samples: int
     noise: float  # the noise's std as a share of each block's activation RMS
     draws: int
 
@@ -39,31 +31,13 @@ MUTUAL_INFORMATION = TableKind("mutual_information", "mutual_information.parquet
 
 
 @register_stage
-class MutualInformation(Stage):
+class MutualInformation(ComparisonAnalysis):
     kind = "analyze.mutual_information"
-    reads = (CHECKPOINT,)
+    section = "mutual_information"
+    config_type = MutualInformationConfig
     writes = (MUTUAL_INFORMATION, FILES)
-    code = ("stages.analyze_mi", "stages.core.analysis.mutual_information", "stages.core.analysis.batch")
-    unkeyed = (("data", "download"),)
-
-    def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
-        from pipeline.graph import Node
-
-        cfg = spec.analyses.mutual_information
-        if not cfg.enabled:
-            return []
-        nodes = []
-        for seed in spec.seeds:
-            models = compared_models(graph, seed)
-            if models:
-                config = MutualInformationConfig(seed=seed, data=data_spec(spec), models=tuple(models),
-                                                 **cfg.model_dump(mode="json", exclude={"enabled"}))
-                nodes.append(Node(id=f"seed{seed}/analyze/mutual_information", kind=self.kind, config=config,
-                                  inputs=tuple(models.values()), seed=seed))
-        return nodes
-
-    def resources(self, node: Node, settings: RunSettings) -> Resources:
-        return settings.net_task()
+    code = ("stages.analyze_mi", "stages.analysis_inputs", "stages.core.analysis.mutual_information",
+            "stages.core.analysis.batch")
 
     def describe(self, summary: dict[str, Any]) -> str:
         return f" blocks={summary.get('blocks')}"

@@ -12,25 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipeline.resolve import data_spec
-from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult,
-                            Table, TableKind, register_stage)
-from stages.analysis_inputs import compared_models, load_model
-from stages.core.data import DataSpec
+from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, load_model
 
 if TYPE_CHECKING:
-    from pipeline.graph import Graph, Node
-    from pipeline.spec import StudySpec
+    from pipeline.graph import Node
+
 
 @dataclass(frozen=True)
-class RankConfig:
-    """A rank node's config: the models compared (labels, in input order) and the batch their layers see."""
+class RankConfig(ComparisonConfig):
+    """A rank node's config: the compared models and their batch, and how rank is measured."""
 
-    seed: int
-    data: DataSpec
-    models: tuple[str, ...]
-    split: str  # test | val
-    samples: int
     features: int
     rtol: float | None
 
@@ -39,32 +31,12 @@ RANK = TableKind("rank", "rank.parquet", ("model", "index", "layer", "rank", "ro
 
 
 @register_stage
-class Rank(Stage):
+class Rank(ComparisonAnalysis):
     kind = "analyze.rank"
-    reads = (CHECKPOINT,)
+    section = "rank"
+    config_type = RankConfig
     writes = (RANK, FILES)
-    code = ("stages.analyze_rank", "stages.core.analysis.rank", "stages.core.analysis.batch")
-    unkeyed = (("data", "download"),)
-
-    def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
-        from pipeline.graph import Node
-
-        cfg = spec.analyses.rank
-        if not cfg.enabled:
-            return []
-        nodes = []
-        for seed in spec.seeds:
-            models = compared_models(graph, seed)
-            if not models:
-                continue
-            config = RankConfig(seed=seed, data=data_spec(spec), models=tuple(models),
-                                **cfg.model_dump(mode="json", exclude={"enabled"}))
-            nodes.append(Node(id=f"seed{seed}/analyze/rank", kind=self.kind, config=config, inputs=tuple(models.values()),
-                              seed=seed))
-        return nodes
-
-    def resources(self, node: Node, settings: RunSettings) -> Resources:
-        return settings.net_task()
+    code = ("stages.analyze_rank", "stages.analysis_inputs", "stages.core.analysis.rank", "stages.core.analysis.batch")
 
     def describe(self, summary: dict[str, Any]) -> str:
         return f" layers={summary.get('layers')}"

@@ -15,6 +15,7 @@ from pipeline.stage import Checkpoint, File, StageContext, StageFailed, StageInp
 from stages.core.data import DataSpec, dataset_info
 from stages.core.loop import PhaseConfig
 from stages.core.nets import NetChoice, NetSpec
+from stages.core.nets.start import StartWeights, StateFile
 from stages.train import GRADIENT_DOMINANCE, HISTORY, PhaseJob, PhaseOutcome, scaling_config
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class PhaseNodeConfig:
     train: PhaseConfig  # train.lr is None when `search` is set: each trial trains with its own
     selection: str  # the score that picks the kept epoch: final (P1 always), mean or auc
     search: SearchPlan | None = None  # a tune node's learning rates and scheduler
+    start: StartWeights | None = None  # the backbone a from-scratch phase (P1, joint P2) starts from
 
 
 class PhaseDiverged(StageFailed):
@@ -54,12 +56,22 @@ def phase_job(node: Node, inputs: list[StageInput], ctx: StageContext) -> tuple[
         train=cfg.train,
         selection=cfg.selection,
         init_from=inputs[0].checkpoint_source() if inputs else None,
+        start=_start_loader(cfg.start, ctx),
+        start_source=cfg.start.source if cfg.start is not None else "",
         metrics_sink=ctx.metrics_sink(),
         torch_threads=ctx.settings.threads,
         fault_plan=ctx.fault_plan,
         label=node.id,
     )
     return job, ns
+
+
+def _start_loader(start: StartWeights | None, ctx: StageContext) -> Any:
+    if start is None:
+        return None
+    if start.source.startswith("runs:/"):
+        return ctx.run_checkpoint(start.source.removeprefix("runs:/"))
+    return StateFile(start.source)
 
 
 def scaling(ctx: StageContext) -> Any:
@@ -97,12 +109,12 @@ def phase_result(node: Node, inputs: list[StageInput], job: PhaseJob, ns: NetSpe
         artifacts.append(File(plot_dominance(dominance, workdir / "gradient_dominance.png", f"{node.id}: gradient dominance")))
     return StageResult(
         artifacts=artifacts,
-        params={"chosen_lr": str(lr)},
+        params={"chosen_lr": str(lr), **({"start.sha256": outcome.start["sha256"]} if outcome.start else {})},
         metrics={f"best_{k}": float(v) for k, v in outcome.best_val.items()}
         | {"epochs_run": outcome.epochs_run, "best_epoch": outcome.best_epoch},
         summary={"phase": phase, "lr": lr, "lrs": lineage, "diverged": all_diverged, "epochs": outcome.epochs_run,
                  "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early,
-                 "resumed_at": outcome.resumed_at, "best_val": outcome.best_val["val_score"]},
+                 "resumed_at": outcome.resumed_at, "best_val": outcome.best_val["val_score"], "start": outcome.start},
     )
 
 

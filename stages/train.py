@@ -23,14 +23,17 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 
+from pipeline.artifacts import state_dict_hash
+from pipeline.relay import relayed_progress
 from pipeline.stage import CHECKPOINT, FILES, Stage, StageContext, StageInput, StageResult, TableKind, register_stage
 from stages.core import faults
 from stages.core.data import DataSpec, load_splits, make_loader
 from stages.core.flops import exit_flops
 from stages.core.loop import EpochReport, PhaseConfig, diverged_in, fit_phase, seed_everything
 from stages.core.nets import NetSpec, create_net
+from stages.core.nets.start import load_start
 from stages.core.phases import prepare_phase
-from stages.core.progress import brief, progress_logging
+from stages.core.progress import brief
 
 if TYPE_CHECKING:
     from pipeline.graph import Node
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # data.download only fetches what is missing; a phase never reads the test split
-PHASE_UNKEYED = (("data", "download"), ("data", "test_subset"))
+PHASE_UNKEYED = (("data", "download"), ("data", "test_subset"), ("start", "source"))  # start: its identity is keyed
 HISTORY = TableKind("history", "history.parquet", ("epoch", "train_loss", "val_acc_mean", "val_acc_final"))
 GRADIENT_DOMINANCE = TableKind("gradient_dominance", "gradient_dominance.parquet", ("epoch", "exit", "cosine"))
 STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory: the full resumable state
@@ -58,6 +61,8 @@ class PhaseJob:
     train: PhaseConfig  # batch_size is global; lr is None until a search's trial sets it
     selection: str = "mean"  # score reported to Tune: mean | final | auc (P1: always final)
     init_from: InitFrom | None = None  # the input model (P3 and mixed P2 start from P1)
+    start: InitFrom | None = None  # or the backbone a from-scratch phase starts from (net.init)
+    start_source: str = ""  # where `start` reads from, for the record
     metrics_sink: MetricsSink | None = None
     torch_threads: int = 1
     fault_plan: faults.Plan = ()
@@ -85,6 +90,7 @@ class PhaseOutcome:
     best_val: dict[str, float] = field(default_factory=dict)
     resumed_at: int | None = None  # first epoch of this attempt, when it resumed from a checkpoint
     diverged: str = ""  # "non-finite loss at epoch E, step S" when the phase stopped on one
+    start: dict[str, str] | None = None  # net.init's source and the sha256 of the backbone the phase started from
 
 
 def selection_score(accuracies: list[float], selection: str, phase: str, flops_frac: list[float]) -> float:
@@ -153,7 +159,7 @@ def _report(state: dict[str, Any], metrics: dict[str, float], rank: int) -> None
 def train_worker(job: PhaseJob) -> None:
     """The Ray Train loop: data -> net -> (input model) -> phase setup -> DDP -> resume -> fit."""
     torch.set_num_threads(job.torch_threads)
-    progress_logging("stages.core.loop")  # the loop's epoch line lacks the node's label: ours below has it
+    relayed_progress("stages.core.loop")  # the loop's epoch line lacks the node's label: ours below has it
     _quiet_train_reports()
     rank, world = _world()
     seed_everything(job.seed)
@@ -168,6 +174,11 @@ def train_worker(job: PhaseJob) -> None:
     flops_frac = [f / flops[-1] for f in flops]
     if job.init_from is not None:
         net.load_state_dict(job.init_from())
+    start = None
+    if job.start is not None:  # the hash of what the net holds now: the phase's proven starting point
+        start = {"source": job.start_source, "sha256": state_dict_hash(load_start(net, job.start()))}
+        if rank == 0:
+            log.info("%s: backbone starts from %s (sha256 %s)", job.label or job.phase, job.start_source, start["sha256"][:12])
     prepare_phase(net, job.phase)  # before DDP: DDP must see only the trainable parameters
     if world > 1 or ray.train.torch.get_device().type == "cuda":
         net = prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": False} if world > 1 else None)
@@ -201,6 +212,8 @@ def train_worker(job: PhaseJob) -> None:
         extras[report.epoch] = extra
         for m in report.state["history"]:  # kept in the checkpoint, so a resumed run keeps them
             m.update(extras.get(int(m["epoch"]), {}))
+        if start is not None:
+            report.state["start"] = start
         metrics = {**report.metrics, **extra}
         if rank == 0:
             log.info("%s epoch %d: train_loss %.4f val_acc %s score %.4f", job.label, report.epoch,
@@ -259,7 +272,7 @@ def build_trainer(
 def outcome_from_checkpoint(path: str | Path) -> PhaseOutcome:
     """Read the phase's result from a checkpoint directory written by `train_worker`."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
-    return _outcome(state["history"], state["early_stopping"], state["best_state_dict"])
+    return replace(_outcome(state["history"], state["early_stopping"], state["best_state_dict"]), start=state.get("start"))
 
 
 def progress_from_checkpoint(path: str | Path) -> PhaseOutcome:

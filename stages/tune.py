@@ -22,6 +22,7 @@ from ray.train import Checkpoint, ScalingConfig
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from pipeline.relay import relayed_progress
 from pipeline.stage import CHECKPOINT, FILES, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage
 from stages.core import faults
 from stages.core.progress import brief
@@ -114,6 +115,7 @@ def _read_outcome(path: str, storage_path: str) -> PhaseOutcome:
 def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: str, max_failures: int,
                     log_factory: TrialLogFactory | None) -> Callable[[dict[str, Any]], None]:
     def trial(config: dict[str, Any]) -> None:
+        relayed_progress()
         lr = float(config["lr"])
         faults.hit(job.fault_plan, "trial.start", phase=job.phase, lr=lr, node=job.label)
         trial_id = tune.get_context().get_trial_id()

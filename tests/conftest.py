@@ -61,6 +61,20 @@ def ray_address(ray_session: None) -> str:
 
 
 @pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh working directory (holding an empty spec, empty.yaml) with no tracking store or Ray
+    address from the environment: what a command run there writes shows."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (work / "empty.yaml").write_text("")
+    yield work
+
+
+@pytest.fixture
 def storage(tmp_path: Path) -> str:
     """A Ray Train/Tune storage folder of this test's own."""
     p = tmp_path / "ray"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +17,6 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 
 WRITTEN = ("mlflow.db", "mlartifacts", ".exitflow")
-
-
-@pytest.fixture
-def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A fresh working directory with no tracking store or Ray address from the environment."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    (work / "empty.yaml").write_text("")
-    yield work
 
 
 def _png(value: int, side: int = 8) -> bytes:

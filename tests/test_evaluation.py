@@ -118,6 +118,43 @@ def test_curve_ends_are_exact(criterion: str, spacing: str) -> None:
     assert curve["threshold"][0] == 0.0 and curve["threshold"][-1] == pytest.approx(top)
 
 
+def pabee_exits(logits: torch.Tensor, patience: int) -> np.ndarray:
+    """PABEE's inference loop (Zhou et al. 2020, Alg. 1), literally, per sample: a counter of
+    agreements with the previous exit's prediction, reset on a change; leave at the first IC
+    whose counter reaches the patience, else at the final exit."""
+    e, n, _ = logits.shape
+    pred = logits.argmax(dim=-1).numpy()
+    exits = np.full(n, e - 1)
+    for i in range(n):
+        count = 0
+        for j in range(e - 1):
+            count = count + 1 if j > 0 and pred[j, i] == pred[j - 1, i] else 0
+            if count >= patience:
+                exits[i] = j
+                break
+    return exits
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_patience_leaves_where_pabee_does(seed: int) -> None:
+    from stages.core.evaluation import exit_criterion, exit_indices
+
+    logits, labels = random_logits(num_exits=7, n=400, num_classes=3, seed=seed)  # few classes: runs of agreement
+    e = logits.shape[0]
+    conf = exit_criterion(logits, "patience")
+    for patience in range(e + 1):
+        [ours] = exit_indices(conf, np.array([(patience + 0.5) / e]), "patience")
+        np.testing.assert_array_equal(ours, pabee_exits(logits, patience), err_msg=f"patience {patience}")
+    # Every patience is a point of the curve (quantile spacing finds them all), ends included.
+    cost = 10.0 * np.arange(1, e + 1)
+    curve = threshold_curve(logits, labels, cost, "patience", spacing="quantile")
+    pabee_costs = [cost[pabee_exits(logits, patience)].mean() for patience in range(e)]
+    for expected in pabee_costs:
+        assert np.isclose(curve["flops"], expected, rtol=1e-12).any()
+    assert curve["flops"].min() == cost[0] and curve["flops"].max() == cost[-1]
+    assert len(np.unique(pabee_costs)) > 3  # not vacuous: the patiences spread the samples
+
+
 def test_single_exit_and_bad_inputs() -> None:
     logits, labels = random_logits(num_exits=1)
     curve = threshold_curve(logits, labels, [7.0], "entropy", num_thresholds=5)

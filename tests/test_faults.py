@@ -123,6 +123,14 @@ def test_two_runs_at_once_train_each_node_once(work: Path) -> None:
     tables = [out.split("pipeline run")[0] for out, _ in outs]
     assert tables[0] == tables[1] and "joint" in tables[0]
     assert sorted("0 phases trained" in out for out, _ in outs) == [False, True]  # one trained, one reused
+    # The terminal shows exitflow's lines only, relayed from the processes Ray runs, in order.
+    for _, err in outs:
+        assert "pid=" not in err and "Traceback" not in err and "Token authentication" not in err, err[-3000:]
+    [trained_err] = [err for out, err in outs if "0 phases trained" not in out]
+    lines = trained_err.splitlines()
+    epochs = [i for i, line in enumerate(lines) if line.startswith("seed0/joint/P2 epoch ")]
+    assert len(epochs) >= 2, trained_err[-3000:]  # from the Train worker
+    assert max(epochs) < next(i for i, line in enumerate(lines) if line.startswith("done   seed0/joint/P2 "))
 
     runs = _read_store(work)
     assert [r for r in runs if r.info.status == "RUNNING"] == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import graphlib
 from dataclasses import dataclass
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -403,6 +404,8 @@ _PHASE_FIELDS = {  # every phase field, its changed value (each phase's own node
     "grad_clip": "1.0", "loss_weighting": "kaya", "label_smoothing": "0.1", "bf16": "true", "channels_last": "true",
     "step_epochs": "5", "step_gamma": "0.5", "kaya_epochs": "3",  # read by the loop whatever the schedule: keyed
 }
+_INIT_FILE = Path(tempfile.mkdtemp()) / "start.pt"  # net.init's key is the file's content hash
+_INIT_FILE.write_bytes(b"a start's bytes: the key hashes them, preflight (not run here) would check them")
 # Every leaf field of the spec: (a changed value, the nodes whose key must change). A spec field
 # without an entry here fails test_every_spec_field_has_a_key_rule.
 KEY_RULES: dict[str, tuple[str, set[str]]] = {
@@ -416,7 +419,8 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "data.test_subset": ("200", _EVAL | _RANK | _LAND),  # phases never read the test split; the analyses' batches do
     "data.num_workers": ("2", _ALL),  # loader workers draw augmentation from their own seeds
     "net.backbone": ("resnet32", _ALL),
-    "net.method": ("sdn", _NONE),  # the only registered method: the default again
+    "net.method": ("pabee", _ALL),
+    "net.init": (str(_INIT_FILE), _ALL),  # P1 and joint's P2 start from it; every other node follows them
     "net.exits": ("[2, 4]", _ALL),
     "net.exit_every": ("3", _ALL),
     "net.exit_start": ("1", _ALL),

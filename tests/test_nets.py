@@ -400,3 +400,29 @@ def test_a_registered_method_brings_its_own_loss_into_training(final_only: ExitM
     assert per_exit[:-1].abs().sum() == 0 and per_exit[-1] > 0  # what the method says each exit costs
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.ics.parameters())  # the ICs learn nothing
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.backbone.parameters())
+
+
+def test_pabee_trains_the_depth_weighted_average_of_its_exits_losses() -> None:
+    """PABEE's loss (Zhou et al. 2020): sum_j j * L_j / sum_j j over exits j = 1..E in P2; P1 stays the
+    plain final-exit loss; per-exit losses are logged unweighted."""
+    from stages.core.phases import exit_weights, phase_loss
+
+    net = create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(2, 4, 6), width=8,
+                             method="pabee"))
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5])
+    ce = nn.CrossEntropyLoss()
+    logits = net(x)
+    plain = torch.stack([ce(z, y) for z in logits])
+    e = net.num_exits
+    weights = exit_weights("uniform", e, method=net.method)
+    loss, per_exit = phase_loss(logits, y, "P2", weights, ce, net.method.losses)
+    j = torch.arange(1, e + 1, dtype=torch.float32)
+    assert loss.item() == pytest.approx(((j * plain).sum() / j.sum()).item(), rel=1e-6)
+    assert torch.allclose(per_exit, plain.detach())
+    p1, _ = phase_loss(logits, y, "P1", weights, ce, net.method.losses)
+    assert p1.item() == pytest.approx(plain[-1].item(), rel=1e-6)
+    # the method's weights multiply the phase's own: Han's linear weights times the depth weights
+    han = exit_weights("han", e, method=net.method)
+    assert torch.allclose(han, exit_weights("han", e) * j / j.sum())
+    sdn = create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(2, 4, 6), width=8))
+    assert exit_weights("uniform", e, method=sdn.method).eq(1).all()  # SDN has no weights of its own

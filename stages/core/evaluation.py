@@ -52,8 +52,24 @@ def get_criterion(criterion: Criterion) -> ExitCriterion:
     return criterion if isinstance(criterion, ExitCriterion) else CRITERIA.get(criterion)
 
 
+def agreement_run(logp: torch.Tensor) -> torch.Tensor:
+    """PABEE's patience (Zhou et al. 2020) as a confidence: at exit i, the number of consecutive
+    exits up to i that predict exit i's class, over the number of exits E: [E, N] in [1/E, 1].
+
+    PABEE leaves at the first IC whose counter of agreements with the previous exit reaches the
+    patience p; that counter is this run length - 1, so threshold t is patience p = floor(t * E):
+    a sample leaves at the first IC where at least p + 1 consecutive exits agree.
+    """
+    pred = logp.argmax(dim=-1)  # [E, N]
+    run = torch.ones(pred.shape, dtype=torch.float64)
+    for i in range(1, pred.shape[0]):
+        run[i] = torch.where(pred[i] == pred[i - 1], run[i - 1] + 1.0, 1.0)
+    return run / pred.shape[0]
+
+
 register_criterion(ExitCriterion("max_softmax", lambda logp: logp.max(dim=-1).values.exp(), True, lambda c: 1.0))
 register_criterion(ExitCriterion("entropy", lambda logp: -(logp.exp() * logp).sum(dim=-1), False, math.log))
+register_criterion(ExitCriterion("patience", agreement_run, True, lambda c: 1.0))
 
 
 def collect_logits(net: nn.Module, loader: DataLoader, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -414,7 +414,7 @@ def fit_phase(
     for epoch in range(progress.start_epoch, cfg.max_epochs):
         if progress.stopper.stop:  # a resumed state may already have stopped
             break
-        weights = exit_weights(cfg.loss_weighting, model.num_exits, progress=min(1.0, (epoch + 1) / ramp_epochs))
+        weights = exit_weights(cfg.loss_weighting, model.num_exits, min(1.0, (epoch + 1) / ramp_epochs), model.method)
         _set_epoch(train_loader, epoch)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()

@@ -14,7 +14,7 @@ from typing import Callable, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from stages.core.nets.methods import ExitLosses, each_exit_alone
+from stages.core.nets.methods import ExitLosses, ExitMethod, each_exit_alone
 from stages.core.phase_config import LossWeighting
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,9 @@ def set_train_mode(net: nn.Module, phase: Phase) -> None:
         unwrap(net).backbone.eval()
 
 
-def exit_weights(kind: LossWeighting, num_exits: int, progress: float = 1.0) -> Tensor:
-    """Per-exit loss weights (float32, final exit last).
+def exit_weights(kind: LossWeighting, num_exits: int, progress: float = 1.0, method: ExitMethod | None = None) -> Tensor:
+    """Per-exit loss weights (float32, final exit last): the phase's `kind`, times the early-exit
+    method's own weights when it has them (PABEE's depth weights).
 
     - "uniform", "gradient_equilibrium": all 1 (gradient equilibrium rescales gradients in
       the net instead, see `MultiExitNet.set_gradient_equilibrium`).
@@ -100,6 +101,11 @@ def exit_weights(kind: LossWeighting, num_exits: int, progress: float = 1.0) -> 
       schedule with caps at the ICs' relative positions. `progress` in [0, 1] is the fraction
       of the ramp done (SDN: epoch / epochs, 1-based epoch); the other kinds ignore it.
     """
+    weights = _kind_weights(kind, num_exits, progress)
+    return weights if method is None or method.loss_weights is None else weights * method.loss_weights(num_exits)
+
+
+def _kind_weights(kind: LossWeighting, num_exits: int, progress: float) -> Tensor:
     if num_exits < 1:
         raise ValueError(f"num_exits must be >= 1, got {num_exits}")
     if kind in ("uniform", "gradient_equilibrium"):

@@ -1,29 +1,53 @@
 """Progress lines from inside Ray processes, independent of how Ray configured their logging.
 
 Ray (and Ray Train, in its workers) configure the root logger of the processes they start;
-our loggers carry their own stderr handler instead, so their INFO lines show whatever that
-configuration is, once each. Ray forwards every process's stderr to the driver.
+our loggers carry their own handler instead, so their INFO lines show whatever that
+configuration is, once each. The handler writes to stderr, or hands each line to `emit`:
+the pipeline passes one that relays the line to the driver's terminal (`pipeline.relay`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
 
 OWN_LOGGERS = ("pipeline", "stages")
 
 
-class _ProgressHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Marks the handler this module installed, so a second call does not add another."""
+Emit = Callable[[str], None]
 
 
-def progress_logging(*quiet: str) -> None:
-    """INFO lines of exitflow's loggers on stderr; the loggers named in `quiet` only warn."""
+def to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class _ProgressHandler(logging.Handler):
+    """Hands each formatted line to `emit`; marks the handler this module installed, so a second
+    call replaces its target instead of adding another."""
+
+    def __init__(self, emit: Emit) -> None:
+        super().__init__()
+        self.emit_line = emit
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.emit_line(self.format(record))
+        except Exception:  # noqa: BLE001 - a progress line must never break the work it reports
+            self.handleError(record)
+
+
+def progress_logging(*quiet: str, emit: Emit = to_stderr) -> None:
+    """INFO lines of exitflow's loggers go to `emit` (stderr by default); the loggers named in
+    `quiet` only warn."""
     for name in OWN_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(h, _ProgressHandler) for h in logger.handlers):
-            handler = _ProgressHandler()
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logger.addHandler(handler)
+        mine = [h for h in logger.handlers if isinstance(h, _ProgressHandler)]
+        if mine:
+            mine[0].emit_line = emit
+        else:
+            logger.addHandler(_ProgressHandler(emit))
         logger.setLevel(logging.INFO)
         logger.propagate = False  # the root logger's handlers (Ray's or Train's) would print it twice
     for name in quiet:

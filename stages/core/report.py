@@ -17,7 +17,7 @@ from stages.core.report_plots import format_budget_table, plot_tradeoff
 class ReportOutput:
     budgets: pa.Table  # criterion, regime, budget, accuracy_mean, accuracy_std, n_seeds
     plots: list[Path]  # tradeoff.png (first criterion), tradeoff_<criterion>.png for the others
-    text: str  # the readable budget table of the first criterion
+    text: str  # the readable budget tables, one per criterion, and the notes
 
 
 def run(
@@ -35,7 +35,7 @@ def run(
     (diverged learning rates, say) are printed under the table."""
     regimes = list(dict.fromkeys(r for r, _ in curves))
     fixed = {r: [_columns(exits[k], "flops", "accuracy") for k in exits if k[0] == r] for r in regimes}
-    tables, plots, text = [], [], ""
+    tables, plots, texts = [], [], []
     for i, criterion in enumerate(criteria):
         by_regime = {
             r: [_columns(_where(curves[k], criterion), "flops", "accuracy") for k in curves if k[0] == r] for r in regimes
@@ -44,8 +44,8 @@ def run(
         tables.append(pa.Table.from_pylist([{"criterion": criterion, **row} for row in rows]))
         name = "tradeoff.png" if i == 0 else f"tradeoff_{criterion}.png"
         plots.append(plot_tradeoff(by_regime, fixed, backbone_flops, out_dir / name, f"{title} ({criterion})"))
-        if i == 0:
-            text = format_budget_table(rows, chosen_lrs) + "".join(f"\nnote: {n}" for n in notes)
+        texts.append(format_budget_table(rows, chosen_lrs, criterion))
+    text = "\n\n".join(texts) + "".join(f"\nnote: {n}" for n in notes)
     return ReportOutput(budgets=pa.concat_tables(tables), plots=plots, text=text)
 
 

@@ -147,10 +147,12 @@ def _format_lrs(lrs: Any) -> str:
     return str(lrs)
 
 
-def format_budget_table(rows: Sequence[Mapping[str, Any]], chosen_lrs: Mapping[str, Any] | None = None) -> str:
+def format_budget_table(rows: Sequence[Mapping[str, Any]], chosen_lrs: Mapping[str, Any] | None = None,
+                        criterion: str | None = None) -> str:
     """Fixed-width text: one line per regime, one "mean ± std" column per budget (accuracy in %).
 
-    `chosen_lrs` (regime -> lr, or regime -> {phase: lr}) adds a column with each regime's learning rates.
+    `chosen_lrs` (regime -> lr, or regime -> {phase: lr}) adds a column with each regime's learning rates;
+    `criterion` names the exit criterion in the title.
     """
     budgets: list[str] = []
     cells: dict[str, dict[str, str]] = {}
@@ -183,4 +185,6 @@ def format_budget_table(rows: Sequence[Mapping[str, Any]], chosen_lrs: Mapping[s
 
     rule = "-" * len(render(header))
     title = "test accuracy (%) at FLOPs budget (x backbone), mean ± std over seeds"
+    if criterion is not None:
+        title += f"; exit criterion: {criterion}"
     return "\n".join([title, render(header), rule, *(render(line) for line in lines)])

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from stages.core.registry import Registry
@@ -35,6 +36,9 @@ class ExitMethod:
     # (exits' logits, labels, the phase's loss function) -> each exit's training loss; the phase
     # decides which exits count and weights them (stages.core.phases.phase_loss)
     losses: ExitLosses = each_exit_alone
+    # The method's own weights on its exits' losses (number of exits -> [E]), multiplied into the
+    # phase's `loss_weighting` in P2 and P3; None: all 1. P1 trains the plain backbone: unweighted.
+    loss_weights: Callable[[int], Tensor] | None = None
 
 
 METHODS: Registry[ExitMethod] = Registry("method")
@@ -51,4 +55,14 @@ def get_method(name: str) -> ExitMethod:
         raise ValueError(f"net spec field `method`: {e}") from None
 
 
+def depth_weights(num_exits: int) -> Tensor:
+    """PABEE's training loss (Zhou et al. 2020): exit j (1-based) weighs j / sum(1..E), so the
+    loss is the depth-weighted average of the exits' losses."""
+    j = torch.arange(1, num_exits + 1, dtype=torch.float32)
+    return j / j.sum()
+
+
 register_method(ExitMethod("sdn", combine=lambda raw: raw[-1], independent=True))
+# PABEE: independent ICs (as SDN's) and the depth-weighted loss; its exit rule is the `patience`
+# criterion (stages.core.evaluation), which works with every method.
+register_method(ExitMethod("pabee", combine=lambda raw: raw[-1], independent=True, loss_weights=depth_weights))

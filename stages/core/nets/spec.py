@@ -1,5 +1,5 @@
 """NetChoice: the net a study asks for; NetSpec: that net sized for a dataset, everything needed to
-rebuild it (stored as a checkpoint's spec.json)."""
+rebuild it (stored as a checkpoint's spec.json). One list of net fields: NetSpec extends NetChoice."""
 
 from __future__ import annotations
 
@@ -9,26 +9,40 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class NetSpec:
-    """A multi-exit net, fully described. `create_net(spec)` builds it; `to_dict`/`from_dict` round-trip it."""
+class NetChoice:
+    """The net a study asks for, before any dataset sizes it: what a phase node's config (and key) holds.
+
+    The dataset's classes, channels and image size join it on the worker (`sized`), where the data is:
+    a study's graph never needs the dataset on the machine that plans it.
+    """
 
     backbone: str  # registry name, e.g. "resnet20", "vit_cifar", "efficientnet_b0"
-    num_classes: int  # from the dataset
-    in_chans: int = 3  # from the dataset (digits: 1)
-    img_size: int = 32  # square input side, from the dataset (digits: 8)
     exits: tuple[int, ...] | None = None  # explicit IC positions: 1-based block numbers an IC follows
     exit_every: int | None = None  # or: an IC after every n-th block ...
     exit_start: int | None = None  # ... starting at this block (1-based); None with exit_every -> n
     head: str | None = None  # IC head kind: "sdn" (conv) | "linear" | "mlp" (pooled conv or CLS token); None -> family default
     head_norm: bool = False  # LayerNorm before a linear or MLP head
     head_hidden: tuple[int, ...] = ()  # an "mlp" head's hidden widths (paper Table 2: 1024, 2048; one or two layers)
-    method: str = "sdn"  # early-exit method: "sdn" (independent ICs on backbone features)
+    method: str = "sdn"  # early-exit method (stages.core.nets.methods): "sdn", "pabee"
     small_input: bool | None = None  # torchvision ResNets: 3x3 stem, no max-pool; None -> img_size <= 64
     width: int | None = None  # base width / embed dim override (None -> variant default); small nets for tests
     depth: int | None = None  # number of blocks override where the family allows it (ViT layers)
 
     def __post_init__(self) -> None:
         _tuples(self)
+
+    def sized(self, num_classes: int, in_chans: int, img_size: int) -> "NetSpec":
+        return NetSpec(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **_own_fields(self, NetChoice))
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetSpec(NetChoice):
+    """A multi-exit net, fully described: the choice sized for a dataset. `create_net(spec)` builds it;
+    `to_dict`/`from_dict` round-trip it (a checkpoint's spec.json)."""
+
+    num_classes: int  # from the dataset
+    in_chans: int = 3  # from the dataset (digits: 1)
+    img_size: int = 32  # square input side, from the dataset (digits: 8)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -46,31 +60,8 @@ class NetSpec:
         return cls(**d)
 
 
-@dataclass(frozen=True)
-class NetChoice:
-    """The net a study asks for, before any dataset sizes it: what a phase node's config (and key) holds.
-
-    The dataset's classes, channels and image size join it on the worker (`sized`), where the data is:
-    a study's graph never needs the dataset on the machine that plans it.
-    """
-
-    backbone: str
-    exits: tuple[int, ...] | None = None
-    exit_every: int | None = None
-    exit_start: int | None = None
-    head: str | None = None
-    head_norm: bool = False
-    head_hidden: tuple[int, ...] = ()
-    method: str = "sdn"
-    small_input: bool | None = None
-    width: int | None = None
-    depth: int | None = None
-
-    def __post_init__(self) -> None:
-        _tuples(self)
-
-    def sized(self, num_classes: int, in_chans: int, img_size: int) -> NetSpec:
-        return NetSpec(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **dataclasses.asdict(self))
+def _own_fields(obj: Any, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)}
 
 
 def _tuples(spec: NetSpec | NetChoice) -> None:

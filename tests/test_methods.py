@@ -1,0 +1,55 @@
+"""Early-exit methods other than SDN through a whole study: every regime, evaluated and reported.
+
+PABEE (`net.method: pabee`) trains its depth-weighted loss; its exit rule, the `patience`
+criterion, evaluates beside max softmax. One epoch a phase: this checks the plumbing (every
+regime trains, every curve spans the exits' costs, the report has a row per regime, criterion
+and budget); the maths of the loss and the exit rule are checked against references in
+test_nets.py and test_evaluation.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import tiny_spec
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+NAME = "methods-pabee"
+REGIMES = ("joint", "disjoint", "mixed")
+
+
+@pytest.fixture(scope="module")
+def pabee(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from pipeline.runner import run_study
+
+    spec = tiny_spec(tmp_path_factory.mktemp("ray"), f"name={NAME}", f"regimes=[{','.join(REGIMES)}]", "net.method=pabee",
+                     "evaluation.criteria=[patience,max_softmax]", epochs=1)
+    return run_study(spec, mlflow_uri, progress=lambda _: None)
+
+
+def test_pabee_runs_every_regime_to_a_curve_and_a_budget_table(pabee: Any, mlflow_uri: str) -> None:
+    from pipeline.artifacts import ArtifactStore
+
+    assert sorted(pabee.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2", "seed0/mixed/P2"]
+    client = MlflowClient(mlflow_uri)
+    store = ArtifactStore(client)
+    for regime in REGIMES:
+        ev = pabee.results[f"seed0/{regime}/evaluate"]
+        exits = store.load_table(ev.run_id, "exits").to_pylist()
+        curve = [r for r in store.load_table(ev.run_id, "curve").to_pylist() if r["criterion"] == "patience"]
+        assert curve, regime
+        flops = [r["flops"] for r in curve]
+        # patience 0 leaves every sample at the first IC; the top threshold sends every one to the final exit
+        assert min(flops) == pytest.approx(exits[0]["flops"]) and max(flops) == pytest.approx(exits[-1]["flops"])
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in curve)
+        assert curve[-1]["accuracy"] == pytest.approx(exits[-1]["accuracy"])  # the top threshold: all at the final exit
+    budgets = store.load_table(pabee.results["report"].run_id, "budgets").to_pylist()
+    assert {(r["criterion"], r["regime"], r["budget"]) for r in budgets} == {
+        (c, g, b) for c in ("patience", "max_softmax") for g in REGIMES for b in ("0.25", "0.5", "0.75", "1.0", "max")}
+    assert "exit criterion: patience" in pabee.table and "exit criterion: max_softmax" in pabee.table  # a table each
+    p2 = client.get_run(pabee.results["seed0/joint/P2"].run_id)
+    assert p2.data.params["net.method"] == "pabee"
