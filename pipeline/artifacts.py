@@ -138,6 +138,12 @@ class ArtifactStore:
         if actual != expected:
             raise ArtifactError(f"run {run_id}: artifact {artifact_path!r} is corrupted (sha256 {actual[:12]} != recorded {expected[:12]})")
 
+    def load_file(self, run_id: str, artifact_path: str, dst: Path) -> Path:
+        """A plain file saved with `save_file`, downloaded into `dst` and verified against its hash."""
+        local = self._download(run_id, artifact_path, dst)
+        self._verify(run_id, artifact_path, local)
+        return local
+
     def load_table(self, run_id: str, kind: str) -> pa.Table:
         spec = table_kind(kind)  # its schema, declared by the stage kind that writes it
         with tempfile.TemporaryDirectory() as d:

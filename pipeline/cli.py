@@ -12,7 +12,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -86,7 +86,7 @@ def run(
     set_: SetOpt = None,
     tracking_uri: UriOpt = None,
     address: AddressOpt = None,
-    ray_logs: Annotated[bool, typer.Option("--ray-logs", help="Also print Ray's own output of every process (kept in Ray's session logs otherwise).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also print Ray's own output of every process (kept in Ray's session logs otherwise).")] = False,
 ) -> None:
     """Run the study (or reuse what is cached) and print the budget table."""
     if not (address or os.environ.get("RAY_ADDRESS")):
@@ -100,7 +100,7 @@ def run(
     _check(study, tracking_uri, data=False)  # run_study checks data and net itself, before Ray
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = run_study(study, tracking_uri, address, progress=lambda m: typer.echo(m, err=True), ray_logs=ray_logs)
+        result = run_study(study, tracking_uri, address, progress=lambda m: typer.echo(m, err=True), ray_logs=verbose)
     except (SpecError, ClusterError) as e:
         raise _fail(f"exitflow: {e}") from None
     except TrackingError as e:
@@ -117,17 +117,56 @@ def run(
     )
 
 
+JobAddressOpt = Annotated[str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS",
+                                            help="Ray dashboard address of the cluster, e.g. http://HEAD:8265.")]
+JobArg = Annotated[str, typer.Argument(help="The job id `exitflow submit` printed.")]
+
+
+def _jobs(address: str, command: str) -> Any:
+    """A job client for the cluster at `address`, or exit 2 naming why it cannot be reached."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError here
+        raise _fail(f"exitflow {command}: cannot reach the Ray dashboard at {address}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _job_call(command: str, job_id: str, call: Any) -> Any:
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - an unknown job id, a dashboard gone away...
+        raise _fail(f"exitflow {command} {job_id}: {_first_line(e)}") from None
+
+
+def _follow(client: Any, job_id: str) -> None:
+    """Stream the job's logs until it ends; exit with its outcome (0: SUCCEEDED, 1: otherwise)."""
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            typer.echo(lines, nl=False)
+
+    asyncio.run(tail())
+    info = client.get_job_info(job_id)
+    typer.echo(f"job {job_id}: {info.status}" + (f" ({info.message})" if info.message else ""), err=True)
+    raise typer.Exit(0 if str(info.status) == "SUCCEEDED" else 1)
+
+
 @app.command()
 def submit(
     spec: SpecArg,
-    address: Annotated[str, typer.Option("--address", help="Ray dashboard address of the cluster, e.g. http://HEAD:8265.")],
+    address: JobAddressOpt,
     set_: SetOpt = None,
     tracking_uri: UriOpt = None,
-    wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = False,
+    wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends; exit with its outcome.")] = False,
 ) -> None:
     """Submit `exitflow run` as a Ray job to a cluster (the working directory is uploaded)."""
-    from ray.job_submission import JobSubmissionClient
-
     study = _load(spec, set_)  # validate locally first: a typo costs nothing
     uri = tracking_uri or study.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri or uri.startswith(("sqlite:", "file:")) or "://" not in uri:
@@ -136,22 +175,42 @@ def submit(
     if rel is None:
         raise _fail(f"exitflow submit: {spec} must lie under the working directory, which is uploaded to the cluster")
     args = ["exitflow", "run", str(rel), "--tracking-uri", uri] + [a for s in (set_ or []) for a in ("--set", s)]
-    client = JobSubmissionClient(address)
-    job_id = client.submit_job(
+    client = _jobs(address, "submit")
+    job_id = _job_call("submit", str(rel), lambda: client.submit_job(
         entrypoint=shlex.join(args),
         runtime_env={"working_dir": ".", "excludes": [".venv", "mlartifacts", "mlflow.db", ".exitflow", ".git"]},
         metadata={"exitflow.study": study.name},
-    )
-    typer.echo(f"submitted {job_id} to {address}\nfollow: ray job logs --address {address} -f {job_id}")
+    ))
+    typer.echo(f"submitted {job_id} to {address}\nfollow: exitflow logs {job_id} --follow --address {address}")
     if wait:
-        import asyncio
+        _follow(client, job_id)
 
-        async def tail() -> None:
-            async for lines in client.tail_job_logs(job_id):
-                typer.echo(lines, nl=False)
 
-        asyncio.run(tail())
-        typer.echo(f"job {job_id}: {client.get_job_status(job_id)}")
+@app.command()
+def status(job_id: JobArg, address: JobAddressOpt) -> None:
+    """A submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and why."""
+    client = _jobs(address, "status")
+    info = _job_call("status", job_id, lambda: client.get_job_info(job_id))
+    typer.echo(f"job {job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+
+
+@app.command()
+def logs(job_id: JobArg, address: JobAddressOpt,
+         follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends; exit with its outcome.")] = False) -> None:
+    """A submitted job's output: exitflow's progress lines and the budget table."""
+    client = _jobs(address, "logs")
+    if follow:
+        _job_call("logs", job_id, lambda: client.get_job_info(job_id))  # an unknown id: exit 2, not a stream error
+        _follow(client, job_id)
+    typer.echo(_job_call("logs", job_id, lambda: client.get_job_logs(job_id)), nl=False)
+
+
+@app.command()
+def stop(job_id: JobArg, address: JobAddressOpt) -> None:
+    """Stop a submitted job (its finished stages stay cached: submit again to resume)."""
+    client = _jobs(address, "stop")
+    stopped = _job_call("stop", job_id, lambda: client.stop_job(job_id))
+    typer.echo(f"job {job_id}: {'stopping' if stopped else 'not running (already finished)'}")
 
 
 @app.command()

@@ -29,6 +29,7 @@ from pipeline.resolve import check_start, preflight
 from pipeline.spec import SpecError, StudySpec, spec_to_yaml
 from stages.core import faults
 from pipeline.relay import relay, relayed_progress
+from pipeline.results import NODES_FILE, node_record
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,10 @@ def run_study(
             _execute(graph, ctx, result, say, address, ray_logs)
             report = result.results["report"]
             result.table = _read_text(c, report.run_id, "budgets.txt")
+            with tempfile.TemporaryDirectory() as d:  # every node's run, cached ones too: pipeline.results reads it
+                nodes = {nid: node_record(graph.nodes[nid], res) for nid, res in result.results.items()}
+                (Path(d) / NODES_FILE).write_text(json.dumps(nodes, indent=1))
+                ArtifactStore(c).save_file(parent, Path(d) / NODES_FILE)
             c.set_tag(parent, "exitflow.report_run", report.run_id)
             if result.analyses:  # the analyses are leaves beside the report: the pipeline run links them
                 c.set_tag(parent, ANALYSIS_RUNS_TAG, json.dumps(result.analyses))
@@ -290,12 +295,23 @@ def _execute(graph: Graph, ctx: RunContext, result: StudyResult, say: Progress, 
     if not to_run:
         return
     started_ray = ensure_ray(address, ray_logs)
+    if started_ray and not ray_logs and (logs := _ray_logs_dir()):
+        say(f"Ray's own output: {logs}")
     try:
         with relay(say) as lines:
             _run_tasks(graph, to_run, ctx, inputs, result, say, lines.flush)
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _ray_logs_dir() -> str | None:
+    """Where the local Ray this process started writes its processes' output (Ray has no public
+    call for it: None if its internals moved)."""
+    try:
+        return str(ray._private.worker._global_node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 - only a hint for the terminal
+        return None
 
 
 def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[str, Any], result: StudyResult, say: Progress,

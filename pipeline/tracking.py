@@ -180,19 +180,26 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+# The MLflow UI opens an experiment by its kind: without one it may guess GenAI (traces, an
+# assistant) and hide the runs; a study's experiment is model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(c: MlflowClient, name: str) -> str:
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name)
-    except Exception:  # another process created it between the two calls
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return c.create_experiment(name, tags=EXPERIMENT_KIND)
+        except Exception:  # another process created it between the two calls
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        c.restore_experiment(exp.experiment_id)
+    for k, v in EXPERIMENT_KIND.items():  # experiments made before exitflow set it
+        if exp.tags.get(k) is None:
+            c.set_experiment_tag(exp.experiment_id, k, v)
+    return exp.experiment_id
 
 
 def owner_tags() -> dict[str, str]:

@@ -27,7 +27,8 @@ from pipeline.stage import CHECKPOINT, FILES, File, Stage, StageContext, StageIn
 from stages.core import faults
 from stages.core.progress import brief
 from stages.phase import DIVERGED_TAG, describe_phase, phase_job, phase_params, phase_result, run_name, scaling
-from stages.train import GRADIENT_DOMINANCE, HISTORY, PHASE_UNKEYED, PhaseJob, PhaseOutcome, build_trainer, outcome_from_checkpoint, progress_from_checkpoint
+from stages.train import (GRADIENT_DOMINANCE, HISTORY, PHASE_UNKEYED, PROGRESS_FILE, STATE_FILE, PhaseJob, PhaseOutcome,
+                          build_trainer, outcome_from_checkpoint, progress_from_checkpoint)
 
 if TYPE_CHECKING:
     from pipeline.graph import Node
@@ -107,6 +108,33 @@ def _checkpoint_dir(path: str, storage_path: str) -> Any:
     return Checkpoint(path=path, filesystem=fs).as_directory()
 
 
+def _storage_fs(storage_path: str) -> pyarrow.fs.FileSystem:
+    return pyarrow.fs.FileSystem.from_uri(storage_path)[0] if "://" in storage_path else pyarrow.fs.LocalFileSystem()
+
+
+def _complete(fs: pyarrow.fs.FileSystem, path: str) -> bool:
+    infos = fs.get_file_info([f"{path}/{STATE_FILE}", f"{path}/{PROGRESS_FILE}"])
+    return all(i.type == pyarrow.fs.FileType.File for i in infos)
+
+
+def latest_complete_checkpoint(path: str, storage_path: str, what: str) -> str:
+    """`path` (the checkpoint Tune last heard of) when it is whole; else the newest whole checkpoint
+    of the same Train run. Tune's record can be older than the run's own: an attempt Tune never
+    heard of (killed before Tune saved its state) reported again, and Train, keeping two, removed it."""
+    fs = _storage_fs(storage_path)
+    if _complete(fs, path):
+        return path
+    run_dir = path.rstrip("/").rsplit("/", 1)[0]
+    found = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
+    whole = sorted(i.path for i in found if i.type == pyarrow.fs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_") and _complete(fs, i.path))
+    if not whole:
+        raise SearchFailed(f"{what}: its checkpoint {Path(path).name} is gone and its run {Path(run_dir).name} keeps no "
+                           "complete one; delete that run's folder from the Ray storage to train the trial afresh")
+    log.info("%s: checkpoint %s is gone; reading the run's newest, %s", what, Path(path).name, Path(whole[-1]).name)
+    return whole[-1]
+
+
 def _read_outcome(path: str, storage_path: str) -> PhaseOutcome:
     with _checkpoint_dir(path, storage_path) as d:
         return outcome_from_checkpoint(d)
@@ -154,6 +182,7 @@ def _record(result: Any, storage_path: str, max_epochs: int) -> TrialRecord:
     path = metrics.get(CHECKPOINT_PATH_KEY)
     if path is None:
         raise SearchFailed(f"trial {trial} (lr={lr:g}) ended without a checkpoint; run again to resume it")
+    path = latest_complete_checkpoint(path, storage_path, f"trial {trial} (lr={lr:g})")
     with _checkpoint_dir(path, storage_path) as d:
         progress = progress_from_checkpoint(d)
     return TrialRecord(

@@ -47,9 +47,19 @@ def ray_session() -> Iterator[None]:
     env = local_env()
     os.environ.update(env)
     # The dashboard (state API) as in `exitflow run`: Train's cleanup of stopped trials needs it.
-    ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": env}, logging_level="WARNING")
+    ctx = ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": env}, logging_level="WARNING")
+    _DASHBOARD.append(f"http://{ctx.dashboard_url}")
     yield
     ray.shutdown()
+
+
+_DASHBOARD: list[str] = []  # the suite's Ray dashboard, once ray_session started it
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_session: None) -> str:
+    """The suite's Ray dashboard address: the job API `exitflow submit|status|logs|stop` talk to."""
+    return _DASHBOARD[0]
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,33 @@ def test_running_again_trains_nothing(base: Any, storage: str, mlflow_uri: str, 
     assert all(p.cached_run is not None for p in planned)
 
 
+def test_results_from_python_are_dataframes_whether_trained_or_cached(
+    base: Any, storage: str, mlflow_uri: str, client: MlflowClient
+) -> None:
+    from pandas.testing import assert_frame_equal
+
+    from pipeline.results import open_study
+
+    exp = client.get_experiment_by_name(NAME)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    again = _run(storage, mlflow_uri)  # every node cached: its pipeline run lists the same node runs
+    with open_study(base.parent_run_id, mlflow_uri) as first, open_study(again.parent_run_id, mlflow_uri) as cached:
+        budgets = first.budgets()
+        assert set(budgets.columns) >= {"criterion", "regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds"}
+        assert len(budgets) == 2 * 2 * 5  # criteria x regimes x budgets
+        exits = first.exits()
+        assert list(exits.columns[:4]) == ["node", "phase", "regime", "seed"]
+        assert sorted(exits.groupby("regime").size().items()) == [("disjoint", 5), ("joint", 5)]
+        final = exits[(exits.regime == "joint") & (exits.exit == 4)].accuracy.item()
+        assert final == pytest.approx(client.get_run(base.results["seed0/joint/evaluate"].run_id).data.metrics["test_acc_final"])
+        assert set(first.curves().criterion) == {"max_softmax", "entropy"}
+        histories = first.histories()
+        assert sorted(histories.groupby("node").epoch.max().items()) == [
+            ("seed0/P1", 1), ("seed0/disjoint/P3", 1), ("seed0/joint/P2", 1)]
+        assert_frame_equal(cached.budgets(), budgets)
+        assert_frame_equal(cached.histories(), histories)
+
+
 def test_extending_the_study_trains_only_the_new_nodes(base: Any, storage: str, mlflow_uri: str, client: MlflowClient) -> None:
     with_mixed = _run(storage, mlflow_uri, "regimes=[joint,disjoint,mixed]")
     assert with_mixed.trained == ["seed0/mixed/P2"]  # the shared P1 is reused, not retrained

@@ -154,3 +154,28 @@ def test_a_search_whose_state_cannot_be_read_says_why_and_starts_afresh(
     [warning] = [r.getMessage() for r in caplog.records if "cannot resume" in r.getMessage()]
     assert "starting it afresh" in warning and "broken.unresumable-1" in warning and str(storage) not in warning
     assert (storage / "broken.unresumable-1" / "tuner.pkl").exists()  # set aside, not deleted
+
+
+def test_a_trial_whose_recorded_checkpoint_is_gone_reads_its_runs_newest_whole_one(tmp_path: Path) -> None:
+    """Tune's record of a trial's checkpoint may be older than its Train run's own (an attempt Tune
+    never heard of reported again and Train, keeping two, removed the old one): the newest whole
+    checkpoint of the run is read instead; none whole is an error naming the trial and the run."""
+    from stages.train import PROGRESS_FILE, STATE_FILE
+    from stages.tune import SearchFailed, latest_complete_checkpoint
+
+    run = tmp_path / "search-trial_00001"
+    for name, files in (("checkpoint_2026-11-30_14-56-09.354454", [STATE_FILE]),  # Tune's: half removed
+                        ("checkpoint_2026-11-30_14-56-12.100000", [STATE_FILE, PROGRESS_FILE]),
+                        ("checkpoint_2026-11-30_14-56-15.000000", [STATE_FILE, PROGRESS_FILE]),
+                        ("checkpoint_2026-11-30_14-56-16.000000", [STATE_FILE])):  # an upload cut short
+        (run / name).mkdir(parents=True)
+        for f in files:
+            (run / name / f).write_text("x")
+    recorded = str(run / "checkpoint_2026-11-30_14-56-09.354454")
+    assert latest_complete_checkpoint(recorded, str(tmp_path), "trial t") == str(run / "checkpoint_2026-11-30_14-56-15.000000")
+    whole = str(run / "checkpoint_2026-11-30_14-56-12.100000")
+    assert latest_complete_checkpoint(whole, str(tmp_path), "trial t") == whole  # a whole one is Tune's word
+    for d in run.iterdir():
+        (d / PROGRESS_FILE).unlink(missing_ok=True)
+    with pytest.raises(SearchFailed, match="trial t: its checkpoint .* search-trial_00001 keeps no complete one"):
+        latest_complete_checkpoint(recorded, str(tmp_path), "trial t")

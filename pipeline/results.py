@@ -1,0 +1,97 @@
+"""A study's results from Python, as pandas DataFrames, from its pipeline run id.
+
+    from pipeline.results import open_study
+
+    with open_study("PIPELINE_RUN_ID") as study:      # the default store; or tracking_uri="http://..."
+        study.budgets()     # criterion, regime, budget, accuracy_mean, accuracy_std, n_seeds
+        study.curves()      # node, phase, regime, seed, criterion, threshold, flops, accuracy
+        study.exits()       # node, phase, regime, seed, exit, flops, accuracy
+        study.histories()   # node, phase, regime, seed, epoch, train_loss, val_acc_*, ...
+
+Every table is read through the artifact store, so its recorded sha256 and declared schema are
+checked. A pipeline run lists the run of every node it used, cached ones included
+(`nodes.json`), so a study that reused everything reads the same as the run that trained it. The
+default local store (sqlite) is served on loopback while the block runs, as `exitflow run` does.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline import tracking
+from pipeline.artifacts import ArtifactStore
+
+NODES_FILE = "nodes.json"  # on the pipeline run: node id -> run id, kind, regime, seed, phase, cached
+
+
+@dataclass
+class StudyResults:
+    """A finished pipeline run's nodes and their tables (see the module docstring)."""
+
+    run_id: str
+    nodes: dict[str, dict[str, Any]]
+    store: ArtifactStore
+
+    def budgets(self) -> pd.DataFrame:
+        return self._table("budgets", kind="report")
+
+    def curves(self) -> pd.DataFrame:
+        return self._table("curve", kind="evaluate")
+
+    def exits(self) -> pd.DataFrame:
+        return self._table("exits", kind="evaluate")
+
+    def histories(self) -> pd.DataFrame:
+        return self._table("history", kind=("train", "tune"))
+
+    def _table(self, table: str, kind: str | tuple[str, ...]) -> pd.DataFrame:
+        kinds = (kind,) if isinstance(kind, str) else kind
+        frames = []
+        for node_id, node in self.nodes.items():
+            if node["kind"] not in kinds:
+                continue
+            df = self.store.load_table(node["run_id"], table).to_pandas()
+            if node["kind"] != "report":  # one row set per node: say whose it is
+                labels = {"node": node_id, "phase": node.get("phase"), "regime": node.get("regime"), "seed": node.get("seed")}
+                for i, (name, value) in enumerate((k, v) for k, v in labels.items() if v is not None):
+                    df.insert(i, name, value)
+            frames.append(df)
+        if not frames:
+            raise ValueError(f"pipeline run {self.run_id} has no {'/'.join(kinds)} node")
+        return pd.concat(frames, ignore_index=True)
+
+
+def node_record(node: Any, result: Any) -> dict[str, Any]:
+    """One entry of a pipeline run's nodes.json."""
+    return {"run_id": result.run_id, "kind": node.kind, "phase": node.phase, "regime": node.regime, "seed": node.seed,
+            "cached": result.cached}
+
+
+@contextmanager
+def open_study(run_id: str, tracking_uri: str | None = None) -> Iterator[StudyResults]:
+    """The results of pipeline run `run_id` (printed by `exitflow run`), while the block runs."""
+    uri = tracking.resolve_uri(tracking_uri, None)
+    with tracking.serve_store(uri) as http:
+        c = tracking.client(http)
+        run = c.get_run(run_id)
+        if run.data.tags.get("exitflow.stage") != "pipeline":
+            raise ValueError(f"run {run_id} is not a pipeline run (the id `exitflow run` prints last)")
+        if run.info.status != "FINISHED":
+            raise ValueError(f"pipeline run {run_id} is {run.info.status}, not FINISHED: run the study again to complete it")
+        store = ArtifactStore(c)
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                local = store.load_file(run_id, NODES_FILE, Path(d))
+            except Exception as e:  # noqa: BLE001 - missing on runs made before nodes.json existed
+                raise ValueError(f"pipeline run {run_id} lists no nodes ({NODES_FILE}: {e}); "
+                                 "run the study again (all cached, seconds) to record them") from None
+            nodes = json.loads(Path(local).read_text())
+        yield StudyResults(run_id, nodes, store)

@@ -1,0 +1,69 @@
+"""`exitflow submit|status|logs|stop`: the job commands against a Ray dashboard.
+
+An unreachable address is an exit-2 error naming it, for every command. On the suite's own Ray
+(its dashboard serves the job API as a cluster head's does), a job submitted there is read back
+by `status` and `logs`, and `stop` stops a running one.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+UNREACHABLE = "http://127.0.0.1:1"
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "stop"])
+def test_an_unreachable_dashboard_exits_2_naming_it(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "raysubmit_nope", "--address", UNREACHABLE])
+    assert result.exit_code == 2, result.output
+    assert f"cannot reach the Ray dashboard at {UNREACHABLE}" in result.output and "Traceback" not in result.output
+
+
+def test_submit_to_an_unreachable_dashboard_exits_2(cwd: Path) -> None:
+    result = CliRunner().invoke(app, ["submit", "empty.yaml", "--address", UNREACHABLE, "--tracking-uri", "http://127.0.0.1:5000"])
+    assert result.exit_code == 2 and f"cannot reach the Ray dashboard at {UNREACHABLE}" in result.output
+
+
+def _wait_for(client: object, job_id: str, states: set[str], timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = str(client.get_job_status(job_id))  # type: ignore[attr-defined]
+        if status in states:
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} never reached {states}")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_status_logs_and_stop_read_a_real_job(ray_dashboard: str) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_dashboard)
+    python = shlex.quote(sys.executable)
+    done = client.submit_job(entrypoint=f"{python} -c \"print('hello from the job')\"")
+    assert _wait_for(client, done, {"SUCCEEDED", "FAILED"}) == "SUCCEEDED"
+    status = CliRunner().invoke(app, ["status", done, "--address", ray_dashboard])
+    assert status.exit_code == 0 and f"job {done}: SUCCEEDED" in status.output
+    logs = CliRunner().invoke(app, ["logs", done, "--address", ray_dashboard])
+    assert logs.exit_code == 0 and "hello from the job" in logs.output
+    followed = CliRunner().invoke(app, ["logs", done, "--follow", "--address", ray_dashboard])
+    assert followed.exit_code == 0 and "hello from the job" in followed.output  # the job's outcome: success
+
+    running = client.submit_job(entrypoint=f"{python} -c \"import time; time.sleep(120)\"")
+    _wait_for(client, running, {"RUNNING"})
+    stopped = CliRunner().invoke(app, ["stop", running, "--address", ray_dashboard])
+    assert stopped.exit_code == 0 and "stopping" in stopped.output
+    assert _wait_for(client, running, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
+    failed = CliRunner().invoke(app, ["logs", running, "--follow", "--address", ray_dashboard])
+    assert failed.exit_code == 1  # --follow exits with the job's outcome
+    unknown = CliRunner().invoke(app, ["status", "raysubmit_nope", "--address", ray_dashboard])
+    assert unknown.exit_code == 2 and "raysubmit_nope" in unknown.output
