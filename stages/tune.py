@@ -9,6 +9,7 @@ is re-trained. An optional ASHA scheduler stops poor learning rates early.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -165,8 +166,11 @@ def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, storage_pa
 
     # Tune registers a function trainable cluster-wide under its __name__: two searches running
     # at once with the same name would swap trainables, and one search's trials would run the
-    # other's phase. The search's own (deterministic) name keeps them apart.
-    trial.__name__ = trial.__qualname__ = f"exitflow_trial_{name}"
+    # other's phase. The search's name (its cache key) keeps different searches apart, and its
+    # storage the same search of two studies in different storage (one cluster, two experiments):
+    # deterministic, so a restored search finds its trainable under the same name.
+    where = hashlib.sha256(storage_path.encode()).hexdigest()[:8]
+    trial.__name__ = trial.__qualname__ = f"exitflow_trial_{name}_{where}"
     return trial
 
 
