@@ -259,7 +259,8 @@ def run_study(
             report = result.results["report"]
             result.table = _read_text(c, report.run_id, "budgets.txt")
             with tempfile.TemporaryDirectory() as d:  # every node's run, cached ones too: pipeline.results reads it
-                nodes = {nid: node_record(graph.nodes[nid], res) for nid, res in result.results.items()}
+                # graph order, not completion order: the same study lists (and reads) the same way every time
+                nodes = {nid: node_record(graph.nodes[nid], result.results[nid]) for nid in graph.order() if nid in result.results}
                 (Path(d) / NODES_FILE).write_text(json.dumps(nodes, indent=1))
                 ArtifactStore(c).save_file(parent, Path(d) / NODES_FILE)
             c.set_tag(parent, "exitflow.report_run", report.run_id)
