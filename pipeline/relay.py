@@ -10,7 +10,6 @@ driver learns that the node finished, and print before its `done` line.
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,13 +97,8 @@ class Relay:
         self.flush()
 
 
-def _stderr_line(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 @contextmanager
-def relay(write: Callable[[str], None] = _stderr_line) -> Iterator[Relay]:
+def relay(write: Callable[[str], None] = to_stderr) -> Iterator[Relay]:
     """Relay the job's progress lines to `write` while the block runs (Ray must be initialised)."""
     r = Relay(write)
     r._thread.start()
