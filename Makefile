@@ -21,6 +21,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/curve_speed.py
 	$(BIN)/python bench/tune_asha.py
+	$(BIN)/python bench/dynamic_inference.py
+	$(BIN)/python bench/study_memory.py
 
 install: $(STAMP)
 

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,16 @@ def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def table_json(table: pa.Table) -> str:
+    """A table as MLflow's table artifacts are (pandas' "split" orient: columns, data), values at full
+    precision; NaN as null, which JSON has and the UI reads."""
+    def plain(v: Any) -> Any:
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    rows = [[plain(v) for v in row.values()] for row in table.to_pylist()]
+    return json.dumps({"columns": table.column_names, "data": rows}, default=str)
+
+
 class ArtifactStore:
     """Load / save / exists / describe for typed artifacts, MLflow as the implementation."""
 
@@ -96,8 +107,21 @@ class ArtifactStore:
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
         with tempfile.TemporaryDirectory() as d:
             pq.write_table(table, Path(d) / spec.path)
+            if spec.ui:
+                view = Path(spec.path).with_suffix(".json").as_posix()
+                (Path(d) / view).write_text(table_json(table))
             self._log_dir(run_id, Path(d), None)
+        if spec.ui:
+            self._mark_ui_table(run_id, view)
         return ArtifactRef(run_id, spec.path)
+
+    def _mark_ui_table(self, run_id: str, path: str) -> None:
+        """List `path` among the run's table artifacts, as mlflow.log_table does, so the UI renders it."""
+        tag = "mlflow.loggedArtifacts"
+        listed = json.loads(self.client.get_run(run_id).data.tags.get(tag, "[]"))
+        entry = {"path": path, "type": "table"}
+        if entry not in listed:
+            self.client.set_tag(run_id, tag, json.dumps([*listed, entry]))
 
     def save_checkpoint(self, run_id: str, state_dict: dict[str, torch.Tensor], spec: dict[str, Any]) -> ArtifactRef:
         """`checkpoint/`: model.pt (unwrapped state_dict) + spec.json (rebuilds the net)."""

@@ -18,6 +18,7 @@ import typer
 
 from pipeline.spec import SpecError, StudySpec, load_spec
 from stages.core.allowed import PREPARE_FORMATS
+from stages.core.progress import first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and study early-exit networks: joint, disjoint and mixed regimes on Ray, tracked in MLflow.")
 
@@ -129,19 +130,14 @@ def _jobs(address: str, command: str) -> Any:
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError here
-        raise _fail(f"exitflow {command}: cannot reach the Ray dashboard at {address}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+        raise _fail(f"exitflow {command}: cannot reach the Ray dashboard at {address}: {first_line(e)}") from None
 
 
 def _job_call(command: str, job_id: str, call: Any) -> Any:
     try:
         return call()
     except Exception as e:  # noqa: BLE001 - an unknown job id, a dashboard gone away...
-        raise _fail(f"exitflow {command} {job_id}: {_first_line(e)}") from None
+        raise _fail(f"exitflow {command} {job_id}: {first_line(e)}") from None
 
 
 def _follow(client: Any, job_id: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.fingerprint import fingerprint
-from pipeline.spec import StudySpec
+from pipeline.spec import StudySpec, axis_label, variants
 from pipeline.stage import get_stage, stages
 
 
@@ -41,6 +41,7 @@ class Node:
     regime: str | None = None  # joint | disjoint | mixed | shared
     seed: int | None = None
     key: str = ""  # filled in by build_graph once the inputs' keys are known
+    variant: str = ""  # the comparison axes' values this node belongs to ("" = all of them): see build_graph
 
     def tags(self) -> dict[str, str]:
         """The MLflow tags on the stage's run (see the README's MLflow section). A kind `family.name`
@@ -55,6 +56,8 @@ class Node:
             tags["exitflow.regime"] = self.regime
         if self.seed is not None:
             tags["exitflow.seed"] = str(self.seed)
+        if self.variant:
+            tags["exitflow.variant"] = self.variant
         return tags
 
 
@@ -126,10 +129,68 @@ def _phase_config(spec: StudySpec, phase: str, seed: int) -> Any:
 
 
 def build_graph(spec: StudySpec) -> Graph:
-    """The whole study as a DAG; validated (acyclic, inputs present) before anything runs."""
+    """The whole study as a DAG; validated (acyclic, inputs present) before anything runs.
+
+    With comparison axes (`compare:`), each combination of their values is a study of its own
+    (`spec.variants`); their nodes are merged by key, so a node that no axis changes (a P1 that a
+    P2-only axis leaves alone, its analyses) is one node serving every variant. A merged node's id
+    is prefixed with the axis values its variants share (`phases.P2.loss_weighting=kaya/seed0/joint/P2`;
+    none when every value of the axes uses it). One report joins every variant.
+    """
+    from stages.report import ReportConfig
+
+    ev = spec.evaluation
+    merged, rows = _merged_variants(spec)
+    merged.add(
+        Node(
+            id="report",
+            kind="report",
+            config=ReportConfig(budgets=tuple(ev.budgets), budget_rule=ev.budget_rule, criteria=tuple(ev.criteria),
+                                regimes=tuple(spec.regimes), seeds=tuple(spec.seeds), rows=rows,
+                                axes=tuple((axis, tuple(axis_label(((axis, v),)) for v in values)) for axis, values in spec.compare.items())),
+            inputs=tuple(dict.fromkeys(row[0] for row in rows)),
+        )
+    )
+    return _with_keys(merged)
+
+
+def _merged_variants(spec: StudySpec) -> tuple[Graph, tuple[tuple[str, str, int, tuple[str, ...]], ...]]:
+    """Every variant's nodes merged by key, and the report's rows: (evaluate node, regime, seed, the
+    variant's value of each axis as `axis=value`)."""
+    built = []
+    for assignment, vspec in variants(spec):
+        g = _with_keys(_study_nodes(vspec))
+        built.append((assignment, g))
+    users: dict[str, list[tuple[tuple[str, Any], ...]]] = {}  # key -> the variants that use the node
+    for assignment, g in built:
+        for n in g.nodes.values():
+            users.setdefault(n.key, []).append(assignment)
+    axes = [axis for axis, values in spec.compare.items() if len(values) > 1]
+    merged, ids, rows = Graph(), {}, []  # ids: key -> merged id
+    for assignment, g in built:
+        local: dict[str, str] = {}
+        for nid in g.order():
+            n = g.nodes[nid]
+            if n.key not in ids:
+                common = [(a, v) for a, v in assignment if a in axes and all(dict(u)[a] == v for u in users[n.key])]
+                label = axis_label(tuple(common))
+                new_id = f"{label}/{n.id}" if label else n.id
+                if new_id in merged.nodes:  # two nodes that differ only upstream of every label: name them fully
+                    label = axis_label(tuple((a, v) for a, v in assignment if a in axes))
+                    new_id = f"{label}/{n.id}"
+                ids[n.key] = new_id
+                merged.add(dataclasses.replace(n, id=new_id, inputs=tuple(local[i] for i in n.inputs), variant=label, key=""))
+            local[nid] = ids[n.key]
+        parts = tuple(axis_label((pair,)) for pair in assignment)
+        rows += [(local[n.id], n.regime, n.seed, parts) for n in g.nodes.values() if n.kind == "evaluate"]
+    return merged, tuple(rows)
+
+
+def _study_nodes(spec: StudySpec) -> Graph:
+    """One study's nodes, less the report: per seed a P1 for the regimes that start from it, each
+    regime's final phase and its evaluation, and the nodes registered stages plan (analyses)."""
     from pipeline.resolve import data_spec
     from stages.evaluate import EvaluateConfig
-    from stages.report import ReportConfig
 
     g = Graph()
     regimes = list(spec.regimes)
@@ -158,19 +219,10 @@ def build_graph(spec: StudySpec) -> Graph:
                     seed=seed,
                 )
             )
-    add(
-        Node(
-            id="report",
-            kind="report",
-            config=ReportConfig(budgets=tuple(ev.budgets), criteria=tuple(ev.criteria), regimes=tuple(regimes),
-                                seeds=tuple(spec.seeds)),
-            inputs=tuple(f"seed{s}/{r}/evaluate" for s in spec.seeds for r in regimes),
-        )
-    )
     for stage in stages():  # registered stages that join a study on their own (analyses, say)
         for node in stage.plan(spec, g):
             add(node)
-    return _with_keys(g)
+    return g
 
 
 def _phase_node(spec: StudySpec, node_id: str, phase: str, regime: str, seed: int, inputs: tuple[str, ...]) -> Node:

@@ -78,6 +78,9 @@ class Relay:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="exitflow-relay", daemon=True)
 
+    def start(self) -> None:
+        self._thread.start()
+
     def flush(self) -> None:
         with self._lock:  # one drain at a time keeps the lines in order
             try:
@@ -101,7 +104,7 @@ class Relay:
 def relay(write: Callable[[str], None] = to_stderr) -> Iterator[Relay]:
     """Relay the job's progress lines to `write` while the block runs (Ray must be initialised)."""
     r = Relay(write)
-    r._thread.start()
+    r.start()
     try:
         yield r
     finally:

@@ -4,9 +4,11 @@
 
     with open_study("PIPELINE_RUN_ID") as study:      # the default store; or tracking_uri="http://..."
         study.budgets()     # criterion, regime, budget, accuracy_mean, accuracy_std, n_seeds
+        study.costs()       # regime, seed, node, phase, epochs, train_seconds, wall_seconds, device_hours, ...
         study.curves()      # node, phase, regime, seed, criterion, threshold, flops, accuracy
         study.exits()       # node, phase, regime, seed, exit, flops, accuracy
         study.histories()   # node, phase, regime, seed, epoch, train_loss, val_acc_*, ...
+        net = study.model("seed0/mixed/P2")   # a phase's trained MultiExitNet, in eval mode
 
 Every table is read through the artifact store, so its recorded sha256 and declared schema are
 checked. A pipeline run lists the run of every node it used, cached ones included
@@ -43,6 +45,9 @@ class StudyResults:
     def budgets(self) -> pd.DataFrame:
         return self._table("budgets", kind="report")
 
+    def costs(self) -> pd.DataFrame:
+        return self._table("costs", kind="report")
+
     def curves(self) -> pd.DataFrame:
         return self._table("curve", kind="evaluate")
 
@@ -52,6 +57,19 @@ class StudyResults:
     def histories(self) -> pd.DataFrame:
         return self._table("history", kind=("train", "tune"))
 
+    def model(self, node: str) -> Any:
+        """The trained multi-exit net of a phase node ("seed0/P1", "seed0/mixed/P2", ...), in eval
+        mode on the CPU, from its verified checkpoint: ready for `stages.core.inference`."""
+        from stages.core.nets import NetSpec, create_net  # torch only when a model is asked for
+
+        phases = sorted(k for k, v in self.nodes.items() if v["kind"] in ("train", "tune"))
+        if node not in phases:
+            raise ValueError(f"pipeline run {self.run_id} has no phase node {node!r}; its phases: {phases}")
+        state, spec = self.store.load_checkpoint(self.nodes[node]["run_id"])
+        net = create_net(NetSpec.from_dict(spec["net"]))
+        net.load_state_dict(state)
+        return net.eval()
+
     def _table(self, table: str, kind: str | tuple[str, ...]) -> pd.DataFrame:
         kinds = (kind,) if isinstance(kind, str) else kind
         frames = []
@@ -60,7 +78,8 @@ class StudyResults:
                 continue
             df = self.store.load_table(node["run_id"], table).to_pandas()
             if node["kind"] != "report":  # one row set per node: say whose it is
-                labels = {"node": node_id, "phase": node.get("phase"), "regime": node.get("regime"), "seed": node.get("seed")}
+                labels = {"node": node_id, "phase": node.get("phase"), "regime": node.get("regime"), "seed": node.get("seed"),
+                          "variant": node.get("variant") or None}  # the comparison axes' values, when the study has axes
                 for i, (name, value) in enumerate((k, v) for k, v in labels.items() if v is not None):
                     df.insert(i, name, value)
             frames.append(df)
@@ -72,7 +91,7 @@ class StudyResults:
 def node_record(node: Any, result: Any) -> dict[str, Any]:
     """One entry of a pipeline run's nodes.json."""
     return {"run_id": result.run_id, "kind": node.kind, "phase": node.phase, "regime": node.regime, "seed": node.seed,
-            "cached": result.cached}
+            "variant": node.variant, "cached": result.cached}
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from pipeline import tracking
+from pipeline.admission import Admission
 from pipeline.artifacts import ArtifactStore
 from pipeline.execute import NodeResult, RunContext, cached_result, execute_node
 from pipeline.stage import RunSettings, Stage, get_stage
@@ -28,6 +29,7 @@ from pipeline.graph import Graph, Node, build_graph
 from pipeline.resolve import check_start, preflight
 from pipeline.spec import SpecError, StudySpec, spec_to_yaml
 from stages.core import faults
+from stages.core.progress import first_line
 from pipeline.relay import relay, relayed_progress
 from pipeline.results import NODES_FILE, node_record
 
@@ -132,7 +134,7 @@ def ensure_ray(address: str | None, ray_logs: bool = False) -> bool:
     except (ConnectionError, RuntimeError) as e:
         if not address:
             raise
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = first_line(e)
         hint = ""
         if "Authentication" in str(e) or "GCS" in str(e):
             hint = (" (a cluster with token authentication needs RAY_AUTH_MODE=token and the cluster's token in "
@@ -257,7 +259,7 @@ def run_study(
             ctx = RunContext(http, exp, parent, storage, run_settings(spec), fault_plan)
             _execute(graph, ctx, result, say, address, ray_logs)
             report = result.results["report"]
-            result.table = _read_text(c, report.run_id, "budgets.txt")
+            result.table = _report_text(c, report.run_id)
             with tempfile.TemporaryDirectory() as d:  # every node's run, cached ones too: pipeline.results reads it
                 # graph order, not completion order: the same study lists (and reads) the same way every time
                 nodes = {nid: node_record(graph.nodes[nid], result.results[nid]) for nid in graph.order() if nid in result.results}
@@ -315,6 +317,9 @@ def _ray_logs_dir() -> str | None:
         return None
 
 
+ADMISSION_POLL_S = 5.0  # how often a node waiting for room re-reads the cluster's capacity
+
+
 def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[str, Any], result: StudyResult, say: Progress,
                flush: Callable[[], None]) -> None:
     """Start each node once its inputs are done; a node downstream of a failure is skipped, not run.
@@ -322,6 +327,8 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
     task = ray.remote(num_cpus=0, max_retries=NODE_RETRIES)(_node_task)
     waiting = list(to_run)  # topological order
     pending: dict[Any, str] = {}
+    admission = Admission(enabled=ctx.settings.admission)
+    told: set[str] = set()  # nodes whose wait for room was announced
     failures: dict[str, str] = {}  # node -> why it failed
     skipped: dict[str, str] = {}  # node -> the failed node upstream of it
     say(f"running {len(to_run)} of {len(graph.nodes)} nodes: {', '.join(to_run)}")
@@ -334,15 +341,27 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
                 waiting.remove(nid)
             elif all(isinstance(inputs.get(i), NodeResult) for i in node.inputs):
                 stage = get_stage(node.kind)  # travels with the task: a stage registered outside the project too
+                need = stage.footprint(node, ctx.settings)
+                if not admission.fits(need):
+                    if nid not in told:
+                        told.add(nid)
+                        say(f"waiting {nid}: {admission.why_waiting(need)}")
+                    continue
+                admission.admit(nid, need)
                 ref = task.options(name=f"exitflow:{nid}", **task_resources(stage, node, ctx.settings)).remote(
                     ctx, node, stage, *[inputs[i] for i in node.inputs])
                 pending[ref] = nid
                 waiting.remove(nid)
         if not pending:
             break
-        done, _ = ray.wait(list(pending), num_returns=1)
+        # A node waiting for room also waits for the cluster to grow: look again now and then.
+        room_wanted = any(n in told for n in waiting)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=ADMISSION_POLL_S if room_wanted else None)
         flush()
+        if not done:
+            continue
         nid = pending.pop(done[0])
+        admission.release(nid)
         try:
             res: NodeResult = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - reported per node, raised together below
@@ -364,7 +383,7 @@ def run_settings(spec: StudySpec) -> RunSettings:
     r = spec.resources
     return RunSettings(study_name=spec.name, num_workers=r.num_workers, use_gpu=r.use_gpu, cpus_per_worker=r.cpus_per_worker,
                        gpus_per_worker=r.gpus_per_worker, max_failures=r.max_failures, torch_threads=r.torch_threads,
-                       max_concurrent_trials=spec.search.max_concurrent_trials)
+                       max_concurrent_trials=spec.search.max_concurrent_trials, admission=r.admission)
 
 
 def task_resources(stage: Stage, node: Node, settings: RunSettings) -> dict[str, float]:
@@ -389,6 +408,14 @@ def _describe(node: Node, res: NodeResult) -> str:
     return f"{how}{node.id:<22} {node.kind:<8} {res.seconds:6.1f}s{get_stage(node.kind).describe(res.summary)}"
 
 
+def _report_text(c: Any, report_id: str) -> str:
+    """The budget tables, then the training-cost table (a report made before it existed has none)."""
+    text = _read_text(c, report_id, "budgets.txt").rstrip("\n")
+    if any(f.path == "costs.txt" for f in c.list_artifacts(report_id)):
+        text += "\n\n" + _read_text(c, report_id, "costs.txt").rstrip("\n")
+    return text + "\n"
+
+
 def _read_text(c: Any, run_id: str, path: str) -> str:
     import mlflow
 
@@ -406,7 +433,7 @@ def study_report(run_id: str, tracking_uri: str | None = None) -> tuple[str, dic
         report_id = run.data.tags.get("exitflow.report_run", run_id if run.data.tags.get("exitflow.stage") == "report" else None)
         if report_id is None:
             raise ValueError(f"run {run_id} is neither a finished pipeline run nor a report run")
-        table = _read_text(c, report_id, "budgets.txt")
+        table = _report_text(c, report_id)
         rep = c.get_run(report_id)
         plots = [f.path for f in c.list_artifacts(report_id) if f.path.endswith(".png")]
         where = {"report_run": report_id, "experiment_id": rep.info.experiment_id, "artifact_uri": rep.info.artifact_uri, "plots": plots}

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -251,6 +252,9 @@ class EvaluationConfig(_Model):
     # even when confident ICs put every max softmax above 0.99; uniform: evenly spaced
     threshold_spacing: Literal["quantile", "uniform"] = "quantile"
     budgets: list[Budget] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, "max"], min_length=1)
+    # costliest: the accuracy of the costliest curve point within the budget (the paper's rule);
+    # best: the best accuracy of any point within it
+    budget_rule: Literal["costliest", "best"] = "costliest"
     batch_size: Int = Field(256, ge=1)
 
     @field_validator("criteria")
@@ -279,6 +283,9 @@ class ResourcesConfig(_Model):
     gpus_per_worker: Float = Field(1.0, ge=0.0)  # used only with use_gpu
     max_failures: Int = Field(1, ge=0)  # worker-group restarts from the last checkpoint
     torch_threads: Int | None = Field(None, ge=1)  # torch.set_num_threads in workers (None: cpus_per_worker)
+    # Start a phase only when the study's running phases leave room for its workers; false on an
+    # autoscaling cluster, where waiting phases' demand is what makes the cluster grow.
+    admission: bool = True
 
 
 class RankAnalysis(_Model):
@@ -354,6 +361,9 @@ class StudySpec(_Model):
     analyses: AnalysesConfig = Field(default_factory=AnalysesConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    # Comparison axes: a spec field's dotted path -> the values to compare. The study is every
+    # combination of them, with every regime and seed; nodes whose keys agree are shared.
+    compare: dict[str, list[Any]] = Field(default_factory=dict)
 
     @field_validator("regimes", "seeds")
     @classmethod
@@ -361,6 +371,91 @@ class StudySpec(_Model):
         if len(set(v)) != len(v):
             raise ValueError(f"duplicates in {v}")
         return v
+
+    @field_validator("compare")
+    @classmethod
+    def _axes(cls, v: dict[str, list[Any]], info: ValidationInfo) -> dict[str, list[Any]]:
+        for axis, values in v.items():
+            parts = axis.split(".")
+            if not all(parts):
+                raise ValueError(f"{axis!r}: not a dotted field path")
+            if axis in NOT_AXES or any(axis.startswith(p + ".") for p in NOT_AXES):
+                raise ValueError(f"{axis!r} cannot be compared: {NOT_AXES[next(p for p in NOT_AXES if axis == p or axis.startswith(p + '.'))]}")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{axis!r}: give a non-empty list of values")
+            seen = [yaml.safe_dump(x) for x in values]
+            if len(set(seen)) != len(seen):
+                raise ValueError(f"{axis!r}: duplicate values in {values}")
+        fields = [f for f in cls.model_fields if f != "compare"]
+        if not all(f in info.data for f in fields):
+            return v  # another field is invalid: that error is reported, the variants cannot be built
+        # Every value of every axis must make a valid study: checked now, before Ray, naming the axis.
+        base = {f: (info.data[f].model_dump(mode="json") if isinstance(info.data[f], BaseModel) else info.data[f]) for f in fields}
+        for axis, values in v.items():
+            for value in values:
+                try:
+                    StudySpec.model_validate(_set_path(base, axis.split("."), value))
+                except ValidationError as e:
+                    reasons = "; ".join(line.strip() for line in format_validation_error(e).splitlines()[1:])
+                    raise ValueError(f"{axis}={_value_text(value)} makes an invalid study: {reasons}") from None
+                except SpecError as e:
+                    raise ValueError(f"{axis}={_value_text(value)}: {e}") from None
+        return v
+
+
+# Spec fields no comparison axis may name, and why.
+NOT_AXES = {
+    "regimes": "every study compares its regimes already",
+    "seeds": "seeds are averaged over, not compared",
+    "compare": "axes do not nest",
+    "name": "it names the study, it changes no result",
+    "resources": "how a study runs changes no result",
+    "tracking": "where results are stored changes no result",
+    "search.max_concurrent_trials": "how a search runs changes no result",
+}
+
+
+def _set_path(doc: dict[str, Any], parts: list[str], value: Any) -> dict[str, Any]:
+    """A copy of `doc` with the field at `parts` set to `value` (the sections on the way created)."""
+    out = _deep_copy(doc)
+    node = out
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"{'.'.join(parts)}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = _deep_copy(value)
+    return out
+
+
+def variants(spec: StudySpec) -> list[tuple[tuple[tuple[str, Any], ...], StudySpec]]:
+    """Every combination of the comparison axes' values, as (assignment, the study with it set);
+    one variant with an empty assignment when the spec compares nothing. The first value of each
+    axis is its baseline."""
+    if not spec.compare:
+        return [((), spec)]
+    import itertools
+
+    base = spec.model_dump(mode="json", exclude={"compare"})
+    axes = list(spec.compare.items())
+    out = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        doc = base
+        for (axis, _), value in zip(axes, combo):
+            doc = _set_path(doc, axis.split("."), value)
+        out.append((tuple((axis, value) for (axis, _), value in zip(axes, combo)), StudySpec.model_validate(doc)))
+    return out
+
+
+def axis_label(assignment: tuple[tuple[str, Any], ...]) -> str:
+    """`phases.P2.loss_weighting=kaya,net.exit_every=2`: how a variant is named in node ids and tables."""
+    return ",".join(f"{axis}={_value_text(value)}" for axis, value in assignment)
+
+
+def _value_text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 # ----------------------------------------------------------------------------- loading

@@ -44,6 +44,9 @@ class TableKind:
     name: str
     path: str
     columns: tuple[str, ...]
+    # also logged as an MLflow table (`<stem>.json`, split orient, tagged mlflow.loggedArtifacts):
+    # the UI's artifact view renders it as a table, where Parquet shows as a file
+    ui: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class RunSettings:
     max_failures: int = 1
     torch_threads: int | None = None
     max_concurrent_trials: int = 2
+    admission: bool = True  # start a node only when the study's running nodes leave room (pipeline.admission)
 
     @property
     def threads(self) -> int:
@@ -114,6 +118,11 @@ class RunSettings:
     def net_task(self) -> Resources:
         """What a task that runs a net itself holds (evaluate, analyses): a worker's CPUs, and its GPU when the study has them."""
         return Resources(self.cpus_per_worker, self.gpus_per_worker if self.use_gpu else 0.0)
+
+    def worker_group(self) -> Resources:
+        """What one phase's Train workers reserve (local mode, 0 workers, trains in one process all the same)."""
+        n = max(1, self.num_workers)
+        return Resources(n * self.cpus_per_worker, n * self.gpus_per_worker if self.use_gpu else 0.0)
 
     def device(self) -> str:
         """Where such a task runs the net: the task's GPU when the study has GPUs and one is visible, else CPU."""
@@ -164,6 +173,12 @@ class Stage:
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
         return Resources()  # orchestration only: the work reserves its own (Train workers, Tune trials)
+
+    def footprint(self, node: Node, settings: RunSettings) -> Resources:
+        """What the node holds on the cluster while it runs: its task's reservation and what its work
+        reserves (Train workers, Tune trials). The driver starts a node only when the study's running
+        nodes leave room for it (`pipeline.admission`), so a waiting node costs no Ray process."""
+        return self.resources(node, settings)
 
     def params(self, node: Node) -> dict[str, str]:
         """MLflow params of the node's run, logged when it starts."""

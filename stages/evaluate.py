@@ -17,8 +17,8 @@ from stages.core.data import DataSpec
 if TYPE_CHECKING:
     from pipeline.graph import Node
 
-EXITS = TableKind("exits", "exits.parquet", ("exit", "flops", "accuracy"))
-CURVE = TableKind("curve", "curve.parquet", ("criterion", "threshold", "flops", "accuracy"))
+EXITS = TableKind("exits", "exits.parquet", ("exit", "flops", "accuracy", "ece"), ui=True)
+CURVE = TableKind("curve", "curve.parquet", ("criterion", "threshold", "flops", "accuracy", "ece"))
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,10 @@ class Evaluate(Stage):
         accs = out.exits.column("accuracy").to_pylist()
         return StageResult(
             artifacts=[Table(EXITS.name, out.exits, meta), Table(CURVE.name, out.curve, meta)],
-            metrics={f"test_acc_exit_{k}": a for k, a in enumerate(accs)} | {"test_acc_final": accs[-1], "backbone_flops": out.backbone_flops},
+            metrics={f"test_acc_exit_{k}": a for k, a in enumerate(accs)}
+            | {f"test_ece_exit_{k}": e for k, e in enumerate(out.exits.column("ece").to_pylist())}
+            | {"test_acc_final": accs[-1], "backbone_flops": out.backbone_flops},
             summary={"lrs": model.summary.get("lrs", {}), "diverged": model.summary.get("diverged", {}),
+                     "costs": model.summary.get("costs", {}),
                      "test_acc_final": accs[-1], "backbone_flops": out.backbone_flops},
         )

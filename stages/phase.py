@@ -11,7 +11,7 @@ from typing import Any, TYPE_CHECKING
 import pyarrow as pa
 
 from pipeline.resolve import sized_net
-from pipeline.stage import Checkpoint, File, StageContext, StageFailed, StageInput, StageResult, Table
+from pipeline.stage import Checkpoint, File, RunSettings, StageContext, StageFailed, StageInput, StageResult, Table
 from stages.core.data import DataSpec, dataset_info
 from stages.core.loop import PhaseConfig
 from stages.core.nets import NetChoice, NetSpec
@@ -88,12 +88,32 @@ def phase_params(node: Node) -> dict[str, str]:
     return _flat(dataclasses.asdict(node.config))
 
 
+def phase_cost(phase: str, settings: RunSettings, epochs: int, train_seconds: float, wall_seconds: float,
+               resumed: bool) -> dict[str, Any]:
+    """What training a phase node cost (a search: all its trials), for the report's cost table.
+
+    train_seconds sums the epochs' own time; device-hours are that times the devices the phase
+    held (its workers' GPUs, else their CPUs); wall_seconds is the stage's run, Ray's start-up
+    included (a resumed phase: since its resume)."""
+    group = settings.worker_group()
+    device, count = ("GPU", group.num_gpus) if settings.use_gpu else ("CPU", group.num_cpus)
+    return {"phase": phase, "epochs": epochs, "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3),
+            "device": device, "device_hours": train_seconds * count / 3600, "resumed": resumed}
+
+
+def epoch_seconds(history: list[dict[str, float]]) -> float:
+    return float(sum(m.get("epoch_time", 0.0) for m in history))
+
+
 def phase_result(node: Node, inputs: list[StageInput], job: PhaseJob, ns: NetSpec, outcome: PhaseOutcome, lr: float,
-                 diverged: dict[str, list[str]] | None = None, workdir: Path | None = None) -> StageResult:
-    """The phase's best model, its history and its summary: the lrs chosen so far (lineage) and any diverged."""
+                 diverged: dict[str, list[str]] | None = None, workdir: Path | None = None,
+                 cost: dict[str, Any] | None = None) -> StageResult:
+    """The phase's best model, its history and its summary: the lrs chosen so far (lineage), any
+    diverged, and what each phase so far cost to train."""
     phase = job.phase
     lineage = {**(inputs[0].summary.get("lrs", {}) if inputs else {}), phase: lr}
     all_diverged = {**(inputs[0].summary.get("diverged", {}) if inputs else {}), **(diverged or {})}
+    costs = {**(inputs[0].summary.get("costs", {}) if inputs else {}), **({node.id: cost} if cost else {})}
     artifacts: list[Any] = [Checkpoint(outcome.best_state, {
         "net": ns.to_dict(), "data": job.data.to_dict(), "phase": phase, "seed": job.seed, "lr": lr,
         "best_epoch": outcome.best_epoch, "epochs_run": outcome.epochs_run, "best_val": outcome.best_val,
@@ -114,7 +134,8 @@ def phase_result(node: Node, inputs: list[StageInput], job: PhaseJob, ns: NetSpe
         | {"epochs_run": outcome.epochs_run, "best_epoch": outcome.best_epoch},
         summary={"phase": phase, "lr": lr, "lrs": lineage, "diverged": all_diverged, "epochs": outcome.epochs_run,
                  "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early,
-                 "resumed_at": outcome.resumed_at, "best_val": outcome.best_val["val_score"], "start": outcome.start},
+                 "resumed_at": outcome.resumed_at, "best_val": outcome.best_val["val_score"], "start": outcome.start,
+                 "costs": costs},
     )
 
 

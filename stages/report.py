@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+
 from pipeline.stage import FILES, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage
 from stages.core import faults
 
@@ -16,7 +18,11 @@ if TYPE_CHECKING:
     from pipeline.graph import Node
 
 EXITS, CURVE = "exits", "curve"  # read from each evaluate node (their writer, stages.evaluate, holds their schemas)
-BUDGETS = TableKind("budgets", "budgets.parquet", ("regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds"))
+BUDGETS = TableKind("budgets", "budgets.parquet", ("regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds"), ui=True)
+COSTS = TableKind("costs", "costs.parquet", ("regime", "seed", "node", "phase", "epochs", "train_seconds", "wall_seconds",
+                                            "device", "device_hours", "shared"), ui=True)
+CALIBRATION = TableKind("calibration", "calibration.parquet", ("criterion", "regime", "exit", "budget", "ece_mean", "ece_std",
+                                                              "n_seeds"), ui=True)
 
 
 @dataclass(frozen=True)
@@ -27,43 +33,86 @@ class ReportConfig:
     criteria: tuple[str, ...]
     regimes: tuple[str, ...]
     seeds: tuple[int, ...]
+    budget_rule: str = "costliest"  # stages.core.evaluation.budget_accuracy
+    # (evaluate node, regime, seed, the variant's `axis=value` per axis) for every variant's model;
+    # () when the study compares nothing. One evaluate node may serve several variants (an axis that
+    # does not change it). `axes`: (axis, its values as `axis=value`), the first value its baseline.
+    rows: tuple[tuple[str, str, int, tuple[str, ...]], ...] = ()
+    axes: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @register_stage
 class Report(Stage):
     kind = "report"
     reads = (EXITS, CURVE)
-    writes = (BUDGETS, FILES)
+    writes = (BUDGETS, COSTS, CALIBRATION, FILES)
     code = ("stages.report", "stages.core.report")
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
         from stages.core import report
 
-        curves, exits, lrs, notes, backbone = {}, {}, {}, [], None
-        for res in inputs:  # node ids: seed<S>/<regime>/evaluate
-            regime, seed = res.node_id.split("/")[1], int(res.node_id.split("/")[0].removeprefix("seed"))
-            curves[(regime, seed)] = res.table(CURVE)
-            exits[(regime, seed)] = table = res.table(EXITS)
+        cfg: ReportConfig = node.config
+        by_id = {res.node_id: res for res in inputs}
+        curves, exits, lrs, costs, notes, backbone = {}, {}, {}, {}, [], None
+        for node_id, regime, seed, parts in cfg.rows:
+            res = by_id[node_id]
+            label = _label(regime, parts)
+            curves[(label, seed)] = res.table(CURVE)
+            exits[(label, seed)] = table = res.table(EXITS)
             backbone = float(table.schema.metadata[b"backbone_flops"])
+            costs[(label, seed)] = res.summary.get("costs", {})
             for phase, lr in res.summary.get("lrs", {}).items():
-                lrs.setdefault(regime, {}).setdefault(phase, []).append(lr)
+                lrs.setdefault(label, {}).setdefault(phase, []).append(lr)
             for phase, bad in sorted(res.summary.get("diverged", {}).items()):
-                node_id = f"seed{seed}/P1" if phase == "P1" else f"seed{seed}/{regime}/{phase}"  # P1 is shared
-                line = f"{node_id} search: diverged, ranked last: {', '.join(bad)}"
+                where = f"seed{seed}/P1" if phase == "P1" else f"seed{seed}/{regime}/{phase}"  # P1 is shared
+                line = f"{where}{f' ({label})' if parts else ''} search: diverged, ranked last: {', '.join(bad)}"
                 if line not in notes:
                     notes.append(line)
         assert backbone is not None, "a report needs at least one evaluated model"
         faults.hit(ctx.fault_plan, "report", node=node.id)
         chosen = {r: {p: _one_or_list(v) for p, v in sorted(ph.items())} for r, ph in lrs.items()}
-        cfg: ReportConfig = node.config
         criteria = list(cfg.criteria)
-        out = report.run(curves, exits, backbone, list(cfg.budgets), criteria, ctx.workdir, ctx.settings.study_name, chosen, notes)
+        out = report.run(curves, exits, backbone, list(cfg.budgets), criteria, ctx.workdir, ctx.settings.study_name, chosen, notes,
+                         cfg.budget_rule)
+        budgets, plots, texts = [_tagged(out.budgets, "all")], list(out.plots), [out.text]
+        for i, (axis, _) in enumerate(cfg.axes):  # one table and figure per axis, the other axes at their baseline
+            others = [a for j, (a, _) in enumerate(cfg.axes) if j != i]
+            sub = report.run(_axis_view(curves, cfg, i), _axis_view(exits, cfg, i), backbone, list(cfg.budgets), criteria, ctx.workdir,
+                             f"{ctx.settings.study_name}: {axis}", None, (), cfg.budget_rule, plot_prefix=f"tradeoff_{axis}")
+            budgets.append(_tagged(sub.budgets, axis))
+            plots += sub.plots
+            texts.append(f"comparison axis {axis}" + (f" ({', '.join(others)} at their first value)" if others else "")
+                         + ":\n" + sub.text)
         text = ctx.workdir / "budgets.txt"
-        text.write_text(out.text + "\n")
+        text.write_text("\n\n".join(texts) + "\n")
+        cost_table, cost_text = report.training_costs(costs)
+        (cost_file := ctx.workdir / "costs.txt").write_text(cost_text + "\n")
         metrics = {f"acc_{row['regime']}_budget_{row['budget']}": row["accuracy_mean"] for row in out.budgets.to_pylist()
-                   if row["criterion"] == criteria[0] and row["accuracy_mean"] == row["accuracy_mean"]}
-        return StageResult(artifacts=[Table(BUDGETS.name, out.budgets), *map(File, out.plots), File(text)],
+                   if row["criterion"] == criteria[0] and row["accuracy_mean"] == row["accuracy_mean"] and not cfg.axes}
+        out.budgets = pa.concat_tables(budgets)
+        out.plots = plots
+        return StageResult(artifacts=[Table(BUDGETS.name, out.budgets), Table(COSTS.name, cost_table),
+                                      Table(CALIBRATION.name, out.calibration), *map(File, out.plots),
+                                      File(text), File(cost_file)],
                            metrics=metrics, summary={"chosen_lrs": chosen})
+
+
+def _label(regime: str, parts: tuple[str, ...]) -> str:
+    """A row of the combined table: the regime, then the variant's axis values ("joint phases.P2.lr=0.01")."""
+    return " ".join([regime, ",".join(parts)]) if parts else regime
+
+
+def _axis_view(tables: dict[tuple[str, int], pa.Table], cfg: ReportConfig, i: int) -> dict[tuple[str, int], pa.Table]:
+    """The tables of the variants that vary axis `i` alone (every other axis at its first value),
+    labelled by regime and that axis's value."""
+    baseline = [values[0] for _, values in cfg.axes]
+    return {(f"{regime} {parts[i]}", seed): tables[(_label(regime, parts), seed)] for _, regime, seed, parts in cfg.rows
+            if all(p == baseline[j] for j, p in enumerate(parts) if j != i)}
+
+
+def _tagged(table: pa.Table, name: str) -> pa.Table:
+    """A budget table with the table it belongs to: "all" (every variant), or a comparison axis."""
+    return table.append_column("table", pa.array([name] * table.num_rows, pa.string()))
 
 
 def _one_or_list(values: list[float]) -> float | list[float]:

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +26,8 @@ from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 
 from pipeline.artifacts import state_dict_hash
 from pipeline.relay import relayed_progress
-from pipeline.stage import CHECKPOINT, FILES, Stage, StageContext, StageInput, StageResult, TableKind, register_stage
+from pipeline.stage import (CHECKPOINT, FILES, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, TableKind,
+                            register_stage)
 from stages.core import faults
 from stages.core.data import DataSpec, load_splits, make_loader
 from stages.core.flops import exit_flops
@@ -319,6 +321,9 @@ class Train(Stage):
     code = ("stages.train", "stages.phase", "pipeline.resolve")
     unkeyed = PHASE_UNKEYED
 
+    def footprint(self, node: Node, settings: RunSettings) -> Resources:
+        return settings.worker_group()
+
     def params(self, node: Node) -> dict[str, str]:
         from stages.phase import phase_params
 
@@ -330,12 +335,15 @@ class Train(Stage):
         return describe_phase(summary)
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        from stages.phase import DIVERGED_TAG, PhaseDiverged, phase_job, phase_result, run_name, scaling
+        from stages.phase import DIVERGED_TAG, PhaseDiverged, epoch_seconds, phase_cost, phase_job, phase_result, run_name, scaling
 
         job, ns = phase_job(node, inputs, ctx)
+        start = time.monotonic()
         outcome = run_phase(job, scaling(ctx), run_name(node), ctx.storage_path, ctx.settings.max_failures)
+        cost = phase_cost(job.phase, ctx.settings, outcome.epochs_run, epoch_seconds(outcome.history),
+                          time.monotonic() - start, outcome.resumed_at is not None)
         lr = float(job.train.lr)  # type: ignore[arg-type]  # a train node's lr is fixed
         if outcome.diverged:
             raise PhaseDiverged(f"{node.id} diverged: {outcome.diverged} (lr={lr:g}); lower phases.{job.phase}.lr "
                                 f"or set phases.{job.phase}.grad_clip", {DIVERGED_TAG: outcome.diverged})
-        return phase_result(node, inputs, job, ns, outcome, lr, workdir=ctx.workdir)
+        return phase_result(node, inputs, job, ns, outcome, lr, workdir=ctx.workdir, cost=cost)

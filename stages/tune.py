@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,10 +25,12 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from pipeline.relay import relayed_progress
-from pipeline.stage import CHECKPOINT, FILES, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, Table,
+                            TableKind, register_stage)
 from stages.core import faults
 from stages.core.progress import brief
-from stages.phase import DIVERGED_TAG, describe_phase, phase_job, phase_params, phase_result, run_name, scaling
+from stages.phase import (DIVERGED_TAG, describe_phase, epoch_seconds, phase_cost, phase_job, phase_params, phase_result,
+                          run_name, scaling)
 from stages.train import (GRADIENT_DOMINANCE, HISTORY, PHASE_UNKEYED, PROGRESS_FILE, STATE_FILE, PhaseJob, PhaseOutcome,
                           build_trainer, outcome_from_checkpoint, progress_from_checkpoint)
 
@@ -78,6 +81,8 @@ class TrialRecord:
     stopped_by: str  # "patience" (its own early stopping), "scheduler" (ASHA), "diverged" or "" (ran max_epochs)
     checkpoint_path: str  # its last checkpoint, which holds its best state
     diverged: str = ""  # "non-finite loss at epoch E, step S": ranked below every healthy trial
+    train_seconds: float = 0.0  # its epochs' own time
+    resumed: bool = False  # it continued from a checkpoint of an earlier run
 
     @property
     def stopped_early(self) -> bool:
@@ -198,6 +203,8 @@ def _record(result: Any, storage_path: str, max_epochs: int) -> TrialRecord:
                     else "scheduler" if progress.epochs_run < max_epochs else ""),
         checkpoint_path=path,
         diverged=progress.diverged,
+        train_seconds=epoch_seconds(progress.history),
+        resumed=progress.resumed_at is not None,
     )
 
 
@@ -298,6 +305,13 @@ class Tune(Stage):
     def params(self, node: Node) -> dict[str, str]:
         return phase_params(node)
 
+    def footprint(self, node: Node, settings: RunSettings) -> Resources:
+        """The trials that run at once, each a worker group (and its tiny trial actor)."""
+        plan = node.config.search
+        trials = len(plan.grid) if plan.grid is not None else plan.num_samples
+        group, at_once = settings.worker_group(), min(settings.max_concurrent_trials, trials)
+        return Resources(at_once * (group.num_cpus + TRIAL_RESOURCES["cpu"]), at_once * group.num_gpus)
+
     def describe(self, summary: dict[str, Any]) -> str:
         return describe_phase(summary) + f" trials={summary.get('trials')}"
 
@@ -306,6 +320,7 @@ class Tune(Stage):
         plan = node.config.search
         name = run_name(node)
         trial_runs = ctx.trial_runs()
+        start = time.monotonic()
         try:
             search = run_search(job, plan, scaling(ctx), name, ctx.storage_path, ctx.settings.max_failures, trial_runs,
                                 ctx.settings.max_concurrent_trials)
@@ -318,8 +333,10 @@ class Tune(Stage):
         trial_runs.adopt(name, search)
         trials = sorted(search.trials, key=lambda t: t.lr)
         bad = [f"lr={t.lr:g}: {t.diverged}" for t in trials if t.diverged]
+        cost = phase_cost(job.phase, ctx.settings, sum(t.epochs for t in trials), sum(t.train_seconds for t in trials),
+                          time.monotonic() - start, any(t.resumed for t in trials))
         result = phase_result(node, inputs, job, ns, search.outcome, search.best.lr, {job.phase: bad} if bad else None,
-                              workdir=ctx.workdir)
+                              workdir=ctx.workdir, cost=cost)
         rows = [{"trial": t.trial, "lr": t.lr, "best_val": t.best_val, "epochs": t.epochs, "stopped_early": t.stopped_early,
                  "stopped_by": t.stopped_by, "diverged": t.diverged, "chosen": t.trial == search.best.trial} for t in trials]
         plot = plot_lr_search([r["lr"] for r in rows], [r["best_val"] for r in rows], search.best.lr,

@@ -16,7 +16,10 @@ from stages.core.evaluation import (
     ExitCriterion,
     budget_accuracy,
     budget_table,
+    calibration_error,
     collect_logits,
+    exit_criterion,
+    exit_indices,
     fixed_exit_accuracy,
     mean_std,
     register_criterion,
@@ -71,7 +74,7 @@ def test_curve_matches_reference(criterion: str) -> None:
     logits, labels = random_logits()
     curve = threshold_curve(logits, labels, EXIT_FLOPS, criterion, num_thresholds=37)
     acc, cost = reference_curve(logits, labels, EXIT_FLOPS, criterion, 37)
-    assert set(curve) == {"threshold", "flops", "accuracy"}
+    assert set(curve) == {"threshold", "flops", "accuracy", "ece"}
     assert all(v.shape == (37,) for v in curve.values())
     np.testing.assert_allclose(curve["accuracy"], acc, atol=1e-12)
     np.testing.assert_allclose(curve["flops"], cost, rtol=1e-12)
@@ -137,7 +140,6 @@ def pabee_exits(logits: torch.Tensor, patience: int) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_patience_leaves_where_pabee_does(seed: int) -> None:
-    from stages.core.evaluation import exit_criterion, exit_indices
 
     logits, labels = random_logits(num_exits=7, n=400, num_classes=3, seed=seed)  # few classes: runs of agreement
     e = logits.shape[0]
@@ -211,6 +213,42 @@ def test_budget_accuracy_picks_costliest_point_within_budget() -> None:
     assert budget_accuracy(flops, acc, 40.0, "max") == 0.9
     # "max" is the best point anywhere, even above the backbone's cost.
     assert budget_accuracy([10.0, 50.0], [0.5, 0.95], 40.0, "max") == 0.95
+
+
+def test_calibration_error_by_hand() -> None:
+    # 15 bins: 0.95 falls in the top bin (accuracy 1/2), 0.55 in bin 8 (accuracy 1): 2/4 x 0.45 twice
+    ece = calibration_error(np.array([0.95, 0.95, 0.55, 0.55]), np.array([1, 0, 1, 1]))
+    assert ece == pytest.approx(0.45, abs=1e-12)
+    assert calibration_error(np.array([1.0, 0.0]), np.array([1, 0])) == pytest.approx(0.0)  # the ends fall in bins
+    rows = calibration_error(np.array([[0.95, 0.95], [0.7, 0.7]]), np.array([[1, 1], [1, 0]]))
+    assert rows == pytest.approx([0.05, 0.2])  # vectorized over rows
+
+
+@pytest.mark.parametrize("criterion", ["max_softmax", "patience"])
+def test_the_curve_reports_the_calibration_of_the_predictions_it_makes(criterion: str) -> None:
+    logits, labels = random_logits(seed=3)
+    curve = threshold_curve(logits, labels, EXIT_FLOPS, criterion, num_thresholds=15, spacing="quantile")
+    conf = exit_criterion(logits, criterion)
+    exits = exit_indices(conf, curve["threshold"], criterion)
+    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    for t in range(len(curve["threshold"])):  # the definition, per sample: bin, then weigh |accuracy - confidence|
+        top = np.array([probs[k, i].max() for i, k in enumerate(exits[t])])
+        right = np.array([probs[k, i].argmax() == labels[i] for i, k in enumerate(exits[t])], dtype=float)
+        bins = np.minimum((top * 15).astype(int), 14)
+        expected = sum(abs(right[bins == b].mean() - top[bins == b].mean()) * (bins == b).mean() for b in set(bins))
+        assert curve["ece"][t] == pytest.approx(expected, abs=1e-12)
+    assert len(np.unique(np.round(curve["ece"], 9))) > 3  # it moves with the threshold
+
+
+def test_the_best_rule_takes_the_best_point_within_the_budget() -> None:
+    flops = np.array([10.0, 20.0, 30.0, 40.0])
+    acc = np.array([0.5, 0.8, 0.6, 0.9])  # a curve that dips: the costlier point is not the better one
+    assert budget_accuracy(flops, acc, 40.0, 0.75) == 0.6  # the paper's rule: the costliest point (30)
+    assert budget_accuracy(flops, acc, 40.0, 0.75, "best") == 0.8  # the best point under 30
+    assert math.isnan(budget_accuracy(flops, acc, 40.0, 0.2, "best"))
+    assert budget_accuracy(flops, acc, 40.0, "max", "best") == 0.9
+    with pytest.raises(ValueError, match="unknown budget rule 'cheapest'"):
+        budget_accuracy(flops, acc, 40.0, 0.5, "cheapest")  # type: ignore[arg-type]
 
 
 def test_mean_std() -> None:

@@ -141,8 +141,9 @@ def _run(cmd: list[str], cwd: Path, fault: str | None = None) -> subprocess.Comp
 
 
 def table(proc: subprocess.CompletedProcess[str]) -> str:
-    """The budget table a run printed: from its heading to the summary line."""
-    text = proc.stdout.split("pipeline run")[0]
+    """The budget table a run printed: from its heading to the training-cost table (whose times
+    are those of the runs that trained each phase, so they differ after a kill)."""
+    text = proc.stdout.split("pipeline run")[0].split("training cost per regime")[0]
     return text[text.find("test accuracy (%)"):].strip()
 
 

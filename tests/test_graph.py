@@ -410,6 +410,8 @@ _INIT_FILE.write_bytes(b"a start's bytes: the key hashes them, preflight (not ru
 # without an entry here fails test_every_spec_field_has_a_key_rule.
 KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "name": ("renamed", _NONE),
+    # a comparison axis adds variants (new ids); of the nodes every variant shares, only the report changes
+    "compare": ("{phases.P3.loss_weighting: [uniform, kaya]}", _REPORT),
     "data.name": ("cifar10", _ALL),
     "data.root": ("/data/elsewhere", _ALL),
     "data.val_fraction": ("0.2", _ALL),
@@ -444,6 +446,7 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "evaluation.thresholds": ("20", _EVAL),
     "evaluation.threshold_spacing": ("uniform", _EVAL),
     "evaluation.budgets": ("[0.5, max]", _REPORT),
+    "evaluation.budget_rule": ("best", _REPORT),
     "evaluation.batch_size": ("64", _EVAL),
     "analyses.rank.enabled": ("false", _NONE),  # the rank node goes; no other node changes
     "analyses.rank.split": ("val", _RANK - _MI),
@@ -463,7 +466,8 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "analyses.landscape.steps": ("5", _LAND),
     "analyses.landscape.span": ("0.5", _LAND),
     **{f"resources.{k}": (v, _NONE) for k, v in {"num_workers": "2", "use_gpu": "true", "cpus_per_worker": "2",
-                                                "gpus_per_worker": "0.5", "max_failures": "3", "torch_threads": "2"}.items()},
+                                                "gpus_per_worker": "0.5", "max_failures": "3", "torch_threads": "2",
+                                                "admission": "false"}.items()},
     "tracking.uri": ("http://elsewhere:5000", _NONE),
     "tracking.experiment": ("other", _NONE),
     "tracking.storage_path": ("/tmp/elsewhere", _NONE),

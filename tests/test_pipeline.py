@@ -48,7 +48,7 @@ def _run(storage: str, mlflow_uri: str, *sets: str) -> Any:
     return run_study(tiny_spec(storage, *BASE, *sets), mlflow_uri)
 
 
-def test_the_study_lands_in_mlflow_as_a_typed_dag(base: Any, client: MlflowClient) -> None:
+def test_the_study_lands_in_mlflow_as_a_typed_dag(base: Any, client: MlflowClient, tmp_path: Path) -> None:
     from pipeline.artifacts import ArtifactStore
 
     assert sorted(base.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2"]
@@ -84,6 +84,12 @@ def test_the_study_lands_in_mlflow_as_a_typed_dag(base: Any, client: MlflowClien
     assert all(r["n_seeds"] == 1 for r in budgets)
     assert {"tradeoff.png", "budgets.txt"} <= {f.path for f in client.list_artifacts(report.info.run_id)}
     assert "joint" in base.table and "disjoint" in base.table and "P1=" in base.table
+    # the budget and cost tables as MLflow tables, which the UI renders: the Parquet's rows, hashed like it
+    listed = json.loads(report.data.tags["mlflow.loggedArtifacts"])
+    assert {"path": "budgets.json", "type": "table"} in listed and {"path": "costs.json", "type": "table"} in listed
+    view = json.loads(store.load_file(report.info.run_id, "budgets.json", tmp_path).read_text())
+    nan_as_null = [{k: None if isinstance(v, float) and v != v else v for k, v in row.items()} for row in budgets]
+    assert [dict(zip(view["columns"], row)) for row in view["data"]] == nan_as_null
 
 
 def test_phase_runs_log_every_epoch_and_a_checkpoint_that_rebuilds_the_net(base: Any, client: MlflowClient) -> None:
@@ -115,6 +121,7 @@ def test_running_again_trains_nothing(base: Any, storage: str, mlflow_uri: str, 
     again = _run(storage, mlflow_uri)
     assert again.trained == [] and len(again.cache_hits) == len(again.results) == 6
     assert again.table == base.table
+    assert "training cost per regime" in base.table and "study " in base.table
     assert len(runs(client, NAME, stage="train")) == phase_runs_before
     _, planned = plan(tiny_spec(storage, *BASE), mlflow_uri)
     assert all(p.cached_run is not None for p in planned)
@@ -145,6 +152,30 @@ def test_results_from_python_are_dataframes_whether_trained_or_cached(
             ("seed0/P1", 1), ("seed0/disjoint/P3", 1), ("seed0/joint/P2", 1)]
         assert_frame_equal(cached.budgets(), budgets)
         assert_frame_equal(cached.histories(), histories)
+        costs = first.costs()  # joint: its P2; disjoint: P1 + P3, each 2 epochs, as the histories say
+        assert sorted(zip(costs.regime, costs.node, costs.epochs)) == [
+            ("disjoint", "seed0/P1", 2), ("disjoint", "seed0/disjoint/P3", 2), ("joint", "seed0/joint/P2", 2)]
+        assert (costs.train_seconds > 0).all() and (costs.wall_seconds >= costs.train_seconds).all()
+        assert_frame_equal(cached.costs(), costs)  # a cached phase reports what it cost when trained
+        # a phase's model, run with real early exits, makes the predictions the stored curve counts
+        net = cached.model("seed0/joint/P2")
+        curve = first.curves()
+        joint = curve[(curve.node == "seed0/joint/evaluate") & (curve.criterion == "max_softmax")]
+        point = joint.iloc[len(joint) // 2]  # a threshold between the ends: samples leave at several exits
+        assert early_exit_accuracy(net, point.threshold) == point.accuracy
+        with pytest.raises(ValueError, match="no phase node 'seed0/joint/evaluate'"):
+            cached.model("seed0/joint/evaluate")
+
+
+def early_exit_accuracy(net: Any, threshold: float) -> float:
+    """Dynamic inference on the study's test split (digits, seed 0): the accuracy at `threshold`."""
+    from stages.core.data import DataSpec, load_splits, make_loader
+    from stages.core.inference import early_exit_predict
+
+    test = load_splits(DataSpec(name="digits"), seed=0).test
+    loader = make_loader(test, 256, shuffle=False, seed=0)
+    labels = torch.cat([y for _, y in loader])
+    return float((early_exit_predict(net, loader, threshold).predictions == labels).double().mean())
 
 
 def test_extending_the_study_trains_only_the_new_nodes(base: Any, storage: str, mlflow_uri: str, client: MlflowClient) -> None:
@@ -262,3 +293,4 @@ def test_a_search_with_a_diverging_lr_picks_a_healthy_one_and_the_report_says_so
     assert by_lr[1e5]["diverged"].startswith("non-finite loss at epoch")
     assert "P2=0.05" in result.table
     assert f"note: seed0/joint/P2 search: diverged, ranked last: lr=100000: {by_lr[1e5]['diverged']}" in result.table
+

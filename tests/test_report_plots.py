@@ -6,6 +6,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt  # only to check that no figure leaks into pyplot's state
 import numpy as np
+import math
+
 import pytest
 import torch
 
@@ -67,3 +69,26 @@ def test_format_budget_table() -> None:
     assert "50.00 ± 0.00" in lines[4] and "P1=0.0005 P2=0.0008" in lines[4]
     assert "90.00 ± 0.00" in lines[3]
     assert "lr" not in format_budget_table(rows, None).splitlines()[1]
+
+
+def test_the_report_tabulates_calibration_per_exit_and_at_each_budget(tmp_path) -> None:  # noqa: ANN001
+    import pyarrow as pa
+
+    from stages.core import report
+
+    def curve(shift: float) -> pa.Table:  # three points at 25 %, 50 %, 100 % of the backbone's 100 FLOPs
+        return pa.table({"criterion": ["max_softmax"] * 3, "threshold": [0.0, 0.5, 1.0], "flops": [25.0, 50.0, 100.0],
+                         "accuracy": [0.5, 0.8, 0.9], "ece": [0.20 + shift, 0.10 + shift, 0.05 + shift]})
+
+    def exits(shift: float) -> pa.Table:
+        return pa.table({"exit": [0, 1], "flops": [25.0, 100.0], "accuracy": [0.5, 0.9], "ece": [0.3 + shift, 0.1 + shift]})
+
+    keys = [("joint", 0), ("joint", 1), ("mixed", 0)]
+    out = report.run({k: curve(0.02 * k[1]) for k in keys}, {k: exits(0.02 * k[1]) for k in keys}, 100.0,
+                     [0.5, "max", 0.1], ["max_softmax"], tmp_path, "t")
+    rows = {(r["criterion"], r["regime"], r["exit"], r["budget"]): r for r in out.calibration.to_pylist()}
+    assert rows[("", "joint", 0, "")]["ece_mean"] == pytest.approx(0.31) and rows[("", "joint", 0, "")]["n_seeds"] == 2
+    assert rows[("", "mixed", 1, "")]["ece_mean"] == pytest.approx(0.1)
+    assert rows[("max_softmax", "joint", None, "0.5")]["ece_mean"] == pytest.approx(0.11)  # the 50 % point, both seeds
+    assert rows[("max_softmax", "mixed", None, "max")]["ece_mean"] == pytest.approx(0.05)  # the most accurate point
+    assert math.isnan(rows[("max_softmax", "joint", None, "0.1")]["ece_mean"])  # no point fits 10 %

@@ -11,15 +11,15 @@ import pyarrow as pa
 import torch
 
 from stages.core.data import DataSpec, load_splits, make_loader
-from stages.core.evaluation import Spacing, collect_logits, fixed_exit_accuracy, threshold_curve
+from stages.core.evaluation import Spacing, calibration_error, collect_logits, fixed_exit_accuracy, threshold_curve, top_probability
 from stages.core.flops import backbone_flops, exit_flops
 from stages.core.nets import NetSpec, create_net
 
 
 @dataclass
 class EvaluateOutput:
-    exits: pa.Table  # exit, flops, accuracy (each exit forced; final head included)
-    curve: pa.Table  # criterion, threshold, flops, accuracy
+    exits: pa.Table  # exit, block, flops, accuracy, ece (each exit forced; final head included)
+    curve: pa.Table  # criterion, threshold, flops, accuracy, ece
     backbone_flops: int  # the plain backbone, the budgets' reference
 
 
@@ -43,12 +43,15 @@ def run(
     test = load_splits(data, seed).test
     logits, labels = collect_logits(net, make_loader(test, batch_size, shuffle=False, seed=seed), device)
     fixed = fixed_exit_accuracy(logits, labels).tolist()
+    correct = (logits.argmax(dim=-1) == labels.unsqueeze(0)).numpy()
+    ece = calibration_error(top_probability(logits), correct).tolist()
     exits = pa.table(
         {
             "exit": pa.array(range(len(flops)), pa.int32()),
             "block": pa.array(list(net.exit_blocks), pa.int32()),
             "flops": pa.array(flops, pa.int64()),
             "accuracy": pa.array(fixed, pa.float64()),
+            "ece": pa.array(ece, pa.float64()),
         }
     )
     parts = []
@@ -61,6 +64,7 @@ def run(
                     "threshold": pa.array(c["threshold"], pa.float64()),
                     "flops": pa.array(c["flops"], pa.float64()),
                     "accuracy": pa.array(c["accuracy"], pa.float64()),
+                    "ece": pa.array(c["ece"], pa.float64()),
                 }
             )
         )

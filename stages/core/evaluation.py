@@ -21,6 +21,8 @@ from stages.core.registry import Registry
 Spacing = Literal["uniform", "quantile"]
 SPACINGS: tuple[str, ...] = ("uniform", "quantile")
 Budget = float | Literal["max"]
+BudgetRule = Literal["costliest", "best"]
+BUDGET_RULES: tuple[str, ...] = ("costliest", "best")
 DEFAULT_BUDGETS: tuple[Budget, ...] = (0.25, 0.5, 0.75, 1.0, "max")
 
 
@@ -95,12 +97,24 @@ def fixed_exit_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (logits.argmax(dim=-1) == labels.unsqueeze(0)).double().mean(dim=1)
 
 
-def exit_criterion(logits: torch.Tensor, criterion: Criterion) -> np.ndarray:
-    """Per-exit, per-sample confidence [E, N] (float64): max softmax, predictive entropy in nats, ..."""
+def confidence(logits: torch.Tensor, criterion: Criterion) -> torch.Tensor:
+    """Per-exit, per-sample confidence [E, N] (float64, on the logits' device): max softmax,
+    predictive entropy in nats, ... The one definition the simulated curve and dynamic inference
+    (`stages.core.inference`) share, so both take the same exit for the same logits."""
     c = get_criterion(criterion)
     logp = torch.log_softmax(torch.as_tensor(logits).double(), dim=-1)
     # Clamp: rounding must not put a confidence outside its range, where the end thresholds would misbehave.
-    return c.confidence(logp).clamp(0.0, c.upper(logits.shape[-1])).numpy()
+    return c.confidence(logp).clamp(0.0, c.upper(logits.shape[-1]))
+
+
+def passes(conf: torch.Tensor, threshold: float, criterion: Criterion) -> torch.Tensor:
+    """Whether a confidence lets a sample leave at an IC: above the threshold (max softmax), below it (entropy)."""
+    return conf > threshold if get_criterion(criterion).confident_high else conf < threshold
+
+
+def exit_criterion(logits: torch.Tensor, criterion: Criterion) -> np.ndarray:
+    """Per-exit, per-sample confidence [E, N] (float64) as a NumPy array: see `confidence`."""
+    return confidence(logits, criterion).cpu().numpy()
 
 
 def running_best(conf: np.ndarray, criterion: Criterion) -> np.ndarray:
@@ -186,11 +200,39 @@ def threshold_curve(
     exits = exit_indices(conf, thresholds, criterion)  # [T, N]
     correct = (logits.argmax(dim=-1) == torch.as_tensor(labels).unsqueeze(0)).numpy()  # [E, N]
     hit = np.take_along_axis(correct, exits, axis=0)  # row t picks each sample's exit at threshold t
+    top = np.take_along_axis(top_probability(logits), exits, axis=0)  # [T, N]: the taken exit's top-class probability
     return {
         "threshold": thresholds,
         "flops": cost[exits].mean(axis=1),
         "accuracy": hit.mean(axis=1, dtype=np.float64),
+        "ece": calibration_error(top, hit),
     }
+
+
+ECE_BINS = 15  # Guo et al. 2017's choice, the usual one
+
+
+def top_probability(logits: torch.Tensor) -> np.ndarray:
+    """The predicted class's softmax probability at every exit: [E, N] float64."""
+    return torch.softmax(torch.as_tensor(logits).double(), dim=-1).max(dim=-1).values.numpy()
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """Expected calibration error (Naeini et al. 2015; Guo et al. 2017) of each row: [..., N] -> [...].
+
+    The predictions' top-class probabilities fall into `bins` equal-width bins over [0, 1] (the top
+    one closed); ECE = sum over bins of (share of samples in it) x |accuracy - mean probability|
+    in it. Vectorized over rows (every exit, or every threshold of a curve).
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    rows, n = int(np.prod(confidence.shape[:-1])), confidence.shape[-1]
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1).reshape(rows, n)
+    flat = (which + bins * np.arange(rows)[:, None]).ravel()  # one bin index per (row, bin)
+    count = np.bincount(flat, minlength=rows * bins).reshape(rows, bins)
+    conf_sum = np.bincount(flat, confidence.reshape(-1), minlength=rows * bins).reshape(rows, bins)
+    hit_sum = np.bincount(flat, correct.reshape(-1), minlength=rows * bins).reshape(rows, bins)
+    return (np.abs(hit_sum - conf_sum).sum(axis=1) / n).reshape(confidence.shape[:-1])
 
 
 def budget_accuracy(
@@ -198,22 +240,44 @@ def budget_accuracy(
     accuracy: Sequence[float] | np.ndarray,
     backbone_flops: float,
     budget: Budget,
+    rule: BudgetRule = "costliest",
 ) -> float:
-    """Accuracy at the costliest curve point within `budget` x backbone FLOPs (NaN if none fits).
+    """Accuracy at `budget` x backbone FLOPs (NaN if no curve point fits): see `budget_point`."""
+    point = budget_point(flops, accuracy, backbone_flops, budget, rule)
+    return math.nan if point is None else float(np.asarray(accuracy, dtype=np.float64)[point])
 
-    Ties in cost take the best accuracy among them. "max" = the best accuracy anywhere on the curve.
+
+def budget_point(
+    flops: Sequence[float] | np.ndarray,
+    accuracy: Sequence[float] | np.ndarray,
+    backbone_flops: float,
+    budget: Budget,
+    rule: BudgetRule = "costliest",
+) -> int | None:
+    """The curve point a budget reports (its index), None if no point fits `budget` x backbone FLOPs.
+
+    "costliest" (the paper's rule): the costliest point within the budget, ties in cost taking
+    the best accuracy among them; "best": the most accurate point within it (what a user who may
+    pick any threshold under the budget gets), the cheaper on a tie. "max" = the most accurate
+    point anywhere on the curve, under either rule.
     """
     flops = np.asarray(flops, dtype=np.float64)
     accuracy = np.asarray(accuracy, dtype=np.float64)
     if flops.shape != accuracy.shape:
         raise ValueError(f"flops {flops.shape} and accuracy {accuracy.shape} differ in shape")
+    if rule not in BUDGET_RULES:
+        raise ValueError(f"unknown budget rule {rule!r}; known: {list(BUDGET_RULES)}")
     if budget == "max":
-        return float(np.max(accuracy)) if accuracy.size else math.nan
-    fits = flops <= float(budget) * backbone_flops
+        fits = np.ones(accuracy.shape, dtype=bool)
+    else:
+        fits = flops <= float(budget) * backbone_flops
     if not fits.any():
-        return math.nan
-    top = flops[fits].max()
-    return float(accuracy[fits & (flops == top)].max())
+        return None
+    if rule == "costliest" and budget != "max":
+        fits &= flops == flops[fits].max()
+    best = accuracy[fits].max()
+    candidates = np.flatnonzero(fits & (accuracy == best))
+    return int(candidates[np.argmin(flops[candidates])])
 
 
 def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
@@ -238,6 +302,7 @@ def budget_table(
     curves_by_regime: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]],
     backbone_flops: float,
     budgets: Sequence[Budget] = DEFAULT_BUDGETS,
+    rule: BudgetRule = "costliest",
 ) -> list[dict[str, object]]:
     """Rows (regime, budget, accuracy_mean, accuracy_std, n_seeds): one per regime and budget.
 
@@ -246,7 +311,7 @@ def budget_table(
     rows: list[dict[str, object]] = []
     for regime, curves in curves_by_regime.items():
         for budget in budgets:
-            per_seed = [budget_accuracy(f, a, backbone_flops, budget) for f, a in curves]
+            per_seed = [budget_accuracy(f, a, backbone_flops, budget, rule) for f, a in curves]
             mean, std = mean_std(per_seed)
             rows.append(
                 {

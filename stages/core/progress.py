@@ -54,7 +54,12 @@ def progress_logging(*quiet: str, emit: Emit = to_stderr) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def first_line(e: BaseException) -> str:
+    """An error's first line (its type's name when it has no message)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def brief(e: BaseException) -> str:
     """`Type: first line` of an error, for one-line warnings and messages."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__

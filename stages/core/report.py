@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from stages.core.evaluation import Budget, budget_table
+from stages.core.evaluation import Budget, budget_label, budget_point, budget_table, mean_std
 from stages.core.report_plots import format_budget_table, plot_tradeoff
 
 
 @dataclass
 class ReportOutput:
     budgets: pa.Table  # criterion, regime, budget, accuracy_mean, accuracy_std, n_seeds
+    calibration: pa.Table  # criterion, regime, exit, budget, ece_mean, ece_std, n_seeds (see `calibration_rows`)
     plots: list[Path]  # tradeoff.png (first criterion), tradeoff_<criterion>.png for the others
     text: str  # the readable budget tables, one per criterion, and the notes
 
@@ -30,23 +31,52 @@ def run(
     title: str,
     chosen_lrs: Mapping[str, Mapping[str, float]] | None = None,
     notes: Sequence[str] = (),
+    budget_rule: str = "costliest",
+    plot_prefix: str = "tradeoff",
 ) -> ReportOutput:
     """`curves`/`exits` are keyed by (regime, seed), as the evaluate stage wrote them; `notes`
     (diverged learning rates, say) are printed under the table."""
     regimes = list(dict.fromkeys(r for r, _ in curves))
     fixed = {r: [_columns(exits[k], "flops", "accuracy") for k in exits if k[0] == r] for r in regimes}
-    tables, plots, texts = [], [], []
+    tables, plots, texts, calibration = [], [], [], []
+    for regime in regimes:  # each exit forced: calibration whatever the criterion
+        ece = [_columns(exits[k], "ece")[0] for k in exits if k[0] == regime]
+        for e in range(min(len(v) for v in ece)):
+            calibration.append(_calibration_row("", regime, e, "", [v[e] for v in ece]))
     for i, criterion in enumerate(criteria):
         by_regime = {
             r: [_columns(_where(curves[k], criterion), "flops", "accuracy") for k in curves if k[0] == r] for r in regimes
         }
-        rows = budget_table(by_regime, backbone_flops, budgets)
+        rows = budget_table(by_regime, backbone_flops, budgets, budget_rule)
+        for r in regimes:
+            points = [(_where(curves[k], criterion), k) for k in curves if k[0] == r]
+            for budget in budgets:
+                per_seed = []
+                for table, _ in points:
+                    flops, accuracy, ece = _columns(table, "flops", "accuracy", "ece")
+                    point = budget_point(flops, accuracy, backbone_flops, budget, budget_rule)  # type: ignore[arg-type]
+                    per_seed.append(np.nan if point is None else ece[point])
+                calibration.append(_calibration_row(criterion, r, None, budget_label(budget), per_seed))
         tables.append(pa.Table.from_pylist([{"criterion": criterion, **row} for row in rows]))
-        name = "tradeoff.png" if i == 0 else f"tradeoff_{criterion}.png"
+        name = f"{plot_prefix}.png" if i == 0 else f"{plot_prefix}_{criterion}.png"
         plots.append(plot_tradeoff(by_regime, fixed, backbone_flops, out_dir / name, f"{title} ({criterion})"))
-        texts.append(format_budget_table(rows, chosen_lrs, criterion))
+        texts.append(format_budget_table(rows, chosen_lrs, criterion, budget_rule))
     text = "\n\n".join(texts) + "".join(f"\nnote: {n}" for n in notes)
-    return ReportOutput(budgets=pa.concat_tables(tables), plots=plots, text=text)
+    return ReportOutput(budgets=pa.concat_tables(tables), calibration=pa.Table.from_pylist(calibration, CALIBRATION_SCHEMA),
+                        plots=plots, text=text)
+
+
+CALIBRATION_SCHEMA = pa.schema([("criterion", pa.string()), ("regime", pa.string()), ("exit", pa.int32()),
+                                ("budget", pa.string()), ("ece_mean", pa.float64()), ("ece_std", pa.float64()),
+                                ("n_seeds", pa.int32())])
+
+
+def _calibration_row(criterion: str, regime: str, exit_: int | None, budget: str, per_seed: Sequence[float]) -> dict[str, object]:
+    """One row of calibration.parquet: a fixed exit's ECE (criterion "", budget ""), or the ECE of
+    the early-exit predictions at the curve point a budget reports (exit null), over seeds."""
+    mean, std = mean_std(per_seed)
+    return {"criterion": criterion, "regime": regime, "exit": exit_, "budget": budget, "ece_mean": mean, "ece_std": std,
+            "n_seeds": len(per_seed)}
 
 
 def _where(table: pa.Table, criterion: str) -> pa.Table:
@@ -56,3 +86,65 @@ def _where(table: pa.Table, criterion: str) -> pa.Table:
 
 def _columns(table: pa.Table, *names: str) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(table.column(n).to_pylist(), dtype=np.float64) for n in names)
+
+
+COST_COLUMNS = ("regime", "seed", "node", "phase", "epochs", "train_seconds", "wall_seconds", "device", "device_hours",
+                "shared", "resumed")
+
+
+def training_costs(lineages: Mapping[tuple[str, int], Mapping[str, Mapping[str, object]]]) -> tuple[pa.Table, str]:
+    """The training cost of every regime: the rows of `costs.parquet` and the text table.
+
+    `lineages[(regime, seed)]` maps each phase node behind that regime's model to its cost, as the
+    phase recorded it (stages.phase.phase_cost): epochs (a search: every trial's), train_seconds
+    (the epochs' own time, searches included), wall_seconds (the stage's run, Ray's start-up
+    included; a resumed phase: since its resume), device and device_hours. A regime's cost is
+    everything behind its model, so a shared P1 counts in each regime that uses it; the study
+    total counts every node once. Regimes are averaged over seeds.
+    """
+    users: dict[tuple[int, str], set[str]] = {}
+    for (regime, seed), lineage in lineages.items():
+        for node in lineage:
+            users.setdefault((seed, node), set()).add(regime)
+    rows = [{"regime": regime, "seed": seed, "node": node, "phase": str(c["phase"]), "epochs": int(c["epochs"]),
+             "train_seconds": float(c["train_seconds"]), "wall_seconds": float(c["wall_seconds"]), "device": str(c["device"]),
+             "device_hours": float(c["device_hours"]), "shared": len(users[(seed, node)]) > 1, "resumed": bool(c["resumed"])}
+            for (regime, seed), lineage in lineages.items() for node, c in lineage.items()]
+    table = pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in COST_COLUMNS})
+    return table, format_costs(rows)
+
+
+def format_costs(rows: Sequence[Mapping[str, object]]) -> str:
+    if not rows:
+        return ""
+    devices = sorted({str(r["device"]) for r in rows})
+    unit = f"{devices[0]}-hours" if len(devices) == 1 else "device-hours"
+    seeds = sorted({int(r["seed"]) for r in rows})  # type: ignore[call-overload]
+
+    def totals(subset: Sequence[Mapping[str, object]], per_seed: int) -> list[str]:
+        n = max(per_seed, 1)
+        epochs = sum(int(r["epochs"]) for r in subset) / n  # type: ignore[call-overload]
+        return [f"{epochs:g}", *(f"{sum(float(r[k]) for r in subset) / n:.1f}" for k in ("train_seconds", "wall_seconds")),  # type: ignore[arg-type]
+                f"{sum(float(r['device_hours']) for r in subset) / n:.4f}"]  # type: ignore[arg-type]
+
+    header = ["regime", "seeds", "phases", "epochs", "train (s)", "wall (s)", unit]
+    lines = []
+    for regime in dict.fromkeys(str(r["regime"]) for r in rows):
+        mine = [r for r in rows if r["regime"] == regime]
+        n = len({r["seed"] for r in mine})
+        phases = " + ".join(dict.fromkeys(str(r["phase"]) + (" (shared)" if r["shared"] else "") for r in mine))
+        lines.append([regime, str(n), phases, *totals(mine, n)])
+    unique = list({(r["seed"], r["node"]): r for r in rows}.values())
+    lines.append(["study", str(len(seeds)), f"{len(unique) // max(len(seeds), 1)} phases/seed", *totals(unique, len(seeds))])
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+
+    def render(cols: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths))).rstrip()
+
+    title = "training cost per regime (every phase behind its model, searches included; mean per seed)"
+    note = ("train: the epochs' own time; wall: the phases' stage runs, start-up included; the study row counts a "
+            "shared phase once")
+    if any(r["resumed"] for r in rows):
+        note += "; a resumed phase's wall time counts from its resume"
+    rule = "-" * len(render(header))
+    return "\n".join([title, render(header), rule, *map(render, lines[:-1]), rule, render(lines[-1]), note])

@@ -148,7 +148,7 @@ def _format_lrs(lrs: Any) -> str:
 
 
 def format_budget_table(rows: Sequence[Mapping[str, Any]], chosen_lrs: Mapping[str, Any] | None = None,
-                        criterion: str | None = None) -> str:
+                        criterion: str | None = None, budget_rule: str = "costliest") -> str:
     """Fixed-width text: one line per regime, one "mean ± std" column per budget (accuracy in %).
 
     `chosen_lrs` (regime -> lr, or regime -> {phase: lr}) adds a column with each regime's learning rates;
@@ -187,4 +187,6 @@ def format_budget_table(rows: Sequence[Mapping[str, Any]], chosen_lrs: Mapping[s
     title = "test accuracy (%) at FLOPs budget (x backbone), mean ± std over seeds"
     if criterion is not None:
         title += f"; exit criterion: {criterion}"
+    if budget_rule != "costliest":  # the paper's rule goes unsaid; another is named
+        title += f"; budget rule: {budget_rule}"
     return "\n".join([title, render(header), rule, *(render(line) for line in lines)])
