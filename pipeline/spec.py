@@ -483,15 +483,10 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     out = _deep_copy(doc)
     for item in overrides:
         parts, value = parse_override(item)
-        node = out
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise SpecError(f"--set {'.'.join(parts)}: {p!r} is not a section")
-            node = child
-        node[parts[-1]] = value
+        try:
+            out = _set_path(out, parts, value)
+        except SpecError as e:
+            raise SpecError(f"--set {e}") from None
     return out
 
 
