@@ -75,7 +75,9 @@ class Report(Stage):
         out = report.run(curves, exits, backbone, list(cfg.budgets), criteria, ctx.workdir, ctx.settings.study_name, chosen, notes,
                          cfg.budget_rule)
         budgets, plots, texts = [_tagged(out.budgets, "all")], list(out.plots), [out.text]
-        for i, (axis, _) in enumerate(cfg.axes):  # one table and figure per axis, the other axes at their baseline
+        # One table and figure per axis, the other axes at their baseline; a single axis's would
+        # repeat the combined table and figure.
+        for i, (axis, _) in enumerate(cfg.axes if len(cfg.axes) > 1 else ()):
             others = [a for j, (a, _) in enumerate(cfg.axes) if j != i]
             sub = report.run(_axis_view(curves, cfg, i), _axis_view(exits, cfg, i), backbone, list(cfg.budgets), criteria, ctx.workdir,
                              f"{ctx.settings.study_name}: {axis}", None, (), cfg.budget_rule, plot_prefix=f"tradeoff_{axis}")

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages.core.evaluation import Budget, budget_label, budget_point, budget_table, mean_std
-from stages.core.report_plots import format_budget_table, plot_tradeoff
+from stages.core.report_plots import format_budget_table, ordered, plot_tradeoff
 
 
 @dataclass
@@ -129,7 +129,7 @@ def format_costs(rows: Sequence[Mapping[str, object]]) -> str:
 
     header = ["regime", "seeds", "phases", "epochs", "train (s)", "wall (s)", unit]
     lines = []
-    for regime in dict.fromkeys(str(r["regime"]) for r in rows):
+    for regime in ordered([str(r["regime"]) for r in rows]):
         mine = [r for r in rows if r["regime"] == regime]
         n = len({r["seed"] for r in mine})
         phases = " + ".join(dict.fromkeys(str(r["phase"]) + (" (shared)" if r["shared"] else "") for r in mine))

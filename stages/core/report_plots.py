@@ -21,10 +21,15 @@ GRID_POINTS = 200
 REGIME_ORDER = ("joint", "disjoint", "mixed")
 
 
-def _ordered(regimes: Sequence[str]) -> list[str]:
-    """The paper's regimes first, in its order, then any others alphabetically."""
-    known = [r for r in REGIME_ORDER if r in regimes]
-    return known + sorted(r for r in regimes if r not in REGIME_ORDER)
+def ordered(labels: Sequence[str]) -> list[str]:
+    """Rows in the paper's regime order; a regime's variants ("joint phases.P2.lr=0.01") in the
+    order given (the axis's order); anything else after them, alphabetically."""
+    def rank(item: tuple[int, str]) -> tuple[int, int, str]:
+        i, label = item
+        regime = label.split(" ")[0]
+        return (REGIME_ORDER.index(regime), i, "") if regime in REGIME_ORDER else (len(REGIME_ORDER), 0, label)
+
+    return [label for _, label in sorted(enumerate(dict.fromkeys(labels)), key=rank)]
 
 
 def _monotone(flops: Sequence[float], accuracy: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -67,9 +72,9 @@ def plot_tradeoff(
     fig = Figure(figsize=(7.0, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    regimes = _ordered(list(dict.fromkeys([*curves_by_regime, *fixed_points_by_regime])))
+    regimes = ordered(list(dict.fromkeys([*curves_by_regime, *fixed_points_by_regime])))
     palette = {r: f"C{i}" for i, r in enumerate(regimes)}  # a regime keeps its colour across curve and points
-    for regime in _ordered(list(curves_by_regime)):
+    for regime in ordered(list(curves_by_regime)):
         curves = curves_by_regime[regime]
         if not curves:
             continue
@@ -79,7 +84,7 @@ def plot_tradeoff(
         x = grid / backbone_flops
         ax.plot(x, mean, color=palette[regime], label=f"{regime} (n={len(curves)})")
         ax.fill_between(x, mean - std, mean + std, color=palette[regime], alpha=0.2, linewidth=0)
-    for regime in _ordered(list(fixed_points_by_regime)):
+    for regime in ordered(list(fixed_points_by_regime)):
         points = fixed_points_by_regime[regime]
         if not points:
             continue
@@ -170,7 +175,7 @@ def format_budget_table(rows: Sequence[Mapping[str, Any]], chosen_lrs: Mapping[s
     if chosen_lrs is not None:
         header.append("lr")
     lines = []
-    for regime in _ordered(list(cells)):
+    for regime in ordered(list(cells)):
         line = [regime, str(seeds[regime]), *(cells[regime].get(b, "") for b in budgets)]
         if chosen_lrs is not None:
             line.append(_format_lrs(chosen_lrs.get(regime, "")))
