@@ -379,8 +379,9 @@ class StudySpec(_Model):
             parts = axis.split(".")
             if not all(parts):
                 raise ValueError(f"{axis!r}: not a dotted field path")
-            if axis in NOT_AXES or any(axis.startswith(p + ".") for p in NOT_AXES):
-                raise ValueError(f"{axis!r} cannot be compared: {NOT_AXES[next(p for p in NOT_AXES if axis == p or axis.startswith(p + '.'))]}")
+            barred = next((p for p in NOT_AXES if axis == p or axis.startswith(p + ".")), None)
+            if barred is not None:
+                raise ValueError(f"{axis!r} cannot be compared: {NOT_AXES[barred]}")
             if not isinstance(values, list) or not values:
                 raise ValueError(f"{axis!r}: give a non-empty list of values")
             seen = [yaml.safe_dump(x) for x in values]
@@ -389,17 +390,15 @@ class StudySpec(_Model):
         fields = [f for f in cls.model_fields if f != "compare"]
         if not all(f in info.data for f in fields):
             return v  # another field is invalid: that error is reported, the variants cannot be built
-        # Every value of every axis must make a valid study: checked now, before Ray, naming the axis.
+        # Every combination of the axes' values (each variant `variants` builds) must make a valid
+        # study: checked now, before Ray, naming the values.
         base = {f: (info.data[f].model_dump(mode="json") if isinstance(info.data[f], BaseModel) else info.data[f]) for f in fields}
-        for axis, values in v.items():
-            for value in values:
-                try:
-                    StudySpec.model_validate(_set_path(base, axis.split("."), value))
-                except ValidationError as e:
-                    reasons = "; ".join(line.strip() for line in format_validation_error(e).splitlines()[1:])
-                    raise ValueError(f"{axis}={_value_text(value)} makes an invalid study: {reasons}") from None
-                except SpecError as e:
-                    raise ValueError(f"{axis}={_value_text(value)}: {e}") from None
+        for assignment, doc in _combinations(base, v):
+            try:
+                StudySpec.model_validate(doc)
+            except ValidationError as e:
+                reasons = "; ".join(line.strip() for line in format_validation_error(e).splitlines()[1:])
+                raise ValueError(f"{axis_label(assignment)} makes an invalid study: {reasons}") from None
         return v
 
 
@@ -430,23 +429,28 @@ def _set_path(doc: dict[str, Any], parts: list[str], value: Any) -> dict[str, An
     return out
 
 
+def _combinations(base: dict[str, Any], compare: dict[str, list[Any]]) -> list[tuple[tuple[tuple[str, Any], ...], dict[str, Any]]]:
+    """(assignment, document) for every combination of the axes' values, applied to `base`."""
+    import itertools
+
+    axes = list(compare)
+    out = []
+    for combo in itertools.product(*compare.values()):
+        doc = base
+        for axis, value in zip(axes, combo):
+            doc = _set_path(doc, axis.split("."), value)
+        out.append((tuple(zip(axes, combo)), doc))
+    return out
+
+
 def variants(spec: StudySpec) -> list[tuple[tuple[tuple[str, Any], ...], StudySpec]]:
     """Every combination of the comparison axes' values, as (assignment, the study with it set);
     one variant with an empty assignment when the spec compares nothing. The first value of each
-    axis is its baseline."""
+    axis is its baseline. Each combination was validated with the spec."""
     if not spec.compare:
         return [((), spec)]
-    import itertools
-
     base = spec.model_dump(mode="json", exclude={"compare"})
-    axes = list(spec.compare.items())
-    out = []
-    for combo in itertools.product(*(values for _, values in axes)):
-        doc = base
-        for (axis, _), value in zip(axes, combo):
-            doc = _set_path(doc, axis.split("."), value)
-        out.append((tuple((axis, value) for (axis, _), value in zip(axes, combo)), StudySpec.model_validate(doc)))
-    return out
+    return [(assignment, StudySpec.model_validate(doc)) for assignment, doc in _combinations(base, spec.compare)]
 
 
 def axis_label(assignment: tuple[tuple[str, Any], ...]) -> str:

@@ -71,6 +71,9 @@ def test_an_axis_with_one_value_is_the_plain_study_with_that_value() -> None:
     (["compare={net.nonsense: [1, 2]}"], "compare: net.nonsense=1 makes an invalid study: net.nonsense: unknown key"),
     (["compare={net.width: []}"], "'net.width': give a non-empty list of values"),
     (["compare={net.width: [8, 8]}"], "'net.width': duplicate values"),
+    # each value is valid with the spec, the pair is not: every combination is checked
+    (["data.root=/data/x", "compare={data.name: [digits, parquet], data.root: [/data/x, null]}"],
+     "compare: data.name=parquet,data.root=null makes an invalid study: data: data.root is required for data.name='parquet'"),
 ])
 def test_a_bad_axis_is_refused_before_anything_runs(sets: list[str], message: str) -> None:
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("(", r"\(")):

@@ -229,7 +229,6 @@ def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = E
     rows, n = int(np.prod(confidence.shape[:-1])), confidence.shape[-1]
     which = np.minimum((confidence * bins).astype(np.int64), bins - 1).reshape(rows, n)
     flat = (which + bins * np.arange(rows)[:, None]).ravel()  # one bin index per (row, bin)
-    count = np.bincount(flat, minlength=rows * bins).reshape(rows, bins)
     conf_sum = np.bincount(flat, confidence.reshape(-1), minlength=rows * bins).reshape(rows, bins)
     hit_sum = np.bincount(flat, correct.reshape(-1), minlength=rows * bins).reshape(rows, bins)
     return (np.abs(hit_sum - conf_sum).sum(axis=1) / n).reshape(confidence.shape[:-1])

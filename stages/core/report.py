@@ -49,10 +49,10 @@ def run(
         }
         rows = budget_table(by_regime, backbone_flops, budgets, budget_rule)
         for r in regimes:
-            points = [(_where(curves[k], criterion), k) for k in curves if k[0] == r]
+            seed_curves = [_where(curves[k], criterion) for k in curves if k[0] == r]
             for budget in budgets:
                 per_seed = []
-                for table, _ in points:
+                for table in seed_curves:
                     flops, accuracy, ece = _columns(table, "flops", "accuracy", "ece")
                     point = budget_point(flops, accuracy, backbone_flops, budget, budget_rule)  # type: ignore[arg-type]
                     per_seed.append(np.nan if point is None else ece[point])
