@@ -89,16 +89,17 @@ def phase_params(node: Node) -> dict[str, str]:
 
 
 def phase_cost(phase: str, settings: RunSettings, epochs: int, train_seconds: float, wall_seconds: float,
-               resumed: bool) -> dict[str, Any]:
+               resumed: bool, ran_on: str = "") -> dict[str, Any]:
     """What training a phase node cost (a search: all its trials), for the report's cost table.
 
     train_seconds sums the epochs' own time; device-hours are that times the devices the phase
     held (its workers' GPUs, else their CPUs); wall_seconds is the stage's run, Ray's start-up
-    included (a resumed phase: since its resume)."""
+    included (a resumed phase: since its resume); ran_on is where the workers found themselves
+    (stages.train.ran_on), "" when unknown."""
     group = settings.worker_group()
     device, count = ("GPU", group.num_gpus) if settings.use_gpu else ("CPU", group.num_cpus)
     return {"phase": phase, "epochs": epochs, "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3),
-            "device": device, "device_hours": train_seconds * count / 3600, "resumed": resumed}
+            "device": device, "device_hours": train_seconds * count / 3600, "resumed": resumed, "ran_on": ran_on}
 
 
 def epoch_seconds(history: list[dict[str, float]]) -> float:

@@ -93,6 +93,16 @@ class PhaseOutcome:
     resumed_at: int | None = None  # first epoch of this attempt, when it resumed from a checkpoint
     diverged: str = ""  # "non-finite loss at epoch E, step S" when the phase stopped on one
     start: dict[str, str] | None = None  # net.init's source and the sha256 of the backbone the phase started from
+    ran_on: str = ""  # where the epochs ran, as the workers saw it (`ran_on`); "" in checkpoints older than the record
+
+
+def ran_on(device: torch.device, world: int, cfg: PhaseConfig) -> str:
+    """Where a phase's epochs run, read on the worker, not inferred from the spec: a study that asked
+    for GPUs but trained on CPUs, or without bf16, shows it in its cost table."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "one process"
+    modes = [m for m, on in (("bf16", cfg.bf16), ("channels_last", cfg.channels_last)) if on and device.type == "cuda"]
+    return f"{world} x {name} ({', '.join([backend, *modes])})"
 
 
 def selection_score(accuracies: list[float], selection: str, phase: str, flops_frac: list[float]) -> float:
@@ -187,6 +197,7 @@ def train_worker(job: PhaseJob) -> None:
         train_loader = prepare_data_loader(train_loader)
         val_loader = prepare_data_loader(val_loader)
     device = ray.train.torch.get_device()
+    where = ran_on(device, world, cfg)
     label = job.label or job.phase
     resume = _load_resume(label)
     if resume is not None and rank == 0:
@@ -216,6 +227,7 @@ def train_worker(job: PhaseJob) -> None:
             m.update(extras.get(int(m["epoch"]), {}))
         if start is not None:
             report.state["start"] = start
+        report.state["ran_on"] = where
         metrics = {**report.metrics, **extra}
         if rank == 0:
             log.info("%s epoch %d: train_loss %.4f val_acc %s score %.4f", job.label, report.epoch,
@@ -274,7 +286,8 @@ def build_trainer(
 def outcome_from_checkpoint(path: str | Path) -> PhaseOutcome:
     """Read the phase's result from a checkpoint directory written by `train_worker`."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
-    return replace(_outcome(state["history"], state["early_stopping"], state["best_state_dict"]), start=state.get("start"))
+    return replace(_outcome(state["history"], state["early_stopping"], state["best_state_dict"]), start=state.get("start"),
+                   ran_on=state.get("ran_on", ""))
 
 
 def progress_from_checkpoint(path: str | Path) -> PhaseOutcome:
@@ -341,7 +354,7 @@ class Train(Stage):
         start = time.monotonic()
         outcome = run_phase(job, scaling(ctx), run_name(node), ctx.storage_path, ctx.settings.max_failures)
         cost = phase_cost(job.phase, ctx.settings, outcome.epochs_run, epoch_seconds(outcome.history),
-                          time.monotonic() - start, outcome.resumed_at is not None)
+                          time.monotonic() - start, outcome.resumed_at is not None, outcome.ran_on)
         lr = float(job.train.lr)  # type: ignore[arg-type]  # a train node's lr is fixed
         if outcome.diverged:
             raise PhaseDiverged(f"{node.id} diverged: {outcome.diverged} (lr={lr:g}); lower phases.{job.phase}.lr "

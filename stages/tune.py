@@ -334,7 +334,7 @@ class Tune(Stage):
         trials = sorted(search.trials, key=lambda t: t.lr)
         bad = [f"lr={t.lr:g}: {t.diverged}" for t in trials if t.diverged]
         cost = phase_cost(job.phase, ctx.settings, sum(t.epochs for t in trials), sum(t.train_seconds for t in trials),
-                          time.monotonic() - start, any(t.resumed for t in trials))
+                          time.monotonic() - start, any(t.resumed for t in trials), search.outcome.ran_on)
         result = phase_result(node, inputs, job, ns, search.outcome, search.best.lr, {job.phase: bad} if bad else None,
                               workdir=ctx.workdir, cost=cost)
         rows = [{"trial": t.trial, "lr": t.lr, "best_val": t.best_val, "epochs": t.epochs, "stopped_early": t.stopped_early,

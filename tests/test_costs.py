@@ -26,7 +26,7 @@ def _lineages() -> dict:
 def test_a_phase_records_its_epochs_time_and_device_hours() -> None:
     cost = _cost("P1", 10, 360.0, 400.0)
     assert cost == {"phase": "P1", "epochs": 10, "train_seconds": 360.0, "wall_seconds": 400.0, "device": "CPU",
-                    "device_hours": pytest.approx(360.0 * 4 / 3600), "resumed": False}  # 2 workers x 2 CPUs
+                    "device_hours": pytest.approx(360.0 * 4 / 3600), "resumed": False, "ran_on": ""}  # 2 workers x 2 CPUs
     gpu = phase_cost("P2", RunSettings(num_workers=4, use_gpu=True, gpus_per_worker=1.0), 3, 3600.0, 3700.0, False)
     assert gpu["device"] == "GPU" and gpu["device_hours"] == pytest.approx(4.0)
     assert epoch_seconds([{"epoch_time": 1.5}, {"epoch_time": 2.0}, {}]) == 3.5
@@ -45,6 +45,25 @@ def test_each_regime_counts_what_is_behind_its_model_and_the_study_counts_a_shar
     assert lines["study"][-4:-1] == ["28", f"{(100.5 + 90 + 20 + 45):.1f}", f"{130 + 110 + 40 + 60:.1f}"]
     assert lines["study"][-1] == f"{(100.5 + 90 + 20 + 45) * 4 / 3600:.4f}"
     assert "CPU-hours" in text and "counts from its resume" in text  # seed1's mixed P2 resumed
+
+
+def test_the_table_says_where_the_phases_ran_as_their_workers_saw_it() -> None:
+    lineages = _lineages()
+    lineages[("joint", 0)]["seed0/joint/P2"]["ran_on"] = "1 x NVIDIA H200 (nccl, bf16, channels_last)"
+    table, text = training_costs(lineages)
+    assert "ran on: 1 x NVIDIA H200 (nccl, bf16, channels_last)" in text
+    assert table.to_pylist()[0]["ran_on"] in ("", "1 x NVIDIA H200 (nccl, bf16, channels_last)")
+    assert "ran on" not in training_costs(_lineages())[1]  # costs recorded without the field print no line
+
+
+def test_ran_on_names_only_what_the_device_did() -> None:
+    import torch
+
+    from stages.core.loop import PhaseConfig
+    from stages.train import ran_on
+
+    # bf16 and channels_last are no-ops on a CPU: the record must not claim them
+    assert ran_on(torch.device("cpu"), 1, PhaseConfig(bf16=True, channels_last=True)) == "1 x CPU (one process)"
 
 
 def test_no_phase_no_table() -> None:

@@ -156,6 +156,7 @@ def test_results_from_python_are_dataframes_whether_trained_or_cached(
         assert sorted(zip(costs.regime, costs.node, costs.epochs)) == [
             ("disjoint", "seed0/P1", 2), ("disjoint", "seed0/disjoint/P3", 2), ("joint", "seed0/joint/P2", 2)]
         assert (costs.train_seconds > 0).all() and (costs.wall_seconds >= costs.train_seconds).all()
+        assert costs.ran_on.str.startswith("1 x CPU (").all(), costs.ran_on  # recorded by the worker: one Train worker on a CPU
         assert_frame_equal(cached.costs(), costs)  # a cached phase reports what it cost when trained
         # a phase's model, run with real early exits, makes the predictions the stored curve counts
         net = cached.model("seed0/joint/P2")

@@ -89,7 +89,7 @@ def _columns(table: pa.Table, *names: str) -> tuple[np.ndarray, ...]:
 
 
 COST_COLUMNS = ("regime", "seed", "node", "phase", "epochs", "train_seconds", "wall_seconds", "device", "device_hours",
-                "shared", "resumed")
+                "shared", "resumed", "ran_on")
 
 
 def training_costs(lineages: Mapping[tuple[str, int], Mapping[str, Mapping[str, object]]]) -> tuple[pa.Table, str]:
@@ -108,7 +108,8 @@ def training_costs(lineages: Mapping[tuple[str, int], Mapping[str, Mapping[str, 
             users.setdefault((seed, node), set()).add(regime)
     rows = [{"regime": regime, "seed": seed, "node": node, "phase": str(c["phase"]), "epochs": int(c["epochs"]),
              "train_seconds": float(c["train_seconds"]), "wall_seconds": float(c["wall_seconds"]), "device": str(c["device"]),
-             "device_hours": float(c["device_hours"]), "shared": len(users[(seed, node)]) > 1, "resumed": bool(c["resumed"])}
+             "device_hours": float(c["device_hours"]), "shared": len(users[(seed, node)]) > 1, "resumed": bool(c["resumed"]),
+             "ran_on": str(c.get("ran_on", ""))}  # absent from costs recorded before the field
             for (regime, seed), lineage in lineages.items() for node, c in lineage.items()]
     table = pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in COST_COLUMNS})
     return table, format_costs(rows)
@@ -146,5 +147,8 @@ def format_costs(rows: Sequence[Mapping[str, object]]) -> str:
             "shared phase once")
     if any(r["resumed"] for r in rows):
         note += "; a resumed phase's wall time counts from its resume"
+    places = sorted({str(r["ran_on"]) for r in rows if r.get("ran_on")})
+    if places:
+        note += "\nran on: " + "; ".join(places)
     rule = "-" * len(render(header))
     return "\n".join([title, render(header), rule, *map(render, lines[:-1]), rule, render(lines[-1]), note])
