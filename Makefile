@@ -23,6 +23,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/tune_asha.py
 	$(BIN)/python bench/dynamic_inference.py
 	$(BIN)/python bench/study_memory.py
+	$(BIN)/python bench/phase_overhead.py
+	$(BIN)/python bench/data_loading.py
 
 install: $(STAMP)
 
