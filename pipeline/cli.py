@@ -88,12 +88,14 @@ def run(
     tracking_uri: UriOpt = None,
     address: AddressOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Also print Ray's own output of every process (kept in Ray's session logs otherwise).")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Plain progress lines, even on a terminal (they are plain whenever stderr is not one).")] = False,
 ) -> None:
     """Run the study (or reuse what is cached) and print the budget table."""
     if not (address or os.environ.get("RAY_ADDRESS")):
         from pipeline.loopback import use_loopback
 
         use_loopback()  # a local Ray listens on 127.0.0.1 only
+    from pipeline.display import choose_display
     from pipeline.runner import ClusterError, StudyFailed, run_study
     from pipeline.tracking import TrackingError
 
@@ -101,7 +103,8 @@ def run(
     _check(study, tracking_uri, data=False)  # run_study checks data and net itself, before Ray
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = run_study(study, tracking_uri, address, progress=lambda m: typer.echo(m, err=True), ray_logs=verbose)
+        display = choose_display(lambda m: typer.echo(m, err=True), plain=plain)
+        result = run_study(study, tracking_uri, address, ray_logs=verbose, display=display)
     except (SpecError, ClusterError) as e:
         raise _fail(f"exitflow: {e}") from None
     except TrackingError as e:

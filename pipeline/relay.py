@@ -4,8 +4,11 @@
 the tracebacks of processes it kills on purpose (a trial ASHA stops, a worker at shutdown) stay in
 the session's log files. exitflow's own lines travel instead through one small actor per driver
 job: every exitflow process of the job (node tasks, trials, Train workers) posts its lines to it,
-and the driver prints them. A post waits for the actor, so a node's lines are all there when the
-driver learns that the node finished, and print before its `done` line.
+and the driver shows them. A post waits for the actor, so a node's lines are all there when the
+driver learns that the node finished, and show before its `done` line.
+
+A line may carry an event (a dict: an epoch's validation accuracies, a search's trial counts):
+a live display (`pipeline.display`) shows the event in place of the line; plain output prints the line.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from typing import Any
 
 import ray
 
-from stages.core.progress import Emit, progress_logging, to_stderr
+from stages.core.progress import progress_logging, to_stderr
 
+Event = dict[str, Any]
+Show = Callable[[str, "Event | None"], None]  # takes a line and its event
 NAMESPACE = "exitflow"
 POST_TIMEOUT_S = 10
 DRAIN_EVERY_S = 0.25
@@ -26,17 +31,17 @@ DRAIN_EVERY_S = 0.25
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class ProgressSink:
-    """Lines posted by a job's processes, until the driver drains them."""
+    """Lines (each with its event, or None) posted by a job's processes, until the driver drains them."""
 
     def __init__(self) -> None:
-        self._lines: list[str] = []
+        self._items: list[tuple[str, Event | None]] = []
 
-    def post(self, line: str) -> None:
-        self._lines.append(line)
+    def post(self, line: str, event: Event | None = None) -> None:
+        self._items.append((line, event))
 
-    def drain(self) -> list[str]:
-        lines, self._lines = self._lines, []
-        return lines
+    def drain(self) -> list[tuple[str, Event | None]]:
+        items, self._items = self._items, []
+        return items
 
 
 def _sink_name() -> str:
@@ -44,35 +49,53 @@ def _sink_name() -> str:
     return f"progress-{ray.get_runtime_context().get_job_id()}"
 
 
-def _poster() -> Emit:
+def _print_line(line: str, event: Event | None = None) -> None:
+    to_stderr(line)
+
+
+def _poster() -> Show:
     """Posts to this job's sink; stderr where there is none (a stage run outside `exitflow run`)
     or once it is gone (the driver died: nobody reads the lines either way)."""
     if not ray.is_initialized():
-        return to_stderr
+        return _print_line
     try:
         sink = ray.get_actor(_sink_name(), namespace=NAMESPACE)
     except ValueError:
-        return to_stderr
+        return _print_line
 
-    def post(line: str) -> None:
+    def post(line: str, event: Event | None = None) -> None:
         try:
-            ray.get(sink.post.remote(line), timeout=POST_TIMEOUT_S)
+            ray.get(sink.post.remote(line, event), timeout=POST_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - a lost progress line must not fail the work
             to_stderr(line)
 
     return post
 
 
+_post: Show = _print_line  # this process's way to the driver, set by relayed_progress
+
+
 def relayed_progress(*quiet: str) -> None:
     """`progress_logging` for a process inside a run: its lines reach the driver's terminal."""
-    progress_logging(*quiet, emit=_poster())
+    global _post
+    _post = _poster()
+    progress_logging(*quiet, emit=lambda line: _post(line, None))
+
+
+def publish(line: str, event: Event) -> None:
+    """A progress line with its event (from a process that called `relayed_progress`; printed
+    to stderr elsewhere). Never raises: progress must not fail the work it reports."""
+    try:
+        _post(line, event)
+    except Exception:  # noqa: BLE001
+        to_stderr(line)
 
 
 class Relay:
-    """The driver's end: prints what the job's processes post, from a thread and on `flush()`."""
+    """The driver's end: shows what the job's processes post, from a thread and on `flush()`."""
 
-    def __init__(self, write: Callable[[str], None]) -> None:
-        self._write = write
+    def __init__(self, show: Show) -> None:
+        self._show = show
         self._sink: Any = ProgressSink.options(name=_sink_name(), namespace=NAMESPACE, get_if_exists=True).remote()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -84,11 +107,11 @@ class Relay:
     def flush(self) -> None:
         with self._lock:  # one drain at a time keeps the lines in order
             try:
-                lines = ray.get(self._sink.drain.remote(), timeout=POST_TIMEOUT_S)
+                items = ray.get(self._sink.drain.remote(), timeout=POST_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - the terminal's lines are not worth failing a run
                 return
-            for line in lines:
-                self._write(line)
+            for line, event in items:
+                self._show(line, event)
 
     def _loop(self) -> None:
         while not self._stop.wait(DRAIN_EVERY_S):
@@ -101,9 +124,9 @@ class Relay:
 
 
 @contextmanager
-def relay(write: Callable[[str], None] = to_stderr) -> Iterator[Relay]:
-    """Relay the job's progress lines to `write` while the block runs (Ray must be initialised)."""
-    r = Relay(write)
+def relay(show: Show = _print_line) -> Iterator[Relay]:
+    """Relay the job's progress lines and events to `show` while the block runs (Ray must be initialised)."""
+    r = Relay(show)
     r.start()
     try:
         yield r

@@ -22,6 +22,7 @@ import ray
 
 from pipeline import tracking
 from pipeline.admission import Admission
+from pipeline.display import Display, PlainDisplay
 from pipeline.artifacts import ArtifactStore
 from pipeline.execute import NodeResult, RunContext, cached_result, execute_node
 from pipeline.stage import RunSettings, Stage, get_stage
@@ -226,9 +227,12 @@ def run_study(
     address: str | None = None,
     progress: Progress | None = None,
     ray_logs: bool = False,
+    display: Display | None = None,
 ) -> StudyResult:
-    """Validate, then run every node of the study (or reuse it) and return the budget table."""
-    say = progress or (lambda msg: log.info(msg))
+    """Validate, then run every node of the study (or reuse it) and return the budget table.
+
+    What happens shows on `display` (plain lines to `progress`, or to the log, by default)."""
+    show = display or PlainDisplay(progress or (lambda msg: log.info(msg)))
     start = time.monotonic()
     try:
         fault_plan = faults.from_env()
@@ -247,7 +251,7 @@ def run_study(
         check_start(spec, net, read_run=lambda run_id: _phase_run_state(c, run_id))  # net.init: runs:/RUN_ID
         exp = tracking.ensure_experiment(c, spec.tracking.experiment or spec.name)
         for run_id in _recover_zombies(c, exp):
-            say(f"recovered: run {run_id}, left RUNNING by a process that died, is closed")
+            show.note(f"recovered: run {run_id}, left RUNNING by a process that died, is closed")
         parent = tracking.start_run(c, exp, spec.name, {"exitflow.stage": "pipeline", **tracking.owner_tags()})
         result = StudyResult(parent_run_id=parent, tracking_uri=uri)
         try:
@@ -257,7 +261,10 @@ def run_study(
             tracking.log_params(c, parent, {"regimes": ",".join(spec.regimes), "seeds": ",".join(map(str, spec.seeds)),
                                   "backbone": spec.net.backbone, "data": spec.data.name, "nodes": len(graph.nodes)})
             ctx = RunContext(http, exp, parent, storage, run_settings(spec), fault_plan)
-            _execute(graph, ctx, result, say, address, ray_logs)
+            try:
+                _execute(graph, ctx, result, show, address, ray_logs)
+            finally:
+                show.close()
             report = result.results["report"]
             result.table = _report_text(c, report.run_id)
             with tempfile.TemporaryDirectory() as d:  # every node's run, cached ones too: pipeline.results reads it
@@ -281,28 +288,29 @@ def run_study(
     return result
 
 
-def _execute(graph: Graph, ctx: RunContext, result: StudyResult, say: Progress, address: str | None,
+def _execute(graph: Graph, ctx: RunContext, result: StudyResult, show: Display, address: str | None,
              ray_logs: bool = False) -> None:
     """Reuse cached nodes from the driver; run the rest as Ray tasks (Ray starts only if needed)."""
     c = tracking.client(ctx.tracking_uri)
     store = ArtifactStore(c)
     inputs: dict[str, Any] = {}  # node id -> NodeResult (cached) or ObjectRef (running)
     to_run: list[str] = []
+    show.plan(ctx.settings.study_name, {nid: graph.nodes[nid].kind for nid in graph.order()})
     for nid in graph.order():
         hit = cached_result(c, store, ctx.experiment_id, graph.nodes[nid])
         if hit is None:
             to_run.append(nid)
             continue
         inputs[nid] = result.results[nid] = hit
-        say(_describe(graph.nodes[nid], hit))
+        show.node(nid, "cached", _describe(graph.nodes[nid], hit))
     if not to_run:
         return
     started_ray = ensure_ray(address, ray_logs)
     if started_ray and not ray_logs and (logs := _ray_logs_dir()):
-        say(f"Ray's own output: {logs}")
+        show.note(f"Ray's own output: {logs}")
     try:
-        with relay(say) as lines:
-            _run_tasks(graph, to_run, ctx, inputs, result, say, lines.flush)
+        with relay(show.show) as lines:
+            _run_tasks(graph, to_run, ctx, inputs, result, show, lines.flush)
     finally:
         if started_ray:
             ray.shutdown()
@@ -320,7 +328,7 @@ def _ray_logs_dir() -> str | None:
 ADMISSION_POLL_S = 5.0  # how often a node waiting for room re-reads the cluster's capacity
 
 
-def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[str, Any], result: StudyResult, say: Progress,
+def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[str, Any], result: StudyResult, show: Display,
                flush: Callable[[], None]) -> None:
     """Start each node once its inputs are done; a node downstream of a failure is skipped, not run.
     `flush` prints the lines the nodes posted so far: a node's own lines come before its verdict."""
@@ -331,7 +339,7 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
     told: set[str] = set()  # nodes whose wait for room was announced
     failures: dict[str, str] = {}  # node -> why it failed
     skipped: dict[str, str] = {}  # node -> the failed node upstream of it
-    say(f"running {len(to_run)} of {len(graph.nodes)} nodes: {', '.join(to_run)}")
+    show.note(f"running {len(to_run)} of {len(graph.nodes)} nodes: {', '.join(to_run)}")
     while waiting or pending:
         for nid in list(waiting):
             node = graph.nodes[nid]
@@ -343,15 +351,16 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
                 stage = get_stage(node.kind)  # travels with the task: a stage registered outside the project too
                 need = stage.footprint(node, ctx.settings)
                 if not admission.fits(need):
-                    if nid not in told:
-                        told.add(nid)
-                        say(f"waiting {nid}: {admission.why_waiting(need)}")
+                    why = admission.why_waiting(need)
+                    show.node(nid, "queued", "" if nid in told else f"waiting {nid}: {why}", why=why)
+                    told.add(nid)
                     continue
                 admission.admit(nid, need)
                 ref = task.options(name=f"exitflow:{nid}", **task_resources(stage, node, ctx.settings)).remote(
                     ctx, node, stage, *[inputs[i] for i in node.inputs])
                 pending[ref] = nid
                 waiting.remove(nid)
+                show.node(nid, "running")
         if not pending:
             break
         # A node waiting for room also waits for the cluster to grow: look again now and then.
@@ -366,12 +375,14 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
             res: NodeResult = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - reported per node, raised together below
             failures[nid] = brief_error(e, ctx.storage_path)
-            say(f"FAILED  {nid}: {failures[nid]}")
+            show.node(nid, "failed", f"FAILED  {nid}: {failures[nid]}", why=failures[nid])
             continue
         inputs[nid] = result.results[nid] = res
-        say(_describe(graph.nodes[nid], res))
+        show.node(nid, "done", _describe(graph.nodes[nid], res))
+    for nid, root in skipped.items():
+        show.node(nid, "skipped", why=f"input {root} failed")
     for root in dict.fromkeys(skipped.values()):
-        say(f"skipped {', '.join(n for n, r in skipped.items() if r == root)}: input {root} failed")
+        show.note(f"skipped {', '.join(n for n, r in skipped.items() if r == root)}: input {root} failed")
     if failures:
         first = next(iter(failures))
         raise StudyFailed(f"{len(failures)} node(s) failed: {', '.join(failures)}"

@@ -25,6 +25,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 
 from pipeline.artifacts import state_dict_hash
+from pipeline.progress_events import publish_epoch
 from pipeline.relay import relayed_progress
 from pipeline.stage import (CHECKPOINT, FILES, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, TableKind,
                             register_stage)
@@ -230,8 +231,7 @@ def train_worker(job: PhaseJob) -> None:
         report.state["ran_on"] = where
         metrics = {**report.metrics, **extra}
         if rank == 0:
-            log.info("%s epoch %d: train_loss %.4f val_acc %s score %.4f", job.label, report.epoch,
-                     metrics["train_loss"], " ".join(f"{metrics[f'val_acc_{k}']:.3f}" for k in range(len(flops_frac))), metrics["val_score"])
+            publish_epoch(job.label, job.trial, job.train.lr, report.epoch, cfg.max_epochs, metrics, len(flops_frac))
         if rank == 0 and job.metrics_sink is not None:
             job.metrics_sink(report.epoch, metrics)
         _report(report.state, metrics, rank)

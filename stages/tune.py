@@ -9,6 +9,7 @@ is re-trained. An optional ASHA scheduler stops poor learning rates early.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -24,6 +25,7 @@ from ray.train import Checkpoint, ScalingConfig
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from pipeline.progress_events import SearchProgress
 from pipeline.relay import relayed_progress
 from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, Table,
                             TableKind, register_stage)
@@ -64,6 +66,11 @@ class SearchPlan:
     scheduler: str = "none"  # none | asha
     grace_period: int = 2  # ASHA only (without it, the defaults: they change nothing)
     reduction_factor: float = 2.0
+
+    @property
+    def trials(self) -> int:
+        """How many trials the search runs."""
+        return len(self.grid) if self.grid is not None else self.num_samples
 
     def param_space(self) -> dict[str, Any]:
         if self.grid is not None:
@@ -266,7 +273,8 @@ def run_search(
     )
     # A trial whose process dies (a lost node) is retried as often as a phase's workers are.
     run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
-                                failure_config=tune.FailureConfig(max_failures=max_failures))
+                                failure_config=tune.FailureConfig(max_failures=max_failures),
+                                callbacks=[SearchProgress(job.label, plan.trials, functools.partial(trial_run_name, name))])
     results = _fresh_or_restored(trainable, plan, name, storage_path, tune_config, run_config).fit()
     errors = [(r.config.get("lr"), r.error) for r in results if r.error is not None]
     if errors:
@@ -308,8 +316,7 @@ class Tune(Stage):
     def footprint(self, node: Node, settings: RunSettings) -> Resources:
         """The trials that run at once, each a worker group (and its tiny trial actor)."""
         plan = node.config.search
-        trials = len(plan.grid) if plan.grid is not None else plan.num_samples
-        group, at_once = settings.worker_group(), min(settings.max_concurrent_trials, trials)
+        group, at_once = settings.worker_group(), min(settings.max_concurrent_trials, plan.trials)
         return Resources(at_once * (group.num_cpus + TRIAL_RESOURCES["cpu"]), at_once * group.num_gpus)
 
     def describe(self, summary: dict[str, Any]) -> str:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import termios
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,3 +129,39 @@ def _ip(hex_ip: str) -> str:
     ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
     mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:a.b.c.d: an IPv4 socket on a dual-stack one
     return str(mapped or ip)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
+
+
+def run_in_terminal(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float, columns: int = 140) -> tuple[int, str]:
+    """Run `cmd` with a pseudo-terminal as its stdin, stdout and stderr, as in a user's shell; returns its
+    exit status and everything it wrote (both streams, in order), control sequences removed."""
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**env, "TERM": "xterm-256color", "COLUMNS": str(columns)},
+                            stdin=side, stdout=side, stderr=side, start_new_session=True)
+    os.close(side)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(main, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise TimeoutError(f"{cmd} ran past {timeout} s")
+        rc = proc.wait(timeout=60)
+    finally:
+        os.close(main)
+    return rc, ANSI.sub("", b"".join(chunks).decode(errors="replace"))

@@ -69,3 +69,10 @@ def test_ran_on_names_only_what_the_device_did() -> None:
 def test_no_phase_no_table() -> None:
     table, text = training_costs({})
     assert table.num_rows == 0 and text == ""
+
+
+def test_a_mean_over_seeds_of_epochs_is_rounded_like_the_other_columns() -> None:
+    lineages = {("joint", seed): {f"seed{seed}/joint/P2": _cost("P2", epochs, 9.0, 10.0)} for seed, epochs in ((0, 13), (1, 14), (2, 14))}
+    _, text = training_costs(lineages)
+    [joint] = [line.split() for line in text.splitlines() if line.startswith("joint")]
+    assert joint[3] == "13.7"  # (13 + 14 + 14) / 3, not 13.6667

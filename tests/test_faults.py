@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import run_in_terminal
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -80,10 +82,15 @@ def test_sigkill_of_the_driver_mid_phase_then_a_rerun_completes(work: Path) -> N
         time.sleep(0.5)
     assert _guards_of(driver.pid) == []  # its MLflow server went down with it
 
-    rerun = subprocess.run(cmd, cwd=work, env=_env(), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "recovered: run" in rerun.stderr and "resuming after epoch" in rerun.stderr
-    assert "joint" in rerun.stdout and "1 phases trained" in rerun.stdout
+    # The re-run in a terminal, as a user runs it: one live display, then the table; nothing of Ray's.
+    rc, screen = run_in_terminal(cmd, work, _env(), timeout=600)
+    assert rc == 0, screen[-3000:]
+    assert "recovered: run" in screen and "resuming after epoch" in screen  # printed above the live view
+    assert re.search(r"seed0/joint/P2 +train +running +epoch 3/3  val acc( \d\.\d\d){4}", screen), screen[-3000:]
+    assert re.search(r"exitflow digits-study: .*2 done.*\n", screen)  # the view's header
+    assert screen.rindex("exitflow digits-study:") < screen.index("regime ") < screen.index("1 phases trained")
+    assert not re.search(r"Traceback|pid=|Token authentication|WARNING|Warning:|Error", screen), screen[-3000:]
+    assert not re.search(r"seed0/joint/P2 epoch \d: train_loss", screen)  # the epochs are the view's row, not lines
 
     runs = _read_store(work)
     assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []  # no zombie in the UI

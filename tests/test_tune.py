@@ -84,10 +84,14 @@ def test_the_report_says_which_lr_each_phase_chose(study: Any) -> None:
     assert study.results["report"].summary["chosen_lrs"]["mixed"]["P1"] == chosen["seed0/P1"]
 
 
-def test_asha_stops_poor_learning_rates_early(ray_session: None, tmp_path: Path) -> None:
+def test_asha_stops_poor_learning_rates_early(ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also: the search tells the driver's display its trial counts as trials start and end."""
+    import pipeline.relay
     from stages.train import scaling_config
     from stages.tune import SearchPlan, run_search
 
+    posted: list[tuple[str, dict]] = []
+    monkeypatch.setattr(pipeline.relay, "_post", lambda line, event=None: posted.append((line, event)))
     # Grid order is trial order: the two good rates reach the first rung before the poor ones.
     plan = SearchPlan(grid=(3e-3, 1e-3, 1e-6, 1e-7), scheduler="asha", grace_period=1, reduction_factor=2)
     search = run_search(phase_job(max_epochs=4), plan, scaling_config(1, False, 1.0, 0.0), "asha", str(tmp_path), 0)
@@ -95,6 +99,14 @@ def test_asha_stops_poor_learning_rates_early(ray_session: None, tmp_path: Path)
     for poor in (1e-6, 1e-7):  # compared at the first rung with the good rates: below the cut
         assert by_lr[poor].stopped_by == "scheduler" and by_lr[poor].epochs == 1, [(t.lr, t.epochs) for t in search.trials]
     assert search.best.lr in (3e-3, 1e-3) and search.best.epochs == 4 and search.best.stopped_by == ""
+
+    events = [e for _, e in posted if e is not None and e["kind"] == "search"]
+    ended = [e for e in events if e["ended"]]
+    assert len(events) == 8 and len(ended) == 4, posted  # each trial starts and ends once
+    assert [e["done"] for e in ended] == [1, 2, 3, 4] and {e["total"] for e in events} == {4}
+    assert max(e["running"] for e in events) <= 2  # max_concurrent_trials
+    lines = [line for line, e in posted if e is not None and e["ended"]]
+    assert sum("ended after 1 epoch(s)" in line for line in lines) >= 2 and any("ended after 4 epoch(s)" in line for line in lines)
 
 
 @dataclass(frozen=True)

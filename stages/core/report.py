@@ -125,7 +125,8 @@ def format_costs(rows: Sequence[Mapping[str, object]]) -> str:
     def totals(subset: Sequence[Mapping[str, object]], per_seed: int) -> list[str]:
         n = max(per_seed, 1)
         epochs = sum(int(r["epochs"]) for r in subset) / n  # type: ignore[call-overload]
-        return [f"{epochs:g}", *(f"{sum(float(r[k]) for r in subset) / n:.1f}" for k in ("train_seconds", "wall_seconds")),  # type: ignore[arg-type]
+        mean_epochs = f"{epochs:g}" if epochs == int(epochs) else f"{epochs:.1f}"  # a mean over seeds: 21.3, not 21.3333
+        return [mean_epochs, *(f"{sum(float(r[k]) for r in subset) / n:.1f}" for k in ("train_seconds", "wall_seconds")),  # type: ignore[arg-type]
                 f"{sum(float(r['device_hours']) for r in subset) / n:.4f}"]  # type: ignore[arg-type]
 
     header = ["regime", "seeds", "phases", "epochs", "train (s)", "wall (s)", unit]
