@@ -20,9 +20,9 @@ from typing import Any
 
 import ray
 
+from pipeline.display import Event
 from stages.core.progress import progress_logging, to_stderr
 
-Event = dict[str, Any]
 Show = Callable[[str, "Event | None"], None]  # takes a line and its event
 NAMESPACE = "exitflow"
 POST_TIMEOUT_S = 10

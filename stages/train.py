@@ -30,7 +30,7 @@ from pipeline.relay import relayed_progress
 from pipeline.stage import (CHECKPOINT, FILES, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, TableKind,
                             register_stage)
 from stages.core import faults
-from stages.core.data import DataSpec, load_splits, make_loader
+from stages.core.data import DataSpec, load_splits, make_loader, train_collate
 from stages.core.flops import exit_flops
 from stages.core.loop import EpochReport, PhaseConfig, diverged_in, fit_phase, seed_everything
 from stages.core.nets import NetSpec, create_net
@@ -179,7 +179,9 @@ def train_worker(job: PhaseJob) -> None:
     cfg = replace(job.train, batch_size=max(1, job.train.batch_size // world))  # the spec's batch size is global
     data = job.data
     splits = load_splits(data, job.seed)
-    train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=job.seed, num_workers=data.num_workers, drop_last=len(splits.train) > cfg.batch_size * world)
+    train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=job.seed, num_workers=data.num_workers,
+                               drop_last=len(splits.train) > cfg.batch_size * world,
+                               collate_fn=train_collate(data, splits.info.num_classes))
     val_loader = make_loader(splits.val, cfg.batch_size, shuffle=False, seed=job.seed, num_workers=data.num_workers)
 
     net = create_net(job.net)

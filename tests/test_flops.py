@@ -34,6 +34,7 @@ SMALL: dict[str, dict] = {
     "efficientnet_v2_s": dict(img_size=16, in_chans=3),
     "vit_tiny": dict(img_size=8, in_chans=1, width=24, depth=3),
     "vit_small": dict(img_size=8, in_chans=1, width=24, depth=3),
+    "vit_base": dict(img_size=8, in_chans=1, width=24, depth=3),
     "vit_cifar": dict(img_size=8, in_chans=1, width=24, depth=3),
 }
 

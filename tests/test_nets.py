@@ -41,6 +41,7 @@ SMALL: dict[str, dict] = {
     "efficientnet_v2_s": dict(img_size=16, in_chans=3),
     "vit_tiny": dict(img_size=8, in_chans=1, width=24, depth=3),
     "vit_small": dict(img_size=8, in_chans=1, width=24, depth=3),
+    "vit_base": dict(img_size=8, in_chans=1, width=24, depth=3),
     "vit_cifar": dict(img_size=8, in_chans=1, width=24, depth=3),
 }
 
@@ -426,3 +427,12 @@ def test_pabee_trains_the_depth_weighted_average_of_its_exits_losses() -> None:
     assert torch.allclose(han, exit_weights("han", e) * j / j.sum())
     sdn = create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(2, 4, 6), width=8))
     assert exit_weights("uniform", e, method=sdn.method).eq(1).all()  # SDN has no weights of its own
+
+
+def test_vit_base_is_vit_b16() -> None:
+    """At 224 px: 196 patches of 16, 768 wide, 12 blocks, 12 heads: timm's ViT-B/16 backbone (86.6M
+    parameters with its 1000-class head)."""
+    net = create_net(NetSpec(backbone="vit_base", num_classes=1000, in_chans=3, img_size=224, exits=(6,)))
+    backbone = sum(p.numel() for p in net.backbone.parameters())
+    assert 86_000_000 < backbone < 87_000_000, backbone
+    assert net(torch.zeros(1, 3, 224, 224))[-1].shape == (1, 1000)

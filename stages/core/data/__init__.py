@@ -1,7 +1,7 @@
 """Datasets, splits, transforms and loaders (the PyTorch core: no Ray, no MLflow)."""
 
 from stages.core.data.check import check_dataset
-from stages.core.data.loading import Splits, TransformedSubset, dataset_info, load_splits, make_loader
+from stages.core.data.loading import Splits, TransformedSubset, dataset_info, load_splits, make_loader, train_collate
 from stages.core.data.spec import DATASET_NAMES, DataError, DatasetInfo, DataSpec
 from stages.core.data.split import stratified_split, stratified_subset
 
@@ -18,4 +18,5 @@ __all__ = [
     "make_loader",
     "stratified_split",
     "stratified_subset",
+    "train_collate",
 ]

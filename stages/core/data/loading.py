@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from stages.core.augment import MixingCollate, NormalisedTensorOps
 from stages.core.data import sources
 from stages.core.data.spec import DataError, DatasetInfo, DataSpec
 from stages.core.data.split import stratified_split, stratified_subset
@@ -41,7 +43,7 @@ STATS_SAMPLE = 1000
 class Splits:
     """The three datasets of an experiment. Items are (float tensor [C, H, W], int64 label)."""
 
-    train: Dataset  # augmented when spec.augment (never for digits)
+    train: Dataset  # augmented when spec.augment (digits: only by spec.augmentations)
     val: Dataset  # stratified share of the training set, eval transforms
     test: Dataset  # the dataset's own test split, eval transforms
     info: DatasetInfo
@@ -147,7 +149,8 @@ def load_splits(spec: DataSpec, seed: int) -> Splits:
     raw_train, raw_test, norm = _raw_splits(spec, info)
     for name, raw in (("train", raw_train), ("test", raw_test)):
         _check_label_range(raw.labels, info.num_classes, f"{spec.name} {name} split")
-    train_tf, eval_tf = build_transforms(info.img_size, norm, imagenet_style=uses_imagenet_transforms(spec, info))
+    train_tf, eval_tf = build_transforms(info.img_size, norm, imagenet_style=uses_imagenet_transforms(spec, info),
+                                         aug=spec.augmentations)
     pool = stratified_subset(raw_train.labels, spec.train_subset, SUBSET_SEED)
     train_pos, val_pos = stratified_split(raw_train.labels[pool], spec.val_fraction, seed)
     test_idx = stratified_subset(raw_test.labels, spec.test_subset, SUBSET_SEED)
@@ -168,7 +171,12 @@ def _digits_splits(spec: DataSpec, seed: int, info: DatasetInfo) -> Splits:
     pool = train_full.subset(stratified_subset(train_full.labels, spec.train_subset, SUBSET_SEED))
     train_pos, val_pos = stratified_split(pool.labels, spec.val_fraction, seed)
     test = test_full.subset(stratified_subset(test_full.labels, spec.test_subset, SUBSET_SEED))
-    return Splits(train=pool.subset(train_pos), val=pool.subset(val_pos), test=test, info=info)
+    train: Dataset = pool.subset(train_pos)
+    aug = spec.augmentations
+    if spec.augment and (aug.rotation or aug.contrast or aug.random_erasing):
+        # Digits gets no crop or flip (a flipped 2 is no 2), only the per-image operations asked for.
+        train = NormalisedTensorOps(train, *sources.digits_normalisation(), aug)  # type: ignore[assignment]
+    return Splits(train=train, val=pool.subset(val_pos), test=test, info=info)
 
 
 def uses_imagenet_transforms(spec: DataSpec, info: DatasetInfo) -> bool:
@@ -213,8 +221,10 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     drop_last: bool = False,
+    collate_fn: Any = None,
 ) -> DataLoader:
-    """A DataLoader whose shuffling (and per-worker RNG seeds) follow `seed`."""
+    """A DataLoader whose shuffling (and per-worker RNG seeds) follow `seed`; `collate_fn`: see
+    `train_collate`."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
@@ -226,4 +236,10 @@ def make_loader(
         generator=generator,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_fn,
     )
+
+
+def train_collate(spec: DataSpec, num_classes: int) -> MixingCollate | None:
+    """The train loader's collate: CutMix/Mixup when the spec asks for them, else the default."""
+    return MixingCollate(spec.augmentations, num_classes) if spec.augment and spec.augmentations.mixes else None

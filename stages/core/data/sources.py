@@ -71,6 +71,16 @@ def digits_splits() -> tuple[TensorImages, TensorImages]:
 
     Pixels are scaled to [0, 1], then standardized with the mean/std of the fixed train part.
     """
+    x, y, train_idx, test_idx = _digits_arrays()
+    mean, std = _train_stats(x, train_idx)
+    images = torch.from_numpy((x - mean) / std).unsqueeze(1)  # [N, 1, 8, 8]
+    labels = torch.from_numpy(y)
+    full = TensorImages(images, labels)
+    return full.subset(train_idx), full.subset(test_idx)
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels in [0, 1], labels, and the fixed train/test indices (sorted)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -80,12 +90,17 @@ def digits_splits() -> tuple[TensorImages, TensorImages]:
     train_idx, test_idx = train_test_split(
         np.arange(len(y)), test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=DIGITS_SPLIT_SEED
     )
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    mean, std = float(x[train_idx].mean()), float(x[train_idx].std())
-    images = torch.from_numpy((x - mean) / std).unsqueeze(1)  # [N, 1, 8, 8]
-    labels = torch.from_numpy(y)
-    full = TensorImages(images, labels)
-    return full.subset(train_idx), full.subset(test_idx)
+    return x, y, np.sort(train_idx), np.sort(test_idx)
+
+
+def digits_normalisation() -> tuple[float, float]:
+    """(mean, std) of the fixed train part's [0, 1] pixels: what digits' tensors are standardized with."""
+    x, _, train_idx, _ = _digits_arrays()
+    return _train_stats(x, train_idx)
+
+
+def _train_stats(x: np.ndarray, train_idx: np.ndarray) -> tuple[float, float]:
+    return float(x[train_idx].mean()), float(x[train_idx].std())
 
 
 DIGITS_CLASSES: tuple[str, ...] = tuple(str(i) for i in range(10))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stages.core.allowed import DATASET_NAMES, MIN_SUBSET, NEEDS_NO_ROOT, VAL_FRACTION_BOUNDS
+from stages.core.augment import Augmentations
 
 
 class DataError(ValueError):
@@ -25,6 +26,7 @@ class DataSpec:
     train_subset: int | None = None  # stratified cap on the training pool (before the val split), for quick runs
     test_subset: int | None = None  # stratified cap on the test set, for quick runs
     num_workers: int = 0  # DataLoader worker processes
+    augmentations: Augmentations = Augmentations()  # the paper's extra ones (rotation ... CutMix, Mixup); all off
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_NAMES:
@@ -38,6 +40,8 @@ class DataSpec:
                 raise DataError(f"data spec: {field} must be >= {MIN_SUBSET} or None, got {cap}")
         if self.num_workers < 0:
             raise DataError(f"data spec: num_workers must be >= 0, got {self.num_workers}")
+        if self.augmentations.any and not self.augment:
+            raise DataError("data spec: augmentations are set but augment is false; turn augment on or the augmentations off")
         if self.name not in NEEDS_NO_ROOT and not self.root:
             raise DataError(f"data spec: dataset {self.name!r} needs a root folder")
 
@@ -52,7 +56,11 @@ class DataSpec:
         unknown = set(d) - known
         if unknown:
             raise DataError(f"data spec: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        try:
+            aug = Augmentations.from_dict(d.get("augmentations") or {})
+        except ValueError as err:
+            raise DataError(f"data spec: {err}") from err
+        return cls(**{**d, "augmentations": aug})
 
 
 @dataclass(frozen=True)

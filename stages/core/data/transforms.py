@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from stages.core.augment import Augmentations, erasing, image_ops
+
 # Images at least this large get ImageNet-style crops; smaller ones (CIFAR-like) get pad-and-crop.
 LARGE_IMAGE_SIDE = 64
 # Eval resize before the centre crop: the usual ImageNet 0.875 crop ratio (256 -> 224).
@@ -33,21 +35,25 @@ def is_large(img_size: int) -> bool:
     return img_size >= LARGE_IMAGE_SIDE
 
 
-def build_transforms(img_size: int, norm: Normalization, imagenet_style: bool) -> tuple[Transform, Transform]:
+def build_transforms(img_size: int, norm: Normalization, imagenet_style: bool,
+                     aug: Augmentations = Augmentations()) -> tuple[Transform, Transform]:
     """(train transform, eval transform) for PIL images; both end in a normalized float tensor.
 
     Small images: pad-4 random crop + horizontal flip for training, identity geometry for eval.
     ImageNet-like images: RandomResizedCrop + flip for training, resize + centre crop for eval.
+    `aug`'s rotation and contrast follow the crop and flip; its random erasing acts last, on the
+    normalised tensor.
     """
     from torchvision import transforms as T  # image datasets only: digits never pays for torchvision
 
     to_tensor = [T.ToTensor(), T.Normalize(norm.mean, norm.std)]
     if imagenet_style:
-        train = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), *to_tensor])
+        train = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), *image_ops(aug), *to_tensor, *erasing(aug)])
         resize = int(round(img_size / CENTER_CROP_RATIO))
         evaluate = T.Compose([T.Resize(resize), T.CenterCrop(img_size), *to_tensor])
     else:
-        train = T.Compose([T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip(), *to_tensor])
+        train = T.Compose([T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip(), *image_ops(aug), *to_tensor,
+                           *erasing(aug)])
         # CenterCrop is a no-op on square images of the right side; it only guards odd, non-square ones.
         evaluate = T.Compose([T.CenterCrop(img_size), *to_tensor])
     return train, evaluate

@@ -90,6 +90,7 @@ def _create_vit(spec: NetSpec, cfg: ViTConfig) -> MultiExitNet:
 _VARIANTS = {
     "vit_tiny": ViTConfig(embed_dim=192, depth=12, num_heads=3),
     "vit_small": ViTConfig(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": ViTConfig(embed_dim=768, depth=12, num_heads=12),  # ViT-B/16: the paper's pretrained ViT (Fig. 11)
     # the paper's CIFAR ViT (appendix D.1): patch 4, dim 256, 7 layers, 8 heads; MLP width 2x (512)
     "vit_cifar": ViTConfig(embed_dim=256, depth=7, num_heads=8, mlp_ratio=2.0, patch_size=4),
 }
@@ -105,6 +106,13 @@ def vit_tiny(spec: NetSpec) -> MultiExitNet:
 def vit_small(spec: NetSpec) -> MultiExitNet:
     """ViT-Small (384 wide, 12 blocks, 6 heads); ICs after blocks 2..11 by default."""
     return _create_vit(spec, _VARIANTS["vit_small"])
+
+
+@register_net
+def vit_base(spec: NetSpec) -> MultiExitNet:
+    """ViT-Base/16 (768 wide, 12 blocks, 12 heads); ICs after blocks 2..11 by default. Its ImageNet
+    weights come in through `net.init` as a local state-dict file (nothing is downloaded)."""
+    return _create_vit(spec, _VARIANTS["vit_base"])
 
 
 @register_net
