@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from stages.core.augment import Augmentations as _CoreAugmentations
 from stages.core.allowed import DATASET_NAMES, HEAD_KINDS, MIN_SUBSET, NEEDS_NO_ROOT, VAL_FRACTION_BOUNDS
 from stages.core.phase_config import LossWeighting, OptimizerName, Schedule
 from stages.core.phase_config import PhaseConfig as _CorePhase
@@ -65,6 +66,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class AugmentationsConfig(_Model):
+    """The paper's extra train-split augmentations (its appendix E); 0 switches one off. Bounds are the
+    core's (`stages.core.augment.Augmentations`)."""
+
+    rotation: Float = 0.0  # degrees: a uniform turn in [-rotation, rotation] per image
+    contrast: Float = 0.0  # contrast factor uniform in [max(0, 1 - contrast), 1 + contrast]
+    random_erasing: Float = 0.0  # probability of erasing a random rectangle of the normalised image
+    mixup: Float = 0.0  # Mixup's Beta(alpha, alpha) (per batch; soft targets)
+    cutmix: Float = 0.0  # CutMix's Beta(alpha, alpha); with mixup on too, each batch takes one of the two
+
+    @model_validator(mode="after")
+    def _core_bounds(self) -> "AugmentationsConfig":
+        _CoreAugmentations(**self.model_dump())  # its ValueError names the field and the bound
+        return self
+
+
 class DataConfig(_Model):
     name: Literal[DATASET_NAMES] = "digits"  # type: ignore[valid-type]  # the core's list
     root: str | None = None  # folder of the data set; relative paths resolve against the spec file
@@ -74,11 +91,14 @@ class DataConfig(_Model):
     train_subset: Int | None = Field(None, ge=MIN_SUBSET)  # stratified cap on train samples (quick runs)
     test_subset: Int | None = Field(None, ge=MIN_SUBSET)  # stratified cap on test samples
     num_workers: Int = Field(0, ge=0)  # DataLoader worker processes per training worker
+    augmentations: AugmentationsConfig = Field(default_factory=AugmentationsConfig)  # need augment: true
 
     @model_validator(mode="after")
     def _root_needed(self) -> "DataConfig":
         if self.name not in NEEDS_NO_ROOT and not self.root:
             raise ValueError(f"data.root is required for data.name={self.name!r}")
+        if not self.augment and any(self.augmentations.model_dump().values()):
+            raise ValueError("data.augmentations are set but data.augment is false: turn augment on or them off")
         return self
 
 
@@ -334,11 +354,26 @@ class GradientDominanceAnalysis(_Model):
     every: Int = Field(10, ge=1)  # measure every N training steps of an epoch (the epoch's mean is logged)
 
 
+class ConnectivityAnalysis(_Model):
+    """Mode connectivity between the regimes' final models after weight matching (paper Fig. 2, D.8):
+    the loss along the line between every pair, and over the plane through three."""
+
+    enabled: bool = False
+    split: Literal["test", "val"] = "test"  # the images every point is evaluated on
+    samples: Int = Field(500, ge=1)
+    train_samples: Int = Field(500, ge=2)  # training images each point's BatchNorm statistics are recomputed on
+    bn_repair: bool = True  # recompute BatchNorm statistics at every point (false: interpolate them as weights)
+    points: Int = Field(11, ge=2)  # points along each line, both models included
+    plane_steps: Int = Field(11, ge=2)  # points per axis of the plane's grid; the paper: 150 x 150
+    iterations: Int = Field(100, ge=1)  # weight matching: most passes over the permutation groups
+
+
 class AnalysesConfig(_Model):
     rank: RankAnalysis = Field(default_factory=RankAnalysis)
     gradient_dominance: GradientDominanceAnalysis = Field(default_factory=GradientDominanceAnalysis)
     mutual_information: MutualInformationAnalysis = Field(default_factory=MutualInformationAnalysis)
     landscape: LandscapeAnalysis = Field(default_factory=LandscapeAnalysis)
+    connectivity: ConnectivityAnalysis = Field(default_factory=ConnectivityAnalysis)
 
 
 class TrackingConfig(_Model):

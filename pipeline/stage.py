@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 # The built-in kinds: imported on first use, so a registry lookup never needs them imported by hand.
 BUILTIN_MODULES = ("stages.train", "stages.tune", "stages.evaluate", "stages.report", "stages.analyze_rank",
-                   "stages.analyze_landscape", "stages.analyze_mi")
+                   "stages.analyze_landscape", "stages.analyze_mi", "stages.analyze_connectivity")
 
 CHECKPOINT = "checkpoint"  # a model: state_dict + the spec that rebuilds its net
 FILES = "files"  # plain files (plots, text): hashed like the rest, no schema

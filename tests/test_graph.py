@@ -385,16 +385,18 @@ def test_evaluate_tasks_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(
 # A data root (digits ignores it) lets data.name name a dataset that needs one.
 # The analyses are on: rank reads P1's, mixed's and joint's models; a landscape each final model.
 RULE_BASE = ["data.root=/data/here", "phases.P2.lr=[1e-3, 1e-2]", "analyses.rank.enabled=true", "analyses.landscape.enabled=true",
-             "analyses.mutual_information.enabled=true", "analyses.gradient_dominance.enabled=true"]
+             "analyses.mutual_information.enabled=true", "analyses.gradient_dominance.enabled=true",
+             "analyses.connectivity.enabled=true"]
 _MI = {"seed0/analyze/mutual_information"}  # reads the same models as rank
 _RANK = {"seed0/analyze/rank", *_MI}
 _LAND = {f"seed0/{r}/analyze/landscape" for r in ("joint", "disjoint", "mixed")}
+_CONN = {"seed0/analyze/connectivity"}  # reads every regime's final model
 _ALL = {"seed0/P1", "seed0/joint/P2", "seed0/disjoint/P3", "seed0/mixed/P2", "seed0/joint/evaluate",
-        "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report", *_RANK, *_LAND}
+        "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report", *_RANK, *_LAND, *_CONN}
 _P1 = _ALL - {"seed0/joint/P2", "seed0/joint/evaluate", "seed0/joint/analyze/landscape"}
 _P2 = {"seed0/joint/P2", "seed0/mixed/P2", "seed0/joint/evaluate", "seed0/mixed/evaluate", "report", *_RANK,
-       "seed0/joint/analyze/landscape", "seed0/mixed/analyze/landscape"}
-_P3 = {"seed0/disjoint/P3", "seed0/disjoint/evaluate", "report", "seed0/disjoint/analyze/landscape"}
+       "seed0/joint/analyze/landscape", "seed0/mixed/analyze/landscape", *_CONN}
+_P3 = {"seed0/disjoint/P3", "seed0/disjoint/evaluate", "report", "seed0/disjoint/analyze/landscape", *_CONN}
 _EVAL = {"seed0/joint/evaluate", "seed0/disjoint/evaluate", "seed0/mixed/evaluate", "report"}
 _REPORT = {"report"}
 _NONE: set[str] = set()
@@ -416,9 +418,15 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "data.root": ("/data/elsewhere", _ALL),
     "data.val_fraction": ("0.2", _ALL),
     "data.augment": ("false", _ALL),
+    # the paper's extra augmentations: the train split's, so every phase (and all that reads a model)
+    "data.augmentations.rotation": ("15", _ALL),
+    "data.augmentations.contrast": ("0.4", _ALL),
+    "data.augmentations.random_erasing": ("0.25", _ALL),
+    "data.augmentations.mixup": ("0.8", _ALL),
+    "data.augmentations.cutmix": ("1.0", _ALL),
     "data.download": ("true", _NONE),  # fetching what is missing changes no result
     "data.train_subset": ("500", _ALL),
-    "data.test_subset": ("200", _EVAL | _RANK | _LAND),  # phases never read the test split; the analyses' batches do
+    "data.test_subset": ("200", _EVAL | _RANK | _LAND | _CONN),  # phases never read the test split; the analyses' batches do
     "data.num_workers": ("2", _ALL),  # loader workers draw augmentation from their own seeds
     "net.backbone": ("resnet32", _ALL),
     "net.method": ("pabee", _ALL),
@@ -432,7 +440,7 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "net.small_input": ("true", _ALL),
     "net.width": ("8", _ALL),
     "net.depth": ("3", _ALL),
-    "regimes": ("[joint, disjoint]", _REPORT | _RANK),  # on the nodes both graphs have; rank loses mixed's model
+    "regimes": ("[joint, disjoint]", _REPORT | _RANK | _CONN),  # on the nodes both graphs have; rank and connectivity lose mixed's model
     "seeds": ("[0, 1]", _REPORT),
     **{f"phases.P1.{k}": (v, _P1) for k, v in _PHASE_FIELDS.items()},
     **{f"phases.P2.{k}": (v, _P2) for k, v in _PHASE_FIELDS.items()},
@@ -465,6 +473,14 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "analyses.landscape.samples": ("100", _LAND),
     "analyses.landscape.steps": ("5", _LAND),
     "analyses.landscape.span": ("0.5", _LAND),
+    "analyses.connectivity.enabled": ("false", _NONE),
+    "analyses.connectivity.split": ("val", _CONN),
+    "analyses.connectivity.samples": ("100", _CONN),
+    "analyses.connectivity.train_samples": ("100", _CONN),
+    "analyses.connectivity.bn_repair": ("false", _CONN),
+    "analyses.connectivity.points": ("5", _CONN),
+    "analyses.connectivity.plane_steps": ("5", _CONN),
+    "analyses.connectivity.iterations": ("10", _CONN),
     **{f"resources.{k}": (v, _NONE) for k, v in {"num_workers": "2", "use_gpu": "true", "cpus_per_worker": "2",
                                                 "gpus_per_worker": "0.5", "max_failures": "3", "torch_threads": "2",
                                                 "admission": "false"}.items()},

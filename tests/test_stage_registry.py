@@ -4,8 +4,9 @@
 module alone. Its `plan` adds one node per evaluated model; the DAG runs it like any built-in
 stage, its table is typed (its declared schema) and hashed, and a re-run reuses it. The same
 study switches on the built-in analyses (`analyses.rank`, `analyses.landscape`,
-`analyses.mutual_information`: stages that join the graph the same way; and
-`analyses.gradient_dominance`, measured inside P2's training).
+`analyses.mutual_information`, `analyses.connectivity`: stages that join the graph the same way; and
+`analyses.gradient_dominance`, measured inside P2's training). It trains joint and disjoint, so
+connectivity has a pair of regimes to connect.
 """
 
 from __future__ import annotations
@@ -67,11 +68,13 @@ def registered() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory: pytest.TempPathFactory) -> StudySpec:
     storage = tmp_path_factory.mktemp("ray")
-    return tiny_spec(storage, "regimes=[joint]", "tracking.experiment=toy-stage", "analyses.rank.enabled=true",
+    return tiny_spec(storage, "regimes=[joint, disjoint]", "tracking.experiment=toy-stage", "analyses.rank.enabled=true",
                      "analyses.rank.samples=100", "analyses.landscape.enabled=true", "analyses.landscape.samples=50",
                      "analyses.landscape.steps=3", "analyses.mutual_information.enabled=true",
                      "analyses.mutual_information.samples=60", "analyses.mutual_information.draws=1",
-                     "analyses.gradient_dominance.enabled=true", "analyses.gradient_dominance.every=5", epochs=1)
+                     "analyses.gradient_dominance.enabled=true", "analyses.gradient_dominance.every=5",
+                     "analyses.connectivity.enabled=true", "analyses.connectivity.samples=50",
+                     "analyses.connectivity.train_samples=50", "analyses.connectivity.points=3", epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +157,9 @@ def test_the_rank_analysis_runs_as_an_analyze_stage(first: Any, mlflow_store: An
     assert run.data.tags["exitflow.stage"] == "analyze" and run.data.tags["exitflow.analysis"] == "rank"
     assert {"exitflow.sha256.rank.parquet", "exitflow.sha256.rank.png"} <= set(run.data.tags)
     table = ArtifactStore(c).load_table(res.run_id, "rank")
-    assert set(table.column("model").to_pylist()) == {"joint"}  # the only regime of this study
+    assert set(table.column("model").to_pylist()) == {"joint", "P1 (= disjoint backbone)"}  # the study's regimes
     rows = table.to_pylist()
-    assert len(rows) == res.summary["layers"] >= 19 and all(0 < r["rank"] <= min(r["rows"], r["columns"]) for r in rows)
+    assert len(rows) == 2 * res.summary["layers"] >= 38 and all(0 < r["rank"] <= min(r["rows"], r["columns"]) for r in rows)
     assert {r["rows"] for r in rows} == {100}
 
 
@@ -178,6 +181,29 @@ def test_the_landscape_analysis_centres_on_the_model(first: Any, mlflow_store: A
 
 
 @pytest.mark.ray
+def test_the_connectivity_analysis_connects_the_pair_of_regimes(first: Any, mlflow_store: Any) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.artifacts import ArtifactStore
+
+    res = first.results["seed0/analyze/connectivity"]
+    c = MlflowClient(mlflow_store.uri)
+    run = c.get_run(res.run_id)
+    assert run.data.tags["exitflow.stage"] == "analyze" and run.data.tags["exitflow.analysis"] == "connectivity"
+    assert {"exitflow.sha256.connectivity.parquet", "exitflow.sha256.connectivity_line.png"} <= set(run.data.tags)
+    table = ArtifactStore(c).load_table(res.run_id, "connectivity")  # read back against its declared schema
+    rows = table.to_pylist()
+    assert {(r["kind"], r["models"]) for r in rows} == {("line", "disjoint-joint")}  # two regimes: one line, no plane
+    exits = sorted({r["exit"] for r in rows})
+    assert exits[0] == -1 and exits[1:] == list(range(len(exits) - 1)) and {r["a"] for r in rows} == {0.0, 0.5, 1.0}
+    for t in (0.0, 0.5, 1.0):
+        at = {r["exit"]: r["loss"] for r in rows if r["a"] == t}
+        assert at[-1] == pytest.approx(sum(v for k, v in at.items() if k >= 0))
+    barrier = res.summary["barrier_disjoint_joint"]
+    assert barrier >= 0.0 and run.data.metrics["barrier_disjoint_joint"] == pytest.approx(barrier)
+
+
+@pytest.mark.ray
 def test_the_mutual_information_analysis_gives_every_block_an_estimate(first: Any, mlflow_store: Any) -> None:
     import math
 
@@ -189,7 +215,9 @@ def test_the_mutual_information_analysis_gives_every_block_an_estimate(first: An
     c = MlflowClient(mlflow_store.uri)
     assert c.get_run(res.run_id).data.tags["exitflow.analysis"] == "mutual_information"
     rows = ArtifactStore(c).load_table(res.run_id, "mutual_information").to_pylist()
-    assert [r["index"] for r in rows] == list(range(1, res.summary["blocks"] + 1))
+    assert {r["model"] for r in rows} == {"joint", "P1 (= disjoint backbone)"}  # the study's regimes
+    for model in ("joint", "P1 (= disjoint backbone)"):
+        assert [r["index"] for r in rows if r["model"] == model] == list(range(1, res.summary["blocks"] + 1))
     assert all(0.0 <= r["mi"] <= math.log(60) + 1e-6 for r in rows)
 
 
@@ -198,7 +226,8 @@ def test_the_pipeline_run_links_every_analysis_plot(first: Any, mlflow_uri: str)
     from pipeline.runner import study_report
 
     _, where = study_report(first.parent_run_id, mlflow_uri)
-    assert set(where["analyses"]) == {"seed0/analyze/rank", "seed0/joint/analyze/landscape", "seed0/analyze/mutual_information"}
+    assert set(where["analyses"]) == {"seed0/analyze/rank", "seed0/joint/analyze/landscape", "seed0/disjoint/analyze/landscape",
+                                      "seed0/analyze/mutual_information", "seed0/analyze/connectivity"}
     assert [p.rsplit("/", 1)[-1] for p in where["analyses"]["seed0/analyze/rank"]] == ["rank.png"]
     assert first.analyses == {n: first.results[n].run_id for n in where["analyses"]}
 
@@ -211,10 +240,11 @@ def test_switching_an_analysis_off_or_changing_its_grid_reruns_only_it(first: An
         update={"landscape": spec.analyses.landscape.model_copy(update={"enabled": False})})})
     result = run_study(off, mlflow_uri, progress=lambda _: None)
     assert "seed0/joint/analyze/landscape" not in result.results and set(result.cache_hits) == set(result.results)
+    assert "seed0/analyze/connectivity" in result.cache_hits
     grid = spec.model_copy(update={"analyses": spec.analyses.model_copy(
         update={"landscape": spec.analyses.landscape.model_copy(update={"span": 0.5})})})
     result = run_study(grid, mlflow_uri, progress=lambda _: None)
-    assert set(result.results) - set(result.cache_hits) == {"seed0/joint/analyze/landscape"}
+    assert set(result.results) - set(result.cache_hits) == {"seed0/joint/analyze/landscape", "seed0/disjoint/analyze/landscape"}
 
 
 @pytest.mark.ray

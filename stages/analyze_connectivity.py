@@ -1,0 +1,131 @@
+"""The mode-connectivity analysis stage: the loss between the regimes' final models (paper Fig. 2, D.8).
+
+Joined to a study by `analyses.connectivity.enabled`: one node per seed, reading the final model of
+every regime the study trains (the models its evaluate nodes read). Every pair of regimes gets the
+linear path after weight matching; three regimes also get the plane through the three models. The
+maths is `stages.core.analysis.connectivity` and `stages.core.analysis.permutation`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from pipeline.resolve import data_spec
+from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from stages.analysis_inputs import ModelAnalysis, load_model
+from stages.core.data import DataSpec
+
+if TYPE_CHECKING:
+    from pipeline.graph import Graph, Node
+    from pipeline.spec import StudySpec
+
+# The reference order: pairs are (earlier, later) and the later model is aligned to the earlier one;
+# the plane is anchored at disjoint's model (the paper's Fig. 2 compares disjoint with mixed and joint).
+ORDER = ("disjoint", "mixed", "joint")
+
+
+@dataclass(frozen=True)
+class ConnectivityConfig:
+    """A connectivity node's config: the regimes compared (in input order), the batches and the grids."""
+
+    seed: int
+    data: DataSpec
+    regimes: tuple[str, ...]
+    split: str  # test | val: the evaluation batch
+    samples: int
+    train_samples: int  # training images BatchNorm statistics are repaired on
+    bn_repair: bool
+    points: int  # along each line, endpoints included
+    plane_steps: int  # per axis of the plane's grid
+    iterations: int  # cap on weight matching's passes
+
+
+CONNECTIVITY = TableKind("connectivity", "connectivity.parquet",
+                         ("kind", "models", "a", "b", "x", "y", "exit", "loss", "accuracy"))
+
+
+def final_models(graph: Graph, seed: int) -> dict[str, str]:
+    """Regime -> the node of its final model for `seed`, in ORDER: what its evaluate node reads."""
+    found = {n.regime: n.inputs[0] for n in graph.nodes.values() if n.kind == "evaluate" and n.seed == seed}
+    return {r: found[r] for r in ORDER if r in found}
+
+
+@register_stage
+class Connectivity(ModelAnalysis):
+    kind = "analyze.connectivity"
+    writes = (CONNECTIVITY, FILES)
+    code = ("stages.analyze_connectivity", "stages.analysis_inputs", "stages.core.analysis.connectivity",
+            "stages.core.analysis.permutation", "stages.core.analysis.batch")
+
+    def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
+        from pipeline.graph import Node
+
+        cfg = spec.analyses.connectivity
+        if not cfg.enabled:
+            return []
+        settings = cfg.model_dump(mode="json", exclude={"enabled"})
+        nodes = []
+        for seed in spec.seeds:
+            models = final_models(graph, seed)
+            if len(models) >= 2:  # a path needs two models
+                config = ConnectivityConfig(seed=seed, data=data_spec(spec), regimes=tuple(models), **settings)
+                nodes.append(Node(id=f"seed{seed}/analyze/connectivity", kind=self.kind, config=config,
+                                  inputs=tuple(models.values()), seed=seed))
+        return nodes
+
+    def describe(self, summary: dict[str, Any]) -> str:
+        return " " + " ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.startswith("barrier_"))
+
+    def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
+        import torch
+
+        from stages.core.analysis import connectivity as mc
+        from stages.core.analysis.batch import analysis_batch
+        from stages.core.analysis.permutation import permutation_spec, permute_state, weight_matching
+        from stages.core.data import load_splits
+
+        cfg: ConnectivityConfig = node.config
+        device = ctx.settings.device()
+        splits = load_splits(cfg.data, cfg.seed)
+        x, y = analysis_batch(splits, cfg.split, cfg.samples, cfg.seed)
+        x, y = x.to(device), y.to(device)
+        repair = mc.repair_batch(splits.train, cfg.train_samples, cfg.seed).to(device) if cfg.bn_repair else None
+        nets = [load_model(m, device) for m in inputs]
+        states = {r: {k: v.detach().clone() for k, v in n.state_dict().items()} for r, n in zip(cfg.regimes, nets, strict=True)}
+        net = nets[0]  # every point is loaded into this one net
+        perm_spec = permutation_spec(net)
+
+        done: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        metrics: dict[str, float] = {}
+
+        def aligned(ref: str, other: str) -> dict[str, torch.Tensor]:
+            """`other`'s state with its units matched to `ref`'s (computed once per pair)."""
+            if (ref, other) not in done:
+                perms, passes = weight_matching(perm_spec, states[ref], states[other], cfg.seed, cfg.iterations)
+                done[ref, other] = permute_state(perm_spec, states[other], perms)
+                metrics[f"matching_passes_{ref}_{other}"] = passes  # == iterations: matching was cut short
+            return done[ref, other]
+
+        rows: list[dict[str, Any]] = []
+        lines = {}
+        for ref, other in itertools.combinations(cfg.regimes, 2):
+            pair = f"{ref}-{other}"
+            path = mc.line(net, states[ref], aligned(ref, other), x, y, cfg.points, repair)
+            lines[pair] = path
+            rows += [{"kind": "line", "models": pair, **r} for r in path]
+            metrics[f"barrier_{ref}_{other}"] = mc.barrier(path)
+            metrics[f"accuracy_dip_{ref}_{other}"] = mc.barrier(path, key="accuracy", sign=-1.0)
+        files = [File(mc.plot_lines(lines, ctx.workdir / "connectivity_line.png",
+                                    f"linear paths after weight matching (seed {cfg.seed})"))]
+        if len(cfg.regimes) >= 3:
+            a, b, c = cfg.regimes[:3]
+            grid = mc.plane(net, states[a], aligned(a, b), aligned(a, c), x, y, cfg.plane_steps, repair)
+            rows += [{"kind": "plane", "models": f"{a}-{b}-{c}", **r} for r in grid]
+            files.append(File(mc.plot_plane(grid, (a, b, c), ctx.workdir / "connectivity_plane.png",
+                                            f"total loss over the plane {a}, {b}, {c} (seed {cfg.seed})")))
+        return StageResult(artifacts=[Table(CONNECTIVITY.name, pa.Table.from_pylist(rows)), *files],
+                           metrics=metrics, summary={k: v for k, v in metrics.items() if k.startswith("barrier_")})
