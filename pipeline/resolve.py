@@ -16,6 +16,7 @@ from typing import Any
 from stages.core.data import DataSpec, DatasetInfo, check_dataset
 from stages.core.loop import PhaseConfig
 from stages.core.nets import NetChoice, NetSpec, create_net
+from stages.core.nets.pretrained import Pretrained
 from stages.core.nets.start import StartWeights, backbone_weights, read_state_file
 
 from pipeline.spec import SpecError, StudySpec
@@ -36,14 +37,25 @@ def start_weights(spec: StudySpec) -> StartWeights | None:
         return None
     if source.startswith("runs:/"):
         return StartWeights(identity=source, source=source)
+    pretrained = Pretrained.parse(source)
+    if pretrained is not None:  # the cached file's content, under the weights' full name
+        try:
+            path, name = pretrained.cached_file(), pretrained.canonical()
+        except (ValueError, FileNotFoundError) as e:
+            raise SpecError(f"net.init: {e}") from None
+        return StartWeights(identity=f"{name}@{file_sha256(path)}", source=source)
     path = Path(source)
     if not path.is_file():
         raise SpecError(f"net.init: {source}: no such file")
+    return StartWeights(identity=file_sha256(path), source=source)
+
+
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return StartWeights(identity=f"sha256:{digest.hexdigest()}", source=source)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def check_start(spec: StudySpec, ns: NetSpec, read_run: Callable[[str], dict[str, Any]] | None = None) -> None:
@@ -56,7 +68,13 @@ def check_start(spec: StudySpec, ns: NetSpec, read_run: Callable[[str], dict[str
     if run_id is not None and read_run is None:
         return
     try:
-        state = read_run(run_id) if run_id is not None and read_run is not None else read_state_file(start.source)
+        pretrained = Pretrained.parse(start.source)
+        if run_id is not None and read_run is not None:
+            state = read_run(run_id)
+        elif pretrained is not None:
+            state = pretrained.backbone_state()
+        else:
+            state = read_state_file(start.source)
         backbone_weights(create_net(ns), state)
     except SpecError:
         raise

@@ -15,6 +15,7 @@ from pipeline.stage import Checkpoint, File, RunSettings, StageContext, StageFai
 from stages.core.data import DataSpec, dataset_info
 from stages.core.loop import PhaseConfig
 from stages.core.nets import NetChoice, NetSpec
+from stages.core.nets.pretrained import Pretrained, PretrainedStart
 from stages.core.nets.start import StartWeights, StateFile
 from stages.train import GRADIENT_DOMINANCE, HISTORY, PhaseJob, PhaseOutcome, scaling_config
 
@@ -71,6 +72,8 @@ def _start_loader(start: StartWeights | None, ctx: StageContext) -> Any:
         return None
     if start.source.startswith("runs:/"):
         return ctx.run_checkpoint(start.source.removeprefix("runs:/"))
+    if Pretrained.parse(start.source) is not None:
+        return PretrainedStart(start.source)
     return StateFile(start.source)
 
 

@@ -12,3 +12,5 @@ NEEDS_NO_ROOT: tuple[str, ...] = ("digits",)  # bundled with scikit-learn; every
 VAL_FRACTION_BOUNDS = (0.0, 0.5)  # exclusive: at least half of the training pool trains
 MIN_SUBSET = 10  # a stratified cap smaller than this leaves classes of a 10-class set empty
 HEAD_KINDS: tuple[str, ...] = ("sdn", "linear", "mlp")  # IC heads: SDN pooling head (conv maps), linear or MLP (pooled maps or tokens)
+# Libraries whose locally cached pretrained weights `net.init` reads as LIBRARY:NAME (stages.core.nets.pretrained)
+PRETRAINED_LIBRARIES: tuple[str, ...] = ("torchvision", "timm")

@@ -29,6 +29,8 @@ class TVEfficientNet(ExitBackbone):
     `small_input` makes the stem conv stride 1 (total stride 16), the usual CIFAR adaptation.
     """
 
+    classifier = "head.3.1"  # torchvision's classifier is Sequential(Dropout, Linear)
+
     def __init__(self, cfg: EfficientNetConfig, in_chans: int, num_classes: int, small_input: bool) -> None:
         super().__init__()
         import torchvision.models  # here, not at import: building a net of another family must not pay for it

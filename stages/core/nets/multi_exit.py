@@ -23,6 +23,9 @@ class ExitBackbone(nn.Module, abc.ABC):
     """
 
     blocks: Sequence[nn.Module]
+    # The module path of the final classifier (the Linear giving the logits) inside the backbone:
+    # a pretrained start may leave it out, when its classes are not the study's.
+    classifier: str = "head.2"
 
     @abc.abstractmethod
     def forward_stem(self, x: Tensor) -> Tensor:

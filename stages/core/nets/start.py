@@ -3,8 +3,10 @@
 The weights are a state dict: a whole exitflow net's (a checkpoint's `model.pt`, keys `backbone.*`
 and `ics.*`) or its backbone's alone (the keys `net.backbone.state_dict()` has). Only the backbone
 is taken: the ICs stay freshly initialised, as in the paper's pretrained-backbone runs (Fig. 11, 27).
-Every backbone key must be present with its shape; a key that is neither the backbone's nor an IC's
-is refused, so weights of another architecture never half-load silently.
+Every backbone key must be present with its shape, except that the backbone's final classifier may
+be left out as a whole (pretrained weights for other classes: `stages.core.nets.pretrained`), then
+it starts fresh too; a key that is neither the backbone's nor an IC's is refused, so weights of
+another architecture never half-load silently.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def backbone_weights(net: nn.Module, state: Mapping[str, Tensor]) -> dict[str, T
             raise ValueError(f"key {key!r} has shape {tuple(value.shape)}, this net's {tuple(mine[name].shape)}")
         weights[name] = value
     missing = [k for k in mine if k not in weights]
+    classifier = f"{BACKBONE}{net.backbone.classifier}."
+    if missing and {k for k in mine if k.startswith(classifier)} == set(missing):
+        missing = []  # the classifier left out as a whole: it starts fresh
     if missing:
         raise ValueError(f"{len(missing)} backbone key(s) missing, e.g. {missing[0].removeprefix(BACKBONE)!r}")
     return weights

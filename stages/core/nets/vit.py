@@ -38,6 +38,8 @@ class ViTConfig:
 class ViT(ExitBackbone):
     """timm VisionTransformer: patch_embed + _pos_embed (stem) -> transformer blocks -> norm + CLS head."""
 
+    classifier = "vit.head"
+
     def __init__(self, cfg: ViTConfig, patch_size: int, img_size: int, in_chans: int, num_classes: int) -> None:
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer  # here: timm costs seconds to import
