@@ -62,7 +62,7 @@ class StudyResult:
     @property
     def analyses(self) -> dict[str, str]:
         """Analysis node -> its run (this execution's or the cached one)."""
-        return {nid: r.run_id for nid, r in self.results.items() if "/analyze/" in nid}
+        return {nid: r.run_id for nid, r in self.results.items() if "analyze" in nid.split("/")[:-1]}
 
     @property
     def cache_hits(self) -> list[str]:

@@ -27,7 +27,14 @@ from pydantic import (
 )
 
 from stages.core.augment import Augmentations as _CoreAugmentations
-from stages.core.allowed import DATASET_NAMES, HEAD_KINDS, MIN_SUBSET, NEEDS_NO_ROOT, VAL_FRACTION_BOUNDS
+from stages.core.allowed import (
+    DATASET_NAMES,
+    HEAD_KINDS,
+    MIN_SUBSET,
+    NEEDS_NO_ROOT,
+    PRETRAINED_LIBRARIES,
+    VAL_FRACTION_BOUNDS,
+)
 from stages.core.phase_config import LossWeighting, OptimizerName, Schedule
 from stages.core.phase_config import PhaseConfig as _CorePhase
 
@@ -115,7 +122,8 @@ class NetConfig(_Model):
     width: Int | None = Field(None, ge=1)  # width / embed-dim override (small nets)
     depth: Int | None = Field(None, ge=1)  # block-count override where the family allows it
     # Starting point of the phases that train from scratch (P1, joint's P2): a state-dict file (relative
-    # paths resolve against the spec file) or runs:/RUN_ID (an exitflow phase run, e.g. another study's P1)
+    # paths resolve against the spec file), runs:/RUN_ID (an exitflow phase run, e.g. another study's
+    # P1), or torchvision:NAME / timm:NAME (pretrained weights already in that library's local cache)
     init: str | None = None
 
     @field_validator("init")
@@ -125,11 +133,15 @@ class NetConfig(_Model):
             return v
         v = v.strip()
         if not v:
-            raise ValueError("a path to a state-dict file, or runs:/RUN_ID")
+            raise ValueError("a path to a state-dict file, runs:/RUN_ID, torchvision:NAME or timm:NAME")
+        if is_pretrained(v):
+            if not v.partition(":")[2].strip():
+                raise ValueError(f"{v!r}: name the weights, e.g. torchvision:resnet50.IMAGENET1K_V2")
+            return v
         if v.startswith("runs:/") and not re.fullmatch(r"runs:/[0-9a-f]{32}", v):
             raise ValueError(f"{v!r}: expected runs:/ and a 32-character MLflow run id")
         if "://" in v:
-            raise ValueError(f"{v!r}: a local state-dict file or runs:/RUN_ID (other URIs are not read)")
+            raise ValueError(f"{v!r}: a local state-dict file, runs:/RUN_ID, torchvision:NAME or timm:NAME (other URIs are not read)")
         return v
 
     @field_validator("method")
@@ -312,7 +324,9 @@ class RankAnalysis(_Model):
     """Numerical rank of every backbone layer's output (paper Fig. 3): P1's backbone (= disjoint's), mixed, joint."""
 
     enabled: bool = False
-    split: Literal["test", "val"] = "test"  # which images: the test set, or the validation share of the training set
+    # Which images, always with eval transforms: the test set, the validation share of the training
+    # set, or the training images the phases learn from (the paper's landscapes and connectivity).
+    split: Literal["train", "test", "val"] = "test"
     samples: Int = Field(1000, ge=2)  # the batch: rows of each layer's matrix (the paper: the test set)
     features: Int = Field(6000, ge=1)  # columns kept per layer, the same random subset across models
     rtol: Float | None = Field(None, gt=0.0)  # None: s_max * max(m, n) * float32 eps (numpy's rule)
@@ -323,7 +337,7 @@ class LandscapeAnalysis(_Model):
     filter-normalised random directions (paper App. A, Fig. 17)."""
 
     enabled: bool = False
-    split: Literal["test", "val"] = "test"
+    split: Literal["train", "test", "val"] = "test"
     samples: Int = Field(500, ge=1)  # the images every grid point is evaluated on
     steps: Int = Field(21, ge=3)  # points per axis (odd: the centre is the model); the paper: 100 x 100
     span: Float = Field(1.0, gt=0.0)  # the grid covers [-span, span]^2 in units of the directions
@@ -340,7 +354,7 @@ class MutualInformationAnalysis(_Model):
     """I(X; Z) between the input and every block's noisy representation (paper Fig. 5, D.6)."""
 
     enabled: bool = False
-    split: Literal["test", "val"] = "test"
+    split: Literal["train", "test", "val"] = "test"
     samples: Int = Field(500, ge=2)  # N: X is uniform over these images (I <= log N)
     noise: Float = Field(0.1, gt=0.0)  # the noise's std as a share of each block's activation RMS
     draws: Int = Field(4, ge=1)  # Monte Carlo noise draws per sample
@@ -359,13 +373,24 @@ class ConnectivityAnalysis(_Model):
     the loss along the line between every pair, and over the plane through three."""
 
     enabled: bool = False
-    split: Literal["test", "val"] = "test"  # the images every point is evaluated on
+    split: Literal["train", "test", "val"] = "test"  # the images every point is evaluated on
     samples: Int = Field(500, ge=1)
     train_samples: Int = Field(500, ge=2)  # training images each point's BatchNorm statistics are recomputed on
     bn_repair: bool = True  # recompute BatchNorm statistics at every point (false: interpolate them as weights)
     points: Int = Field(11, ge=2)  # points along each line, both models included
     plane_steps: Int = Field(11, ge=2)  # points per axis of the plane's grid; the paper: 150 x 150
     iterations: Int = Field(100, ge=1)  # weight matching: most passes over the permutation groups
+    # Regime -> the seed whose model it contributes, e.g. {disjoint: 0, mixed: 1, joint: 2}: one node
+    # across seeds (the paper's D.8 takes disjoint's and mixed's backbones from different seeds, so
+    # matching has real permutations to find). None: one node per seed, its regimes' models.
+    seeds: dict[Regime, Seed] | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _two_models(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is not None and len(v) < 2:
+            raise ValueError(f"name at least two regimes, each with the seed of its model; got {v}")
+        return v
 
 
 class AnalysesConfig(_Model):
@@ -406,6 +431,16 @@ class StudySpec(_Model):
         if len(set(v)) != len(v):
             raise ValueError(f"duplicates in {v}")
         return v
+
+    @model_validator(mode="after")
+    def _connectivity_models(self) -> "StudySpec":
+        chosen = self.analyses.connectivity.seeds or {}
+        for regime, seed in chosen.items():
+            if regime not in self.regimes:
+                raise ValueError(f"analyses.connectivity.seeds: {regime!r} is not among the study's regimes {self.regimes}")
+            if seed not in self.seeds:
+                raise ValueError(f"analyses.connectivity.seeds: {regime}'s seed {seed} is not among the study's seeds {self.seeds}")
+        return self
 
     @field_validator("compare")
     @classmethod
@@ -588,6 +623,11 @@ def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> St
     return resolve_paths(spec, base)
 
 
+def is_pretrained(init: str) -> bool:
+    """`net.init` names a library's cached weights (LIBRARY:NAME), not a file or a run."""
+    return init.partition(":")[0] in PRETRAINED_LIBRARIES and ":" in init
+
+
 def resolve_paths(spec: StudySpec, base: Path) -> StudySpec:
     """Make a relative data.root and net.init absolute against the spec's folder (Ray changes workers' cwd).
 
@@ -597,9 +637,10 @@ def resolve_paths(spec: StudySpec, base: Path) -> StudySpec:
     data, net = spec.data, spec.net
     if data.root and "://" not in data.root and not Path(data.root).is_absolute():
         data = data.model_copy(update={"root": str((base / data.root).resolve())})
-    if net.init and not net.init.startswith("runs:/") and not Path(net.init).expanduser().is_absolute():
+    file_init = net.init and not net.init.startswith("runs:/") and not is_pretrained(net.init)
+    if file_init and not Path(net.init).expanduser().is_absolute():
         net = net.model_copy(update={"init": str((base / net.init).resolve())})
-    elif net.init and not net.init.startswith("runs:/"):
+    elif file_init:
         net = net.model_copy(update={"init": str(Path(net.init).expanduser())})
     return spec.model_copy(update={"data": data, "net": net})
 

@@ -54,7 +54,7 @@ class ComparisonConfig:
     seed: int
     data: DataSpec
     models: tuple[str, ...]
-    split: str  # test | val
+    split: str  # train | test | val
     samples: int
 
 

@@ -1,9 +1,11 @@
 """The mode-connectivity analysis stage: the loss between the regimes' final models (paper Fig. 2, D.8).
 
 Joined to a study by `analyses.connectivity.enabled`: one node per seed, reading the final model of
-every regime the study trains (the models its evaluate nodes read). Every pair of regimes gets the
-linear path after weight matching; three regimes also get the plane through the three models. The
-maths is `stages.core.analysis.connectivity` and `stages.core.analysis.permutation`.
+every regime the study trains (the models its evaluate nodes read), or, with `analyses.connectivity.seeds`,
+one node reading each regime's model from the seed named for it (the paper's D.8 takes disjoint's and
+mixed's backbones from different seeds). Every pair of regimes gets the linear path after weight
+matching; three regimes also get the plane through the three models. The maths is
+`stages.core.analysis.connectivity` and `stages.core.analysis.permutation`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ ORDER = ("disjoint", "mixed", "joint")
 
 @dataclass(frozen=True)
 class ConnectivityConfig:
-    """A connectivity node's config: the regimes compared (in input order), the batches and the grids."""
+    """A connectivity node's config: the regimes compared (in input order) and the seed of each one's
+    model, the batches and the grids."""
 
-    seed: int
+    seed: int  # the batches' and matching's seed (the first model's seed)
     data: DataSpec
     regimes: tuple[str, ...]
-    split: str  # test | val: the evaluation batch
+    model_seeds: tuple[int, ...]  # per regime: the seed its model was trained with
+    split: str  # train | test | val: the evaluation batch
     samples: int
     train_samples: int  # training images BatchNorm statistics are repaired on
     bn_repair: bool
@@ -54,6 +58,13 @@ def final_models(graph: Graph, seed: int) -> dict[str, str]:
     return {r: found[r] for r in ORDER if r in found}
 
 
+def which_models(cfg: ConnectivityConfig) -> str:
+    """The plots' note of the models' seeds: "seed 0", or each regime's where they differ."""
+    if len(set(cfg.model_seeds)) == 1:
+        return f"seed {cfg.model_seeds[0]}"
+    return ", ".join(f"{r} seed {s}" for r, s in zip(cfg.regimes, cfg.model_seeds, strict=True))
+
+
 @register_stage
 class Connectivity(ModelAnalysis):
     kind = "analyze.connectivity"
@@ -67,14 +78,23 @@ class Connectivity(ModelAnalysis):
         cfg = spec.analyses.connectivity
         if not cfg.enabled:
             return []
-        settings = cfg.model_dump(mode="json", exclude={"enabled"})
+        settings = cfg.model_dump(mode="json", exclude={"enabled", "seeds"})
+
+        def node(node_id: str, models: dict[str, tuple[int, str]], seed: int | None) -> Node:
+            seeds = tuple(s for s, _ in models.values())
+            config = ConnectivityConfig(seed=seeds[0], data=data_spec(spec), regimes=tuple(models),
+                                        model_seeds=seeds, **settings)
+            return Node(id=node_id, kind=self.kind, config=config, inputs=tuple(m for _, m in models.values()),
+                        seed=seed)
+
+        if cfg.seeds:  # one node across seeds (the spec checked every regime and seed is in the study)
+            chosen = {r: (cfg.seeds[r], final_models(graph, cfg.seeds[r])[r]) for r in ORDER if r in cfg.seeds}
+            return [node("analyze/connectivity", chosen, None)]
         nodes = []
         for seed in spec.seeds:
             models = final_models(graph, seed)
             if len(models) >= 2:  # a path needs two models
-                config = ConnectivityConfig(seed=seed, data=data_spec(spec), regimes=tuple(models), **settings)
-                nodes.append(Node(id=f"seed{seed}/analyze/connectivity", kind=self.kind, config=config,
-                                  inputs=tuple(models.values()), seed=seed))
+                nodes.append(node(f"seed{seed}/analyze/connectivity", {r: (seed, m) for r, m in models.items()}, seed))
         return nodes
 
     def describe(self, summary: dict[str, Any]) -> str:
@@ -120,12 +140,12 @@ class Connectivity(ModelAnalysis):
             metrics[f"barrier_{ref}_{other}"] = mc.barrier(path)
             metrics[f"accuracy_dip_{ref}_{other}"] = mc.barrier(path, key="accuracy", sign=-1.0)
         files = [File(mc.plot_lines(lines, ctx.workdir / "connectivity_line.png",
-                                    f"linear paths after weight matching (seed {cfg.seed})"))]
+                                    f"linear paths after weight matching ({which_models(cfg)})"))]
         if len(cfg.regimes) >= 3:
             a, b, c = cfg.regimes[:3]
             grid = mc.plane(net, states[a], aligned(a, b), aligned(a, c), x, y, cfg.plane_steps, repair)
             rows += [{"kind": "plane", "models": f"{a}-{b}-{c}", **r} for r in grid]
             files.append(File(mc.plot_plane(grid, (a, b, c), ctx.workdir / "connectivity_plane.png",
-                                            f"total loss over the plane {a}, {b}, {c} (seed {cfg.seed})")))
+                                            f"total loss over the plane {a}, {b}, {c} ({which_models(cfg)})")))
         return StageResult(artifacts=[Table(CONNECTIVITY.name, pa.Table.from_pylist(rows)), *files],
                            metrics=metrics, summary={k: v for k, v in metrics.items() if k.startswith("barrier_")})

@@ -27,7 +27,7 @@ class LandscapeConfig:
     seed: int
     regime: str
     data: DataSpec
-    split: str  # test | val
+    split: str  # train | test | val
     samples: int
     steps: int  # points per axis (odd: the centre is the model)
     span: float

@@ -210,6 +210,40 @@ def test_one_node_per_seed_reads_every_regime_final_model() -> None:
     assert not any(n.kind == "analyze.connectivity" for n in off.nodes.values())
 
 
+def test_seeds_make_one_node_comparing_each_regime_model_from_its_seed() -> None:
+    """D.8: disjoint's and mixed's models from different seeds, as analyses.connectivity.seeds names them."""
+    base = ["analyses.connectivity.enabled=true", "seeds=[0, 1, 2]"]
+    spec = load_spec(None, [*base, "analyses.connectivity.seeds={joint: 2, disjoint: 0, mixed: 1}"])
+    g = build_graph(spec)
+    [node] = [n for n in g.nodes.values() if n.kind == "analyze.connectivity"]
+    assert node.id == "analyze/connectivity" and node.seed is None
+    assert node.config.regimes == ("disjoint", "mixed", "joint") and node.config.model_seeds == (0, 1, 2)
+    assert node.inputs == ("seed0/disjoint/P3", "seed1/mixed/P2", "seed2/joint/P2")
+    assert node.config.seed == 0  # the batches' and matching's seed: the first model's
+    from stages.analyze_connectivity import which_models
+
+    assert which_models(node.config) == "disjoint seed 0, mixed seed 1, joint seed 2"  # the plots' titles
+    other = build_graph(load_spec(None, [*base, "analyses.connectivity.seeds={joint: 2, disjoint: 0, mixed: 2}"]))
+    assert other.nodes["analyze/connectivity"].inputs[1] == "seed2/mixed/P2"
+    assert other.nodes["analyze/connectivity"].key != node.key
+    pair = build_graph(load_spec(None, [*base, "analyses.connectivity.seeds={mixed: 1, disjoint: 2}"]))
+    assert pair.nodes["analyze/connectivity"].inputs == ("seed2/disjoint/P3", "seed1/mixed/P2")
+
+
+@pytest.mark.parametrize(("seeds", "says"), [
+    ("{joint: 0}", "at least two regimes"),
+    ("{joint: 0, mixed: 3}", "mixed's seed 3 is not among the study's seeds"),
+    ("{joint: 0, disjoint: 1}", "'disjoint' is not among the study's regimes"),
+])
+def test_seeds_naming_a_missing_model_are_refused_naming_the_field(seeds: str, says: str) -> None:
+    from pipeline.spec import SpecError
+
+    with pytest.raises(SpecError, match="analyses.connectivity.seeds") as e:
+        load_spec(None, ["analyses.connectivity.enabled=true", "seeds=[0, 1]", "regimes=[joint, mixed]",
+                         f"analyses.connectivity.seeds={seeds}"])
+    assert says in str(e.value)
+
+
 class _Model:
     """A finished input node as the stage sees it: a checkpoint and the spec that rebuilds its net."""
 

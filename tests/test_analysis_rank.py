@@ -73,7 +73,7 @@ def test_the_rank_node_reads_the_regimes_models_and_only_when_switched_on() -> N
     assert not [n for n in build_graph(load_spec(None, [])).nodes if "analyze" in n]
 
 
-@pytest.mark.parametrize(("field", "value"), [("samples", "1"), ("features", "0"), ("rtol", "-1"), ("split", "train")])
+@pytest.mark.parametrize(("field", "value"), [("samples", "1"), ("features", "0"), ("rtol", "-1"), ("split", "everything")])
 def test_bad_rank_settings_are_refused_naming_the_field(field: str, value: str) -> None:
     with pytest.raises(SpecError, match=f"analyses.rank.{field}"):
         load_spec(None, [f"analyses.rank.{field}={value}"])

@@ -157,6 +157,26 @@ def test_parquet_info_and_splits(tmp_path: Path) -> None:
     assert splits.val.base is splits.train.base and splits.val.transform is not splits.train.transform
     batch = next(iter(make_loader(splits.train, 8, shuffle=True, seed=0, num_workers=1)))
     assert batch[0].shape == (8, 3, 16, 16)
+    # What analyses read as "train": the same images as train, through val's (eval) transform.
+    assert np.array_equal(splits.train_eval.indices, splits.train.indices)
+    assert splits.train_eval.transform is splits.val.transform and torch.equal(splits.train_eval[0][0], splits.train_eval[0][0])
+
+
+def test_analysis_batches_read_train_unaugmented_and_never_val_images() -> None:
+    from stages.core.analysis.batch import analysis_batch
+    from stages.core.augment import Augmentations
+
+    plain = load_splits(DataSpec(name="digits"), seed=0)
+    aug = load_splits(DataSpec(name="digits", augmentations=Augmentations(rotation=90, random_erasing=1.0)), seed=0)
+    x, y = analysis_batch(aug, "train", 50, seed=3)
+    x0, y0 = analysis_batch(plain, "train", 50, seed=3)
+    assert torch.equal(x, x0) and torch.equal(y, y0)  # the augmentations never reach an analysis
+    every = analysis_batch(plain, "train", 10_000, seed=3)[0]
+    assert len(every) == len(plain.train)  # capped at the split
+    val = {tuple(plain.val[i][0].flatten().tolist()) for i in range(len(plain.val))}
+    assert not any(tuple(row.flatten().tolist()) in val for row in x0)
+    with pytest.raises(ValueError, match="train, test, val"):
+        analysis_batch(plain, "everything", 5, seed=0)
 
 
 def test_parquet_grayscale_json_classes(tmp_path: Path) -> None:

@@ -481,6 +481,9 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "analyses.connectivity.points": ("5", _CONN),
     "analyses.connectivity.plane_steps": ("5", _CONN),
     "analyses.connectivity.iterations": ("10", _CONN),
+    # naming each regime's seed replaces the per-seed node by one across seeds (a new id, so no common
+    # node changes; the node's own inputs and key: test_analysis_connectivity.py)
+    "analyses.connectivity.seeds": ("{disjoint: 0, mixed: 0}", _NONE),
     **{f"resources.{k}": (v, _NONE) for k, v in {"num_workers": "2", "use_gpu": "true", "cpus_per_worker": "2",
                                                 "gpus_per_worker": "0.5", "max_failures": "3", "torch_threads": "2",
                                                 "admission": "false"}.items()},

@@ -14,6 +14,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from stages.core.fields import reject_unknown
+
 
 @dataclass(frozen=True)
 class Augmentations:
@@ -40,14 +42,17 @@ class Augmentations:
 
     @property
     def mixes(self) -> bool:
+        """Batch-level mixing (the train loader's collate)."""
         return bool(self.mixup or self.cutmix)
+
+    @property
+    def per_image(self) -> bool:
+        """Any operation on single images (the train transform)."""
+        return bool(self.rotation or self.contrast or self.random_erasing)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Augmentations:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"augmentations: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        reject_unknown(cls, d, "augmentations")
         return cls(**d)
 
 
@@ -102,7 +107,8 @@ class NormalisedTensorOps:
 
         self.base = base
         self.mean, self.std = mean, std
-        self.ops = v2.Compose(image_ops(aug)) if image_ops(aug) else None
+        ops = image_ops(aug)
+        self.ops = v2.Compose(ops) if ops else None
         self.erase = v2.Compose(erasing(aug)) if aug.random_erasing else None
 
     @property

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from stages.core.fields import reject_unknown
+
 OptimizerName = Literal["sgd", "adamw", "adam"]
 Schedule = Literal["none", "cosine", "step"]
 Selection = Literal["final", "mean"]
@@ -68,8 +70,5 @@ class PhaseConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PhaseConfig:
         """Inverse of `to_dict`; unknown keys fail loudly."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"phase config: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        reject_unknown(cls, d, "phase config")
         return cls(**d)

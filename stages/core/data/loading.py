@@ -47,6 +47,7 @@ class Splits:
     val: Dataset  # stratified share of the training set, eval transforms
     test: Dataset  # the dataset's own test split, eval transforms
     info: DatasetInfo
+    train_eval: Dataset  # train's images with eval transforms (never augmented): what analyses read as "train"
 
 
 class TransformedSubset(Dataset):
@@ -154,13 +155,14 @@ def load_splits(spec: DataSpec, seed: int) -> Splits:
     pool = stratified_subset(raw_train.labels, spec.train_subset, SUBSET_SEED)
     train_pos, val_pos = stratified_split(raw_train.labels[pool], spec.val_fraction, seed)
     test_idx = stratified_subset(raw_test.labels, spec.test_subset, SUBSET_SEED)
+    train_eval = TransformedSubset(raw_train.dataset, pool[train_pos], eval_tf, raw_train.labels)
     splits = Splits(
-        train=TransformedSubset(
-            raw_train.dataset, pool[train_pos], train_tf if spec.augment else eval_tf, raw_train.labels
-        ),
+        train=TransformedSubset(raw_train.dataset, pool[train_pos], train_tf, raw_train.labels)
+        if spec.augment else train_eval,
         val=TransformedSubset(raw_train.dataset, pool[val_pos], eval_tf, raw_train.labels),
         test=TransformedSubset(raw_test.dataset, test_idx, eval_tf, raw_test.labels),
         info=info,
+        train_eval=train_eval,
     )
     log.info("%s: %d train / %d val / %d test", spec.name, len(splits.train), len(splits.val), len(splits.test))
     return splits
@@ -171,12 +173,12 @@ def _digits_splits(spec: DataSpec, seed: int, info: DatasetInfo) -> Splits:
     pool = train_full.subset(stratified_subset(train_full.labels, spec.train_subset, SUBSET_SEED))
     train_pos, val_pos = stratified_split(pool.labels, spec.val_fraction, seed)
     test = test_full.subset(stratified_subset(test_full.labels, spec.test_subset, SUBSET_SEED))
-    train: Dataset = pool.subset(train_pos)
-    aug = spec.augmentations
-    if spec.augment and (aug.rotation or aug.contrast or aug.random_erasing):
+    train_eval = pool.subset(train_pos)
+    train: Dataset = train_eval
+    if spec.augment and spec.augmentations.per_image:
         # Digits gets no crop or flip (a flipped 2 is no 2), only the per-image operations asked for.
-        train = NormalisedTensorOps(train, *sources.digits_normalisation(), aug)  # type: ignore[assignment]
-    return Splits(train=train, val=pool.subset(val_pos), test=test, info=info)
+        train = NormalisedTensorOps(train_eval, *sources.digits_normalisation(), spec.augmentations)
+    return Splits(train=train, val=pool.subset(val_pos), test=test, info=info, train_eval=train_eval)
 
 
 def uses_imagenet_transforms(spec: DataSpec, info: DatasetInfo) -> bool:

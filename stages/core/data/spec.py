@@ -8,6 +8,7 @@ from typing import Any
 
 from stages.core.allowed import DATASET_NAMES, MIN_SUBSET, NEEDS_NO_ROOT, VAL_FRACTION_BOUNDS
 from stages.core.augment import Augmentations
+from stages.core.fields import reject_unknown
 
 
 class DataError(ValueError):
@@ -52,10 +53,7 @@ class DataSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataSpec":
         """Inverse of `to_dict`; unknown keys are an error, not silently dropped."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DataError(f"data spec: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        reject_unknown(cls, d, "data spec", DataError)
         try:
             aug = Augmentations.from_dict(d.get("augmentations") or {})
         except ValueError as err:

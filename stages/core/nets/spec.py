@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from stages.core.fields import reject_unknown
+
 
 @dataclass(frozen=True)
 class NetChoice:
@@ -53,10 +55,7 @@ class NetSpec(NetChoice):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "NetSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"net spec: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        reject_unknown(cls, d, "net spec")
         return cls(**d)
 
 
