@@ -33,6 +33,7 @@ from stages.core.allowed import (
     MIN_SUBSET,
     NEEDS_NO_ROOT,
     PRETRAINED_LIBRARIES,
+    RESIZE_BOUNDS,
     VAL_FRACTION_BOUNDS,
 )
 from stages.core.phase_config import LossWeighting, OptimizerName, Schedule
@@ -99,6 +100,9 @@ class DataConfig(_Model):
     test_subset: Int | None = Field(None, ge=MIN_SUBSET)  # stratified cap on test samples
     num_workers: Int = Field(0, ge=0)  # DataLoader worker processes per training worker
     augmentations: AugmentationsConfig = Field(default_factory=AugmentationsConfig)  # need augment: true
+    # Resize every split's images to this square side (None: the data set's own), e.g. 224 to
+    # fine-tune an ImageNet-pretrained ViT-B/16 on CIFAR's 32 px images (the paper's Fig. 11)
+    resize: Int | None = Field(None, ge=RESIZE_BOUNDS[0], le=RESIZE_BOUNDS[1])
 
     @model_validator(mode="after")
     def _root_needed(self) -> "DataConfig":

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.spec import SpecError, load_spec
 from stages.core.data import (
     DataError,
     DatasetInfo,
@@ -274,3 +275,40 @@ def test_shared_cifar10_parquet() -> None:
 def test_check_dataset_missing_torchvision_cifar(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cifar10: not found under"):
         check_dataset(DataSpec(name="cifar10", root=str(tmp_path)))
+
+
+# ---------------------------------------------------------------- resize
+
+
+def test_resize_sets_the_input_side_of_every_split(tmp_path: Path) -> None:
+    root = write_parquet_folder(tmp_path / "ds")  # 16 px images
+    for side in (24, 64):  # pad-and-crop style; ImageNet style (>= 64 px)
+        spec = DataSpec(name="parquet", root=str(root), val_fraction=0.2, resize=side)
+        assert dataset_info(spec).img_size == side
+        splits = load_splits(spec, seed=0)
+        for ds in (splits.train, splits.val, splits.test, splits.train_eval):
+            assert ds[0][0].shape == (3, side, side)
+        names = [type(t).__name__ for t in splits.test.transform.transforms]
+        assert names[0] == "Resize" and "CenterCrop" in names  # small: resize first; ImageNet style: resize, centre crop
+    native = load_splits(DataSpec(name="parquet", root=str(root), val_fraction=0.2), seed=0)
+    assert native.test[0][0].shape == (3, 16, 16) and type(native.test.transform.transforms[0]).__name__ == "CenterCrop"
+
+
+def test_digits_resize_is_the_bilinear_image_of_the_standardised_pixels() -> None:
+    plain = load_splits(DataSpec(name="digits"), seed=0)
+    big = load_splits(DataSpec(name="digits", resize=16), seed=0)
+    assert dataset_info(DataSpec(name="digits", resize=16)).img_size == 16
+    x, y = big.test[5]
+    x0, y0 = plain.test[5]
+    assert x.shape == (1, 16, 16) and int(y) == int(y0)
+    expected = torch.nn.functional.interpolate(x0[None], size=(16, 16), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(x, expected, atol=1e-6)
+    # bilinear weights sum to one: a 2x2 block's mean stays near the original pixel's value
+    assert torch.allclose(x.mean(), x0.mean(), atol=0.05)
+
+
+def test_resize_out_of_bounds_is_refused_naming_the_field() -> None:
+    with pytest.raises(DataError, match="resize"):
+        DataSpec(resize=4)
+    with pytest.raises(SpecError, match="data.resize"):
+        load_spec(None, ["data.resize=2000"])

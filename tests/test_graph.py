@@ -424,6 +424,7 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "data.augmentations.random_erasing": ("0.25", _ALL),
     "data.augmentations.mixup": ("0.8", _ALL),
     "data.augmentations.cutmix": ("1.0", _ALL),
+    "data.resize": ("16", _ALL),  # every split's images, so every net's input
     "data.download": ("true", _NONE),  # fetching what is missing changes no result
     "data.train_subset": ("500", _ALL),
     "data.test_subset": ("200", _EVAL | _RANK | _LAND | _CONN),  # phases never read the test split; the analyses' batches do

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -42,6 +43,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "fig04-gradient-dominance-resnet50-tinyimagenet": {**RESNET, "lr": {"P1": "resnet", "P2": "resnet"}},
     "fig06-fig12-regimes-resnet34-cifar100": {**RESNET, "lr": {"P1": "resnet", "P2": "resnet", "P3": "resnet"}},
     "fig07-regimes-vit-tiny-imagenet": {**VIT, "batch_size": 2048, "lr": {"P1": 5e-4, "P2": "vit", "P3": "vit"}},
+    "fig11-pretrained-vit-base-cifar100": {**VIT, "lr": {"P1": 5e-4, "P2": "vit", "P3": "vit"}},
     "fig13-undertrained-backbone-vit-cifar10": {**VIT, "lr": {"P1": 5e-4, "P2": "vit"}},
     "fig14-16-loss-weighting-resnet50-tinyimagenet": {**RESNET, "lr": {"P1": "resnet", "P2": "resnet"}},
     "fig02-connectivity-resnet20-cifar10": {**RESNET, "lr": {"P1": "resnet", "P2": "resnet", "P3": "resnet"}},
@@ -76,8 +78,23 @@ def estimate() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def studies() -> dict[Path, tuple[StudySpec, Graph]]:
-    return {p: (spec := load_spec(p), build_graph(spec)) for p in SPECS}
+def studies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, tuple[StudySpec, Graph]]]:
+    """Every spec and its graph; the timm weights a spec starts from sit in a temporary Hugging Face
+    cache (a stand-in file: the graph keys its content; nothing loads it)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path_factory.mktemp("hf")
+    for path in SPECS:
+        init = load_spec(path).net.init or ""
+        if init.startswith("timm:"):
+            snapshot = cache / f"models--timm--{init.removeprefix('timm:')}" / "snapshots" / ("0" * 40)
+            snapshot.mkdir(parents=True)
+            (snapshot / "model.safetensors").write_bytes(b"stand-in")
+            (snapshot.parents[1] / "refs").mkdir()
+            (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_CACHE", str(cache))
+        yield {p: (spec := load_spec(p), build_graph(spec)) for p in SPECS}
 
 
 @pytest.fixture(scope="module")

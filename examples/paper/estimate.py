@@ -83,15 +83,16 @@ def train_images(data: Any, ds: Dataset) -> int:
 _FLOPS: dict[tuple[Any, str], int] = {}
 
 
-def forward_flops(choice: Any, dataset: str) -> int:
-    """FLOPs of one image's forward pass through the whole multi-exit net (every IC): 2 x multiply-adds."""
-    key = (choice, dataset)
+def forward_flops(choice: Any, dataset: str, side: int | None = None) -> int:
+    """FLOPs of one image's forward pass through the whole multi-exit net (every IC): 2 x multiply-adds,
+    at the data set's side or at `side` (data.resize)."""
+    key = (choice, dataset, side)
     if key not in _FLOPS:
         from stages.core.flops import exit_flops
         from stages.core.nets import create_net
 
         ds = DATASETS[dataset]
-        net = create_net(choice.sized(ds.classes, ds.channels, ds.side))
+        net = create_net(choice.sized(ds.classes, ds.channels, side or ds.side))
         _FLOPS[key] = 2 * exit_flops(net)[-1]
     return _FLOPS[key]
 
@@ -156,7 +157,9 @@ def _text(value: Any) -> str:
 
 def estimate(path: Path) -> Estimate:
     spec = load_spec(path)
-    graph = build_graph(spec)
+    # Where the backbone starts changes no cost: estimate without net.init, so its weights (a file,
+    # a run, a library's cache) need not be on this machine.
+    graph = build_graph(spec.model_copy(update={"net": spec.net.model_copy(update={"init": None})}))
     phases = graph.phase_nodes()
     trainings, max_epochs, flop = 0, 0, 0.0
     for node in phases:
@@ -165,7 +168,7 @@ def estimate(path: Path) -> Estimate:
         trials = cfg.search.trials if cfg.search is not None else 1
         trainings += trials
         max_epochs = max(max_epochs, cfg.train.max_epochs)
-        flop += trials * cfg.train.max_epochs * train_images(cfg.data, ds) * 3 * forward_flops(cfg.net, name)
+        flop += trials * cfg.train.max_epochs * train_images(cfg.data, ds) * 3 * forward_flops(cfg.net, name, cfg.data.resize)
     net, compares = describe(spec)
     rel = path.resolve().relative_to(REPO).as_posix()
     return Estimate(rel, figure_label(path), net, compares, spec.resources.use_gpu, len(phases), trainings, max_epochs, flop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,13 @@ def image_side(width: int, height: int, imagenet_style: bool) -> int:
 
 
 def dataset_info(spec: DataSpec) -> DatasetInfo:
-    """Classes, channels and input size, cheaply (schema, folder names or one image; no full read)."""
+    """Classes, channels and input size, cheaply (schema, folder names or one image; no full read).
+    The input size is `spec.resize` when set."""
+    info = _native_info(spec)
+    return dataclasses.replace(info, img_size=spec.resize) if spec.resize else info
+
+
+def _native_info(spec: DataSpec) -> DatasetInfo:
     if spec.name == "digits":
         return DatasetInfo(num_classes=10, in_chans=1, img_size=8, classes=sources.DIGITS_CLASSES)
     if spec.name == "parquet":
@@ -151,7 +158,7 @@ def load_splits(spec: DataSpec, seed: int) -> Splits:
     for name, raw in (("train", raw_train), ("test", raw_test)):
         _check_label_range(raw.labels, info.num_classes, f"{spec.name} {name} split")
     train_tf, eval_tf = build_transforms(info.img_size, norm, imagenet_style=uses_imagenet_transforms(spec, info),
-                                         aug=spec.augmentations)
+                                         aug=spec.augmentations, resize=spec.resize is not None)
     pool = stratified_subset(raw_train.labels, spec.train_subset, SUBSET_SEED)
     train_pos, val_pos = stratified_split(raw_train.labels[pool], spec.val_fraction, seed)
     test_idx = stratified_subset(raw_test.labels, spec.test_subset, SUBSET_SEED)
@@ -169,7 +176,7 @@ def load_splits(spec: DataSpec, seed: int) -> Splits:
 
 
 def _digits_splits(spec: DataSpec, seed: int, info: DatasetInfo) -> Splits:
-    train_full, test_full = sources.digits_splits()
+    train_full, test_full = sources.digits_splits(spec.resize)
     pool = train_full.subset(stratified_subset(train_full.labels, spec.train_subset, SUBSET_SEED))
     train_pos, val_pos = stratified_split(pool.labels, spec.val_fraction, seed)
     test = test_full.subset(stratified_subset(test_full.labels, spec.test_subset, SUBSET_SEED))

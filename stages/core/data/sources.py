@@ -66,14 +66,17 @@ class TensorImages(Dataset):
         return TensorImages(self.images[idx], self.targets[idx])
 
 
-def digits_splits() -> tuple[TensorImages, TensorImages]:
+def digits_splits(side: int | None = None) -> tuple[TensorImages, TensorImages]:
     """(train, test) of sklearn's bundled 8x8 digits as normalized [1, 8, 8] float tensors.
 
-    Pixels are scaled to [0, 1], then standardized with the mean/std of the fixed train part.
+    Pixels are scaled to [0, 1], then standardized with the mean/std of the fixed train part;
+    `side` resizes them (bilinear: it commutes with the standardisation) to [1, side, side].
     """
     x, y, train_idx, test_idx = _digits_arrays()
     mean, std = _train_stats(x, train_idx)
     images = torch.from_numpy((x - mean) / std).unsqueeze(1)  # [N, 1, 8, 8]
+    if side is not None and side != images.shape[-1]:
+        images = torch.nn.functional.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
     labels = torch.from_numpy(y)
     full = TensorImages(images, labels)
     return full.subset(train_idx), full.subset(test_idx)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from stages.core.allowed import DATASET_NAMES, MIN_SUBSET, NEEDS_NO_ROOT, VAL_FRACTION_BOUNDS
+from stages.core.allowed import DATASET_NAMES, MIN_SUBSET, NEEDS_NO_ROOT, RESIZE_BOUNDS, VAL_FRACTION_BOUNDS
 from stages.core.augment import Augmentations
 from stages.core.fields import reject_unknown
 
@@ -28,6 +28,7 @@ class DataSpec:
     test_subset: int | None = None  # stratified cap on the test set, for quick runs
     num_workers: int = 0  # DataLoader worker processes
     augmentations: Augmentations = Augmentations()  # the paper's extra ones (rotation ... CutMix, Mixup); all off
+    resize: int | None = None  # square side every split's images are resized to (None: the data set's own)
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_NAMES:
@@ -39,6 +40,8 @@ class DataSpec:
             cap = getattr(self, field)
             if cap is not None and cap < MIN_SUBSET:
                 raise DataError(f"data spec: {field} must be >= {MIN_SUBSET} or None, got {cap}")
+        if self.resize is not None and not RESIZE_BOUNDS[0] <= self.resize <= RESIZE_BOUNDS[1]:
+            raise DataError(f"data spec: resize must lie in [{RESIZE_BOUNDS[0]}, {RESIZE_BOUNDS[1]}] or be None, got {self.resize}")
         if self.num_workers < 0:
             raise DataError(f"data spec: num_workers must be >= 0, got {self.num_workers}")
         if self.augmentations.any and not self.augment:

@@ -36,26 +36,29 @@ def is_large(img_size: int) -> bool:
 
 
 def build_transforms(img_size: int, norm: Normalization, imagenet_style: bool,
-                     aug: Augmentations = Augmentations()) -> tuple[Transform, Transform]:
+                     aug: Augmentations = Augmentations(), resize: bool = False) -> tuple[Transform, Transform]:
     """(train transform, eval transform) for PIL images; both end in a normalized float tensor.
 
-    Small images: pad-4 random crop + horizontal flip for training, identity geometry for eval.
-    ImageNet-like images: RandomResizedCrop + flip for training, resize + centre crop for eval.
+    Small images: pad-4 random crop + horizontal flip for training, identity geometry for eval;
+    with `resize` (`img_size` is not the images' own side) both first resize to `img_size`.
+    ImageNet-like images: RandomResizedCrop + flip for training, resize + centre crop for eval
+    (these scale any image to `img_size` already).
     `aug`'s rotation and contrast follow the crop and flip; its random erasing acts last, on the
     normalised tensor.
     """
     from torchvision import transforms as T  # image datasets only: digits never pays for torchvision
 
     to_tensor = [T.ToTensor(), T.Normalize(norm.mean, norm.std)]
+    first = [T.Resize((img_size, img_size))] if resize and not imagenet_style else []
     if imagenet_style:
         train = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), *image_ops(aug), *to_tensor, *erasing(aug)])
         resize = int(round(img_size / CENTER_CROP_RATIO))
         evaluate = T.Compose([T.Resize(resize), T.CenterCrop(img_size), *to_tensor])
     else:
-        train = T.Compose([T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip(), *image_ops(aug), *to_tensor,
-                           *erasing(aug)])
+        train = T.Compose([*first, T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip(), *image_ops(aug),
+                           *to_tensor, *erasing(aug)])
         # CenterCrop is a no-op on square images of the right side; it only guards odd, non-square ones.
-        evaluate = T.Compose([T.CenterCrop(img_size), *to_tensor])
+        evaluate = T.Compose([*first, T.CenterCrop(img_size), *to_tensor])
     return train, evaluate
 
 

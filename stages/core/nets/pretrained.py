@@ -163,6 +163,7 @@ def _timm_cached(name: str) -> tuple[Path, str]:
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise ValueError(f"timm:{name}: timm has no pretrained weights by that name (e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k)")
     fetch = f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
+    readable_url = cfg.url and not cfg.url.endswith(".npz")  # timm converts .npz (JAX) weights itself; exitflow does not
     if cfg.hf_hub_id:
         from huggingface_hub import constants, try_to_load_from_cache
 
@@ -171,7 +172,9 @@ def _timm_cached(name: str) -> tuple[Path, str]:
             found = try_to_load_from_cache(repo, filename, cache_dir=constants.HF_HUB_CACHE)
             if isinstance(found, str):
                 return Path(found), fetch
-        if not cfg.url:
+        if not readable_url:
             folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
             return folder / "snapshots" / "<revision>" / "model.safetensors", fetch
+    if not readable_url:
+        raise ValueError(f"timm:{name}: its weights come only as {cfg.url}, which exitflow does not read")
     return _hub_checkpoint(cfg.url), fetch
