@@ -360,7 +360,7 @@ class MutualInformationAnalysis(_Model):
     enabled: bool = False
     split: Literal["train", "test", "val"] = "test"
     samples: Int = Field(500, ge=2)  # N: X is uniform over these images (I <= log N)
-    noise: Float = Field(0.1, gt=0.0)  # the noise's std as a share of each block's activation RMS
+    noise: Float = Field(0.25, gt=0.0)  # the noise's std as a share of the median distance between two samples' representations
     draws: Int = Field(4, ge=1)  # Monte Carlo noise draws per sample
 
 

@@ -140,12 +140,12 @@ class Connectivity(ModelAnalysis):
             metrics[f"barrier_{ref}_{other}"] = mc.barrier(path)
             metrics[f"accuracy_dip_{ref}_{other}"] = mc.barrier(path, key="accuracy", sign=-1.0)
         files = [File(mc.plot_lines(lines, ctx.workdir / "connectivity_line.png",
-                                    f"linear paths after weight matching ({which_models(cfg)})"))]
+                                    f"linear paths after weight matching\n{which_models(cfg)}"))]
         if len(cfg.regimes) >= 3:
             a, b, c = cfg.regimes[:3]
             grid = mc.plane(net, states[a], aligned(a, b), aligned(a, c), x, y, cfg.plane_steps, repair)
             rows += [{"kind": "plane", "models": f"{a}-{b}-{c}", **r} for r in grid]
             files.append(File(mc.plot_plane(grid, (a, b, c), ctx.workdir / "connectivity_plane.png",
-                                            f"total loss over the plane {a}, {b}, {c} ({which_models(cfg)})")))
+                                            f"total loss over the plane {a}, {b}, {c}\n{which_models(cfg)}")))
         return StageResult(artifacts=[Table(CONNECTIVITY.name, pa.Table.from_pylist(rows)), *files],
                            metrics=metrics, summary={k: v for k, v in metrics.items() if k.startswith("barrier_")})

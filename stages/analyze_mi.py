@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class MutualInformationConfig(ComparisonConfig):
     """A mutual-information node's config: the compared models and their batch, and the noise."""
 
-    noise: float  # the noise's std as a share of each block's activation RMS
+    noise: float  # the noise's std as a share of the median distance between two samples' representations
     draws: int
 
 
@@ -55,6 +55,6 @@ class MutualInformation(ComparisonAnalysis):
               for label, model in zip(cfg.models, inputs, strict=True)}
         rows = [{"model": label, **r.__dict__} for label, rs in mi.items() for r in rs]
         plot = plot_mutual_information(mi, ctx.workdir / "mutual_information.png",
-                                       f"I(X; Z) per block (seed {seed}, noise {cfg.noise} x RMS)", x.shape[0])
+                                       f"I(X; Z) per block (seed {seed}, noise {cfg.noise} x median distance)", x.shape[0])
         return StageResult(artifacts=[Table(MUTUAL_INFORMATION.name, pa.Table.from_pylist(rows)), File(plot)],
                            summary={"blocks": len(next(iter(mi.values())))})

@@ -47,6 +47,22 @@ def test_every_block_gets_an_estimate_within_its_bounds() -> None:
         assert r.lower - 0.15 <= r.mi <= r.upper + 0.15  # Monte Carlo noise around the bracket
 
 
+def test_the_noise_is_relative_to_the_median_distance_so_wide_layers_do_not_saturate() -> None:
+    from stages.core.analysis.mutual_information import noise_scale
+
+    pts = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])  # distances 3, 4, 5: median 4
+    assert noise_scale(pts, 0.25) == pytest.approx(1.0)
+    assert noise_scale(torch.ones(5, 3), 0.25) == pytest.approx(0.25)  # no spread: the share itself
+    # Two tight groups in 4,096 dimensions: at a quarter of the median distance the groups stay apart
+    # and their members blur, so I is about log 2 (which group), far below log N; per-dimension RMS
+    # scaling would leave every sample separable (log N), whatever the structure.
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(2, 4096, generator=g) * 10.0
+    h = torch.cat([centres[i] + 0.1 * torch.randn(50, 4096, generator=g) for i in (0, 1)])
+    mi = mi_monte_carlo(h, noise_scale(h, 0.25), draws=2)
+    assert 0.4 <= mi <= math.log(2) + 0.3 < math.log(100)  # measured 0.60: the groups overlap a little
+
+
 def test_the_node_reads_the_regimes_models() -> None:
     g = build_graph(load_spec(None, ["analyses.mutual_information.enabled=true"]))
     node = g.nodes["seed0/analyze/mutual_information"]

@@ -195,13 +195,13 @@ def plot_plane(rows: list[dict[str, Any]], names: Sequence[str], path: Path, tit
                     bbox={"boxstyle": "round", "fc": "white", "alpha": 0.7}, annotation_clip=False)
     xs, ys = [r["x"] for r in total], [r["y"] for r in total]
     pad = 0.1 * max(max(xs) - min(xs), max(ys) - min(ys), 1e-12)  # room for the marks' labels at the edges
-    ax.set_xlim(min(xs) - pad, max(xs) + pad)
+    ax.set_xlim(min(xs) - pad, max(xs) + 3 * pad)  # the labels sit right of their marks
     ax.set_ylim(min(ys) - pad, max(ys) + pad)
     ax.set_xlabel("weight-space distance (aligned)")
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": the marks' labels may reach past the axes
     return path
 
 

@@ -11,8 +11,10 @@ equal-weight mixture of N Gaussians and I(X; Z) = H(Z) - H(Z | X), H(Z | X) = d/
   mixture entropy, with the Bhattacharyya (lower) and KL (upper) distances:
   I <= -1/N sum_i log 1/N sum_j exp(-|h_i - h_j|^2 / (2 s^2)), the lower bound with 8 s^2.
 
-Both in nats; neither exceeds log N. The noise scale s is `noise` times the RMS of the layer's
-centred activations, so layers of different scale are compared at the same relative noise.
+Both in nats; neither exceeds log N. The noise scale s is `noise` times the median distance
+between two samples' representations, so layers of different scale and width are compared at the
+same relative noise. (Scaling by the activations' per-dimension RMS instead leaves the N mixture
+components about sqrt(d) noise stds apart in d dimensions: every real layer then gives log N.)
 Validated against the closed form for correlated Gaussians (`tests/test_analysis_mi.py`).
 """
 
@@ -52,10 +54,10 @@ def mi_monte_carlo(h: Tensor, s: float, draws: int = 4, seed: int = 0) -> float:
 
 
 def noise_scale(h: Tensor, noise: float) -> float:
-    """`noise` times the RMS of the centred activations (0 activations: `noise` itself)."""
+    """`noise` times the median distance between two samples' representations (all equal: `noise` itself)."""
     h = h.flatten(1).double()
-    rms = float((h - h.mean(0)).pow(2).mean().sqrt())
-    return noise * (rms if rms > 0 else 1.0)
+    median = float(torch.pdist(h).median()) if len(h) > 1 else 0.0
+    return noise * (median if median > 0 else 1.0)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class LayerMI:
 
 
 @torch.no_grad()
-def block_mutual_information(net: nn.Module, x: Tensor, noise: float = 0.1, draws: int = 4, seed: int = 0) -> list[LayerMI]:
+def block_mutual_information(net: nn.Module, x: Tensor, noise: float = 0.25, draws: int = 4, seed: int = 0) -> list[LayerMI]:
     """I(X; Z_b) for every backbone block b on the batch `x` (net in eval mode)."""
     was_training = net.training
     net.eval()
