@@ -52,8 +52,8 @@ def build_transforms(img_size: int, norm: Normalization, imagenet_style: bool,
     first = [T.Resize((img_size, img_size))] if resize and not imagenet_style else []
     if imagenet_style:
         train = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), *image_ops(aug), *to_tensor, *erasing(aug)])
-        resize = int(round(img_size / CENTER_CROP_RATIO))
-        evaluate = T.Compose([T.Resize(resize), T.CenterCrop(img_size), *to_tensor])
+        before_crop = int(round(img_size / CENTER_CROP_RATIO))
+        evaluate = T.Compose([T.Resize(before_crop), T.CenterCrop(img_size), *to_tensor])
     else:
         train = T.Compose([*first, T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip(), *image_ops(aug),
                            *to_tensor, *erasing(aug)])

@@ -54,9 +54,9 @@ class Pretrained:
     def cached_file(self) -> Path:
         """The weights file in the local cache; FileNotFoundError saying where it was looked for."""
         if self.library == "torchvision":
-            url = _torchvision_weights(self.name).url
-            path = _hub_checkpoint(url)
-            fetch = f"python -c \"import torchvision; torchvision.models.get_weight('{_torchvision_weights(self.name)}').get_state_dict()\""
+            weights = _torchvision_weights(self.name)
+            path = _hub_checkpoint(weights.url)
+            fetch = f"python -c \"import torchvision; torchvision.models.get_weight('{weights}').get_state_dict()\""
         else:
             path, fetch = _timm_cached(self.name)
         if not path.is_file():
