@@ -7,6 +7,7 @@ Ray starts or anything is written to the tracking store.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from stages.core.data import DataSpec, DatasetInfo, check_dataset
 from stages.core.loop import PhaseConfig
 from stages.core.nets import NetChoice, NetSpec, create_net
 from stages.core.nets.pretrained import Pretrained
-from stages.core.nets.start import StartWeights, backbone_weights, read_state_file
+from stages.core.nets.start import RUN_PREFIX, StartWeights, backbone_weights, start_reader
 
 from pipeline.spec import SpecError, StudySpec
 
@@ -64,17 +65,10 @@ def check_start(spec: StudySpec, ns: NetSpec, read_run: Callable[[str], dict[str
     start = start_weights(spec)
     if start is None:
         return
-    run_id = start.source.removeprefix("runs:/") if start.source.startswith("runs:/") else None
-    if run_id is not None and read_run is None:
+    if start.source.startswith(RUN_PREFIX) and read_run is None:
         return
     try:
-        pretrained = Pretrained.parse(start.source)
-        if run_id is not None and read_run is not None:
-            state = read_run(run_id)
-        elif pretrained is not None:
-            state = pretrained.backbone_state()
-        else:
-            state = read_state_file(start.source)
+        state = start_reader(start.source, lambda run_id: functools.partial(read_run, run_id))()
         backbone_weights(create_net(ns), state)
     except SpecError:
         raise

@@ -32,9 +32,9 @@ from stages.core.allowed import (
     HEAD_KINDS,
     MIN_SUBSET,
     NEEDS_NO_ROOT,
-    PRETRAINED_LIBRARIES,
     RESIZE_BOUNDS,
     VAL_FRACTION_BOUNDS,
+    pretrained_source,
 )
 from stages.core.phase_config import LossWeighting, OptimizerName, Schedule
 from stages.core.phase_config import PhaseConfig as _CorePhase
@@ -138,9 +138,7 @@ class NetConfig(_Model):
         v = v.strip()
         if not v:
             raise ValueError("a path to a state-dict file, runs:/RUN_ID, torchvision:NAME or timm:NAME")
-        if is_pretrained(v):
-            if not v.partition(":")[2].strip():
-                raise ValueError(f"{v!r}: name the weights, e.g. torchvision:resnet50.IMAGENET1K_V2")
+        if pretrained_source(v) is not None:  # raises when the weights go unnamed
             return v
         if v.startswith("runs:/") and not re.fullmatch(r"runs:/[0-9a-f]{32}", v):
             raise ValueError(f"{v!r}: expected runs:/ and a 32-character MLflow run id")
@@ -627,11 +625,6 @@ def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> St
     return resolve_paths(spec, base)
 
 
-def is_pretrained(init: str) -> bool:
-    """`net.init` names a library's cached weights (LIBRARY:NAME), not a file or a run."""
-    return init.partition(":")[0] in PRETRAINED_LIBRARIES and ":" in init
-
-
 def resolve_paths(spec: StudySpec, base: Path) -> StudySpec:
     """Make a relative data.root and net.init absolute against the spec's folder (Ray changes workers' cwd).
 
@@ -641,7 +634,7 @@ def resolve_paths(spec: StudySpec, base: Path) -> StudySpec:
     data, net = spec.data, spec.net
     if data.root and "://" not in data.root and not Path(data.root).is_absolute():
         data = data.model_copy(update={"root": str((base / data.root).resolve())})
-    file_init = net.init and not net.init.startswith("runs:/") and not is_pretrained(net.init)
+    file_init = net.init and not net.init.startswith("runs:/") and pretrained_source(net.init) is None
     if file_init and not Path(net.init).expanduser().is_absolute():
         net = net.model_copy(update={"init": str((base / net.init).resolve())})
     elif file_init:

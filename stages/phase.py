@@ -15,8 +15,7 @@ from pipeline.stage import Checkpoint, File, RunSettings, StageContext, StageFai
 from stages.core.data import DataSpec, dataset_info
 from stages.core.loop import PhaseConfig
 from stages.core.nets import NetChoice, NetSpec
-from stages.core.nets.pretrained import Pretrained, PretrainedStart
-from stages.core.nets.start import StartWeights, StateFile
+from stages.core.nets.start import StartWeights, start_reader
 from stages.train import GRADIENT_DOMINANCE, HISTORY, PhaseJob, PhaseOutcome, scaling_config
 
 if TYPE_CHECKING:
@@ -68,13 +67,7 @@ def phase_job(node: Node, inputs: list[StageInput], ctx: StageContext) -> tuple[
 
 
 def _start_loader(start: StartWeights | None, ctx: StageContext) -> Any:
-    if start is None:
-        return None
-    if start.source.startswith("runs:/"):
-        return ctx.run_checkpoint(start.source.removeprefix("runs:/"))
-    if Pretrained.parse(start.source) is not None:
-        return PretrainedStart(start.source)
-    return StateFile(start.source)
+    return None if start is None else start_reader(start.source, ctx.run_checkpoint)
 
 
 def scaling(ctx: StageContext) -> Any:

@@ -178,12 +178,22 @@ def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, storage_pa
 
     # Tune registers a function trainable cluster-wide under its __name__: two searches running
     # at once with the same name would swap trainables, and one search's trials would run the
-    # other's phase. The search's name (its cache key) keeps different searches apart, and its
-    # storage the same search of two studies in different storage (one cluster, two experiments):
-    # deterministic, so a restored search finds its trainable under the same name.
-    where = hashlib.sha256(storage_path.encode()).hexdigest()[:8]
-    trial.__name__ = trial.__qualname__ = f"exitflow_trial_{name}_{where}"
+    # other's phase. The search's folder name (its cache key and its storage) keeps them apart,
+    # deterministically, so a restored search finds its trainable under the same name.
+    trial.__name__ = trial.__qualname__ = f"exitflow_trial_{search_dir(name, storage_path)}"
     return trial
+
+
+def search_dir(name: str, storage_path: str) -> str:
+    """The Tune experiment's name: its folder in storage, and in the node's local staging area.
+
+    Tune stages a search's state under `<Ray session>/artifacts/<second it started>/<name>` and
+    copies that folder to storage: the same search of two studies in different storage (one
+    cluster, two experiments) started in the same second on one node would share that folder,
+    and each study's storage would receive the other's state. A hash of the storage path in the
+    name keeps them apart; within one storage, the node's key lock lets one run at a time.
+    """
+    return f"{name}-{hashlib.sha256(storage_path.encode()).hexdigest()[:8]}"
 
 
 def _record(result: Any, storage_path: str, max_epochs: int) -> TrialRecord:
@@ -217,7 +227,8 @@ def _record(result: Any, storage_path: str, max_epochs: int) -> TrialRecord:
 
 def _fresh_or_restored(trainable: Any, plan: SearchPlan, name: str, storage_path: str, tune_config: Any,
                        run_config: Any) -> Any:
-    """Resume the search saved under `name`, or start it afresh, saying why, when its state cannot be read."""
+    """Resume the search saved under `name` (its folder, `search_dir`), or start it afresh, saying why,
+    when its state cannot be read."""
     exp_path = f"{storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(exp_path):
         try:
@@ -272,10 +283,11 @@ def run_search(
         max_concurrent_trials=max_concurrent_trials,
     )
     # A trial whose process dies (a lost node) is retried as often as a phase's workers are.
-    run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+    folder = search_dir(name, storage_path)
+    run_config = tune.RunConfig(name=folder, storage_path=storage_path, verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=max_failures),
                                 callbacks=[SearchProgress(job.label, plan.trials, functools.partial(trial_run_name, name))])
-    results = _fresh_or_restored(trainable, plan, name, storage_path, tune_config, run_config).fit()
+    results = _fresh_or_restored(trainable, plan, folder, storage_path, tune_config, run_config).fit()
     errors = [(r.config.get("lr"), r.error) for r in results if r.error is not None]
     if errors:
         # Choosing among the survivors would let a crash decide the search; fail instead, and

@@ -28,6 +28,32 @@ def test_float32_noise_stays_below_the_tolerance_and_rtol_can_count_it() -> None
     assert numerical_rank(m.double() + 1e-3 * torch.randn(300, 80, dtype=torch.float64, generator=g), rtol=1e-12) == 80
 
 
+@pytest.mark.parametrize("rows, columns, rank", [(400, 1500, 37), (1500, 400, 37), (300, 2000, 300)])
+def test_activation_sized_matrices_take_the_gram_path_and_agree_with_the_svd(rows: int, columns: int, rank: int) -> None:
+    """Activation-sized matrices rank by the Gram matrix's eigenvalues: every singular value the SVD
+    gives, to 1e-9 of the largest, and the same rank, with ReLU-like structure and float32 rounding."""
+    from stages.core.analysis.rank import FLOAT32_EPS, gram_resolves, gram_singular_values
+
+    g = torch.Generator().manual_seed(rows + rank)
+    m = torch.relu(torch.randn(rows, rank, generator=g) @ torch.randn(rank, columns, generator=g)).float()
+    m = m[:, m.abs().sum(0) > 0]  # a ReLU may zero a column: rank only counts what is there
+    relative = max(m.shape) * FLOAT32_EPS
+    assert gram_resolves(m.shape, relative)
+    svd = torch.linalg.svdvals(m.double())
+    gram = gram_singular_values(m.double())
+    assert torch.allclose(gram, svd, rtol=0, atol=1e-9 * float(svd[0]))
+    expected = int((svd > svd[0] * relative).sum())
+    assert numerical_rank(m) == expected and 0 < expected <= min(rows, columns)
+
+
+def test_small_matrices_and_tight_tolerances_take_the_svd() -> None:
+    from stages.core.analysis.rank import FLOAT32_EPS, gram_resolves
+
+    assert not gram_resolves((100, 50), 100 * FLOAT32_EPS)  # below 156 rows or columns
+    assert not gram_resolves((1000, 6000), 1e-12)  # a tight rtol: below what the Gram matrix resolves
+    assert gram_resolves((1000, 6000), 6000 * FLOAT32_EPS)
+
+
 class _Known(nn.Module):
     """A 'net' whose layer outputs are known: Linear -> BatchNorm -> ReLU -> Linear."""
 

@@ -10,7 +10,8 @@ Then the same command runs again, and the cell asserts:
    again (epochs logged per phase and per trial, against the uninterrupted run: at most the epoch
    in flight at the kill may run twice, and the last epoch of a trial still closing then);
 3. no run is left RUNNING;
-4. the budget table is identical to the uninterrupted run's (same seeds, deterministic training).
+4. the budget table is identical to the uninterrupted run's (same seeds, deterministic training);
+5. no search's saved state is set aside as unresumable.
 
 Cells share what they can: the suite's Ray session (each driver joins it with --address), its
 MLflow server, and one experiment per kill target whose cells run in order. Before a cell, the
@@ -38,7 +39,8 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
+# The module fixture (every cell, ~20 min on 2 cores) runs inside the first test's timeout.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(3000)]
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
 P1, P3, EVALUATE, REPORT = "seed0/P1", "seed0/disjoint/P3", "seed0/disjoint/evaluate", "report"
@@ -50,6 +52,9 @@ STUDY = [
     "phases.P1.max_epochs=2", "phases.P1.patience=3",
     "phases.P3.lr=[1.0e-6,3.0e-3]", "phases.P3.max_epochs=2", "phases.P3.patience=1",
 ]
+# One `exitflow run` of a cell. The longest, the run with eight worker kills, took 780 s beside the
+# other two streams on 2 cores (a 900 s limit failed it on a slower day): a hang, not a slow day, fails.
+RUN_LIMIT_S = 1500
 SETTLE = "settle_s=3"  # let Ray Train register the last reported checkpoint before the kill
 
 
@@ -131,13 +136,23 @@ def _command(address: str, uri: str, experiment: str, storage: Path, sets: tuple
             *[a for s in all_sets for a in ("--set", s)]]
 
 
-def _run(cmd: list[str], cwd: Path, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], cwd: Path, log: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one `exitflow run`; its output also lands in files beside `cwd` (logs/LOG.out|err), readable
+    while it runs, and a run past the limit fails the cell with the end of what it printed."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "EXITFLOW_FAULT")}
     # Train's metrics export feeds the Ray dashboard's charts, which no cell reads: a cost per run, off.
     env.update(PYTHONUNBUFFERED="1", RAY_TRAIN_METRICS_ENABLED="0")
     if fault:
         env["EXITFLOW_FAULT"] = fault
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    logs = cwd.parent / "logs"
+    logs.mkdir(exist_ok=True)
+    out, err = logs / f"{log}.out", logs / f"{log}.err"
+    with out.open("w") as o, err.open("w") as e:
+        try:
+            code = subprocess.run(cmd, cwd=cwd, env=env, stdout=o, stderr=e, text=True, timeout=RUN_LIMIT_S).returncode
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{log} ran past {RUN_LIMIT_S} s; it printed last:\n{err.read_text()[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
 
 
 def table(proc: subprocess.CompletedProcess[str]) -> str:
@@ -205,19 +220,20 @@ def _cell(cell: Cell, stream: int, c: MlflowClient, address: str, uri: str, root
     plan = [(m, f"{m.fault},{how}") for m in cell.moments]
     start = time.monotonic()
     first = cell.moments[0]
+    label = f"{cell.target}-{MOMENTS.index(first)}"
     _forget(c, experiment, storage, DOWNSTREAM[first.first_node], first.keep_trials)
     markers = {m.name: root / f"fired-{cell.target}-{MOMENTS.index(m)}" for m, _ in plan}
     cmd = _command(address, uri, experiment, storage, tuple(s for m in cell.moments for s in m.sets))
-    cell.first = _run(cmd, work, ";".join(f"{fault},marker={markers[m.name]}" for m, fault in plan))
+    cell.first = _run(cmd, work, f"{label}-first", ";".join(f"{fault},marker={markers[m.name]}" for m, fault in plan))
     cell.fired = {name: json.loads(p.read_text()) for name, p in markers.items() if p.exists()}
     cell.at_kill = ledger(c, experiment)
     cell.finished_at_kill = finished(c, experiment)
-    cell.rerun = _run(cmd, work)
+    cell.rerun = _run(cmd, work, f"{label}-rerun")
     cell.after = ledger(c, experiment)
     exp = _experiment(c, experiment)
     cell.running = [r.info.run_id for r in c.search_runs([exp], "attributes.status = 'RUNNING'", max_results=5000)]
     if cell.target == "driver" and first.name == REPRODUCTION:
-        cell.third = _run(cmd, work)
+        cell.third = _run(cmd, work, f"{label}-third")
     cell.seconds = time.monotonic() - start
     return cell
 
@@ -230,7 +246,7 @@ def _stream(stream: int, address: str, uri: str, root: Path) -> tuple[Any, dict[
     for job in STREAMS[stream]:
         if job == REFERENCE:
             experiment = f"matrix-{stream}"
-            reference = _run(_command(address, uri, experiment, root / f"ray-{stream}", ()), root / f"work-{stream}")
+            reference = _run(_command(address, uri, experiment, root / f"ray-{stream}", ()), root / f"work-{stream}", REFERENCE)
             reference_ledger = ledger(c, experiment) if reference.returncode == 0 else {}
             continue
         target, names = job
@@ -329,6 +345,8 @@ def test_every_kill_then_a_rerun_recovers(matrix: Matrix, moment: str, target: s
     # 4. the uninterrupted run's table
     assert table(cell.rerun) == table(matrix.reference)
     assert "Traceback" not in cell.rerun.stderr
+    # 5. every search state a kill leaves is resumed, never set aside for a fresh start
+    assert "cannot resume its saved state" not in cell.first.stderr + cell.rerun.stderr
 
 
 def test_the_issue_reproduction_a_trial_killed_at_its_stopping_point_then_two_reruns(matrix: Matrix) -> None:

@@ -154,10 +154,11 @@ def test_a_search_whose_state_cannot_be_read_says_why_and_starts_afresh(
     ray_session: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from stages.train import scaling_config
-    from stages.tune import SearchPlan, run_search
+    from stages.tune import SearchPlan, run_search, search_dir
 
     storage = tmp_path / "ray"
-    broken = storage / "broken"
+    folder = search_dir("broken", str(storage))
+    broken = storage / folder
     broken.mkdir(parents=True)
     (broken / "tuner.pkl").write_bytes(b"not a pickle: a half-written file from a dead process")
     with caplog.at_level("WARNING", logger="stages.tune"):
@@ -165,8 +166,30 @@ def test_a_search_whose_state_cannot_be_read_says_why_and_starts_afresh(
                             "broken", str(storage), 0)
     assert [t.epochs for t in search.trials] == [1]  # the search ran, from scratch
     [warning] = [r.getMessage() for r in caplog.records if "cannot resume" in r.getMessage()]
-    assert "starting it afresh" in warning and "broken.unresumable-1" in warning and str(storage) not in warning
-    assert (storage / "broken.unresumable-1" / "tuner.pkl").exists()  # set aside, not deleted
+    assert "starting it afresh" in warning and f"{folder}.unresumable-1" in warning and str(storage) not in warning
+    assert (storage / f"{folder}.unresumable-1" / "tuner.pkl").exists()  # set aside, not deleted
+
+
+def test_the_same_search_in_two_storages_is_staged_apart(ray_session: None, tmp_path: Path) -> None:
+    """Tune stages a search's state on the node under <Ray session>/artifacts/<second it started>/<name>
+    and copies it to storage. The same search of two studies in two storages (one cluster, two
+    experiments) started in one second shared that folder, and each storage got the other's state:
+    the fault matrix's streams saw a search restored with the other study's trials. The search's
+    name carries its storage, and stays the same for a restored search."""
+    from ray.train._internal.storage import StorageContext
+
+    from stages.tune import search_dir
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+
+    def staging(storage: str, name: str) -> str:
+        context = StorageContext(storage, name)
+        context._timestamp = "one-second"  # both searches start in the same second
+        return context.experiment_driver_staging_path
+
+    assert staging(a, "key-P3") == staging(b, "key-P3")  # what Tune does with one name: shared
+    assert staging(a, search_dir("key-P3", a)) != staging(b, search_dir("key-P3", b))
+    assert search_dir("key-P3", a) == search_dir("key-P3", a) and search_dir("key-P3", a).startswith("key-P3-")
 
 
 def test_a_trial_whose_recorded_checkpoint_is_gone_reads_its_runs_newest_whole_one(tmp_path: Path) -> None:

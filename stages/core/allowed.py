@@ -14,5 +14,17 @@ MIN_SUBSET = 10  # a stratified cap smaller than this leaves classes of a 10-cla
 HEAD_KINDS: tuple[str, ...] = ("sdn", "linear", "mlp")  # IC heads: SDN pooling head (conv maps), linear or MLP (pooled maps or tokens)
 # Libraries whose locally cached pretrained weights `net.init` reads as LIBRARY:NAME (stages.core.nets.pretrained)
 PRETRAINED_LIBRARIES: tuple[str, ...] = ("torchvision", "timm")
+
+
+def pretrained_source(init: str) -> tuple[str, str] | None:
+    """`net.init` as (library, weights name) when it reads LIBRARY:NAME; None for a file or a run.
+    A library with no name after it is a ValueError."""
+    library, sep, name = init.partition(":")
+    if not sep or library not in PRETRAINED_LIBRARIES:
+        return None
+    if not name.strip():
+        raise ValueError(f"{init!r}: name the weights after '{library}:', e.g. torchvision:resnet50.IMAGENET1K_V2")
+    return library, name.strip()
+
 # data.resize: the square side images are resized to (e.g. CIFAR's 32 px to a pretrained ViT's 224)
 RESIZE_BOUNDS = (8, 1024)

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-from stages.core.allowed import PRETRAINED_LIBRARIES as LIBRARIES
+from stages.core.allowed import pretrained_source
 
 RESNET_LAYERS = 4  # layer1..layer4
 
@@ -35,12 +35,8 @@ class Pretrained:
     @classmethod
     def parse(cls, source: str) -> Pretrained | None:
         """`torchvision:NAME` / `timm:NAME` -> Pretrained; anything else (a file, runs:/...) -> None."""
-        library, sep, name = source.partition(":")
-        if not sep or library not in LIBRARIES:
-            return None
-        if not name.strip():
-            raise ValueError(f"{source!r}: name the weights after '{library}:'")
-        return cls(library, name.strip())
+        parsed = pretrained_source(source)
+        return None if parsed is None else cls(*parsed)
 
     def __str__(self) -> str:
         return f"{self.library}:{self.name}"

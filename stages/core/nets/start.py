@@ -11,11 +11,14 @@ another architecture never half-load silently.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from stages.core.allowed import pretrained_source
+from stages.core.nets.pretrained import PretrainedStart
 
 BACKBONE = "backbone."
 ICS = "ics."
@@ -86,3 +89,17 @@ class StateFile:
 
     def __call__(self) -> dict[str, Tensor]:
         return read_state_file(self.path)
+
+
+RUN_PREFIX = "runs:/"
+
+
+def start_reader(source: str, run_reader: Callable[[str], Callable[[], dict[str, Tensor]]]) -> Callable[[], dict[str, Tensor]]:
+    """What reads a starting point's state dict when called: `runs:/RUN_ID` through `run_reader`
+    (given the run id; the tracking store is the caller's), LIBRARY:NAME from that library's local
+    cache, anything else as a state-dict file."""
+    if source.startswith(RUN_PREFIX):
+        return run_reader(source.removeprefix(RUN_PREFIX))
+    if pretrained_source(source) is not None:
+        return PretrainedStart(source)
+    return StateFile(source)
