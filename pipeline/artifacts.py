@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.stage import TableKind, table_kind
 from stages.core import faults
+from stages.core.state_hash import state_dict_hash
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +53,6 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
-
-
-def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
-    """Hash of a state_dict's names and exact tensor bytes (independent of file format)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

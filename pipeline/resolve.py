@@ -18,7 +18,8 @@ from stages.core.data import DataSpec, DatasetInfo, check_dataset
 from stages.core.loop import PhaseConfig
 from stages.core.nets import NetChoice, NetSpec, create_net
 from stages.core.nets.pretrained import Pretrained
-from stages.core.nets.start import RUN_PREFIX, StartWeights, backbone_weights, start_reader
+from stages.core.allowed import RUN_PREFIX
+from stages.core.nets.start import StartWeights, backbone_weights, start_reader
 
 from pipeline.spec import SpecError, StudySpec
 
@@ -36,7 +37,7 @@ def start_weights(spec: StudySpec) -> StartWeights | None:
     source = spec.net.init
     if source is None:
         return None
-    if source.startswith("runs:/"):
+    if source.startswith(RUN_PREFIX):
         return StartWeights(identity=source, source=source)
     pretrained = Pretrained.parse(source)
     if pretrained is not None:  # the cached file's content, under the weights' full name

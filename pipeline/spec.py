@@ -33,6 +33,7 @@ from stages.core.allowed import (
     MIN_SUBSET,
     NEEDS_NO_ROOT,
     RESIZE_BOUNDS,
+    RUN_PREFIX,
     VAL_FRACTION_BOUNDS,
     pretrained_source,
 )
@@ -140,7 +141,7 @@ class NetConfig(_Model):
             raise ValueError("a path to a state-dict file, runs:/RUN_ID, torchvision:NAME or timm:NAME")
         if pretrained_source(v) is not None:  # raises when the weights go unnamed
             return v
-        if v.startswith("runs:/") and not re.fullmatch(r"runs:/[0-9a-f]{32}", v):
+        if v.startswith(RUN_PREFIX) and not re.fullmatch(re.escape(RUN_PREFIX) + "[0-9a-f]{32}", v):
             raise ValueError(f"{v!r}: expected runs:/ and a 32-character MLflow run id")
         if "://" in v:
             raise ValueError(f"{v!r}: a local state-dict file, runs:/RUN_ID, torchvision:NAME or timm:NAME (other URIs are not read)")
@@ -634,7 +635,7 @@ def resolve_paths(spec: StudySpec, base: Path) -> StudySpec:
     data, net = spec.data, spec.net
     if data.root and "://" not in data.root and not Path(data.root).is_absolute():
         data = data.model_copy(update={"root": str((base / data.root).resolve())})
-    file_init = net.init and not net.init.startswith("runs:/") and pretrained_source(net.init) is None
+    file_init = net.init and not net.init.startswith(RUN_PREFIX) and pretrained_source(net.init) is None
     if file_init and not Path(net.init).expanduser().is_absolute():
         net = net.model_copy(update={"init": str((base / net.init).resolve())})
     elif file_init:

@@ -24,7 +24,6 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 
-from pipeline.artifacts import state_dict_hash
 from pipeline.progress_events import publish_epoch
 from pipeline.relay import relayed_progress
 from pipeline.stage import (CHECKPOINT, FILES, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, TableKind,
@@ -37,6 +36,7 @@ from stages.core.nets import NetSpec, create_net
 from stages.core.nets.start import load_start
 from stages.core.phases import prepare_phase
 from stages.core.progress import brief
+from stages.core.state_hash import state_dict_hash
 
 if TYPE_CHECKING:
     from pipeline.graph import Node

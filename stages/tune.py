@@ -153,7 +153,7 @@ def _read_outcome(path: str, storage_path: str) -> PhaseOutcome:
         return outcome_from_checkpoint(d)
 
 
-def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: str, max_failures: int,
+def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, folder: str, storage_path: str, max_failures: int,
                     log_factory: TrialLogFactory | None) -> Callable[[dict[str, Any]], None]:
     def trial(config: dict[str, Any]) -> None:
         relayed_progress()
@@ -180,7 +180,7 @@ def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, storage_pa
     # at once with the same name would swap trainables, and one search's trials would run the
     # other's phase. The search's folder name (its cache key and its storage) keeps them apart,
     # deterministically, so a restored search finds its trainable under the same name.
-    trial.__name__ = trial.__qualname__ = f"exitflow_trial_{search_dir(name, storage_path)}"
+    trial.__name__ = trial.__qualname__ = f"exitflow_trial_{folder}"
     return trial
 
 
@@ -264,8 +264,9 @@ def run_search(
     max_concurrent_trials: int = 2,
 ) -> SearchOutcome:
     """Search the phase's learning rate; an interrupted search with the same name resumes."""
+    folder = search_dir(name, storage_path)
     trainable = tune.with_resources(
-        _trial_function(job, scaling, name, storage_path, max_failures, log_factory), TRIAL_RESOURCES
+        _trial_function(job, scaling, name, folder, storage_path, max_failures, log_factory), TRIAL_RESOURCES
     )
     max_t = job.train.max_epochs
     scheduler = (
@@ -283,7 +284,6 @@ def run_search(
         max_concurrent_trials=max_concurrent_trials,
     )
     # A trial whose process dies (a lost node) is retried as often as a phase's workers are.
-    folder = search_dir(name, storage_path)
     run_config = tune.RunConfig(name=folder, storage_path=storage_path, verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=max_failures),
                                 callbacks=[SearchProgress(job.label, plan.trials, functools.partial(trial_run_name, name))])

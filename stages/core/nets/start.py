@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from stages.core.allowed import pretrained_source
+from stages.core.allowed import RUN_PREFIX, pretrained_source
 from stages.core.nets.pretrained import PretrainedStart
 
 BACKBONE = "backbone."
@@ -89,9 +89,6 @@ class StateFile:
 
     def __call__(self) -> dict[str, Tensor]:
         return read_state_file(self.path)
-
-
-RUN_PREFIX = "runs:/"
 
 
 def start_reader(source: str, run_reader: Callable[[str], Callable[[], dict[str, Tensor]]]) -> Callable[[], dict[str, Tensor]]:
