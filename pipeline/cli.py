@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -127,13 +128,25 @@ JobArg = Annotated[str, typer.Argument(help="The job id `exitflow submit` printe
 
 
 def _jobs(address: str, command: str) -> Any:
-    """A job client for the cluster at `address`, or exit 2 naming why it cannot be reached."""
+    """A job client for the cluster at `address`, or exit 2 naming why it cannot be used: unreachable,
+    refusing this client's token, or running another Ray than this machine's."""
+    import ray
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        client = JobSubmissionClient(address)
+    except AuthenticationError as e:  # 401 (no token sent) or 403 (another token)
+        raise _fail(f"exitflow {command}: the Ray cluster at {address} refused this client: {first_line(e)}; export "
+                    "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token> (cluster/README.md, Security)") from None
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError here
         raise _fail(f"exitflow {command}: cannot reach the Ray dashboard at {address}: {first_line(e)}") from None
+    # The client's own connection check read the cluster's version (Ray keeps it on the client).
+    theirs = getattr(client, "_server_ray_version", None)
+    if theirs and theirs != ray.__version__:
+        raise _fail(f"exitflow {command}: the cluster at {address} runs Ray {theirs}, this machine Ray {ray.__version__}: "
+                    f"install ray=={theirs} here (a job's client and the cluster's job server must match)")
+    return client
 
 
 def _job_call(command: str, job_id: str, call: Any) -> Any:
@@ -144,7 +157,9 @@ def _job_call(command: str, job_id: str, call: Any) -> Any:
 
 
 def _follow(client: Any, job_id: str) -> None:
-    """Stream the job's logs until it ends; exit with its outcome (0: SUCCEEDED, 1: otherwise)."""
+    """Stream the job's logs until it ends; exit with its outcome: 0 SUCCEEDED; 2 when its `exitflow run`
+    rejected its input (a spec, the data, a tracking server the cluster cannot reach: the reason is
+    in the logs above); 1 otherwise."""
     import asyncio
 
     async def tail() -> None:
@@ -154,7 +169,9 @@ def _follow(client: Any, job_id: str) -> None:
     asyncio.run(tail())
     info = client.get_job_info(job_id)
     typer.echo(f"job {job_id}: {info.status}" + (f" ({info.message})" if info.message else ""), err=True)
-    raise typer.Exit(0 if str(info.status) == "SUCCEEDED" else 1)
+    if str(info.status) == "SUCCEEDED":
+        raise typer.Exit(0)
+    raise typer.Exit(2 if getattr(info, "driver_exit_code", None) == 2 else 1)
 
 
 @app.command()
@@ -231,8 +248,8 @@ def report(run_id: Annotated[str, typer.Argument(help="A pipeline run id (printe
 
 @app.command()
 def ui(tracking_uri: UriOpt = None, port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000) -> None:
-    """Open the MLflow UI on the same tracking store."""
-    from pipeline.tracking import CLIENT_ENV, DEFAULT_ARTIFACTS, resolve_uri
+    """Open the MLflow UI on the same tracking store, with a link to each study's runs."""
+    from pipeline.tracking import CLIENT_ENV, DEFAULT_ARTIFACTS, resolve_uri, runs_links
 
     uri = resolve_uri(tracking_uri, None)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--port", str(port), "--host", "127.0.0.1"]
@@ -240,9 +257,26 @@ def ui(tracking_uri: UriOpt = None, port: Annotated[int, typer.Option(help="Port
         cmd += ["--artifacts-destination", str(Path(uri[len("sqlite:///"):]).parent / DEFAULT_ARTIFACTS)]
     elif uri.startswith("http"):
         raise _fail(f"exitflow ui: {uri} is already a tracking server: open it in a browser")
-    typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)")
+    url = f"http://127.0.0.1:{port}"
+    typer.echo(f"MLflow UI on {url} for {uri} (Ctrl-C stops it)")
+    sys.stdout.flush()
     env = {**os.environ, **CLIENT_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as `exitflow run` serves it
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    proc = subprocess.Popen(cmd, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())  # stopped by a supervisor: stop the server too
+    try:
+        links = runs_links(url, proc)
+        if links:
+            typer.echo("each study's runs (MLflow opens in its GenAI mode otherwise):")
+            for name, link in links:
+                typer.echo(f"  {name}: {link}")
+        sys.stdout.flush()
+        raise typer.Exit(proc.wait())
+    except KeyboardInterrupt:  # Ctrl-C reached the server too (one foreground group): let it finish
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise typer.Exit(130) from None
 
 
 @app.command()

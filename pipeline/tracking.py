@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import json
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,6 +83,29 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float, log_p
     raise TrackingError(f"mlflow server did not become healthy in {timeout:.0f}s: {log_path.read_text()[-2000:]}")
 
 
+# MLflow 3's UI opens in its GenAI mode (traces, an assistant) whatever the experiment's kind; the
+# mode comes from this URL parameter (or the browser's last choice), so links to a study's runs carry it.
+RUNS_VIEW = "workflowType=machine_learning"
+
+
+def runs_links(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 120.0) -> list[tuple[str, str]]:
+    """(experiment, link to its runs in the UI) for each experiment of the server at `url`, the most
+    recently updated first, once it answers; [] if it does not within `timeout` (or `proc` exits)."""
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url + "/ajax-api/2.0/mlflow/experiments/search", method="POST",
+                                     data=json.dumps({"max_results": 50, "order_by": ["last_update_time DESC"]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        try:
+            with urllib.request.urlopen(request, timeout=5) as r:
+                experiments = json.load(r).get("experiments", [])
+        except (OSError, ValueError):
+            time.sleep(0.5)
+            continue
+        return [(e["name"], f"{url}/#/experiments/{e['experiment_id']}/runs?{RUNS_VIEW}") for e in experiments]
+    return []
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """Stop the server and its worker processes (its own session: signal the whole group)."""
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
@@ -98,7 +123,7 @@ def check_store(uri: str) -> None:
 
     A sqlite store needs an existing, writable folder and, if the file exists, a writable
     SQLite file (anything else makes `mlflow server` retry for minutes); a file store is
-    refused by MLflow 3; an unknown scheme is refused by MLflow's client.
+    refused by MLflow 3; an HTTP server must answer; an unknown scheme is refused by MLflow's client.
     """
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme.startswith("sqlite"):
@@ -127,9 +152,23 @@ def check_store(uri: str) -> None:
                 f"tracking store {uri}: MLflow 3 refuses file stores; use sqlite:///path/to/mlflow.db "
                 "(or set MLFLOW_ALLOW_FILE_STORE=true)"
             )
+    elif scheme in ("http", "https"):
+        _check_answers(uri)
     elif scheme not in REMOTE_SCHEMES:
         known = ", ".join(("sqlite", "file", *REMOTE_SCHEMES))
         raise TrackingError(f"tracking store {uri}: unknown scheme {scheme!r}; known: {known}")
+
+
+def _check_answers(uri: str, timeout_s: float = 10.0) -> None:
+    """A tracking server must answer, with any status (a proxy's 401 is an answer): MLflow's client
+    would otherwise retry every call for minutes before it fails."""
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise TrackingError(f"tracking server {uri} does not answer ({getattr(e, 'reason', e)}): is it running, "
+                            "and reachable from where this runs?") from None
 
 
 @contextlib.contextmanager

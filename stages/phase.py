@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from stages.tune import SearchPlan
 
 DIVERGED_TAG = "exitflow.diverged"  # on a phase that diverged (FAILED) or a search with diverged trials
+RAY_NODES_TAG = "exitflow.ray_nodes"  # on a phase: the Ray node ids of the workers that trained it, comma-separated
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ def phase_result(node: Node, inputs: list[StageInput], job: PhaseJob, ns: NetSpe
         params={"chosen_lr": str(lr), **({"start.sha256": outcome.start["sha256"]} if outcome.start else {})},
         metrics={f"best_{k}": float(v) for k, v in outcome.best_val.items()}
         | {"epochs_run": outcome.epochs_run, "best_epoch": outcome.best_epoch},
+        # which machines trained it (a resumed phase: those of its last attempt)
+        tags={RAY_NODES_TAG: ",".join(outcome.ray_nodes)} if outcome.ray_nodes else {},
         summary={"phase": phase, "lr": lr, "lrs": lineage, "diverged": all_diverged, "epochs": outcome.epochs_run,
                  "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early,
                  "resumed_at": outcome.resumed_at, "best_val": outcome.best_val["val_score"], "start": outcome.start,

@@ -95,6 +95,7 @@ class PhaseOutcome:
     diverged: str = ""  # "non-finite loss at epoch E, step S" when the phase stopped on one
     start: dict[str, str] | None = None  # net.init's source and the sha256 of the backbone the phase started from
     ran_on: str = ""  # where the epochs ran, as the workers saw it (`ran_on`); "" in checkpoints older than the record
+    ray_nodes: list[str] = field(default_factory=list)  # the Ray node ids of the workers that trained it (`worker_nodes`)
 
 
 def ran_on(device: torch.device, world: int, cfg: PhaseConfig) -> str:
@@ -104,6 +105,17 @@ def ran_on(device: torch.device, world: int, cfg: PhaseConfig) -> str:
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "one process"
     modes = [m for m, on in (("bf16", cfg.bf16), ("channels_last", cfg.channels_last)) if on and device.type == "cuda"]
     return f"{world} x {name} ({', '.join([backend, *modes])})"
+
+
+def worker_nodes(world: int) -> list[str]:
+    """The Ray node ids of a phase's workers, sorted: on a cluster, which machines trained it.
+    Every rank must call it (a collective when there is more than one)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node]
+    nodes: list[Any] = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return sorted(set(nodes))
 
 
 def selection_score(accuracies: list[float], selection: str, phase: str, flops_frac: list[float]) -> float:
@@ -201,6 +213,7 @@ def train_worker(job: PhaseJob) -> None:
         val_loader = prepare_data_loader(val_loader)
     device = ray.train.torch.get_device()
     where = ran_on(device, world, cfg)
+    nodes = worker_nodes(world)
     label = job.label or job.phase
     resume = _load_resume(label)
     if resume is not None and rank == 0:
@@ -231,6 +244,7 @@ def train_worker(job: PhaseJob) -> None:
         if start is not None:
             report.state["start"] = start
         report.state["ran_on"] = where
+        report.state["ray_nodes"] = nodes
         metrics = {**report.metrics, **extra}
         if rank == 0:
             publish_epoch(job.label, job.trial, job.train.lr, report.epoch, cfg.max_epochs, metrics, len(flops_frac))
@@ -289,7 +303,7 @@ def outcome_from_checkpoint(path: str | Path) -> PhaseOutcome:
     """Read the phase's result from a checkpoint directory written by `train_worker`."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
     return replace(_outcome(state["history"], state["early_stopping"], state["best_state_dict"]), start=state.get("start"),
-                   ran_on=state.get("ran_on", ""))
+                   ran_on=state.get("ran_on", ""), ray_nodes=state.get("ray_nodes", []))
 
 
 def progress_from_checkpoint(path: str | Path) -> PhaseOutcome:

@@ -22,11 +22,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ui_serves_the_tracking_store(tmp_path: Path) -> None:
+def test_ui_serves_the_tracking_store_and_links_each_studys_runs(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
     port = _free_port()
     db = tmp_path / "mlflow.db"
+    study = MlflowClient(f"sqlite:///{db}").create_experiment("a-study")
+    # A link that opens the study's runs, not MLflow's GenAI overview (its default mode)
+    link = f"a-study: http://127.0.0.1:{port}/#/experiments/{study}/runs?workflowType=machine_learning"
     cmd = [sys.executable, "-m", "pipeline.cli", "ui", "--tracking-uri", f"sqlite:///{db}", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline, healthy = time.monotonic() + 120, False
         while not healthy and proc.poll() is None and time.monotonic() < deadline:
@@ -35,8 +42,12 @@ def test_ui_serves_the_tracking_store(tmp_path: Path) -> None:
                     healthy = r.status == 200
             except OSError:
                 time.sleep(0.5)
-        assert healthy, proc.stdout.read().decode() if proc.poll() is not None else "no answer in 120 s"
+        assert healthy, log.read_text() if proc.poll() is not None else "no answer in 120 s"
         assert db.is_file()  # the sqlite store `exitflow run` uses by default
+        deadline = time.monotonic() + 60  # the links follow once the server lists the experiments
+        while link not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert link in log.read_text(), log.read_text()[-3000:]
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
         try:

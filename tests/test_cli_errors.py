@@ -161,6 +161,7 @@ def _uri_cases(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
         "unknown scheme": (["--tracking-uri", "ftp://host/store"], ["ftp", "unknown scheme"]),
         "file store": (["--tracking-uri", "/nonexistent-dir/store"], ["file store", "sqlite:///"]),
         "storage under a file": (["--set", f"tracking.storage_path={blocker}/ray"], ["tracking.storage_path", "not a folder"]),
+        "server not answering": (["--tracking-uri", "http://127.0.0.1:1"], ["http://127.0.0.1:1", "does not answer"]),
     }
 
 
@@ -168,7 +169,7 @@ def _uri_cases(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
 @pytest.mark.parametrize(
     "case",
     ["folder missing", "file in place of the folder", "folder in place of the db", "not a sqlite file",
-     "from the spec", "unknown scheme", "file store", "storage under a file"],
+     "from the spec", "unknown scheme", "file store", "storage under a file", "server not answering"],
 )
 def test_tracking_store_cannot_be_written(cwd: Path, tmp_path: Path, command: str, case: str) -> None:
     args, expected = _uri_cases(tmp_path)[case]

@@ -7,8 +7,11 @@ by `status` and `logs`, and `stop` stops a running one.
 
 from __future__ import annotations
 
+import http.server
+import json
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +33,39 @@ def test_an_unreachable_dashboard_exits_2_naming_it(command: str) -> None:
 def test_submit_to_an_unreachable_dashboard_exits_2(cwd: Path) -> None:
     result = CliRunner().invoke(app, ["submit", "empty.yaml", "--address", UNREACHABLE, "--tracking-uri", "http://127.0.0.1:5000"])
     assert result.exit_code == 2 and f"cannot reach the Ray dashboard at {UNREACHABLE}" in result.output
+
+
+class _OtherRayDashboard(http.server.BaseHTTPRequestHandler):
+    """A dashboard that says it runs another Ray (no cluster of another version runs here): what
+    `JobSubmissionClient` reads when it connects."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = json.dumps({"version": "4", "ray_version": "2.0.0", "ray_commit": "0" * 40, "session_name": "s"}).encode()
+        self.send_response(200 if self.path == "/api/version" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("command", ["submit", "status"])
+def test_a_cluster_of_another_ray_version_exits_2_naming_both(cwd: Path, command: str) -> None:
+    import ray
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtherRayDashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        args = ["empty.yaml", "--tracking-uri", "http://127.0.0.1:5000"] if command == "submit" else ["raysubmit_x"]
+        result = CliRunner().invoke(app, [command, *args, "--address", address])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 2, result.output
+    assert f"runs Ray 2.0.0, this machine Ray {ray.__version__}" in result.output and "install ray==2.0.0" in result.output
+    assert "Traceback" not in result.output
 
 
 def _wait_for(client: object, job_id: str, states: set[str], timeout: float = 120) -> str:
