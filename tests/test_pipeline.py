@@ -135,7 +135,8 @@ def test_results_from_python_are_dataframes_whether_trained_or_cached(
     from pipeline.results import open_study
 
     exp = client.get_experiment_by_name(NAME)
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    # marked as model training; MLflow 3.17's UI opens in GenAI mode all the same (`exitflow ui` prints the runs link)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     again = _run(storage, mlflow_uri)  # every node cached: its pipeline run lists the same node runs
     with open_study(base.parent_run_id, mlflow_uri) as first, open_study(again.parent_run_id, mlflow_uri) as cached:
         budgets = first.budgets()
@@ -166,6 +167,35 @@ def test_results_from_python_are_dataframes_whether_trained_or_cached(
         assert early_exit_accuracy(net, point.threshold) == point.accuracy
         with pytest.raises(ValueError, match="no phase node 'seed0/joint/evaluate'"):
             cached.model("seed0/joint/evaluate")
+
+
+def test_results_api_gives_the_budget_table_exitflow_report_prints(base: Any, mlflow_uri: str) -> None:
+    """Every cell of `exitflow report`'s tables (criterion x regime x budget, and the seed count) is
+    the DataFrame's value, as the report renders it; and the DataFrame has no row the report lacks."""
+    import re
+
+    from pipeline.cli import app
+    from pipeline.results import open_study
+
+    printed = CliRunner().invoke(app, ["report", base.parent_run_id, "--tracking-uri", mlflow_uri])
+    assert printed.exit_code == 0, printed.output
+    blocks = {}  # criterion -> {regime: cells after the regime's name}
+    for block in printed.output.split("test accuracy (%) at FLOPs budget")[1:]:
+        criterion = re.search(r"exit criterion: (\w+)", block.splitlines()[0]).group(1)
+        header, _rule, *lines = block.split("\n\n")[0].splitlines()[1:]
+        columns = re.split(r"\s{2,}", header.strip())
+        assert columns[:2] == ["regime", "seeds"]
+        rows = [re.split(r"\s{2,}", ln.strip()) for ln in lines if not ln.startswith("note:")]
+        blocks[criterion] = {row[0]: dict(zip(columns[1:], row[1:])) for row in rows}
+    with open_study(base.parent_run_id, mlflow_uri) as study:
+        budgets = study.budgets()
+    assert set(blocks) == set(budgets.criterion) == {"max_softmax", "entropy"}
+    for row in budgets.itertuples():
+        cells = blocks[row.criterion][row.regime]  # the table's budget labels: "0.25", ..., "max"
+        assert cells["seeds"] == str(row.n_seeds)
+        shown = "-" if row.accuracy_mean != row.accuracy_mean else f"{100 * row.accuracy_mean:.2f} ± {100 * row.accuracy_std:.2f}"
+        assert cells[f"{row.budget}x" if row.budget != "max" else "max"] == shown
+    assert sum(len(b) for b in blocks.values()) == budgets.groupby(["criterion", "regime"]).ngroups
 
 
 def early_exit_accuracy(net: Any, threshold: float) -> float:
