@@ -12,7 +12,7 @@ from stages.core.analysis.connectivity import barrier, exit_metrics, interpolate
 from stages.core.analysis.permutation import permutation_spec, permute_state, random_perms, weight_matching
 from stages.core.nets import NetSpec, create_net
 
-SPECS = {  # every family with a permutation spec, and every IC head kind
+SPECS = {  # every family with a permutation spec, every IC head kind, and ZTW's wrapped heads
     "resnet20-sdn": NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, width=8, exits=(2, 4, 6, 8)),
     "resnet20-mlp": NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, width=8, exits=(3, 5),
                             head="mlp", head_hidden=(16,), head_norm=True),
@@ -22,6 +22,9 @@ SPECS = {  # every family with a permutation spec, and every IC head kind
     "vit-token": NetSpec(backbone="vit_cifar", num_classes=10, in_chans=3, img_size=8, width=32, depth=3, head_norm=True),
     "vit-mlp": NetSpec(backbone="vit_cifar", num_classes=10, in_chans=3, img_size=8, width=32, depth=3, head="mlp",
                        head_hidden=(16, 8)),
+    # ZTW: cascading heads around the family's own, and an ensemble no permutation touches
+    "resnet20-ztw": NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, width=8, exits=(2, 4, 6),
+                            method="ztw"),
 }
 
 

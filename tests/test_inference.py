@@ -58,7 +58,7 @@ def _trained(method: str, splits) -> MultiExitNet:  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def nets(splits, running_mean: ExitMethod) -> dict[str, MultiExitNet]:  # noqa: ANN001
-    return {m: _trained(m, splits) for m in ("sdn", running_mean.name)}
+    return {m: _trained(m, splits) for m in ("sdn", running_mean.name, "ztw")}
 
 
 def _test_batches(splits, batch_size: int = 128):  # noqa: ANN001, ANN202
@@ -66,7 +66,7 @@ def _test_batches(splits, batch_size: int = 128):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
-@pytest.mark.parametrize("method", ["sdn", "toy_running_mean"])
+@pytest.mark.parametrize("method", ["sdn", "toy_running_mean", "ztw"])
 def test_dynamic_inference_takes_the_simulated_exits_and_predictions(nets, splits, method: str, criterion: str) -> None:  # noqa: ANN001
     net = nets[method]
     logits, labels = collect_logits(net, _test_batches(splits), "cpu")

@@ -1,10 +1,11 @@
 """Early-exit methods other than SDN through a whole study: every regime, evaluated and reported.
 
 PABEE (`net.method: pabee`) trains its depth-weighted loss; its exit rule, the `patience`
-criterion, evaluates beside max softmax. One epoch a phase: this checks the plumbing (every
-regime trains, every curve spans the exits' costs, the report has a row per regime, criterion
-and budget); the maths of the loss and the exit rule are checked against references in
-test_nets.py and test_evaluation.py.
+criterion, evaluates beside max softmax. ZTW (`net.method: ztw`) trains cascading ICs, then fits
+its ensemble on the frozen net at the end of every phase that trained them. One epoch a phase:
+this checks the plumbing (every regime trains, every curve spans the exits' costs, the report has
+a row per regime, criterion and budget); the maths of the losses, ensembles and exit rules are
+checked against references in test_nets.py, test_ztw.py and test_evaluation.py.
 """
 
 from __future__ import annotations
@@ -53,3 +54,38 @@ def test_pabee_runs_every_regime_to_a_curve_and_a_budget_table(pabee: Any, mlflo
     assert "exit criterion: patience" in pabee.table and "exit criterion: max_softmax" in pabee.table  # a table each
     p2 = client.get_run(pabee.results["seed0/joint/P2"].run_id)
     assert p2.data.params["net.method"] == "pabee"
+
+
+@pytest.fixture(scope="module")
+def ztw(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from pipeline.runner import run_study
+
+    spec = tiny_spec(tmp_path_factory.mktemp("ray"), "name=methods-ztw", f"regimes=[{','.join(REGIMES)}]", "net.method=ztw",
+                     epochs=1)
+    return run_study(spec, mlflow_uri, progress=lambda _: None)
+
+
+def test_ztw_runs_every_regime_with_its_fitted_ensemble_to_a_curve_and_a_budget_table(ztw: Any, mlflow_uri: str) -> None:
+    from pipeline.artifacts import ArtifactStore
+
+    assert sorted(ztw.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2", "seed0/mixed/P2"]
+    client = MlflowClient(mlflow_uri)
+    store = ArtifactStore(client)
+    for node in ("seed0/P1", "seed0/joint/P2", "seed0/disjoint/P3", "seed0/mixed/P2"):
+        state, spec = store.load_checkpoint(ztw.results[node].run_id)
+        assert spec["net"]["method"] == "ztw"
+        fitted = bool(state["ensemble.bias"].abs().sum() > 0)  # beta starts at 0: fitted by the phases that train the ICs
+        assert fitted == (node != "seed0/P1"), node
+        assert any(k.startswith("ics.1.cascade.") for k in state)
+    for regime in REGIMES:
+        ev = ztw.results[f"seed0/{regime}/evaluate"]
+        exits = store.load_table(ev.run_id, "exits").to_pylist()
+        curve = [r for r in store.load_table(ev.run_id, "curve").to_pylist() if r["criterion"] == "max_softmax"]
+        flops = [r["flops"] for r in curve]
+        assert min(flops) == pytest.approx(exits[0]["flops"]) and max(flops) == pytest.approx(exits[-1]["flops"])
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in curve)
+        assert curve[-1]["accuracy"] == pytest.approx(exits[-1]["accuracy"])
+    budgets = store.load_table(ztw.results["report"].run_id, "budgets").to_pylist()
+    assert {(r["regime"], r["budget"]) for r in budgets if r["criterion"] == "max_softmax"} == {
+        (g, b) for g in REGIMES for b in ("0.25", "0.5", "0.75", "1.0", "max")}
+    assert client.get_run(ztw.results["seed0/mixed/P2"].run_id).data.params["net.method"] == "ztw"

@@ -63,8 +63,8 @@ def early_exit_forward(net: MultiExitNet, x: Tensor, threshold: float, criterion
         ic = net._ic_after.get(number)
         if ic is None:
             continue
-        raw.append(net.ics[ic](h))
-        seen.append(net.method.combine(raw).float())
+        raw.append(net.ic_output(ic, h, raw))
+        seen.append(net.combine(raw).float())
         leave = passes(_confidence_at(seen, net.num_exits, criterion), threshold, criterion).to(device)
         if bool(leave.any()):
             gone = here[leave]
@@ -77,7 +77,7 @@ def early_exit_forward(net: MultiExitNet, x: Tensor, threshold: float, criterion
             raw = [r[stay] for r in raw]
             seen = [s[stay] for s in seen]
     raw.append(net.backbone.forward_head(h))
-    predictions[here] = net.method.combine(raw).float().argmax(dim=-1)
+    predictions[here] = net.combine(raw).float().argmax(dim=-1)
     return ExitDecisions(predictions, exits)
 
 

@@ -425,6 +425,8 @@ def fit_phase(
         progress.history.append(metrics)
         logger.info("%s epoch %d: train_loss %.4f val_acc %s score %.4f%s", phase, epoch, train["train_loss"],
                     " ".join(f"{a:.3f}" for a in val["accuracy"]), score, " (best)" if improved else "")
+        if progress.stopper.stop or epoch == cfg.max_epochs - 1:  # the phase's last epoch
+            _finish_method(model, phase, progress, train_loader, device, cfg)
         if on_epoch is not None:
             state = _snapshot(phase, epoch, cfg, model, optimizer, scheduler, progress, train_loader, device)
             on_epoch(EpochReport(epoch=epoch, metrics=dict(metrics), state=state, improved=improved, stop=progress.stopper.stop))
@@ -480,6 +482,22 @@ def _resume(resume: dict[str, Any], phase: Phase, cfg: PhaseConfig, model: nn.Mo
     _set_rng_state(resume["rng"], train_loader, device)
     logger.info("%s: resumed after epoch %d", phase, int(resume["epoch"]))
     return _Progress(stopper, [dict(m) for m in resume["history"]], resume["best_state_dict"], int(resume["epoch"]) + 1)
+
+
+def _finish_method(model: nn.Module, phase: Phase, progress: _Progress, train_loader: Any, device: torch.device,
+                   cfg: PhaseConfig) -> None:
+    """The method's own step once a phase that trained the ICs (P2, P3) ends (ZTW fits its ensemble):
+    on the best state, which then holds its result. It runs before the last epoch's report, so a
+    kill during it costs that epoch, and a phase resumed after it does not run it again."""
+    step = model.method.finish
+    if step is None or phase == "P1" or progress.best_state is None or diverged_in(progress.history):
+        return
+    model.load_state_dict(progress.best_state)
+    batches = (_to_device(x, y, device, cfg) for x, y in train_loader)
+    with _autocast(device, cfg.bf16):
+        line = step(model, batches, _all_reduce_sum)
+    progress.best_state = _cpu_copy(model.state_dict())
+    logger.info("%s: %s", phase, line)
 
 
 def _select(progress: _Progress, model: nn.Module, phase: Phase, epoch: int, accuracies: list[float], nonfinite_step: int,

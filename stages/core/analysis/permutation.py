@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.core.nets.heads import MLPHead, PoolLinearHead, SDNHead, TokenHead
+from stages.core.nets.ztw import CascadeHead
 
 Segment = tuple[str, int]  # (group, inner): the group's units in order, `inner` consecutive entries each
 Axis = tuple[Segment, ...] | None  # None: the dimension is not permuted
@@ -102,7 +103,10 @@ class _Builder:
 
 def _head(b: _Builder, prefix: str, head: nn.Module, group: str, backbone: str) -> None:
     """An IC reading the stream `group`: its input features permute with the backbone's units."""
-    if isinstance(head, SDNHead):
+    if isinstance(head, CascadeHead):  # ZTW: the previous IC's logits enter through a map that no permutation touches
+        b.fixed.add(f"{prefix}.cascade.weight")
+        _head(b, f"{prefix}.head", head.head, group, backbone)
+    elif isinstance(head, SDNHead):
         b.fixed.add(f"{prefix}.mix")
         # flatten of pooled (C, h, w) maps: each channel owns h * w consecutive inputs
         b.layer(f"{prefix}.fc", None, _one(group, head.fc.in_features // b.spec.sizes[group]))
@@ -204,6 +208,8 @@ def permutation_spec(net: nn.Module) -> PermutationSpec:
                          "spec; weight matching supports the CIFAR and torchvision ResNets and the ViTs")
     for k, block in enumerate(net.ic_blocks):
         _head(b, f"ics.{k}", net.ics[k], streams[block - 1], backbone)
+    if net.ensemble is not None:  # ZTW's ensemble weighs the ICs' outputs: no unit of the backbone in it
+        b.fixed.update(f"ensemble.{name}" for name, _ in net.ensemble.named_parameters())
     return b.done(backbone)
 
 

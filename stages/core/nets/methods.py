@@ -6,20 +6,29 @@ lets every IC answer alone; an ensembling method averages the exits so far. `hea
 head kind the method defaults to (None: the family's default). When a sample leaves is the exit
 criterion's business (`stages.core.evaluation`), whatever the method. `losses` gives each
 exit's training loss (SDN: each exit against the labels alone); the phase weights and sums them.
+
+A method may also bring modules and a step of its own (ZTW, `stages.core.nets.ztw`): `cascade`
+wraps every IC after the first so that it also reads the previous IC's output; `ensemble` builds a
+module (its parameters under `net.ensemble`, trained by no phase) that replaces `combine`; `finish`
+is a step that runs once a phase that trained the ICs (P2, P3) has its best state, on the frozen
+net: ZTW fits its ensemble there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from stages.core.nets import ztw
 from stages.core.registry import Registry
 
 
 ExitLosses = Callable[[Sequence[Tensor], Tensor, Callable[[Tensor, Tensor], Tensor]], list[Tensor]]
+# (the unwrapped net, its training batches on the device, a sum over the DDP ranks) -> a line for the log
+FinishStep = Callable[[nn.Module, Iterable[tuple[Tensor, Tensor]], Callable[[Tensor], Tensor]], str]
 
 
 def each_exit_alone(logits: Sequence[Tensor], target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
@@ -39,6 +48,9 @@ class ExitMethod:
     # The method's own weights on its exits' losses (number of exits -> [E]), multiplied into the
     # phase's `loss_weighting` in P2 and P3; None: all 1. P1 trains the plain backbone: unweighted.
     loss_weights: Callable[[int], Tensor] | None = None
+    cascade: bool = False  # IC k > 0 also reads IC k - 1's output, detached (its head wrapped in ztw.CascadeHead)
+    ensemble: Callable[[int, int], nn.Module] | None = None  # (exits, classes) -> net.ensemble, used in place of `combine`
+    finish: FinishStep | None = None  # after a phase that trained the ICs, on its best state (see the module docstring)
 
 
 METHODS: Registry[ExitMethod] = Registry("method")
@@ -66,3 +78,7 @@ register_method(ExitMethod("sdn", combine=lambda raw: raw[-1], independent=True)
 # PABEE: independent ICs (as SDN's) and the depth-weighted loss; its exit rule is the `patience`
 # criterion (stages.core.evaluation), which works with every method.
 register_method(ExitMethod("pabee", combine=lambda raw: raw[-1], independent=True, loss_weights=depth_weights))
+# ZTW: cascading ICs and a geometric ensemble of the ICs so far, fitted on the frozen net once the
+# ICs are trained (stages.core.nets.ztw); exit k needs every IC before it.
+register_method(ExitMethod("ztw", combine=lambda raw: raw[-1], cascade=True, ensemble=ztw.GeometricEnsemble,
+                           finish=ztw.fit_ensemble))

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from stages.core.nets.heads import make_head
 from stages.core.nets.methods import get_method
 from stages.core.nets.spec import NetSpec
+from stages.core.nets.ztw import CascadeHead
 
 
 class ExitBackbone(nn.Module, abc.ABC):
@@ -145,9 +146,12 @@ class MultiExitNet(nn.Module):
         self.feature_shapes = block_shapes(backbone, spec.in_chans, spec.img_size)
         self.method = get_method(spec.method)
         head = spec.head if spec.head is not None else self.method.head
-        self.ics = nn.ModuleList(
-            make_head(head, self.feature_shapes[b - 1], spec.num_classes, spec.head_norm, spec.head_hidden) for b in ic_blocks
-        )
+        heads = [make_head(head, self.feature_shapes[b - 1], spec.num_classes, spec.head_norm, spec.head_hidden) for b in ic_blocks]
+        if self.method.cascade:  # every IC after the first also reads its predecessor's output
+            heads = heads[:1] + [CascadeHead(h, spec.num_classes) for h in heads[1:]]
+        self.ics = nn.ModuleList(heads)
+        # the method's own combining module (ZTW's ensemble): trained by no phase, see `prepare_phase`
+        self.ensemble = self.method.ensemble(self.num_exits, spec.num_classes) if self.method.ensemble is not None else None
         self._ic_after = {b: i for i, b in enumerate(ic_blocks)}  # block number -> IC index
         self.gradient_equilibrium = False
 
@@ -173,19 +177,38 @@ class MultiExitNet(nn.Module):
         remaining = self.num_exits - ic
         return scale_grad(h, (remaining - 1) / remaining), scale_grad(h, 1.0 / remaining)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def ic_output(self, ic: int, h: Tensor, raw: Sequence[Tensor]) -> Tensor:
+        """IC `ic`'s raw output on its block's features `h`; `raw` holds the raw outputs of ICs 0..ic-1
+        (a cascading method's IC reads the last of them)."""
+        if self.method.cascade and ic > 0:
+            return self.ics[ic](h, raw[-1])
+        return self.ics[ic](h)
+
+    def combine(self, raw: Sequence[Tensor]) -> Tensor:
+        """Exit k's logits from the raw outputs of exits 0..k: the method's ensemble module, else its `combine`."""
+        return self.ensemble(raw) if self.ensemble is not None else self.method.combine(raw)
+
+    def raw_exits(self, x: Tensor) -> list[Tensor]:
+        """Every exit's raw output (each IC's, then the final head's), before the method combines them."""
         h = self.backbone.forward_stem(x)
-        logits: list[Tensor] = []
+        raw: list[Tensor] = []
         for number, block in enumerate(self.backbone.blocks, start=1):
             h = block(h)
             ic = self._ic_after.get(number)
             if ic is not None:
                 h, branch = self._branch(h, ic)
-                logits.append(self.ics[ic](branch))
-        logits.append(self.backbone.forward_head(h))
-        if self.method.independent:
-            return logits
-        return [self.method.combine(logits[: k + 1]) for k in range(self.num_exits)]
+                raw.append(self.ic_output(ic, branch, raw))
+        raw.append(self.backbone.forward_head(h))
+        return raw
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Every exit's logits, the final one last. In train mode a net with an ensemble module (ZTW's)
+        gives its exits' raw outputs: its ICs train on their own answers, and the ensemble is fitted
+        afterwards on the frozen net (`ExitMethod.finish`)."""
+        raw = self.raw_exits(x)
+        if self.method.independent or (self.training and self.ensemble is not None):
+            return raw
+        return [self.combine(raw[: k + 1]) for k in range(self.num_exits)]
 
     def forward_until(self, x: Tensor, k: int) -> Tensor:
         """Logits of exit `k` (0-based; negative counts from the end), running only the blocks it needs."""
@@ -198,10 +221,10 @@ class MultiExitNet(nn.Module):
             h = self.backbone.blocks[number - 1](h)
             ic = self._ic_after.get(number)
             if ic is not None and (ic == k or not self.method.independent):
-                raw.append(self.ics[ic](h))
+                raw.append(self.ic_output(ic, h, raw))
         if k == self.num_exits - 1:
             raw.append(self.backbone.forward_head(h))
-        return self.method.combine(raw)
+        return self.combine(raw)
 
     def forward_intermediates(self, x: Tensor, blocks: Sequence[int] | None = None) -> list[Tensor]:
         """Outputs of the given 1-based blocks (default: every block), running only as far as needed."""
