@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/study_memory.py
 	$(BIN)/python bench/phase_overhead.py
 	$(BIN)/python bench/data_loading.py
+	$(BIN)/python bench/fit_processes.py
 
 install: $(STAMP)
 

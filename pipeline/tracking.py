@@ -8,6 +8,7 @@ process (driver, Ray tasks, Train workers) logs over HTTP, exactly as on a clust
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -16,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator

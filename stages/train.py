@@ -274,6 +274,20 @@ def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float, gpus
     return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources)
 
 
+class PhaseTrainer(TorchTrainer):
+    """A TorchTrainer without Ray Data's part: a phase reads its data itself, and Train would
+    otherwise start a DatasetManager actor per fit for no datasets: a process importing Ray Train,
+    ~4 s of CPU (-7.6% of a small study's CPU without it: bench/fit_processes.py)."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:  # none here; kept if a caller ever passes some
+            return callbacks
+        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+
+
 def build_trainer(
     job: PhaseJob,
     scaling: ScalingConfig,
@@ -283,7 +297,7 @@ def build_trainer(
     callbacks: list[Any] | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for one phase; `name` is deterministic (cache key) so a re-run resumes."""
-    return TorchTrainer(
+    return PhaseTrainer(
         train_worker,
         train_loop_config=job,  # type: ignore[arg-type]  # a frozen dataclass pickles as well as a dict
         scaling_config=scaling,

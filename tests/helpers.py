@@ -8,6 +8,7 @@ import pty
 import re
 import select
 import signal
+import socket
 import struct
 import subprocess
 import termios
@@ -73,22 +74,34 @@ def is_loopback(ip: str) -> bool:
     return ipaddress.ip_address(ip).is_loopback
 
 
-def listening_addresses(root_pid: int) -> set[tuple[str, str, int]]:
-    """(process name, ip, port) of every listening TCP socket held by `root_pid` and its descendants (from /proc)."""
-    pids = {root_pid}
-    children = {}
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing holds now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """`pid` and every process below it (from /proc)."""
+    children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo = [root_pid]
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = {pid}, [pid]
     while todo:
         for child in children.get(todo.pop(), []):
-            if child not in pids:
-                pids.add(child)
+            if child not in found:
+                found.add(child)
                 todo.append(child)
+    return found
+
+
+def listening_addresses(root_pid: int) -> set[tuple[str, str, int]]:
+    """(process name, ip, port) of every listening TCP socket held by `root_pid` and its descendants (from /proc)."""
+    pids = descendants(root_pid)
     inodes: dict[int, int] = {}
     for pid in pids:
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,19 +12,14 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from helpers import free_port
 from pipeline.cli import app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ui_serves_the_tracking_store_and_links_each_studys_runs(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    port = _free_port()
+    port = free_port()
     db = tmp_path / "mlflow.db"
     study = MlflowClient(f"sqlite:///{db}").create_experiment("a-study")
     # A link that opens the study's runs, not MLflow's GenAI overview (its default mode)

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import TINY
+from helpers import TINY, descendants, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -42,30 +41,6 @@ STUDY = [*TINY, f"name={NAME}", "regimes=[joint,disjoint]",
 START_LIMIT_S = 180  # a node's start, on a loaded 2-core machine
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _descendants(pid: int) -> set[int]:
-    """`pid` and every process below it (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = {pid}, [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 @dataclass
 class Cluster:
     env: dict[str, str]  # what every node and client of the cluster runs with (the token included)
@@ -75,7 +50,7 @@ class Cluster:
     seen: set[int] = field(default_factory=set)  # every process the nodes started, as last seen
 
     def start_node(self, temp_dir: Path, log: Path, *args: str) -> None:
-        ports = {flag: _free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+        ports = {flag: free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                                  "--runtime-env-agent-port", "--metrics-export-port",
                                                  "--node-manager-port", "--object-manager-port")}
         cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
@@ -87,7 +62,7 @@ class Cluster:
         """Remember the nodes' processes: their descendants, and any process holding the cluster's
         token (one whose parent died is no descendant any more)."""
         for node in self.nodes:
-            self.seen |= _descendants(node.pid)
+            self.seen |= descendants(node.pid)
         self.seen |= {int(p.name) for p in Path("/proc").glob("[0-9]*") if self.ours(int(p.name))}
 
     def ours(self, pid: int) -> bool:
@@ -152,12 +127,12 @@ def cluster() -> Iterator[Cluster]:
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONUNBUFFERED="1",
                PATH=f"{bin_dir}:{env.get('PATH', '')}",  # the job's `exitflow` is this environment's
                GLOO_SOCKET_IFNAME="lo")  # both nodes share this machine's loopback
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port = free_port(), free_port()
     c = Cluster(env, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}")
     logs = [root / "head.log", root / "worker.log"]
     try:
         c.start_node(root / "head", logs[0], "--head", f"--port={gcs_port}", "--include-dashboard=true",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--ray-client-server-port={_free_port()}")
+                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--ray-client-server-port={free_port()}")
         _wait_for("the head", lambda: _alive_nodes(c) == 1, START_LIMIT_S, logs)
         c.start_node(root / "worker", logs[1], f"--address={c.gcs}")
         _wait_for("the worker node", lambda: _alive_nodes(c) == 2, START_LIMIT_S, logs)
@@ -237,7 +212,7 @@ def test_a_client_without_the_clusters_token_exits_2_saying_what_to_set(cluster:
 
 
 def test_a_tracking_server_the_cluster_cannot_reach_fails_the_job_with_exit_2_and_the_reason(cluster: Cluster, tmp_path: Path) -> None:
-    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     done = _submit(cluster, tmp_path, cluster.env, "--tracking-uri", closed, "--wait", *[a for s in STUDY for a in ("--set", s)])
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"tracking server {closed} does not answer" in done.stdout  # the job's own output, streamed

@@ -27,6 +27,11 @@ def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_session: None, 
     with torch.no_grad():
         outs = net(torch.zeros(3, 1, 8, 8))
     assert len(outs) == net.num_exits and outs[-1].shape == (3, 10)
+    # Train's default actors for a fit, less Ray Data's (a phase passes no datasets: stages.train.PhaseTrainer)
+    from ray.util.state import list_actors
+
+    started = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert {"TrainController", "SynchronizationActor", "PlacementGroupCleaner"} <= started and "DatasetManager" not in started
 
 
 def test_interrupted_phase_resumes_from_its_checkpoint(ray_session: None, storage: str, tmp_path: Path) -> None:
