@@ -30,6 +30,7 @@ from pipeline.relay import relayed_progress
 from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, Table,
                             TableKind, register_stage)
 from stages.core import faults
+from stages.core.nets.methods import get_method
 from stages.core.progress import brief
 from stages.phase import (DIVERGED_TAG, describe_phase, epoch_seconds, phase_cost, phase_job, phase_params, phase_result,
                           run_name, scaling)
@@ -94,6 +95,18 @@ class TrialRecord:
     @property
     def stopped_early(self) -> bool:
         return bool(self.stopped_by)
+
+
+def choose_trial(healthy: list[TrialRecord], finishes: bool) -> TrialRecord:
+    """The trial whose model the search keeps: the best score, ties to the smaller (safer) lr.
+
+    A method with a closing step of its own (`ExitMethod.finish`: ZTW fits its ensemble) runs it
+    at its phase's last epoch, which a trial ASHA stopped never reached: its model would lack the
+    step, so when `finishes` only the trials that ran to their end compete (ASHA keeps at least
+    one running to the end, and it judged the others worse at a rung).
+    """
+    ended = [t for t in healthy if t.stopped_by != "scheduler"] if finishes else healthy
+    return max(ended or healthy, key=lambda t: (t.best_val, -t.lr))
 
 
 class SearchFailed(RuntimeError):
@@ -302,7 +315,7 @@ def run_search(
     if not healthy:
         raise SearchFailed(f"learning-rate search {name}: every learning rate diverged "
                            f"({'; '.join(f'lr={t.lr:g}: {t.diverged}' for t in records)})")
-    best = max(healthy, key=lambda t: (t.best_val, -t.lr))  # ties: the smaller, safer lr
+    best = choose_trial(healthy, finishes=get_method(job.net.method).finish is not None)
     outcome = _read_outcome(best.checkpoint_path, storage_path)
     return SearchOutcome(best=best, outcome=outcome, trials=records)
 

@@ -187,3 +187,18 @@ def test_cascade_maps_cost_their_multiply_adds() -> None:
     c = SPEC.num_classes
     assert ztw.ics == (sdn.ics[0], *(f + c * c for f in sdn.ics[1:]))
     assert math.isclose(ztw.stem, sdn.stem) and ztw.blocks == sdn.blocks and ztw.head == sdn.head
+
+
+def test_a_search_keeps_a_trial_that_fitted_its_ensemble() -> None:
+    """ZTW fits its ensemble at a phase's last epoch, which a trial ASHA stopped never reached: such a
+    trial cannot be the search's model, however it scored; for a method without that step it can."""
+    from stages.tune import TrialRecord, choose_trial
+
+    stopped = TrialRecord("t0", 1e-3, best_val=0.95, epochs=2, stopped_by="scheduler", checkpoint_path="a")
+    ended = TrialRecord("t1", 3e-3, best_val=0.93, epochs=6, stopped_by="patience", checkpoint_path="b")
+    ran_out = TrialRecord("t2", 1e-2, best_val=0.90, epochs=8, stopped_by="", checkpoint_path="c")
+    assert choose_trial([stopped, ended, ran_out], finishes=True) is ended
+    assert choose_trial([stopped, ended, ran_out], finishes=False) is stopped
+    tie = TrialRecord("t3", 1e-4, best_val=0.93, epochs=6, stopped_by="", checkpoint_path="d")
+    assert choose_trial([ended, tie], finishes=True) is tie  # ties: the smaller lr
+    assert choose_trial([stopped], finishes=True) is stopped  # nothing else to keep
