@@ -47,6 +47,11 @@ class CascadeHead(nn.Module):
         return self.head(h) + self.cascade(previous.detach())
 
 
+def log_probs_of(raw: Sequence[Tensor]) -> Tensor:
+    """The ICs' raw outputs [B, C] each -> their log-probabilities [B, ICs, C], in float32."""
+    return torch.stack([F.log_softmax(r.float(), dim=-1) for r in raw], dim=1)
+
+
 class GeometricEnsemble(nn.Module):
     """Exit m's logits from the raw outputs of exits 0..m: the weighted geometric ensemble of the ICs
     (see the module docstring); the final exit (m = E - 1) is the backbone's head alone."""
@@ -61,8 +66,7 @@ class GeometricEnsemble(nn.Module):
     def forward(self, raw: Sequence[Tensor]) -> Tensor:
         if len(raw) == self.num_exits:
             return raw[-1]
-        log_probs = torch.stack([F.log_softmax(r.float(), dim=-1) for r in raw], dim=1)  # [B, m + 1, C]
-        return self.mix(log_probs)
+        return self.mix(log_probs_of(raw))
 
     def mix(self, log_probs: Tensor) -> Tensor:
         """IC m's ensemble logits (log q_m up to a constant) from log_probs [B, m + 1, C] of ICs 0..m."""
@@ -76,8 +80,7 @@ def _cache(model: Any, batches: Iterable[tuple[Tensor, Tensor]], limit: int) -> 
     log_probs, labels, n = [], [], 0
     with torch.no_grad():
         for x, y in batches:
-            raw = model.raw_exits(x)[:-1]
-            log_probs.append(torch.stack([F.log_softmax(r.float(), dim=-1) for r in raw], dim=1))
+            log_probs.append(log_probs_of(model.raw_exits(x)[:-1]))
             labels.append(y)
             n += y.shape[0]
             if n >= limit:
