@@ -21,6 +21,7 @@ from typing import Any, TYPE_CHECKING
 
 import ray.train
 import torch
+from ray import cloudpickle
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 
@@ -181,8 +182,16 @@ def _report(state: dict[str, Any], metrics: dict[str, float], rank: int) -> None
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
-def train_worker(job: PhaseJob) -> None:
+def sealed(job: PhaseJob) -> dict[str, bytes]:
+    """The job as Train's `train_loop_config`: pickled bytes. Train hands that config to its
+    controller too, which would otherwise unpickle the job and so import exitflow, PyTorch and
+    MLflow in a process that only schedules (~5 s of CPU per fit: bench/fit_processes.py)."""
+    return {"job": cloudpickle.dumps(job)}
+
+
+def train_worker(config: dict[str, bytes]) -> None:
     """The Ray Train loop: data -> net -> (input model) -> phase setup -> DDP -> resume -> fit."""
+    job: PhaseJob = cloudpickle.loads(config["job"])
     torch.set_num_threads(job.torch_threads)
     relayed_progress("stages.core.loop")  # the loop's epoch line lacks the node's label: ours below has it
     _quiet_train_reports()
@@ -299,7 +308,7 @@ def build_trainer(
     """A TorchTrainer for one phase; `name` is deterministic (cache key) so a re-run resumes."""
     return PhaseTrainer(
         train_worker,
-        train_loop_config=job,  # type: ignore[arg-type]  # a frozen dataclass pickles as well as a dict
+        train_loop_config=sealed(job),
         scaling_config=scaling,
         run_config=RunConfig(
             name=name,
