@@ -235,6 +235,13 @@ class PhaseConfig(_Model):
     label_smoothing: Float = Field(_PHASE_DEFAULTS["label_smoothing"], ge=0.0, lt=1.0)
     bf16: bool = _PHASE_DEFAULTS["bf16"]  # bf16 autocast (CUDA only; a no-op on CPU)
     channels_last: bool = _PHASE_DEFAULTS["channels_last"]  # NHWC memory format for conv nets on CUDA
+    # loss_weighting "l2w": the weight prediction network (P2 and P3; see docs/methods.md)
+    l2w_epsilon: Float = Field(_PHASE_DEFAULTS["l2w_epsilon"], gt=0.0, le=0.5)
+    l2w_target_p: Float = Field(_PHASE_DEFAULTS["l2w_target_p"], gt=0.0)
+    l2w_hidden: Int = Field(_PHASE_DEFAULTS["l2w_hidden"], ge=1)
+    l2w_meta_lr: Float = Field(_PHASE_DEFAULTS["l2w_meta_lr"], gt=0.0)
+    l2w_meta_weight_decay: Float = Field(_PHASE_DEFAULTS["l2w_meta_weight_decay"], ge=0.0)
+    l2w_meta_interval: Int = Field(_PHASE_DEFAULTS["l2w_meta_interval"], ge=1)
 
     @field_validator("lr")
     @classmethod

@@ -70,6 +70,31 @@ def ray_address(ray_session: None) -> str:
     return ray.get_runtime_context().gcs_address
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny tensors: a second thread gains nothing on them, and
+    on a shared 2-core machine a second spinning thread makes epochs 10-20x slower under load."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A one-rank gloo process group: DDP and the loop's all-reduces run for real."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # hosts resolving to 127.0.1.1 break gloo
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture
 def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh working directory (holding an empty spec, empty.yaml) with no tracking store or Ray

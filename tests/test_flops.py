@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,14 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from stages.core.flops import backbone_flops, exit_flops, flop_analysis, piece_flops
 from stages.core.nets import MultiExitNet, NetSpec, create_net, list_nets
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread beats two, and is far faster on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Small but structurally complete configs (FLOPs depend on shapes only, so weights are irrelevant).

@@ -405,6 +405,9 @@ _PHASE_FIELDS = {  # every phase field, its changed value (each phase's own node
     "batch_size": "32", "max_epochs": "3", "patience": "2", "schedule": "step", "warmup_epochs": "1",
     "grad_clip": "1.0", "loss_weighting": "kaya", "label_smoothing": "0.1", "bf16": "true", "channels_last": "true",
     "step_epochs": "5", "step_gamma": "0.5", "kaya_epochs": "3",  # read by the loop whatever the schedule: keyed
+    # L2W's settings: in the phase's config whatever its loss_weighting, so keyed like kaya_epochs
+    "l2w_epsilon": "0.2", "l2w_target_p": "0.5", "l2w_hidden": "64", "l2w_meta_lr": "0.001",
+    "l2w_meta_weight_decay": "0.0", "l2w_meta_interval": "2",
 }
 _INIT_FILE = Path(tempfile.mkdtemp()) / "start.pt"  # net.init's key is the file's content hash
 _INIT_FILE.write_bytes(b"a start's bytes: the key hashes them, preflight (not run here) would check them")

@@ -21,16 +21,10 @@ from stages.core.nets.methods import METHODS, ExitMethod, register_method
 from stages.core.nets.multi_exit import MultiExitNet
 from stages.core.nets.spec import NetSpec
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SPEC = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(2, 4, 6), width=8)
 CRITERIA = ["max_softmax", "entropy", "patience"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

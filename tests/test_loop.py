@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -31,20 +28,12 @@ from stages.core.nets import create_net
 from stages.core.nets.spec import NetSpec
 from stages.core.phases import REGIME_PHASES, prepare_phase
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 CPU = torch.device("cpu")
 SPEC = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8)
 TIMING_KEYS = {"epoch_time", "samples_per_s"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: these tiny convs gain nothing from two, and on a shared 2-core
-    machine a second spinning thread makes epochs 10-20x slower under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -261,17 +250,6 @@ def test_bf16_and_channels_last_are_no_ops_on_cpu(digits: Splits) -> None:
     _fit(b, "P2", fast, digits, size=64)
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
-
-
-@pytest.fixture
-def process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A one-rank gloo process group: DDP and the metric all-reduce run for real."""
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # hosts resolving to 127.0.1.1 break gloo
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fit_phase_under_ddp(digits: Splits, process_group: None) -> None:

@@ -1,7 +1,9 @@
 """Early-exit methods other than SDN through a whole study: every regime, evaluated and reported.
 
 PABEE (`net.method: pabee`) trains its depth-weighted loss; its exit rule, the `patience`
-criterion, evaluates beside max softmax. ZTW (`net.method: ztw`) trains cascading ICs, then fits
+criterion, evaluates beside max softmax. Its study also weighs P2 and P3 with L2W
+(`loss_weighting: l2w`, a loss weighting that works with every method), so L2W's meta steps run
+in every regime's IC-training phase. ZTW (`net.method: ztw`) trains cascading ICs, then fits
 its ensemble on the frozen net at the end of every phase that trained them. One epoch a phase:
 this checks the plumbing (every regime trains, every curve spans the exits' costs, the report has
 a row per regime, criterion and budget); the maths of the losses, ensembles and exit rules are
@@ -28,7 +30,8 @@ def pabee(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathF
     from pipeline.runner import run_study
 
     spec = tiny_spec(tmp_path_factory.mktemp("ray"), f"name={NAME}", f"regimes=[{','.join(REGIMES)}]", "net.method=pabee",
-                     "evaluation.criteria=[patience,max_softmax]", epochs=1)
+                     "evaluation.criteria=[patience,max_softmax]", "phases.P2.loss_weighting=l2w",
+                     "phases.P3.loss_weighting=l2w", epochs=1)
     return run_study(spec, mlflow_uri, progress=lambda _: None)
 
 
@@ -54,6 +57,10 @@ def test_pabee_runs_every_regime_to_a_curve_and_a_budget_table(pabee: Any, mlflo
     assert "exit criterion: patience" in pabee.table and "exit criterion: max_softmax" in pabee.table  # a table each
     p2 = client.get_run(pabee.results["seed0/joint/P2"].run_id)
     assert p2.data.params["net.method"] == "pabee"
+    for node in ("seed0/joint/P2", "seed0/disjoint/P3", "seed0/mixed/P2"):  # L2W's meta steps ran, P1 had none
+        meta = client.get_metric_history(pabee.results[node].run_id, "l2w_meta_loss")
+        assert len(meta) == 1 and meta[0].value > 0, node
+    assert client.get_metric_history(pabee.results["seed0/P1"].run_id, "l2w_meta_loss") == []
 
 
 @pytest.fixture(scope="module")

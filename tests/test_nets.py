@@ -17,14 +17,7 @@ from stages.core.nets import MultiExitNet, NetSpec, create_net, list_nets, regis
 from stages.core.nets.methods import METHODS, ExitMethod, register_method
 from stages.core.nets.multi_exit import scale_grad
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread beats two, and is far faster on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 NUM_CLASSES = 5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,18 +20,10 @@ from stages.core.phases import (
     unwrap,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 SPEC = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: these tiny convs gain nothing from two, and on a shared 2-core
-    machine a second spinning thread makes epochs 10-20x slower under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 

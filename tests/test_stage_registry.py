@@ -14,12 +14,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
-from helpers import runs, tiny_spec
+from helpers import tiny_spec
 
 from pipeline.graph import Graph, Node
 from pipeline.stage import Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage, unregister_stage

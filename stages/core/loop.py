@@ -28,12 +28,15 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from stages.core.analysis.gradient_dominance import GradientDominance
 from stages.core.early_stopping import EarlyStopping
-from stages.core.phase_config import PhaseConfig
+from stages.core.l2w import L2W, L2WSettings
+from stages.core.phase_config import PhaseConfig, Selection
 from stages.core.phases import (
     Phase,
     check_phase,
     exit_weights,
+    per_sample_weighted,
     phase_loss,
+    phase_objective,
     prepare_phase,
     set_train_mode,
     unwrap,
@@ -197,11 +200,13 @@ def train_one_epoch(
     cfg: PhaseConfig,
     epoch: int,
     on_step: StepHook | None = None,
+    l2w: L2W | None = None,
 ) -> dict[str, Any]:
     """One pass over `loader`; returns train_loss, train_loss_per_exit, samples_per_s, num_samples,
     nonfinite_step (the first step whose loss was NaN or infinite on any rank, else -1).
 
-    `on_step(epoch, step, steps)` runs after every optimizer step (progress, fault hooks).
+    `on_step(epoch, step, steps)` runs after every batch (progress, fault hooks). With `l2w`, a
+    batch due a meta step trains in two halves, each after its meta step (stages.core.l2w).
 
     Losses accumulate on the device and sync once at the end; with torch.distributed up
     they are averaged over all ranks' samples (num_samples is global, samples_per_s this
@@ -220,24 +225,35 @@ def train_one_epoch(
     method = unwrap(net).method
     probe = (GradientDominance(unwrap(net).backbone, weights, method.losses, loss_fn, cfg.gradient_dominance_every)
              if cfg.gradient_dominance_every and phase == "P2" else None)
+    sample_loss = nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing)
     for step, (x, y) in enumerate(loader):
         x, y = _to_device(x, y, device, cfg)
-        with _autocast(device, cfg.bf16):
-            logits = net(x)
-            loss, per_exit = phase_loss(logits, y, phase, weights, loss_fn, method.losses)
-            if probe is not None:
-                probe.maybe_measure(step, logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        for part, meta in _l2w_parts(x, y, step, l2w):
+            if meta is not None:
+                with _autocast(device, cfg.bf16):
+                    l2w.meta_step(unwrap(net), optimizer,  # type: ignore[union-attr]
+                                  lambda ls, w: phase_objective(per_sample_weighted(ls, w), phase, weights),
+                                  method.losses, sample_loss, part, meta)
+            xs, ys = part
+            with _autocast(device, cfg.bf16):
+                logits = net(xs)
+                if l2w is None:
+                    loss, per_exit = phase_loss(logits, ys, phase, weights, loss_fn, method.losses)
+                else:
+                    loss, per_exit = phase_loss(logits, ys, phase, weights, sample_loss, method.losses, l2w.weights)
+                if probe is not None:
+                    probe.maybe_measure(step, logits, ys)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            n = ys.shape[0]
+            nonfinite = torch.where(torch.isfinite(loss.detach()) | (nonfinite < NO_STEP), nonfinite, float(step))
+            sums[0] += loss.detach() * n
+            sums[1:-1] += per_exit * n
+            sums[-1] += n
         scheduler.step()
-        n = y.shape[0]
-        nonfinite = torch.where(torch.isfinite(loss.detach()) | (nonfinite < NO_STEP), nonfinite, float(step))
-        sums[0] += loss.detach() * n
-        sums[1:-1] += per_exit * n
-        sums[-1] += n
         if on_step is not None:
             on_step(epoch, step, steps)
     local_samples = sums[-1].item()  # syncs the device, so the clock below is honest
@@ -254,7 +270,20 @@ def train_one_epoch(
         "samples_per_s": local_samples / elapsed if elapsed > 0 else float("inf"),
         "num_samples": int(count),
         "gradient_dominance": probe.means() if probe is not None else [],
+        "l2w_meta_loss": l2w.last_meta_loss if l2w is not None else None,
     }
+
+
+Batch = tuple[Tensor, Tensor]
+
+
+def _l2w_parts(x: Tensor, y: Tensor, step: int, l2w: L2W | None) -> list[tuple[Batch, Batch | None]]:
+    """(training part, its meta batch or None) in order: the whole batch, or with L2W's meta step
+    due, its two halves, each the other's meta batch (the paper's exchange)."""
+    if l2w is None or step % l2w.settings.meta_interval or y.shape[0] < 2:
+        return [((x, y), None)]
+    (x1, x2), (y1, y2) = x.chunk(2), y.chunk(2)
+    return [((x1, y1), (x2, y2)), ((x2, y2), (x1, y1))]
 
 
 def evaluate_exits(
@@ -407,8 +436,9 @@ def fit_phase(
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(train_loader))  # type: ignore[arg-type]
     progress = _Progress(EarlyStopping(cfg.patience))
+    l2w = _make_l2w(cfg, phase, model.num_exits, device)
     if resume is not None:
-        progress = _resume(resume, phase, cfg, model, optimizer, scheduler, train_loader, device)
+        progress = _resume(resume, phase, cfg, model, optimizer, scheduler, train_loader, device, l2w)
 
     ramp_epochs = cfg.kaya_epochs or cfg.max_epochs
     for epoch in range(progress.start_epoch, cfg.max_epochs):
@@ -418,7 +448,7 @@ def fit_phase(
         _set_epoch(train_loader, epoch)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        train = train_one_epoch(net, phase, weights, optimizer, scheduler, train_loader, device, cfg, epoch, on_step)
+        train = train_one_epoch(net, phase, weights, optimizer, scheduler, train_loader, device, cfg, epoch, on_step, l2w)
         val = evaluate_exits(net, val_loader, device, cfg)
         score, improved = _select(progress, model, phase, epoch, val["accuracy"], train["nonfinite_step"], cfg, score_fn)
         metrics = _epoch_metrics(epoch, train, val, score, lr, time.perf_counter() - start)
@@ -428,7 +458,7 @@ def fit_phase(
         if progress.stopper.stop or epoch == cfg.max_epochs - 1:  # the phase's last epoch
             _finish_method(model, phase, progress, train_loader, device, cfg)
         if on_epoch is not None:
-            state = _snapshot(phase, epoch, cfg, model, optimizer, scheduler, progress, train_loader, device)
+            state = _snapshot(phase, epoch, cfg, model, optimizer, scheduler, progress, train_loader, device, l2w)
             on_epoch(EpochReport(epoch=epoch, metrics=dict(metrics), state=state, improved=improved, stop=progress.stopper.stop))
 
     if progress.best_state is None:
@@ -467,8 +497,19 @@ def _setup(net: nn.Module, phase: Phase, cfg: PhaseConfig, device: torch.device)
     return model, params
 
 
+def _make_l2w(cfg: PhaseConfig, phase: Phase, num_exits: int, device: torch.device) -> L2W | None:
+    """L2W's weight prediction network for a phase that trains the ICs with `loss_weighting: l2w`
+    (P1 trains the final exit alone: nothing to weigh). Seeded like everything else in the phase."""
+    if cfg.loss_weighting != "l2w" or phase == "P1":
+        return None
+    settings = L2WSettings(epsilon=cfg.l2w_epsilon, target_p=cfg.l2w_target_p, hidden=cfg.l2w_hidden,
+                           meta_lr=cfg.l2w_meta_lr, meta_weight_decay=cfg.l2w_meta_weight_decay,
+                           meta_interval=cfg.l2w_meta_interval)
+    return L2W(num_exits, settings, device)
+
+
 def _resume(resume: dict[str, Any], phase: Phase, cfg: PhaseConfig, model: nn.Module, optimizer: Any, scheduler: Any,
-            train_loader: Any, device: torch.device) -> _Progress:
+            train_loader: Any, device: torch.device, l2w: L2W | None = None) -> _Progress:
     """Load a state `on_epoch` reported into the net, optimizer, schedule and RNGs; continue after its epoch."""
     if resume["phase"] != phase:
         raise ValueError(f"resume state is from phase {resume['phase']}, not {phase}")
@@ -479,6 +520,10 @@ def _resume(resume: dict[str, Any], phase: Phase, cfg: PhaseConfig, model: nn.Mo
     scheduler.load_state_dict(resume["scheduler"])
     stopper = EarlyStopping(cfg.patience)
     stopper.load_state_dict(resume["early_stopping"])
+    if l2w is not None:
+        if "l2w" not in resume:
+            raise ValueError(f"resume state of {phase} holds no L2W weight predictor (trained with another loss_weighting?)")
+        l2w.load_state_dict(resume["l2w"])
     _set_rng_state(resume["rng"], train_loader, device)
     logger.info("%s: resumed after epoch %d", phase, int(resume["epoch"]))
     return _Progress(stopper, [dict(m) for m in resume["history"]], resume["best_state_dict"], int(resume["epoch"]) + 1)
@@ -534,11 +579,13 @@ def _epoch_metrics(epoch: int, train: dict[str, Any], val: dict[str, Any], score
         "nonfinite_step": float(train["nonfinite_step"]),
     })
     metrics.update({f"grad_cos_{k}": v for k, v in enumerate(train.get("gradient_dominance", []))})
+    if train.get("l2w_meta_loss") is not None:
+        metrics["l2w_meta_loss"] = train["l2w_meta_loss"]  # the last meta step's
     return metrics
 
 
 def _snapshot(phase: Phase, epoch: int, cfg: PhaseConfig, model: nn.Module, optimizer: Any, scheduler: Any,
-              progress: _Progress, train_loader: Any, device: torch.device) -> dict[str, Any]:
+              progress: _Progress, train_loader: Any, device: torch.device, l2w: L2W | None = None) -> dict[str, Any]:
     """The resumable state after `epoch` (CPU tensors and plain values)."""
     return {
         "phase": phase,
@@ -551,4 +598,5 @@ def _snapshot(phase: Phase, epoch: int, cfg: PhaseConfig, model: nn.Module, opti
         "best_state_dict": progress.best_state,  # never mutated in place: safe to share
         "history": [dict(m) for m in progress.history],
         "rng": _rng_state(train_loader, device),
+        **({"l2w": _cpu_copy(l2w.state_dict())} if l2w is not None else {}),
     }

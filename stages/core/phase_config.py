@@ -15,7 +15,7 @@ from stages.core.fields import reject_unknown
 OptimizerName = Literal["sgd", "adamw", "adam"]
 Schedule = Literal["none", "cosine", "step"]
 Selection = Literal["final", "mean"]
-LossWeighting = Literal["uniform", "kaya", "han", "gradient_equilibrium"]
+LossWeighting = Literal["uniform", "kaya", "han", "gradient_equilibrium", "l2w"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,13 @@ class PhaseConfig:
     channels_last: bool = False  # channels-last net and 4-D inputs on CUDA; a no-op on CPU
     selection: Selection = "mean"  # val accuracy that picks the best state: final exit or mean over exits (P2)
     gradient_dominance_every: int = 0  # P2: measure each exit's gradient dominance every N steps (0: off)
+    # "l2w" (stages.core.l2w, Han et al. 2022): the meta-learned weight prediction network's settings
+    l2w_epsilon: float = 0.3  # weights are 1 + epsilon * (tanh output - its mean): in [1 - 2 eps, 1 + 2 eps]
+    l2w_target_p: float = 0.75  # the exit distribution the meta loss mimics: q_k ∝ target_p^k
+    l2w_hidden: int = 500  # the WPN's hidden width
+    l2w_meta_lr: float = 1e-4  # the WPN's Adam
+    l2w_meta_weight_decay: float = 1e-4
+    l2w_meta_interval: int = 1  # a meta step every this many batches
 
     def __post_init__(self) -> None:
         for name, kind in (("optimizer", OptimizerName), ("schedule", Schedule), ("selection", Selection),
@@ -60,6 +67,10 @@ class PhaseConfig:
             raise ValueError(f"gradient_dominance_every must be >= 0 (0: off), got {self.gradient_dominance_every}")
         if self.step_epochs < 1 or (self.kaya_epochs is not None and self.kaya_epochs < 1):
             raise ValueError(f"need step_epochs >= 1 and kaya_epochs >= 1: {self}")
+        if not 0 < self.l2w_epsilon <= 0.5 or self.l2w_target_p <= 0 or self.l2w_meta_lr <= 0 or self.l2w_meta_weight_decay < 0:
+            raise ValueError(f"need 0 < l2w_epsilon <= 0.5, l2w_target_p > 0, l2w_meta_lr > 0, l2w_meta_weight_decay >= 0: {self}")
+        if self.l2w_hidden < 1 or self.l2w_meta_interval < 1:
+            raise ValueError(f"need l2w_hidden >= 1 and l2w_meta_interval >= 1: {self}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
 

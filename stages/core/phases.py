@@ -97,8 +97,9 @@ def exit_weights(kind: LossWeighting, num_exits: int, progress: float = 1.0, met
     """Per-exit loss weights (float32, final exit last): the phase's `kind`, times the early-exit
     method's own weights when it has them (PABEE's depth weights).
 
-    - "uniform", "gradient_equilibrium": all 1 (gradient equilibrium rescales gradients in
-      the net instead, see `MultiExitNet.set_gradient_equilibrium`).
+    - "uniform", "gradient_equilibrium", "l2w": all 1 (gradient equilibrium rescales gradients in
+      the net instead, see `MultiExitNet.set_gradient_equilibrium`; L2W weighs each sample's
+      losses on top of these, see `stages.core.l2w`).
     - "han" (Han et al. 2022): constant, linear in depth from 0.6 (first exit) to 1.4 (last).
     - "kaya" (Kaya et al. 2019, SDN): the final exit weighs 1; IC k of K ICs (0-based) weighs
       min(cap_k, 0.01 + progress * cap_k) with cap_k = 0.9 * (k + 1) / K, i.e. the SDN
@@ -112,7 +113,7 @@ def exit_weights(kind: LossWeighting, num_exits: int, progress: float = 1.0, met
 def _kind_weights(kind: LossWeighting, num_exits: int, progress: float) -> Tensor:
     if num_exits < 1:
         raise ValueError(f"num_exits must be >= 1, got {num_exits}")
-    if kind in ("uniform", "gradient_equilibrium"):
+    if kind in ("uniform", "gradient_equilibrium", "l2w"):
         return torch.ones(num_exits)
     if kind == "han":
         if num_exits == 1:
@@ -135,23 +136,40 @@ def phase_loss(
     weights: Tensor,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     exit_losses: ExitLosses = each_exit_alone,
+    sample_weights: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The phase's training loss and every exit's loss (detached, for logging).
 
     `exit_losses` is the net's early-exit method's (`ExitMethod.losses`): each exit's loss.
     P1: the final exit's loss alone. P2: sum_k weights[k] * loss_k over all exits.
     P3: the same sum over the ICs only: the final head belongs to the frozen backbone.
+    With `sample_weights` (L2W's: per-sample losses [B, E] -> weights [B, E]), `loss_fn` gives
+    per-sample losses and loss_k is the mean of each sample's loss times its weight at exit k.
     """
     check_phase(phase)
     if len(logits) != weights.numel():
         raise ValueError(f"{len(logits)} exits but {weights.numel()} weights")
     losses = exit_losses(logits, target, loss_fn)
-    if phase == "P1":
-        loss = losses[-1]
+    if sample_weights is not None:
+        w = sample_weights(torch.stack([l.detach() for l in losses], dim=1))
+        weighted = per_sample_weighted(losses, w)
+        losses = [l.mean() for l in losses]
     else:
-        # Build the sum only from the exits in the objective: a stack of all losses would
-        # send zero gradients back through every excluded head.
-        used = losses if phase == "P2" else losses[:-1]
-        loss = torch.stack(used).mul(weights[: len(used)].to(used[0].device)).sum()
+        weighted = losses
     per_exit = torch.stack([l.detach() for l in losses])
-    return loss, per_exit
+    return phase_objective(weighted, phase, weights), per_exit
+
+
+def per_sample_weighted(losses: list[Tensor], sample_weights: Tensor) -> list[Tensor]:
+    """Each exit's per-sample losses [B] weighted by its column of `sample_weights` [B, E], averaged."""
+    return [(l * sample_weights[:, k].to(l.dtype)).mean() for k, l in enumerate(losses)]
+
+
+def phase_objective(losses: list[Tensor], phase: Phase, weights: Tensor) -> Tensor:
+    """The phase's loss from every exit's (scalar) loss: see `phase_loss`."""
+    if phase == "P1":
+        return losses[-1]
+    # Build the sum only from the exits in the objective: a stack of all losses would
+    # send zero gradients back through every excluded head.
+    used = losses if phase == "P2" else losses[:-1]
+    return torch.stack(used).mul(weights[: len(used)].to(used[0].device)).sum()
