@@ -49,8 +49,15 @@ def _type_only(tree: ast.Module) -> set[int]:
 def _imports(path: Path, name: str) -> set[str]:
     """Project modules imported anywhere in the file (top level or inside functions), less type-only imports."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return set(_source_imports(path.read_text(), package))
+
+
+# Parsing and tokenizing ~100 modules took ~3 s of a run's start, each once per stage kind: the
+# results are kept per source text (an edited file is read and parsed afresh).
+@functools.lru_cache(maxsize=1024)
+def _source_imports(source: str, package: str) -> frozenset[str]:
     found: set[str] = set()
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(source)
     skipped = _type_only(tree)
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -64,7 +71,7 @@ def _imports(path: Path, name: str) -> set[str]:
                 base = ".".join([*parts, base] if base else parts)
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)  # `from stages.core import faults`: a module
-    return {m for m in found if m.split(".")[0] in PACKAGES}
+    return frozenset(m for m in found if m.split(".")[0] in PACKAGES)
 
 
 def modules(code: tuple[str, ...], root: Path = ROOT) -> list[str]:
@@ -85,8 +92,13 @@ def modules(code: tuple[str, ...], root: Path = ROOT) -> list[str]:
 
 def _tokens(path: Path) -> str:
     """The file's code without comments and blank lines: what changes behaviour, give or take docstrings."""
+    return _source_tokens(path.read_text())
+
+
+@functools.lru_cache(maxsize=1024)
+def _source_tokens(source: str) -> str:
     skip = {tokenize.COMMENT, tokenize.NL, tokenize.ENCODING}
-    toks = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    toks = tokenize.generate_tokens(io.StringIO(source).readline)
     return " ".join(t.string for t in toks if t.type not in skip)
 
 
