@@ -228,7 +228,7 @@ def train_one_epoch(
     sample_loss = nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing)
     for step, (x, y) in enumerate(loader):
         x, y = _to_device(x, y, device, cfg)
-        for part, meta in _l2w_parts(x, y, step, l2w):
+        for i, (part, meta) in enumerate(_l2w_parts(x, y, step, l2w)):
             if meta is not None:
                 with _autocast(device, cfg.bf16):
                     l2w.meta_step(unwrap(net), optimizer,  # type: ignore[union-attr]
@@ -241,7 +241,7 @@ def train_one_epoch(
                     loss, per_exit = phase_loss(logits, ys, phase, weights, loss_fn, method.losses)
                 else:
                     loss, per_exit = phase_loss(logits, ys, phase, weights, sample_loss, method.losses, l2w.weights)
-                if probe is not None:
+                if probe is not None and i == 0:  # once per batch, as without L2W
                     probe.maybe_measure(step, logits, ys)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
