@@ -179,6 +179,14 @@ def test_a_phase_with_l2w_learns_and_logs_its_meta_loss(digits: Splits, phase: s
     assert "wpn" in reports[-1].state["l2w"] and "optimizer" in reports[-1].state["l2w"]
 
 
+def test_the_meta_lr_follows_the_phase_schedule(digits: Splits) -> None:
+    cfg = PhaseConfig(**{**L2W_CFG.to_dict(), "schedule": "cosine", "max_epochs": 2})
+    result, reports = _fit(_net(0), "P2", cfg, digits, size=128)
+    meta_lr = reports[-1].state["l2w"]["optimizer"]["param_groups"][0]["lr"]
+    factor = result.history[-1]["lr"] / cfg.lr  # the lr of the last epoch's first step
+    assert 0 < meta_lr < cfg.l2w_meta_lr * factor  # cosine: the last step's factor is below the epoch's first
+
+
 def test_p1_ignores_l2w(digits: Splits) -> None:
     cfg = PhaseConfig(optimizer="adam", lr=5e-3, batch_size=64, max_epochs=1, loss_weighting="l2w")
     result, reports = _fit(_net(0), "P1", cfg, digits, size=128)

@@ -15,7 +15,8 @@ once for training and once as meta data (the paper's exchange):
    are spread over the exits by a target distribution `q_k ∝ target_p^k` (k = 1..E), the most
    confident (max softmax) samples left at each exit taking its share, the last exit the rest;
    the sum over exits of their mean cross-entropy;
-3. one Adam step of the WPN on that meta loss (its gradient averaged over DDP ranks);
+3. one Adam step of the WPN on that meta loss (its gradient averaged over DDP ranks; its lr is
+   `meta_lr` times the phase's schedule factor at that step);
 4. the real step of the net on the training half, weighted by the updated WPN (no gradient to it).
 
 Hyper-parameters (the paper's CIFAR/ImageNet runs): epsilon 0.3, target_p 0.75 (its index 15 of
@@ -181,6 +182,11 @@ class L2W:
             for p in wpn_params:
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
+        # The meta lr follows the phase's schedule (the paper decays it with the net's cosine lr).
+        group = optimizer.param_groups[0]
+        factor = float(group["lr"]) / float(group.get("initial_lr", group["lr"]))
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.settings.meta_lr * factor
         self.optimizer.step()
         self.last_meta_loss = float(value.detach())
 
