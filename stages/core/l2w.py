@@ -40,6 +40,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import Optimizer
 
+from stages.core.nets.methods import ExitLosses
+
 
 @dataclass(frozen=True)
 class L2WSettings:
@@ -130,9 +132,6 @@ def lookahead(optimizer: Optimizer, params: dict[str, Tensor], grads: dict[str, 
         else:
             raise ValueError(f"L2W's look-ahead step knows SGD, Adam and AdamW, not {type(optimizer).__name__}")
     return out
-
-
-ExitLosses = Callable[[Sequence[Tensor], Tensor, Callable[[Tensor, Tensor], Tensor]], list[Tensor]]
 
 
 class L2W:
