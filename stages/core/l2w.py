@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,16 +40,7 @@ from torch.func import functional_call
 from torch.optim import Optimizer
 
 from stages.core.nets.methods import ExitLosses
-
-
-@dataclass(frozen=True)
-class L2WSettings:
-    epsilon: float = 0.3
-    target_p: float = 0.75
-    hidden: int = 500
-    meta_lr: float = 1e-4
-    meta_weight_decay: float = 1e-4
-    meta_interval: int = 1
+from stages.core.phase_config import L2WSettings
 
 
 class WeightPredictor(nn.Module):

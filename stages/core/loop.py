@@ -28,8 +28,8 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from stages.core.analysis.gradient_dominance import GradientDominance
 from stages.core.early_stopping import EarlyStopping
-from stages.core.l2w import L2W, L2WSettings
-from stages.core.phase_config import PhaseConfig, Selection
+from stages.core.l2w import L2W
+from stages.core.phase_config import L2WSettings, PhaseConfig, Selection
 from stages.core.phases import (
     Phase,
     check_phase,
@@ -502,10 +502,7 @@ def _make_l2w(cfg: PhaseConfig, phase: Phase, num_exits: int, device: torch.devi
     (P1 trains the final exit alone: nothing to weigh). Seeded like everything else in the phase."""
     if cfg.loss_weighting != "l2w" or phase == "P1":
         return None
-    settings = L2WSettings(epsilon=cfg.l2w_epsilon, target_p=cfg.l2w_target_p, hidden=cfg.l2w_hidden,
-                           meta_lr=cfg.l2w_meta_lr, meta_weight_decay=cfg.l2w_meta_weight_decay,
-                           meta_interval=cfg.l2w_meta_interval)
-    return L2W(num_exits, settings, device)
+    return L2W(num_exits, L2WSettings.of(cfg), device)
 
 
 def _resume(resume: dict[str, Any], phase: Phase, cfg: PhaseConfig, model: nn.Module, optimizer: Any, scheduler: Any,

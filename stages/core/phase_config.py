@@ -19,6 +19,26 @@ LossWeighting = Literal["uniform", "kaya", "han", "gradient_equilibrium", "l2w"]
 
 
 @dataclass(frozen=True)
+class L2WSettings:
+    """L2W's settings (stages.core.l2w; the paper's defaults). A phase carries them as its `l2w_*` fields."""
+
+    epsilon: float = 0.3  # weights are 1 + epsilon * (tanh output - its mean): in [1 - 2 eps, 1 + 2 eps]
+    target_p: float = 0.75  # the exit distribution the meta loss mimics: q_k ∝ target_p^k
+    hidden: int = 500  # the WPN's hidden width
+    meta_lr: float = 1e-4  # the WPN's Adam, times the phase's schedule factor
+    meta_weight_decay: float = 1e-4
+    meta_interval: int = 1  # a meta step every this many batches
+
+    @classmethod
+    def of(cls, phase: PhaseConfig) -> L2WSettings:
+        """The settings a phase config carries (its `l2w_<name>` fields)."""
+        return cls(**{f.name: getattr(phase, f"l2w_{f.name}") for f in dataclasses.fields(cls)})
+
+
+_L2W = L2WSettings()
+
+
+@dataclass(frozen=True)
 class PhaseConfig:
     """Hyper-parameters of one training phase. The defaults are a study's (the spec's `phases.*` take
     them from here): a quick Adam schedule that suits the embedded digits; the paper's are noted."""
@@ -43,13 +63,13 @@ class PhaseConfig:
     channels_last: bool = False  # channels-last net and 4-D inputs on CUDA; a no-op on CPU
     selection: Selection = "mean"  # val accuracy that picks the best state: final exit or mean over exits (P2)
     gradient_dominance_every: int = 0  # P2: measure each exit's gradient dominance every N steps (0: off)
-    # "l2w" (stages.core.l2w, Han et al. 2022): the meta-learned weight prediction network's settings
-    l2w_epsilon: float = 0.3  # weights are 1 + epsilon * (tanh output - its mean): in [1 - 2 eps, 1 + 2 eps]
-    l2w_target_p: float = 0.75  # the exit distribution the meta loss mimics: q_k ∝ target_p^k
-    l2w_hidden: int = 500  # the WPN's hidden width
-    l2w_meta_lr: float = 1e-4  # the WPN's Adam
-    l2w_meta_weight_decay: float = 1e-4
-    l2w_meta_interval: int = 1  # a meta step every this many batches
+    # "l2w" (stages.core.l2w, Han et al. 2022): the weight prediction network's settings (L2WSettings)
+    l2w_epsilon: float = _L2W.epsilon
+    l2w_target_p: float = _L2W.target_p
+    l2w_hidden: int = _L2W.hidden
+    l2w_meta_lr: float = _L2W.meta_lr
+    l2w_meta_weight_decay: float = _L2W.meta_weight_decay
+    l2w_meta_interval: int = _L2W.meta_interval
 
     def __post_init__(self) -> None:
         for name, kind in (("optimizer", OptimizerName), ("schedule", Schedule), ("selection", Selection),
