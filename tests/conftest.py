@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import Store
@@ -80,6 +81,14 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Any:
+    """sklearn's digits split as a phase reads it (no augmentation, seed 0)."""
+    from stages.core.data import DataSpec, load_splits
+
+    return load_splits(DataSpec(name="digits", augment=False), seed=0)
 
 
 @pytest.fixture

@@ -19,6 +19,15 @@ from typing import Any
 
 from pipeline.spec import StudySpec, load_spec
 
+def digits_net(seed: int) -> Any:
+    """The PyTorch-core tests' tiny net, seeded: CIFAR ResNet-20 at width 8 on 8x8 digits, ICs after blocks 3 and 6."""
+    from stages.core.loop import seed_everything
+    from stages.core.nets import NetSpec, create_net
+
+    seed_everything(seed)
+    return create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8))
+
+
 TINY = [
     "net.width=8",
     "resources.num_workers=1",

@@ -8,34 +8,23 @@ import math
 
 import pytest
 import torch
+from helpers import digits_net
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from stages.core.data import DataSpec, Splits, load_splits, make_loader
-from stages.core.l2w import (L2W, L2WSettings, WeightPredictor, centred_weights, exit_assignment, exit_distribution,
+from stages.core.data import Splits, make_loader
+from stages.core.l2w import (L2W, WeightPredictor, centred_weights, exit_assignment, exit_distribution,
                              lookahead, meta_loss)
-from stages.core.loop import EpochReport, PhaseConfig, PhaseResult, evaluate_exits, fit_phase, seed_everything
-from stages.core.nets import create_net
-from stages.core.nets.spec import NetSpec
+from stages.core.loop import EpochReport, PhaseConfig, PhaseResult, evaluate_exits, fit_phase
+from stages.core.phase_config import L2WSettings
 from stages.core.phases import per_sample_weighted, phase_objective, prepare_phase
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CPU = torch.device("cpu")
-SPEC = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8)
 L2W_CFG = PhaseConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, max_epochs=3, patience=10,
                       loss_weighting="l2w", l2w_hidden=32, l2w_meta_lr=1e-3)
-
-
-@pytest.fixture(scope="module")
-def digits() -> Splits:
-    return load_splits(DataSpec(name="digits", augment=False), seed=0)
-
-
-def _net(seed: int) -> nn.Module:
-    seed_everything(seed)
-    return create_net(SPEC)
 
 
 def _fit(net: nn.Module, phase: str, cfg: PhaseConfig, splits: Splits, size: int | None = None,
@@ -134,7 +123,7 @@ def test_the_lookahead_step_equals_the_optimizers_own_step(make: type[torch.opti
 
 
 def test_the_meta_step_trains_the_predictor_and_leaves_the_net_alone(digits: Splits) -> None:
-    net = _net(0)
+    net = digits_net(0)
     params = prepare_phase(net, "P2")
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     x, y = next(iter(make_loader(digits.train, batch_size=64, shuffle=True, seed=0)))
@@ -169,7 +158,7 @@ def test_the_predictor_weighs_per_sample_and_per_exit() -> None:
 
 @pytest.mark.parametrize("phase", ["P2", "P3"])
 def test_a_phase_with_l2w_learns_and_logs_its_meta_loss(digits: Splits, phase: str) -> None:
-    net = _net(0)
+    net = digits_net(0)
     cfg = PhaseConfig(optimizer="adam", lr=5e-3, batch_size=64, max_epochs=3, patience=5, loss_weighting="l2w",
                       l2w_hidden=32)
     result, reports = _fit(net, phase, cfg, digits)
@@ -181,7 +170,7 @@ def test_a_phase_with_l2w_learns_and_logs_its_meta_loss(digits: Splits, phase: s
 
 def test_the_meta_lr_follows_the_phase_schedule(digits: Splits) -> None:
     cfg = PhaseConfig(**{**L2W_CFG.to_dict(), "schedule": "cosine", "max_epochs": 2})
-    result, reports = _fit(_net(0), "P2", cfg, digits, size=128)
+    result, reports = _fit(digits_net(0), "P2", cfg, digits, size=128)
     meta_lr = reports[-1].state["l2w"]["optimizer"]["param_groups"][0]["lr"]
     factor = result.history[-1]["lr"] / cfg.lr  # the lr of the last epoch's first step
     assert 0 < meta_lr < cfg.l2w_meta_lr * factor  # cosine: the last step's factor is below the epoch's first
@@ -189,24 +178,24 @@ def test_the_meta_lr_follows_the_phase_schedule(digits: Splits) -> None:
 
 def test_p1_ignores_l2w(digits: Splits) -> None:
     cfg = PhaseConfig(optimizer="adam", lr=5e-3, batch_size=64, max_epochs=1, loss_weighting="l2w")
-    result, reports = _fit(_net(0), "P1", cfg, digits, size=128)
+    result, reports = _fit(digits_net(0), "P1", cfg, digits, size=128)
     assert "l2w" not in reports[0].state and "l2w_meta_loss" not in result.history[0]
 
 
 def test_l2w_changes_training_against_uniform(digits: Splits) -> None:
     uniform = PhaseConfig(**{**L2W_CFG.to_dict(), "loss_weighting": "uniform"})
-    a, _ = _fit(_net(0), "P2", L2W_CFG, digits, size=256)
-    b, _ = _fit(_net(0), "P2", uniform, digits, size=256)
+    a, _ = _fit(digits_net(0), "P2", L2W_CFG, digits, size=256)
+    b, _ = _fit(digits_net(0), "P2", uniform, digits, size=256)
     assert a.history[-1]["train_loss"] != b.history[-1]["train_loss"]
 
 
 def test_resume_with_l2w_matches_an_uninterrupted_run(digits: Splits) -> None:
-    full, full_reports = _fit(_net(0), "P2", L2W_CFG, digits, size=256)
+    full, full_reports = _fit(digits_net(0), "P2", L2W_CFG, digits, size=256)
     buffer = io.BytesIO()
     torch.save(full_reports[0].state, buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    resumed, resumed_reports = _fit(_net(7), "P2", L2W_CFG, digits, size=256, resume=state)
+    resumed, resumed_reports = _fit(digits_net(7), "P2", L2W_CFG, digits, size=256, resume=state)
     assert [r.epoch for r in resumed_reports] == [1, 2]
     for key, value in full_reports[-1].state["net"].items():
         assert torch.equal(value, resumed_reports[-1].state["net"][key]), key
@@ -219,13 +208,13 @@ def test_resume_with_l2w_matches_an_uninterrupted_run(digits: Splits) -> None:
 
 def test_resume_from_a_state_without_l2w_is_refused(digits: Splits) -> None:
     uniform = PhaseConfig(**{**L2W_CFG.to_dict(), "loss_weighting": "uniform", "max_epochs": 1})
-    _, reports = _fit(_net(0), "P2", uniform, digits, size=64)
+    _, reports = _fit(digits_net(0), "P2", uniform, digits, size=64)
     with pytest.raises(ValueError, match="no L2W weight predictor"):
-        _fit(_net(0), "P2", L2W_CFG, digits, size=64, resume=reports[0].state)
+        _fit(digits_net(0), "P2", L2W_CFG, digits, size=64, resume=reports[0].state)
 
 
 def test_l2w_under_ddp_trains_the_net_and_the_predictor(digits: Splits, process_group: None) -> None:
-    net = _net(0)
+    net = digits_net(0)
     prepare_phase(net, "P2")
     ddp = nn.parallel.DistributedDataParallel(net)
     cfg = PhaseConfig(**{**L2W_CFG.to_dict(), "max_epochs": 1})

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from helpers import digits_net
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from stages.core.data import DataSpec, Splits, load_splits, make_loader
+from stages.core.data import Splits, make_loader
 from stages.core.loop import (
     EarlyStopping,
     EpochReport,
@@ -21,29 +22,15 @@ from stages.core.loop import (
     evaluate_exits,
     fit_phase,
     lr_factor,
-    seed_everything,
     unwrap,
 )
-from stages.core.nets import create_net
-from stages.core.nets.spec import NetSpec
 from stages.core.phases import REGIME_PHASES, prepare_phase
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CPU = torch.device("cpu")
-SPEC = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8)
 TIMING_KEYS = {"epoch_time", "samples_per_s"}
-
-
-@pytest.fixture(scope="module")
-def digits() -> Splits:
-    return load_splits(DataSpec(name="digits", augment=False), seed=0)
-
-
-def _net(seed: int) -> nn.Module:
-    seed_everything(seed)
-    return create_net(SPEC)
 
 
 def _train_loader(splits: Splits, batch_size: int, size: int | None = None) -> DataLoader:
@@ -81,7 +68,7 @@ def test_phase_config_validates_and_round_trips() -> None:
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "adam"])
 def test_build_optimizer_decays_only_matrices(name: str) -> None:
-    net = _net(0)
+    net = digits_net(0)
     params = list(net.parameters())
     opt = build_optimizer(params, PhaseConfig(optimizer=name, lr=0.01, weight_decay=0.1))
     assert type(opt).__name__.lower() == name
@@ -192,7 +179,7 @@ def _fit(
 def test_resume_matches_an_uninterrupted_run(digits: Splits) -> None:
     cfg = PhaseConfig(optimizer="sgd", lr=0.05, weight_decay=5e-4, batch_size=64, max_epochs=4, patience=10,
                       schedule="cosine", warmup_epochs=1, grad_clip=1.0, loss_weighting="kaya", label_smoothing=0.1)
-    full, full_reports = _fit(_net(0), "P2", cfg, digits, size=384)
+    full, full_reports = _fit(digits_net(0), "P2", cfg, digits, size=384)
 
     buffer = io.BytesIO()
     torch.save(full_reports[1].state, buffer)  # what a checkpoint would hold
@@ -201,7 +188,7 @@ def test_resume_matches_an_uninterrupted_run(digits: Splits) -> None:
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["net"])
     assert state["epoch"] == 1 and len(state["history"]) == 2
 
-    resumed_net = _net(123)  # different init and RNG: everything must come from `state`
+    resumed_net = digits_net(123)  # different init and RNG: everything must come from `state`
     resumed, resumed_reports = _fit(resumed_net, "P2", cfg, digits, size=384, resume=state)
     assert [r.epoch for r in resumed_reports] == [2, 3]
     for key, value in full_reports[-1].state["net"].items():
@@ -217,7 +204,7 @@ def test_resume_matches_an_uninterrupted_run(digits: Splits) -> None:
 def test_fit_phase_stops_early_and_restores_the_best_state(digits: Splits) -> None:
     # P3 with a negligible lr: the ICs' accuracy cannot improve after the first epoch.
     cfg = PhaseConfig(optimizer="sgd", lr=1e-12, batch_size=64, max_epochs=10, patience=2)
-    net = _net(0)
+    net = digits_net(0)
     backbone_before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
     result, reports = _fit(net, "P3", cfg, digits, size=128)
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 0
@@ -235,7 +222,7 @@ def test_fit_phase_stops_early_and_restores_the_best_state(digits: Splits) -> No
 
 @pytest.mark.parametrize(("phase", "enabled"), [("P1", False), ("P2", True), ("P3", False)])
 def test_gradient_equilibrium_is_switched_on_for_p2_only(digits: Splits, phase: str, enabled: bool) -> None:
-    net = _net(0)
+    net = digits_net(0)
     net.set_gradient_equilibrium(not enabled)  # a stale setting from an earlier phase
     cfg = PhaseConfig(lr=0.01, batch_size=64, max_epochs=1, loss_weighting="gradient_equilibrium")
     _fit(net, phase, cfg, digits, size=64)
@@ -245,7 +232,7 @@ def test_gradient_equilibrium_is_switched_on_for_p2_only(digits: Splits, phase: 
 def test_bf16_and_channels_last_are_no_ops_on_cpu(digits: Splits) -> None:
     plain = PhaseConfig(lr=0.01, batch_size=64, max_epochs=1)
     fast = PhaseConfig(lr=0.01, batch_size=64, max_epochs=1, bf16=True, channels_last=True)
-    a, b = _net(0), _net(0)
+    a, b = digits_net(0), digits_net(0)
     _fit(a, "P2", plain, digits, size=64)
     _fit(b, "P2", fast, digits, size=64)
     for key, value in a.state_dict().items():
@@ -254,7 +241,7 @@ def test_bf16_and_channels_last_are_no_ops_on_cpu(digits: Splits) -> None:
 
 def test_fit_phase_under_ddp(digits: Splits, process_group: None) -> None:
     cfg = PhaseConfig(optimizer="sgd", lr=0.05, batch_size=64, max_epochs=1, patience=5)
-    net = _net(0)
+    net = digits_net(0)
     backbone_before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
     prepare_phase(net, "P3")  # before the wrap: DDP must only see the ICs
     ddp = nn.parallel.DistributedDataParallel(net)
@@ -264,7 +251,7 @@ def test_fit_phase_under_ddp(digits: Splits, process_group: None) -> None:
     for key, value in net.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[key]), key
 
-    wrapped_too_early = nn.parallel.DistributedDataParallel(_net(1))
+    wrapped_too_early = nn.parallel.DistributedDataParallel(digits_net(1))
     with pytest.raises(RuntimeError, match="before wrapping"):
         fit_phase(wrapped_too_early, "P3", cfg, [], [], CPU)
 
@@ -283,7 +270,7 @@ def _train(net: nn.Module, phase: str, splits: Splits) -> PhaseResult:
 @pytest.fixture(scope="module")
 def p1_state(digits: Splits) -> dict[str, Tensor]:
     """The P1 backbone that disjoint and mixed share (trained once, as in the DAG)."""
-    net = _net(0)
+    net = digits_net(0)
     result = _train(net, "P1", digits)
     assert result.best_val["val_acc_final"] > 0.9
     return result.best_state_dict
@@ -292,7 +279,7 @@ def p1_state(digits: Splits) -> dict[str, Tensor]:
 @pytest.mark.parametrize("regime", ["joint", "disjoint", "mixed"])
 def test_regime_learns_digits(regime: str, digits: Splits, p1_state: dict[str, Tensor]) -> None:
     phases = REGIME_PHASES[regime]
-    net = _net(0)
+    net = digits_net(0)
     if phases[0] == "P1":
         net.load_state_dict(p1_state)
         p1_accuracy = _test_accuracy(net, digits)
@@ -308,7 +295,7 @@ def test_regime_learns_digits(regime: str, digits: Splits, p1_state: dict[str, T
 
 def test_a_non_finite_loss_stops_the_phase_and_says_where(digits: Splits) -> None:
     cfg = PhaseConfig(optimizer="sgd", lr=1e4, batch_size=64, max_epochs=5, patience=6, schedule="none")
-    result, reports = _fit(_net(0), "P2", cfg, digits, size=256)
+    result, reports = _fit(digits_net(0), "P2", cfg, digits, size=256)
     last = reports[-1].metrics
     epoch, step = int(last["epoch"]), int(last["nonfinite_step"])
     assert epoch < 4 and 0 <= step < 4  # 256 samples: 4 steps an epoch
@@ -317,10 +304,10 @@ def test_a_non_finite_loss_stops_the_phase_and_says_where(digits: Splits) -> Non
     assert result.epochs_run == epoch + 1 and reports[-1].stop and not reports[-1].improved  # stopped, never "best"
     assert last["val_score"] == -1.0
     # A resumed diverged phase stays stopped: nothing trains on from garbage weights.
-    resumed, more = _fit(_net(0), "P2", cfg, digits, size=256, resume=reports[-1].state)
+    resumed, more = _fit(digits_net(0), "P2", cfg, digits, size=256, resume=reports[-1].state)
     assert more == [] and resumed.diverged == result.diverged
 
 
 def test_a_healthy_phase_records_no_divergence(digits: Splits) -> None:
-    result, reports = _fit(_net(0), "P1", PhaseConfig(lr=3e-3, batch_size=64, max_epochs=1), digits, size=128)
+    result, reports = _fit(digits_net(0), "P1", PhaseConfig(lr=3e-3, batch_size=64, max_epochs=1), digits, size=128)
     assert result.diverged == "" and reports[0].metrics["nonfinite_step"] == -1
