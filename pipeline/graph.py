@@ -137,15 +137,18 @@ def build_graph(spec: StudySpec) -> Graph:
     is prefixed with the axis values its variants share (`phases.P2.loss_weighting=kaya/seed0/joint/P2`;
     none when every value of the axes uses it). One report joins every variant.
     """
+    from stages.core.nets.methods import method_curves
     from stages.report import ReportConfig
 
     ev = spec.evaluation
     merged, rows = _merged_variants(spec)
+    # the criteria's curves, then the methods' own (JEI-DNN's gates), which every evaluate node of that method writes
+    criteria = tuple(ev.criteria) + method_curves(v.net.method for _, v in variants(spec))
     merged.add(
         Node(
             id="report",
             kind="report",
-            config=ReportConfig(budgets=tuple(ev.budgets), budget_rule=ev.budget_rule, criteria=tuple(ev.criteria),
+            config=ReportConfig(budgets=tuple(ev.budgets), budget_rule=ev.budget_rule, criteria=criteria,
                                 regimes=tuple(spec.regimes), seeds=tuple(spec.seeds), rows=rows,
                                 axes=tuple((axis, tuple(axis_label(((axis, v),)) for v in values)) for axis, values in spec.compare.items())),
             inputs=tuple(dict.fromkeys(row[0] for row in rows)),

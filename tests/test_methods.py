@@ -7,7 +7,9 @@ in every regime's IC-training phase. ZTW (`net.method: ztw`) trains cascading IC
 its ensemble on the frozen net at the end of every phase that trained them. One epoch a phase:
 this checks the plumbing (every regime trains, every curve spans the exits' costs, the report has
 a row per regime, criterion and budget); the maths of the losses, ensembles and exit rules are
-checked against references in test_nets.py, test_ztw.py and test_evaluation.py.
+checked against references in test_nets.py, test_ztw.py, test_jei_dnn.py and test_evaluation.py. JEI-DNN
+(`net.method: jei_dnn`) fits its exit gates, one set per lambda, at the end of the same phases, and
+its "gates" curve sweeps lambda beside the criteria's.
 """
 
 from __future__ import annotations
@@ -78,11 +80,7 @@ def test_ztw_runs_every_regime_with_its_fitted_ensemble_to_a_curve_and_a_budget_
     assert sorted(ztw.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2", "seed0/mixed/P2"]
     client = MlflowClient(mlflow_uri)
     store = ArtifactStore(client)
-    for node in ("seed0/P1", "seed0/joint/P2", "seed0/disjoint/P3", "seed0/mixed/P2"):
-        state, spec = store.load_checkpoint(ztw.results[node].run_id)
-        assert spec["net"]["method"] == "ztw"
-        fitted = bool(state["ensemble.bias"].abs().sum() > 0)  # beta starts at 0: fitted by the phases that train the ICs
-        assert fitted == (node != "seed0/P1"), node
+    for state in _fitted_by_the_ic_phases(ztw, store, "ztw", "ensemble.bias").values():  # beta starts at 0
         assert any(k.startswith("ics.1.cascade.") for k in state)
     for regime in REGIMES:
         ev = ztw.results[f"seed0/{regime}/evaluate"]
@@ -96,3 +94,50 @@ def test_ztw_runs_every_regime_with_its_fitted_ensemble_to_a_curve_and_a_budget_
     assert {(r["regime"], r["budget"]) for r in budgets if r["criterion"] == "max_softmax"} == {
         (g, b) for g in REGIMES for b in ("0.25", "0.5", "0.75", "1.0", "max")}
     assert client.get_run(ztw.results["seed0/mixed/P2"].run_id).data.params["net.method"] == "ztw"
+
+
+@pytest.fixture(scope="module")
+def jei_dnn(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from pipeline.runner import run_study
+
+    spec = tiny_spec(tmp_path_factory.mktemp("ray"), "name=methods-jei-dnn", f"regimes=[{','.join(REGIMES)}]",
+                     "net.method=jei_dnn", "evaluation.criteria=[max_softmax]", epochs=1)
+    return run_study(spec, mlflow_uri, progress=lambda _: None)
+
+
+def test_jei_dnn_runs_every_regime_with_its_gates_to_a_lambda_curve_budget_and_ece_tables(jei_dnn: Any, mlflow_uri: str) -> None:
+    """The gates are fitted by every phase that trains the ICs (not P1), each evaluation writes the
+    gates' curve (one point per lambda) beside max softmax's, and the report gives it a budget table
+    and ECE at every budget, as for a criterion."""
+    from pipeline.artifacts import ArtifactStore
+    from stages.core.nets.jei_dnn import LAMBDAS
+
+    assert sorted(jei_dnn.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2", "seed0/mixed/P2"]
+    client = MlflowClient(mlflow_uri)
+    store = ArtifactStore(client)
+    _fitted_by_the_ic_phases(jei_dnn, store, "jei_dnn", "gates.bias")  # the gates start at 0
+    for regime in REGIMES:
+        ev = jei_dnn.results[f"seed0/{regime}/evaluate"]
+        exits = store.load_table(ev.run_id, "exits").to_pylist()
+        curve = [r for r in store.load_table(ev.run_id, "curve").to_pylist() if r["criterion"] == "gates"]
+        assert [r["threshold"] for r in curve] == pytest.approx(list(LAMBDAS)), regime
+        assert all(exits[0]["flops"] <= r["flops"] <= exits[-1]["flops"] for r in curve)
+        assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["ece"] <= 1.0 for r in curve)
+    budgets = store.load_table(jei_dnn.results["report"].run_id, "budgets").to_pylist()
+    assert {(r["criterion"], r["regime"], r["budget"]) for r in budgets} == {
+        (c, g, b) for c in ("max_softmax", "gates") for g in REGIMES for b in ("0.25", "0.5", "0.75", "1.0", "max")}
+    calibration = store.load_table(jei_dnn.results["report"].run_id, "calibration").to_pylist()
+    assert {(r["regime"], r["budget"]) for r in calibration if r["criterion"] == "gates"} == {
+        (g, b) for g in REGIMES for b in ("0.25", "0.5", "0.75", "1.0", "max")}
+    assert "exit criterion: gates" in jei_dnn.table
+
+
+def _fitted_by_the_ic_phases(study: Any, store: Any, method: str, key: str) -> dict[str, Any]:
+    """Every phase's checkpoint of `method`: the method's own module (its tensor `key`, zero at the
+    start) fitted by the phases that train the ICs, not by P1. Returns the states by node."""
+    states = {}
+    for node in ("seed0/P1", "seed0/joint/P2", "seed0/disjoint/P3", "seed0/mixed/P2"):
+        states[node], spec = store.load_checkpoint(study.results[node].run_id)
+        assert spec["net"]["method"] == method
+        assert bool(states[node][key].abs().sum() > 0) == (node != "seed0/P1"), node
+    return states

@@ -11,7 +11,8 @@ import pyarrow as pa
 import torch
 
 from stages.core.data import DataSpec, load_splits, make_loader
-from stages.core.evaluation import Spacing, calibration_error, collect_logits, fixed_exit_accuracy, threshold_curve, top_probability
+from stages.core.evaluation import (Spacing, calibration_error, collect_logits, curve_at_exits, fixed_exit_accuracy, threshold_curve,
+                                    top_probability)
 from stages.core.flops import backbone_flops, exit_flops
 from stages.core.nets import NetSpec, create_net
 
@@ -19,7 +20,7 @@ from stages.core.nets import NetSpec, create_net
 @dataclass
 class EvaluateOutput:
     exits: pa.Table  # exit, block, flops, accuracy, ece (each exit forced; final head included)
-    curve: pa.Table  # criterion, threshold, flops, accuracy, ece
+    curve: pa.Table  # criterion, threshold, flops, accuracy, ece (the method's own curve under its name)
     backbone_flops: int  # the plain backbone, the budgets' reference
 
 
@@ -54,18 +55,20 @@ def run(
             "ece": pa.array(ece, pa.float64()),
         }
     )
-    parts = []
-    for criterion in criteria:
-        c = threshold_curve(logits, labels, flops, criterion, num_thresholds, spacing)
-        parts.append(
-            pa.table(
-                {
-                    "criterion": pa.array([criterion] * len(c["threshold"]), pa.string()),
-                    "threshold": pa.array(c["threshold"], pa.float64()),
-                    "flops": pa.array(c["flops"], pa.float64()),
-                    "accuracy": pa.array(c["accuracy"], pa.float64()),
-                    "ece": pa.array(c["ece"], pa.float64()),
-                }
-            )
+    curves = [(criterion, threshold_curve(logits, labels, flops, criterion, num_thresholds, spacing)) for criterion in criteria]
+    if net.method.curve is not None:  # the method's own (JEI-DNN's gates, one point per lambda)
+        points, taken = net.method.curve.compute(net, logits)
+        curves.append((net.method.curve.name, {"threshold": points, **curve_at_exits(logits, labels, flops, taken)}))
+    parts = [
+        pa.table(
+            {
+                "criterion": pa.array([name] * len(c["threshold"]), pa.string()),
+                "threshold": pa.array(c["threshold"], pa.float64()),
+                "flops": pa.array(c["flops"], pa.float64()),
+                "accuracy": pa.array(c["accuracy"], pa.float64()),
+                "ece": pa.array(c["ece"], pa.float64()),
+            }
         )
+        for name, c in curves
+    ]
     return EvaluateOutput(exits=exits, curve=pa.concat_tables(parts), backbone_flops=int(base))

@@ -197,12 +197,18 @@ def threshold_curve(
         raise ValueError(f"{len(labels)} labels for {n} samples")
     conf = exit_criterion(logits, criterion)
     thresholds = threshold_grid(criterion, num_classes, num_thresholds, spacing, conf)
-    exits = exit_indices(conf, thresholds, criterion)  # [T, N]
+    return {"threshold": thresholds, **curve_at_exits(logits, labels, cost, exit_indices(conf, thresholds, criterion))}
+
+
+def curve_at_exits(logits: torch.Tensor, labels: torch.Tensor, exit_flops: Sequence[float] | np.ndarray,
+                   exits: np.ndarray) -> dict[str, np.ndarray]:
+    """Curve points from the exit every sample takes at each point (`exits` [T, N] in [0, E-1]):
+    arrays flops (mean per-sample cost), accuracy and ece (of the taken exits' predictions) [T]."""
+    cost = np.asarray(exit_flops, dtype=np.float64)
     correct = (logits.argmax(dim=-1) == torch.as_tensor(labels).unsqueeze(0)).numpy()  # [E, N]
-    hit = np.take_along_axis(correct, exits, axis=0)  # row t picks each sample's exit at threshold t
+    hit = np.take_along_axis(correct, exits, axis=0)  # row t picks each sample's exit at point t
     top = np.take_along_axis(top_probability(logits), exits, axis=0)  # [T, N]: the taken exit's top-class probability
     return {
-        "threshold": thresholds,
         "flops": cost[exits].mean(axis=1),
         "accuracy": hit.mean(axis=1, dtype=np.float64),
         "ece": calibration_error(top, hit),

@@ -44,12 +44,13 @@ def run(
         for e in range(min(len(v) for v in ece)):
             calibration.append(_calibration_row("", regime, e, "", [v[e] for v in ece]))
     for i, criterion in enumerate(criteria):
-        by_regime = {
-            r: [_columns(_where(curves[k], criterion), "flops", "accuracy") for k in curves if k[0] == r] for r in regimes
-        }
+        # A method's own curve (JEI-DNN's gates) exists only for the variants of that method
+        found = {k: t for k in curves if (t := _where(curves[k], criterion)).num_rows}
+        shown = [r for r in regimes if any(k[0] == r for k in found)]
+        by_regime = {r: [_columns(found[k], "flops", "accuracy") for k in found if k[0] == r] for r in shown}
         rows = budget_table(by_regime, backbone_flops, budgets, budget_rule)
-        for r in regimes:
-            seed_curves = [_where(curves[k], criterion) for k in curves if k[0] == r]
+        for r in shown:
+            seed_curves = [found[k] for k in found if k[0] == r]
             for budget in budgets:
                 per_seed = []
                 for table in seed_curves:

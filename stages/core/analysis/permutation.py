@@ -208,8 +208,10 @@ def permutation_spec(net: nn.Module) -> PermutationSpec:
                          "spec; weight matching supports the CIFAR and torchvision ResNets and the ViTs")
     for k, block in enumerate(net.ic_blocks):
         _head(b, f"ics.{k}", net.ics[k], streams[block - 1], backbone)
-    if net.ensemble is not None:  # ZTW's ensemble weighs the ICs' outputs: no unit of the backbone in it
-        b.fixed.update(f"ensemble.{name}" for name, _ in net.ensemble.named_parameters())
+    # ZTW's ensemble weighs the ICs' outputs, JEI-DNN's gates read their softmax: no unit of the backbone in either
+    for name, module in (("ensemble", net.ensemble), ("gates", net.gates)):
+        if module is not None:
+            b.fixed.update(f"{name}.{key}" for key in module.state_dict())
     return b.done(backbone)
 
 

@@ -11,7 +11,10 @@ A method may also bring modules and a step of its own (ZTW, `stages.core.nets.zt
 wraps every IC after the first so that it also reads the previous IC's output; `ensemble` builds a
 module (its parameters under `net.ensemble`, trained by no phase) that replaces `combine`; `finish`
 is a step that runs once a phase that trained the ICs (P2, P3) has its best state, on the frozen
-net: ZTW fits its ensemble there.
+net: ZTW fits its ensemble there. `gates` builds a module of learned exit decisions (JEI-DNN's,
+`stages.core.nets.jei_dnn`; under `net.gates`, trained by no phase, fitted by `finish`), and
+`curve` is the method's own curve beside the criteria's (its name in curve.parquet and the
+report): the exit each test sample takes at each of its points, decided by the method's modules.
 """
 
 from __future__ import annotations
@@ -19,16 +22,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.core.nets import ztw
+from stages.core.nets import jei_dnn, ztw
 from stages.core.registry import Registry
 
 
 ExitLosses = Callable[[Sequence[Tensor], Tensor, Callable[[Tensor, Tensor], Tensor]], list[Tensor]]
 # (the unwrapped net, its training batches on the device, a sum over the DDP ranks) -> a line for the log
 FinishStep = Callable[[nn.Module, Iterable[tuple[Tensor, Tensor]], Callable[[Tensor], Tensor]], str]
+# (the net, test logits [E, N, C]) -> (each point's value [T], its `threshold` column; the exit every sample takes
+# at each point [T, N]); the evaluation maths gives each point its FLOPs, accuracy and ECE
+CurveFn = Callable[[nn.Module, Tensor], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class MethodCurve:
+    name: str  # its `criterion` in curve.parquet, budgets.parquet and calibration.parquet; never a criterion's name
+    compute: CurveFn
 
 
 def each_exit_alone(logits: Sequence[Tensor], target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
@@ -51,6 +64,8 @@ class ExitMethod:
     cascade: bool = False  # IC k > 0 also reads IC k - 1's output, detached (its head wrapped in ztw.CascadeHead)
     ensemble: Callable[[int, int], nn.Module] | None = None  # (exits, classes) -> net.ensemble, used in place of `combine`
     finish: FinishStep | None = None  # after a phase that trained the ICs, on its best state (see the module docstring)
+    gates: Callable[[int, int], nn.Module] | None = None  # (exits, classes) -> net.gates, fitted by `finish`
+    curve: MethodCurve | None = None  # a curve of the method's own, evaluated beside the criteria's
 
 
 METHODS: Registry[ExitMethod] = Registry("method")
@@ -82,3 +97,12 @@ register_method(ExitMethod("pabee", combine=lambda raw: raw[-1], independent=Tru
 # ICs are trained (stages.core.nets.ztw); exit k needs every IC before it.
 register_method(ExitMethod("ztw", combine=lambda raw: raw[-1], cascade=True, ensemble=ztw.GeometricEnsemble,
                            finish=ztw.fit_ensemble))
+# JEI-DNN: independent ICs (as SDN's) and learned exit gates, one set per cost trade-off lambda,
+# fitted on the frozen net once the ICs are trained (stages.core.nets.jei_dnn); its curve sweeps lambda.
+register_method(ExitMethod("jei_dnn", combine=lambda raw: raw[-1], independent=True, gates=jei_dnn.ExitGates,
+                           finish=jei_dnn.fit_gates, curve=MethodCurve("gates", jei_dnn.gate_points)))
+
+
+def method_curves(names: Iterable[str]) -> tuple[str, ...]:
+    """The names of the methods' own curves (JEI-DNN's "gates"), in order, for the methods named."""
+    return tuple(dict.fromkeys(m.curve.name for m in map(get_method, names) if m.curve is not None))

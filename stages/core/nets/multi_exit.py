@@ -152,6 +152,8 @@ class MultiExitNet(nn.Module):
         self.ics = nn.ModuleList(heads)
         # the method's own combining module (ZTW's ensemble): trained by no phase, see `prepare_phase`
         self.ensemble = self.method.ensemble(self.num_exits, spec.num_classes) if self.method.ensemble is not None else None
+        # the method's learned exit gates (JEI-DNN's): read by its curve, fitted by its `finish` step, trained by no phase
+        self.gates = self.method.gates(self.num_exits, spec.num_classes) if self.method.gates is not None else None
         self._ic_after = {b: i for i, b in enumerate(ic_blocks)}  # block number -> IC index
         self.gradient_equilibrium = False
 

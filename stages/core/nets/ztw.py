@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stages.core.nets.full_batch import fit_full_batch
+
 ENSEMBLE_STEPS = 300  # full-batch Adam steps: the ensemble has (E - 1) * (E + C) parameters
 ENSEMBLE_LR = 0.05
 # The ICs' log-probabilities cached per DDP rank, in floats (256 MiB): up to 2**26 / (ICs x classes)
@@ -97,34 +99,15 @@ def ensemble_nll(ensemble: GeometricEnsemble, log_probs: Tensor, labels: Tensor)
 
 
 def fit_ensemble(model: Any, batches: Iterable[tuple[Tensor, Tensor]], reduce_sum: Callable[[Tensor], Tensor]) -> str:
-    """Fit `model.ensemble` on the frozen net (eval mode: BatchNorm statistics stay as trained).
-
-    Every DDP rank caches its own shard; the gradient is summed over ranks (`reduce_sum`) and
-    divided by the global sample count, so every rank takes the same steps from the same start.
-    """
+    """Fit `model.ensemble` on the frozen net (eval mode: BatchNorm statistics stay as trained), by
+    full-batch Adam over every DDP rank's cached shard (`stages.core.nets.full_batch`)."""
     ensemble: GeometricEnsemble = model.ensemble
     model.eval()
     limit = max(1, MAX_CACHED_FLOATS // max(1, (model.num_exits - 1) * model.spec.num_classes))
     log_probs, labels = _cache(model, batches, limit)
     count = reduce_sum(torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=labels.device)).item()
-    params = list(ensemble.parameters())
-    ensemble.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=ENSEMBLE_LR)
-    try:
-        for step in range(ENSEMBLE_STEPS + 1):
-            optimizer.zero_grad(set_to_none=True)
-            loss = ensemble_nll(ensemble, log_probs, labels)
-            if step == 0:
-                before = reduce_sum(loss.detach().double()).item() / count
-            if step == ENSEMBLE_STEPS:  # the loss the fitted ensemble ends with; no step after it
-                after = reduce_sum(loss.detach().double()).item() / count
-                break
-            loss.backward()
-            for p in params:
-                p.grad = reduce_sum(p.grad) / count
-            optimizer.step()
-    finally:
-        ensemble.requires_grad_(False)
+    before, after = fit_full_batch(ensemble, lambda: ensemble_nll(ensemble, log_probs, labels), ENSEMBLE_STEPS, ENSEMBLE_LR,
+                                   count, reduce_sum)
     ics = log_probs.shape[1]
     return (f"ztw ensemble fitted on {int(count)} training samples: summed NLL of its {ics} ICs "
             f"{before:.4f} -> {after:.4f} per sample")
