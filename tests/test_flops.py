@@ -28,6 +28,8 @@ SMALL: dict[str, dict] = {
     "vit_small": dict(img_size=8, in_chans=1, width=24, depth=3),
     "vit_base": dict(img_size=8, in_chans=1, width=24, depth=3),
     "vit_cifar": dict(img_size=8, in_chans=1, width=24, depth=3),
+    "msdnet_cifar": dict(img_size=8, in_chans=1, width=4, depth=3),
+    "msdnet_imagenet": dict(img_size=32, in_chans=1, width=4, depth=3),
 }
 
 

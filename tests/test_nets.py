@@ -36,6 +36,8 @@ SMALL: dict[str, dict] = {
     "vit_small": dict(img_size=8, in_chans=1, width=24, depth=3),
     "vit_base": dict(img_size=8, in_chans=1, width=24, depth=3),
     "vit_cifar": dict(img_size=8, in_chans=1, width=24, depth=3),
+    "msdnet_cifar": dict(img_size=8, in_chans=1, width=4, depth=3),
+    "msdnet_imagenet": dict(img_size=32, in_chans=1, width=4, depth=3),
 }
 
 
@@ -178,7 +180,7 @@ def _grads(net: MultiExitNet, x: Tensor, pick: slice | list[int]) -> dict[str, T
     return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", ["resnet20", "vit_cifar"])
+@pytest.mark.parametrize("name", ["resnet20", "vit_cifar", "msdnet_cifar"])  # msdnet: a list of scales between blocks
 def test_gradient_equilibrium_keeps_forward_changes_backbone_grads(name: str) -> None:
     net = fresh(name).eval()  # eval: identical forward passes, no BatchNorm statistics drift
     x = images(net.spec)

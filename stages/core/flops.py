@@ -101,7 +101,7 @@ def piece_flops(net: MultiExitNet) -> PieceFlops:
         by_module = analysis.by_module()
         blocks = tuple(int(by_module[names[id(b)]]) for b in backbone.blocks)
         ics = tuple(int(by_module[names[id(ic)]]) for ic in net.ics)
-        last = net.forward_intermediates(x, [net.num_blocks])[0]
+        last = net.block_states(x, [net.num_blocks])[0]
         head = int(flop_analysis(_Method(backbone, "forward_head"), (last,)).total())
     # the stem is the rest: whatever is counted outside blocks, ICs and head (so nothing is lost)
     stem = int(analysis.total()) - sum(blocks) - sum(ics) - head

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.core.evaluation import Criterion, confidence, get_criterion, passes
-from stages.core.nets.multi_exit import MultiExitNet
+from stages.core.nets.multi_exit import MultiExitNet, map_state
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def early_exit_forward(net: MultiExitNet, x: Tensor, threshold: float, criterion
         ic = net._ic_after.get(number)
         if ic is None:
             continue
-        raw.append(net.ic_output(ic, h, raw))
+        raw.append(net.ic_output(ic, net.backbone.ic_input(h), raw))
         seen.append(net.combine(raw).float())
         leave = passes(_confidence_at(seen, net.num_exits, criterion), threshold, criterion).to(device)
         if bool(leave.any()):
@@ -73,7 +73,7 @@ def early_exit_forward(net: MultiExitNet, x: Tensor, threshold: float, criterion
             stay = ~leave
             if not bool(stay.any()):
                 return ExitDecisions(predictions, exits)
-            here, h = here[stay], h[stay]
+            here, h = here[stay], map_state(h, lambda t: t[stay])
             raw = [r[stay] for r in raw]
             seen = [s[stay] for s in seen]
     raw.append(net.backbone.forward_head(h))

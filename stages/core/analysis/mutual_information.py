@@ -76,7 +76,7 @@ def block_mutual_information(net: nn.Module, x: Tensor, noise: float = 0.25, dra
     was_training = net.training
     net.eval()
     try:
-        with capture_outputs(enumerate(net.backbone.blocks, start=1)) as outputs:  # by block number
+        with capture_outputs(enumerate(net.backbone.blocks, start=1), net.backbone.ic_input) as outputs:  # by block number
             net(x)
     finally:
         net.train(was_training)

@@ -46,6 +46,21 @@ class ExitBackbone(nn.Module, abc.ABC):
             h = block(h)
         return self.forward_head(h)
 
+    # The hidden state between blocks is a tensor, or what a family passes instead (MSDNet: a list of
+    # scales). An IC, and every reader of a block's output, sees `ic_input` of it.
+    def ic_input(self, h: Any) -> Tensor:
+        return h
+
+    def ic_head(self, feature_shape: tuple[int, ...], num_classes: int) -> nn.Module | None:
+        """The family's own IC head for features of `feature_shape` (MSDNet's classifier), used when
+        neither the spec nor the method names a head kind; None: `make_head`'s default."""
+        return None
+
+
+def map_state(h: Any, fn: Any) -> Any:
+    """`fn` applied to a hidden state: to the tensor, or to each tensor of a list of scales."""
+    return [fn(t) for t in h] if isinstance(h, list) else fn(h)
+
 
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; multiplies the incoming gradient by a constant backward."""
@@ -120,7 +135,7 @@ def block_shapes(backbone: ExitBackbone, in_chans: int, img_size: int) -> tuple[
         shapes = []
         for block in backbone.blocks:
             h = block(h)
-            shapes.append(tuple(h.shape[1:]))
+            shapes.append(tuple(backbone.ic_input(h).shape[1:]))
     finally:
         for module, training in modes.items():
             module.training = training
@@ -146,7 +161,7 @@ class MultiExitNet(nn.Module):
         self.feature_shapes = block_shapes(backbone, spec.in_chans, spec.img_size)
         self.method = get_method(spec.method)
         head = spec.head if spec.head is not None else self.method.head
-        heads = [make_head(head, self.feature_shapes[b - 1], spec.num_classes, spec.head_norm, spec.head_hidden) for b in ic_blocks]
+        heads = [self._make_ic(head, self.feature_shapes[b - 1]) for b in ic_blocks]
         if self.method.cascade:  # every IC after the first also reads its predecessor's output
             heads = heads[:1] + [CascadeHead(h, spec.num_classes) for h in heads[1:]]
         self.ics = nn.ModuleList(heads)
@@ -156,6 +171,16 @@ class MultiExitNet(nn.Module):
         self.gates = self.method.gates(self.num_exits, spec.num_classes) if self.method.gates is not None else None
         self._ic_after = {b: i for i, b in enumerate(ic_blocks)}  # block number -> IC index
         self.gradient_equilibrium = False
+
+    def _make_ic(self, kind: str | None, feature_shape: tuple[int, ...]) -> nn.Module:
+        spec = self.spec
+        own = self.backbone.ic_head(feature_shape, spec.num_classes) if kind is None else None
+        if own is None:
+            return make_head(kind, feature_shape, spec.num_classes, spec.head_norm, spec.head_hidden)
+        if spec.head_norm or spec.head_hidden:
+            raise ValueError(f"net spec field `head_norm`/`head_hidden`: {spec.backbone}'s own IC head takes neither; "
+                             "name a head kind in `head` (linear, mlp) to use them")
+        return own
 
     @property
     def ic_blocks(self) -> tuple[int, ...]:
@@ -172,12 +197,13 @@ class MultiExitNet(nn.Module):
         """
         self.gradient_equilibrium = bool(enabled)
 
-    def _branch(self, h: Tensor, ic: int) -> tuple[Tensor, Tensor]:
+    def _branch(self, h: Any, ic: int) -> tuple[Any, Tensor]:
         """(deeper path, IC input) at IC `ic`'s branch point."""
         if not self.gradient_equilibrium:
-            return h, h
+            return h, self.backbone.ic_input(h)
         remaining = self.num_exits - ic
-        return scale_grad(h, (remaining - 1) / remaining), scale_grad(h, 1.0 / remaining)
+        deeper = map_state(h, lambda t: scale_grad(t, (remaining - 1) / remaining))
+        return deeper, self.backbone.ic_input(map_state(h, lambda t: scale_grad(t, 1.0 / remaining)))
 
     def ic_output(self, ic: int, h: Tensor, raw: Sequence[Tensor]) -> Tensor:
         """IC `ic`'s raw output on its block's features `h`; `raw` holds the raw outputs of ICs 0..ic-1
@@ -223,18 +249,22 @@ class MultiExitNet(nn.Module):
             h = self.backbone.blocks[number - 1](h)
             ic = self._ic_after.get(number)
             if ic is not None and (ic == k or not self.method.independent):
-                raw.append(self.ic_output(ic, h, raw))
+                raw.append(self.ic_output(ic, self.backbone.ic_input(h), raw))
         if k == self.num_exits - 1:
             raw.append(self.backbone.forward_head(h))
         return self.combine(raw)
 
     def forward_intermediates(self, x: Tensor, blocks: Sequence[int] | None = None) -> list[Tensor]:
-        """Outputs of the given 1-based blocks (default: every block), running only as far as needed."""
+        """Outputs of the given 1-based blocks (default: every block) as the ICs read them, running only as far as needed."""
+        return [self.backbone.ic_input(h) for h in self.block_states(x, blocks)]
+
+    def block_states(self, x: Tensor, blocks: Sequence[int] | None = None) -> list[Any]:
+        """The hidden states after the given 1-based blocks (default: every block), as the next block reads them."""
         wanted = tuple(range(1, self.num_blocks + 1)) if blocks is None else tuple(blocks)
         bad = [b for b in wanted if not 1 <= b <= self.num_blocks]
         if bad:
             raise IndexError(f"blocks {bad} out of range [1, {self.num_blocks}]")
-        found: dict[int, Tensor] = {}
+        found: dict[int, Any] = {}
         h = self.backbone.forward_stem(x)
         for number in range(1, max(wanted, default=0) + 1):
             h = self.backbone.blocks[number - 1](h)
