@@ -67,7 +67,7 @@ def prepare_phase(net: nn.Module, phase: Phase) -> list[nn.Parameter]:
     check_phase(phase)
     model = unwrap(net)
     backbone, ics = model.backbone, model.ics
-    own = [m for m in (getattr(model, "ensemble", None), getattr(model, "gates", None)) if m is not None]
+    own = list(model.method_modules().values())
     grouped = {id(p) for m in (backbone, ics, *own) for p in m.parameters()}
     stray = [name for name, p in model.named_parameters() if id(p) not in grouped]
     if stray:

@@ -209,9 +209,8 @@ def permutation_spec(net: nn.Module) -> PermutationSpec:
     for k, block in enumerate(net.ic_blocks):
         _head(b, f"ics.{k}", net.ics[k], streams[block - 1], backbone)
     # ZTW's ensemble weighs the ICs' outputs, JEI-DNN's gates read their softmax: no unit of the backbone in either
-    for name, module in (("ensemble", net.ensemble), ("gates", net.gates)):
-        if module is not None:
-            b.fixed.update(f"{name}.{key}" for key in module.state_dict())
+    for name, module in net.method_modules().items():
+        b.fixed.update(f"{name}.{key}" for key in module.state_dict())
     return b.done(backbone)
 
 

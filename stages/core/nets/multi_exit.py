@@ -182,6 +182,11 @@ class MultiExitNet(nn.Module):
                              "name a head kind in `head` (linear, mlp) to use them")
         return own
 
+    def method_modules(self) -> dict[str, nn.Module]:
+        """The method's own modules by attribute name (ZTW's `ensemble`, JEI-DNN's `gates`): trained by
+        no phase, fitted by the method's `finish` step, no unit of the backbone in them."""
+        return {name: m for name in ("ensemble", "gates") if (m := getattr(self, name)) is not None}
+
     @property
     def ic_blocks(self) -> tuple[int, ...]:
         """Blocks the ICs follow (every exit but the final one)."""
