@@ -12,7 +12,7 @@ from stages.core.analysis.connectivity import barrier, exit_metrics, interpolate
 from stages.core.analysis.permutation import permutation_spec, permute_state, random_perms, weight_matching
 from stages.core.nets import NetSpec, create_net
 
-SPECS = {  # every family with a permutation spec, every IC head kind, and ZTW's wrapped heads
+SPECS = {  # every family with a permutation spec, every IC head kind, and ZTW's and GPF's wrapped heads
     "resnet20-sdn": NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, width=8, exits=(2, 4, 6, 8)),
     "resnet20-mlp": NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, width=8, exits=(3, 5),
                             head="mlp", head_hidden=(16,), head_norm=True),
@@ -25,6 +25,14 @@ SPECS = {  # every family with a permutation spec, every IC head kind, and ZTW's
     # ZTW: cascading heads around the family's own, and an ensemble no permutation touches
     "resnet20-ztw": NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, width=8, exits=(2, 4, 6),
                             method="ztw"),
+    # MSDNet: dense concatenations (a scale's channels are many groups' segments), transitions, its own IC heads;
+    # depth 4 keeps its transitions and scale pruning
+    "msdnet-cifar": NetSpec(backbone="msdnet_cifar", num_classes=10, in_chans=3, img_size=16, width=4, depth=4),
+    "msdnet-imagenet-gpf": NetSpec(backbone="msdnet_imagenet", num_classes=10, in_chans=3, img_size=32, width=4, depth=3,
+                                   method="gpf"),
+    # GPF: state heads around the family's own, and an aggregator no permutation touches
+    "resnet20-gpf": NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, width=8, exits=(2, 4, 6),
+                            method="gpf"),
 }
 
 
@@ -94,7 +102,7 @@ def test_a_backbone_without_a_permutation_spec_is_refused_by_name() -> None:
         permutation_spec(net)
 
 
-@pytest.mark.parametrize("name", ["resnet20-sdn", "resnet20-mlp", "vit-token"])
+@pytest.mark.parametrize("name", ["resnet20-sdn", "resnet20-mlp", "vit-token", "msdnet-cifar"])
 def test_weight_matching_recovers_a_permuted_copy_exactly(name: str) -> None:
     spec = SPECS[name]
     net = _net(spec)

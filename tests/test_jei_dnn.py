@@ -170,3 +170,35 @@ def test_a_report_over_methods_gives_the_gates_table_only_the_variants_that_have
     assert {r["regime"] for r in out.calibration.to_pylist() if r["criterion"] == "gates"} == {"joint net.method=jei_dnn"}
     assert [r["accuracy_mean"] for r in rows if r["criterion"] == "gates"] == [0.9, 0.95]
     assert (tmp_path / "tradeoff_gates.png").is_file() and "exit criterion: gates" in out.text
+
+
+def test_dynamic_inference_by_the_gates_takes_the_exits_the_gates_curve_counts() -> None:
+    """`early_exit_forward(net, x, lambda, "gates")` runs block by block and lets a sample leave at the
+    first IC whose gate (for that lambda) opens: the same exits and predictions as the curve's
+    simulation on the cached logits, for every lambda; a lambda the gates were not fitted for is refused."""
+    from stages.core.inference import EarlyExitClassifier, early_exit_forward
+
+    seed_everything(0)
+    net = create_net(SPEC).eval()
+    with torch.no_grad():  # gates that open for some samples and not others, differently per lambda
+        net.gates.weight.normal_()
+        net.gates.bias.copy_(torch.linspace(-1.5, 1.5, len(LAMBDAS))[:, None].expand_as(net.gates.bias))
+        net.gates.feature_mean.normal_(0.0, 0.1)
+        net.gates.feature_std.uniform_(0.5, 2.0)
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        logits = torch.stack(net(x))
+    lambdas, simulated = gate_points(net, logits)
+    assert len({tuple(row) for row in simulated.tolist()}) > 3  # the lambdas disagree: the check below can fail
+    for lam, exits in zip(lambdas, simulated):
+        out = early_exit_forward(net, x, float(lam), "gates")
+        assert out.exits.tolist() == exits.tolist(), lam
+        taken = logits[torch.as_tensor(exits), torch.arange(x.shape[0])].argmax(dim=-1)
+        assert out.predictions.tolist() == taken.tolist(), lam
+    classifier = EarlyExitClassifier(net, float(lambdas[5]), "gates")
+    assert classifier(x).tolist() == early_exit_forward(net, x, float(lambdas[5]), "gates").predictions.tolist()
+    with pytest.raises(ValueError, match="no gates for lambda 0.5"):
+        early_exit_forward(net, x, 0.5, "gates")
+    sdn = create_net(NetSpec(**{**SPEC.__dict__, "method": "sdn"}))
+    with pytest.raises(ValueError, match="gates"):
+        EarlyExitClassifier(sdn, 0.1, "gates")  # not a criterion, and SDN has no such curve

@@ -9,7 +9,8 @@ this checks the plumbing (every regime trains, every curve spans the exits' cost
 a row per regime, criterion and budget); the maths of the losses, ensembles and exit rules are
 checked against references in test_nets.py, test_ztw.py, test_jei_dnn.py and test_evaluation.py. JEI-DNN
 (`net.method: jei_dnn`) fits its exit gates, one set per lambda, at the end of the same phases, and
-its "gates" curve sweeps lambda beside the criteria's.
+its "gates" curve sweeps lambda beside the criteria's. GPF (`net.method: gpf`) trains its
+past-future aggregator with the ICs, and its imitation loss beside theirs.
 """
 
 from __future__ import annotations
@@ -82,18 +83,34 @@ def test_ztw_runs_every_regime_with_its_fitted_ensemble_to_a_curve_and_a_budget_
     store = ArtifactStore(client)
     for state in _fitted_by_the_ic_phases(ztw, store, "ztw", "ensemble.bias").values():  # beta starts at 0
         assert any(k.startswith("ics.1.cascade.") for k in state)
-    for regime in REGIMES:
-        ev = ztw.results[f"seed0/{regime}/evaluate"]
-        exits = store.load_table(ev.run_id, "exits").to_pylist()
-        curve = [r for r in store.load_table(ev.run_id, "curve").to_pylist() if r["criterion"] == "max_softmax"]
-        flops = [r["flops"] for r in curve]
-        assert min(flops) == pytest.approx(exits[0]["flops"]) and max(flops) == pytest.approx(exits[-1]["flops"])
-        assert all(0.0 <= r["accuracy"] <= 1.0 for r in curve)
-        assert curve[-1]["accuracy"] == pytest.approx(exits[-1]["accuracy"])
-    budgets = store.load_table(ztw.results["report"].run_id, "budgets").to_pylist()
-    assert {(r["regime"], r["budget"]) for r in budgets if r["criterion"] == "max_softmax"} == {
-        (g, b) for g in REGIMES for b in ("0.25", "0.5", "0.75", "1.0", "max")}
+    _max_softmax_curves_and_budgets(ztw, store)
     assert client.get_run(ztw.results["seed0/mixed/P2"].run_id).data.params["net.method"] == "ztw"
+
+
+@pytest.fixture(scope="module")
+def gpf(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from pipeline.runner import run_study
+
+    spec = tiny_spec(tmp_path_factory.mktemp("ray"), "name=methods-gpf", f"regimes=[{','.join(REGIMES)}]", "net.method=gpf",
+                     epochs=1)
+    return run_study(spec, mlflow_uri, progress=lambda _: None)
+
+
+def test_gpf_runs_every_regime_with_its_aggregator_to_a_curve_and_a_budget_table(gpf: Any, mlflow_uri: str) -> None:
+    """The aggregator trains with the ICs (P2, P3), not in P1; the disjoint regime's P3 leaves P1's
+    backbone as it was; every regime's curve spans its exits' costs (which include the aggregation)."""
+    import torch
+
+    from pipeline.artifacts import ArtifactStore
+
+    assert sorted(gpf.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2", "seed0/mixed/P2"]
+    client = MlflowClient(mlflow_uri)
+    store = ArtifactStore(client)
+    states = _fitted_by_the_ic_phases(gpf, store, "gpf", "aggregator.project_bias")  # the projections' biases start at 0
+    p1, p3 = states["seed0/P1"], states["seed0/disjoint/P3"]
+    assert all(torch.equal(p1[k], p3[k]) for k in p1 if k.startswith("backbone."))
+    _max_softmax_curves_and_budgets(gpf, store)
+    assert client.get_run(gpf.results["seed0/mixed/P2"].run_id).data.params["net.method"] == "gpf"
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +147,22 @@ def test_jei_dnn_runs_every_regime_with_its_gates_to_a_lambda_curve_budget_and_e
     assert {(r["regime"], r["budget"]) for r in calibration if r["criterion"] == "gates"} == {
         (g, b) for g in REGIMES for b in ("0.25", "0.5", "0.75", "1.0", "max")}
     assert "exit criterion: gates" in jei_dnn.table
+
+
+def _max_softmax_curves_and_budgets(study: Any, store: Any) -> None:
+    """Every regime's max-softmax curve spans its exits' costs and ends at the final exit's accuracy;
+    the report has a budget row per regime and budget."""
+    for regime in REGIMES:
+        ev = study.results[f"seed0/{regime}/evaluate"]
+        exits = store.load_table(ev.run_id, "exits").to_pylist()
+        curve = [r for r in store.load_table(ev.run_id, "curve").to_pylist() if r["criterion"] == "max_softmax"]
+        flops = [r["flops"] for r in curve]
+        assert min(flops) == pytest.approx(exits[0]["flops"]) and max(flops) == pytest.approx(exits[-1]["flops"])
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in curve)
+        assert curve[-1]["accuracy"] == pytest.approx(exits[-1]["accuracy"])
+    budgets = store.load_table(study.results["report"].run_id, "budgets").to_pylist()
+    assert {(r["regime"], r["budget"]) for r in budgets if r["criterion"] == "max_softmax"} == {
+        (g, b) for g in REGIMES for b in ("0.25", "0.5", "0.75", "1.0", "max")}
 
 
 def _fitted_by_the_ic_phases(study: Any, store: Any, method: str, key: str) -> dict[str, Any]:

@@ -300,7 +300,7 @@ def test_small_input_stem_is_chosen_by_image_size() -> None:
         (small_spec("vit_cifar", head="mlp", head_hidden=(16, 0)), "head_hidden"),
         (small_spec("vit_cifar", head="sdn"), "head"),
         (small_spec("resnet20", head_norm=True), "head_norm"),
-        (small_spec("resnet20", method="gpf"), "method"),
+        (small_spec("resnet20", method="l2w"), "method"),  # a loss weighting (phases.P2.loss_weighting), not a method
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

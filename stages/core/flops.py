@@ -2,8 +2,10 @@
 
 One trace of the whole multi-exit forward gives each block's and each IC's cost (fvcore
 attributes ops to modules by name); one small trace of the final head splits the remainder into
-stem and head. Exit k costs stem + blocks up to IC k + ICs 0..k; the final exit costs the whole
-backbone + every IC. fvcore skips fused attention (`aten::scaled_dot_product_attention`);
+stem and head. A method that combines the exits' raw outputs (GPF's aggregator, ZTW's ensemble)
+has each exit's combining traced alone. Exit k costs stem + blocks up to IC k + ICs 0..k + the
+combining of exits 0..k (early-exit inference forms every exit's logits on the way); the final exit
+costs the whole backbone + every IC + every combining. fvcore skips fused attention (`aten::scaled_dot_product_attention`);
 `sdpa_flop_jit` counts it, the same as fvcore counts timm's unfused (matmul) path.
 """
 
@@ -72,6 +74,7 @@ class PieceFlops:
     blocks: tuple[int, ...]  # each backbone block
     ics: tuple[int, ...]  # each internal classifier
     head: int  # last block's output -> final logits
+    combine: tuple[int, ...] = ()  # each exit's logits from the raw outputs so far (empty: the method has no combining cost)
 
     @property
     def backbone(self) -> int:
@@ -103,19 +106,41 @@ def piece_flops(net: MultiExitNet) -> PieceFlops:
         ics = tuple(int(by_module[names[id(ic)]]) for ic in net.ics)
         last = net.block_states(x, [net.num_blocks])[0]
         head = int(flop_analysis(_Method(backbone, "forward_head"), (last,)).total())
-    # the stem is the rest: whatever is counted outside blocks, ICs and head (so nothing is lost)
-    stem = int(analysis.total()) - sum(blocks) - sum(ics) - head
-    return PieceFlops(stem=stem, blocks=blocks, ics=ics, head=head)
+        combiners = [m for m in (net.aggregator, net.ensemble) if m is not None]
+        in_forward = sum(int(by_module.get(names[id(m)], 0)) for m in combiners)
+        combine = _combine_flops(net, x) if combiners else ()
+    # the stem is the rest: whatever is counted outside blocks, ICs, head and combining (so nothing is lost)
+    stem = int(analysis.total()) - sum(blocks) - sum(ics) - head - in_forward
+    return PieceFlops(stem=stem, blocks=blocks, ics=ics, head=head, combine=combine)
+
+
+class _Combine(nn.Module):
+    """`net.combine` on the raw outputs given as arguments, for fvcore to trace one exit's combining alone."""
+
+    def __init__(self, net: MultiExitNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *raw: Tensor) -> Tensor:
+        return self.net.combine(list(raw))
+
+
+def _combine_flops(net: MultiExitNet, x: Tensor) -> tuple[int, ...]:
+    """Each exit's combining cost: `net.combine` traced on the raw outputs of exits 0..k."""
+    raw = net.raw_exits(x)
+    return tuple(int(flop_analysis(_Combine(net), tuple(raw[: k + 1])).total()) for k in range(net.num_exits))
 
 
 def exit_flops(net: MultiExitNet) -> list[int]:
-    """Multiply-adds of every exit for one sample: backbone up to exit k + every IC up to and including k.
+    """Multiply-adds of every exit for one sample: backbone up to exit k + every IC up to and including k
+    + the method's combining of exits 0..k.
 
-    The final exit (last) costs the whole backbone, its classifier and every IC.
+    The final exit (last) costs the whole backbone, its classifier, every IC and every combining.
     """
     p = piece_flops(net)
-    costs = [p.stem + sum(p.blocks[:b]) + sum(p.ics[: k + 1]) for k, b in enumerate(net.ic_blocks)]
-    costs.append(p.backbone + sum(p.ics))
+    combine = p.combine or (0,) * net.num_exits
+    costs = [p.stem + sum(p.blocks[:b]) + sum(p.ics[: k + 1]) + sum(combine[: k + 1]) for k, b in enumerate(net.ic_blocks)]
+    costs.append(p.backbone + sum(p.ics) + sum(combine))
     return costs
 
 

@@ -11,12 +11,13 @@ Both paths share one definition of confidence (`evaluation.confidence`) and of p
 simulated curve counts at that threshold (a test checks it on a trained net). A criterion's
 confidence at exit i reads exits 0..i and the number of exits E, never a later exit, so it is
 computed here before the later exits run: the logits so far are padded to E rows by repeating
-the last one, and row i is read.
+the last one, and row i is read. A method with its own curve (JEI-DNN's gates) brings its own
+rule for it (`MethodCurve.leaves`), which reads the IC's logits alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -43,14 +44,30 @@ def _confidence_at(seen: list[Tensor], num_exits: int, criterion: Criterion) -> 
     return confidence(stack, criterion)[len(seen) - 1]
 
 
+# (the logits of exits 0..ic so far, each [B, C]; ic) -> which samples leave at IC `ic` [B] bool
+ExitRule = Callable[[list[Tensor], int], Tensor]
+
+
+def exit_rule(net: MultiExitNet, criterion: Criterion, threshold: float) -> ExitRule:
+    """The rule that decides who leaves at each IC: a criterion's confidence passing `threshold`, or,
+    when `criterion` names the net's method's own curve (JEI-DNN's "gates"), that method's decision
+    at the curve's point `threshold` (a lambda): the same rule its curve in curve.parquet simulates."""
+    curve = net.method.curve
+    if isinstance(criterion, str) and curve is not None and criterion == curve.name:
+        return lambda seen, ic: curve.leaves(net, seen[-1], ic, threshold)
+    c = get_criterion(criterion)
+    return lambda seen, ic: passes(_confidence_at(seen, net.num_exits, c), threshold, c)
+
+
 @torch.inference_mode()
 def early_exit_forward(net: MultiExitNet, x: Tensor, threshold: float, criterion: Criterion = "max_softmax") -> ExitDecisions:
     """Classify a batch with early exits: run only the blocks each sample needs.
 
     A sample leaves at the first IC whose confidence passes `threshold` (max softmax above it,
-    entropy below it, ...), else at the final head. Call with the net in eval mode.
+    entropy below it, ...; or the method's own rule, see `exit_rule`), else at the final head.
+    Call with the net in eval mode.
     """
-    criterion = get_criterion(criterion)
+    leaves = exit_rule(net, criterion, threshold)
     n, device = x.shape[0], x.device
     predictions = torch.empty(n, dtype=torch.long, device=device)
     exits = torch.full((n,), net.num_exits - 1, dtype=torch.long, device=device)
@@ -65,7 +82,7 @@ def early_exit_forward(net: MultiExitNet, x: Tensor, threshold: float, criterion
             continue
         raw.append(net.ic_output(ic, net.backbone.ic_input(h), raw))
         seen.append(net.combine(raw).float())
-        leave = passes(_confidence_at(seen, net.num_exits, criterion), threshold, criterion).to(device)
+        leave = leaves(seen, ic).to(device)
         if bool(leave.any()):
             gone = here[leave]
             predictions[gone] = seen[-1][leave].argmax(dim=-1)
@@ -107,13 +124,14 @@ class EarlyExitClassifier(nn.Module):
     """A trained multi-exit net as a deployable classifier: `forward(x)` returns the predicted class
     of every sample, each computed by the blocks up to the exit it leaves at (`last_exits` holds
     those exits after each call). `threshold` and `criterion` are the exit rule, e.g. the threshold
-    the evaluation's curve shows meeting a budget."""
+    the evaluation's curve shows meeting a budget (for JEI-DNN, criterion "gates" and a lambda of its curve)."""
 
     def __init__(self, net: MultiExitNet, threshold: float, criterion: Criterion = "max_softmax") -> None:
         super().__init__()
         self.net = net.eval()
         self.threshold = float(threshold)
-        self.criterion = get_criterion(criterion)
+        exit_rule(net, criterion, self.threshold)  # an unknown criterion fails here, not at the first batch
+        self.criterion = criterion
         self.last_exits: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -241,6 +241,9 @@ def train_one_epoch(
                     loss, per_exit = phase_loss(logits, ys, phase, weights, loss_fn, method.losses)
                 else:
                     loss, per_exit = phase_loss(logits, ys, phase, weights, sample_loss, method.losses, l2w.weights)
+                aux = method.aux_loss(unwrap(net)) if method.aux_loss is not None else None
+                if aux is not None and phase != "P1":  # the method's own loss (GPF's imitation) trains ICs only
+                    loss = loss + aux
                 if probe is not None and i == 0:  # once per batch, as without L2W
                     probe.maybe_measure(step, logits, ys)
             optimizer.zero_grad(set_to_none=True)

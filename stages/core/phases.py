@@ -58,7 +58,8 @@ def check_phase(phase: str) -> Phase:
 def prepare_phase(net: nn.Module, phase: Phase) -> list[nn.Parameter]:
     """Set `requires_grad` for `phase` and return the trainable parameters, in module order.
 
-    P1: backbone only; P2: backbone and ICs; P3: ICs only. A method's own modules (ZTW's
+    P1: backbone only; P2: backbone and ICs; P3: ICs only (GPF's `net.aggregator` counts as the
+    ICs'). A method's own modules (ZTW's
     `net.ensemble`, JEI-DNN's `net.gates`) are trained by no phase: its step of its own fits them
     on the frozen net (`ExitMethod.finish`). Call it before any DDP wrap: DDP registers the parameters that require
     grad at construction, and a frozen parameter it registered would stall its gradient
@@ -66,15 +67,16 @@ def prepare_phase(net: nn.Module, phase: Phase) -> list[nn.Parameter]:
     """
     check_phase(phase)
     model = unwrap(net)
-    backbone, ics = model.backbone, model.ics
+    backbone, ics = model.backbone, model.ic_modules()
     own = list(model.method_modules().values())
-    grouped = {id(p) for m in (backbone, ics, *own) for p in m.parameters()}
+    grouped = {id(p) for m in (backbone, *ics, *own) for p in m.parameters()}
     stray = [name for name, p in model.named_parameters() if id(p) not in grouped]
     if stray:
         # A parameter in no group has no phase semantics; refuse rather than guess.
-        raise ValueError(f"parameters outside net.backbone, net.ics, net.ensemble and net.gates: {stray}")
+        raise ValueError(f"parameters outside net.backbone, net.ics, net.aggregator, net.ensemble and net.gates: {stray}")
     backbone.requires_grad_(phase in ("P1", "P2"))
-    ics.requires_grad_(phase in ("P2", "P3"))
+    for module in ics:
+        module.requires_grad_(phase in ("P2", "P3"))
     for module in own:
         module.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]

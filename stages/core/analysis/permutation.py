@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from stages.core.nets.gpf import StateHead
 from stages.core.nets.heads import MLPHead, PoolLinearHead, SDNHead, TokenHead
+from stages.core.nets.msdnet import MSDLayer, MSDNet, MSDNetClassifier, Transition
 from stages.core.nets.ztw import CascadeHead
 
 Segment = tuple[str, int]  # (group, inner): the group's units in order, `inner` consecutive entries each
@@ -79,11 +81,13 @@ class _Builder:
         if key in self.params:
             self.spec.matched.add(key)
 
-    def norm(self, prefix: str, group: str) -> None:
-        """BatchNorm or LayerNorm: affine parameters and running statistics follow the channels."""
+    def norm(self, prefix: str, group: str | Axis) -> None:
+        """BatchNorm or LayerNorm: affine parameters and running statistics follow the channels
+        (one group's, or a concatenation's segments)."""
+        axis = _one(group) if isinstance(group, str) else group
         for suffix in ("weight", "bias", "running_mean", "running_var"):
             if f"{prefix}.{suffix}" in self.state:
-                self.tensor(f"{prefix}.{suffix}", _one(group))
+                self.tensor(f"{prefix}.{suffix}", axis)
         if f"{prefix}.num_batches_tracked" in self.state:
             self.fixed.add(f"{prefix}.num_batches_tracked")
 
@@ -101,29 +105,39 @@ class _Builder:
         return self.spec
 
 
-def _head(b: _Builder, prefix: str, head: nn.Module, group: str, backbone: str) -> None:
-    """An IC reading the stream `group`: its input features permute with the backbone's units."""
+def _width(b: _Builder, axis: Axis) -> int:
+    return sum(b.spec.sizes[g] * inner for g, inner in axis or ())
+
+
+def _head(b: _Builder, prefix: str, head: nn.Module, stream: Axis, backbone: str) -> None:
+    """An IC reading `stream` (one group's units, or a concatenation's segments): its input
+    features permute with the backbone's units."""
     if isinstance(head, CascadeHead):  # ZTW: the previous IC's logits enter through a map that no permutation touches
         b.fixed.add(f"{prefix}.cascade.weight")
-        _head(b, f"{prefix}.head", head.head, group, backbone)
+        _head(b, f"{prefix}.head", head.head, stream, backbone)
+    elif isinstance(head, StateHead):  # GPF: a head whose outputs are a hidden state, read by the aggregator alone
+        _head(b, f"{prefix}.head", head.head, stream, backbone)
     elif isinstance(head, SDNHead):
         b.fixed.add(f"{prefix}.mix")
         # flatten of pooled (C, h, w) maps: each channel owns h * w consecutive inputs
-        b.layer(f"{prefix}.fc", None, _one(group, head.fc.in_features // b.spec.sizes[group]))
+        cells = head.fc.in_features // _width(b, stream)
+        b.layer(f"{prefix}.fc", None, tuple((g, inner * cells) for g, inner in stream or ()))
     elif isinstance(head, (PoolLinearHead, TokenHead)):
         if isinstance(head.norm, nn.LayerNorm):
-            b.norm(f"{prefix}.norm", group)
-        b.layer(f"{prefix}.fc", None, _one(group))
+            b.norm(f"{prefix}.norm", stream)
+        b.layer(f"{prefix}.fc", None, stream)
     elif isinstance(head, MLPHead):
-        current = group
+        current = stream
         linears = [i for i, m in enumerate(head.mlp) if isinstance(m, nn.Linear)]
         for i, m in enumerate(head.mlp):
             if isinstance(m, nn.LayerNorm):
                 b.norm(f"{prefix}.mlp.{i}", current)
             elif isinstance(m, nn.Linear):
                 out = None if i == linears[-1] else b.group(f"{prefix}.mlp.{i}", m.out_features)
-                b.layer(f"{prefix}.mlp.{i}", None if out is None else _one(out), _one(current))
-                current = out or current
+                b.layer(f"{prefix}.mlp.{i}", None if out is None else _one(out), current)
+                current = _one(out) if out else current
+    elif isinstance(head, MSDNetClassifier):
+        _msdnet_classifier(b, prefix, stream)
     else:
         raise ValueError(f"mode connectivity: no permutation rule for IC head {type(head).__name__} of {backbone!r}")
 
@@ -191,6 +205,56 @@ def _vit(b: _Builder, net: nn.Module) -> list[str]:
     return [stream] * len(vit.blocks)
 
 
+def _conv_bn(b: _Builder, prefix: str, inp: Axis) -> Axis:
+    """A conv-BN-ReLU (`conv_bn_relu`: conv at .0, BN at .1) reading `inp`: its outputs are a new group."""
+    out = b.group(prefix, b.state[f"{prefix}.0.weight"].shape[0])
+    b.layer(f"{prefix}.0", _one(out), inp)
+    b.norm(f"{prefix}.1", out)
+    return _one(out)
+
+
+def _msdnet_classifier(b: _Builder, prefix: str, stream: Axis) -> None:
+    """MSDNet's classifier: two conv-BN-ReLU, pooling, the linear layer (its classes are not permuted)."""
+    inner = _conv_bn(b, f"{prefix}.convs.0", stream)
+    inner = _conv_bn(b, f"{prefix}.convs.1", inner)
+    b.layer(f"{prefix}.fc", None, inner)
+
+
+def _msdnet(b: _Builder, net: nn.Module) -> list[Axis]:
+    """MSDNet: every conv's outputs are a group; a scale's state is the concatenation of the groups
+    dense connectivity appended to it (its segments, in order), until a transition maps it to a new
+    group. The first layer's conv for each scale (strided from the finer one) makes its first group."""
+    bb = net.backbone
+    scales: list[Axis] = []
+    for s in range(len(bb.stem.layers)):
+        scales.append(_conv_bn(b, f"backbone.stem.layers.{s}", scales[-1] if scales else None))
+    streams: list[Axis] = []
+    for i, block in enumerate(bb.blocks):
+        for k, part in enumerate(block):
+            p = f"backbone.blocks.{i}.{k}"
+            if isinstance(part, Transition):
+                scales = [_conv_bn(b, f"{p}.convs.{j}", axis) for j, axis in enumerate(scales)]
+                continue
+            if not isinstance(part, MSDLayer):
+                raise ValueError(f"mode connectivity: no permutation rule for {type(part).__name__} in {net.spec.backbone!r}")
+            dropped = part.in_scales - part.out_scales
+            new = []
+            for j, update in enumerate(part.updates):
+                s = j + dropped
+                grown = list(scales[s] or ())
+                sources = ([("from_finer", scales[s - 1])] if update.from_finer is not None else []) + [("from_self", scales[s])]
+                for name, inp in sources:
+                    q = f"{p}.updates.{j}.{name}"
+                    if isinstance(getattr(update, name).reduce, nn.Sequential):  # the 1x1 bottleneck
+                        inp = _conv_bn(b, f"{q}.reduce", inp)
+                    grown += list(_conv_bn(b, f"{q}.conv", inp) or ())
+                new.append(tuple(grown))
+            scales = new
+        streams.append(scales[-1])
+    _msdnet_classifier(b, "backbone.head", scales[-1])
+    return streams
+
+
 def permutation_spec(net: nn.Module) -> PermutationSpec:
     """The spec of a MultiExitNet: its backbone's unit groups and its ICs' inputs; other backbones are refused."""
     from stages.core.nets.resnet_cifar import CifarResNet
@@ -199,17 +263,22 @@ def permutation_spec(net: nn.Module) -> PermutationSpec:
 
     backbone = net.spec.backbone
     b = _Builder(net)
+    streams: list[Axis]
     if isinstance(net.backbone, (CifarResNet, TVResNet)):
-        streams = _resnet(b, net)
+        streams = [_one(g) for g in _resnet(b, net)]
     elif isinstance(net.backbone, ViT):
-        streams = _vit(b, net)
+        streams = [_one(g) for g in _vit(b, net)]
+    elif isinstance(net.backbone, MSDNet):
+        streams = _msdnet(b, net)
     else:
         raise ValueError(f"mode connectivity: backbone {backbone!r} ({type(net.backbone).__name__}) has no permutation "
-                         "spec; weight matching supports the CIFAR and torchvision ResNets and the ViTs")
+                         "spec; weight matching supports the CIFAR and torchvision ResNets, the ViTs and MSDNet")
     for k, block in enumerate(net.ic_blocks):
         _head(b, f"ics.{k}", net.ics[k], streams[block - 1], backbone)
-    # ZTW's ensemble weighs the ICs' outputs, JEI-DNN's gates read their softmax: no unit of the backbone in either
-    for name, module in net.method_modules().items():
+    # GPF's aggregator reads the ICs' states, ZTW's ensemble weighs their outputs, JEI-DNN's gates read their
+    # softmax: no unit of the backbone in any of them
+    own = {**net.method_modules(), **({"aggregator": net.aggregator} if net.aggregator is not None else {})}
+    for name, module in own.items():
         b.fixed.update(f"{name}.{key}" for key in module.state_dict())
     return b.done(backbone)
 

@@ -82,6 +82,12 @@ class ExitGates(nn.Module):
         z = (features - self.feature_mean) / self.feature_std
         return torch.einsum("nkf,lkf->lkn", z, self.weight) + self.bias[:, :, None]
 
+    def at_ic(self, features: Tensor, ic: int, lam: int) -> Tensor:
+        """Gate `ic`'s logits [N] under lambda number `lam`, from that IC's features [N, 4] alone
+        (what dynamic inference has when a sample reaches IC `ic`)."""
+        z = (features - self.feature_mean[ic]) / self.feature_std[ic]
+        return z @ self.weight[lam, ic] + self.bias[lam, ic]
+
 
 def gate_targets(losses: Tensor, cost: Tensor, lambdas: Tensor) -> tuple[Tensor, Tensor]:
     """(l* [L, N], targets [L, E - 1, N] in {0, 1}) from every exit's loss [E, N] on each sample,
@@ -160,3 +166,13 @@ def gate_points(net: Any, logits: Tensor) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
         exits = gate_exits(gates(gate_features(logits[:-1].transpose(0, 1)).to(gates.lambdas.device)))
     return gates.lambdas.double().cpu().numpy(), exits.cpu().numpy()
+
+
+def gate_leaves(net: Any, logits: Tensor, ic: int, point: float) -> Tensor:
+    """Dynamic inference's exit rule: which samples leave at IC `ic` [N] bool, from that IC's logits
+    [N, C], under the gates of lambda `point` (one of `net.gates.lambdas`, as the curve lists them)."""
+    gates: ExitGates = net.gates
+    found = (gates.lambdas.double().cpu() == float(point)).nonzero()
+    if found.numel() == 0:
+        raise ValueError(f"jei_dnn: no gates for lambda {point!r}; fitted for {[round(v, 6) for v in gates.lambdas.tolist()]}")
+    return gates.at_ic(gate_features(logits).to(gates.lambdas.device), ic, int(found[0])) > 0

@@ -15,6 +15,10 @@ net: ZTW fits its ensemble there. `gates` builds a module of learned exit decisi
 `stages.core.nets.jei_dnn`; under `net.gates`, trained by no phase, fitted by `finish`), and
 `curve` is the method's own curve beside the criteria's (its name in curve.parquet and the
 report): the exit each test sample takes at each of its points, decided by the method's modules.
+`aggregator` builds a module that replaces `combine` and trains with the ICs (GPF's,
+`stages.core.nets.gpf`; under `net.aggregator`): the ICs then give it hidden states of its
+`state_width`, not logits. `aux_loss` is a loss of the method's own, read from the net after each
+training forward and added to the loss of the phases that train the ICs (GPF's imitation loss).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.core.nets import jei_dnn, ztw
+from stages.core.nets import gpf, jei_dnn, ztw
 from stages.core.registry import Registry
 
 
@@ -36,12 +40,16 @@ FinishStep = Callable[[nn.Module, Iterable[tuple[Tensor, Tensor]], Callable[[Ten
 # (the net, test logits [E, N, C]) -> (each point's value [T], its `threshold` column; the exit every sample takes
 # at each point [T, N]); the evaluation maths gives each point its FLOPs, accuracy and ECE
 CurveFn = Callable[[nn.Module, Tensor], tuple[np.ndarray, np.ndarray]]
+# (the net, IC `ic`'s logits [N, C], ic, a point's value) -> which samples leave there [N] bool: the same
+# rule as the curve's, for dynamic inference (stages.core.inference), which has no later exit yet
+LeaveFn = Callable[[nn.Module, Tensor, int, float], Tensor]
 
 
 @dataclass(frozen=True)
 class MethodCurve:
     name: str  # its `criterion` in curve.parquet, budgets.parquet and calibration.parquet; never a criterion's name
     compute: CurveFn
+    leaves: LeaveFn
 
 
 def each_exit_alone(logits: Sequence[Tensor], target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
@@ -66,6 +74,8 @@ class ExitMethod:
     finish: FinishStep | None = None  # after a phase that trained the ICs, on its best state (see the module docstring)
     gates: Callable[[int, int], nn.Module] | None = None  # (exits, classes) -> net.gates, fitted by `finish`
     curve: MethodCurve | None = None  # a curve of the method's own, evaluated beside the criteria's
+    aggregator: Callable[[int, int], nn.Module] | None = None  # (exits, classes) -> net.aggregator, trained with the ICs
+    aux_loss: Callable[[nn.Module], Tensor | None] | None = None  # the unwrapped net after a training forward -> a loss
 
 
 METHODS: Registry[ExitMethod] = Registry("method")
@@ -93,6 +103,10 @@ register_method(ExitMethod("sdn", combine=lambda raw: raw[-1], independent=True)
 # PABEE: independent ICs (as SDN's) and the depth-weighted loss; its exit rule is the `patience`
 # criterion (stages.core.evaluation), which works with every method.
 register_method(ExitMethod("pabee", combine=lambda raw: raw[-1], independent=True, loss_weights=depth_weights))
+# GPF: ICs give hidden states, aggregated with the earlier ICs' (past) and imitations of the later
+# ICs' (future) into each exit's logits; the imitation loss joins the IC phases' (stages.core.nets.gpf).
+register_method(ExitMethod("gpf", combine=lambda raw: raw[-1], aggregator=gpf.PastFutureAggregator,
+                           aux_loss=gpf.imitation_loss))
 # ZTW: cascading ICs and a geometric ensemble of the ICs so far, fitted on the frozen net once the
 # ICs are trained (stages.core.nets.ztw); exit k needs every IC before it.
 register_method(ExitMethod("ztw", combine=lambda raw: raw[-1], cascade=True, ensemble=ztw.GeometricEnsemble,
@@ -100,7 +114,8 @@ register_method(ExitMethod("ztw", combine=lambda raw: raw[-1], cascade=True, ens
 # JEI-DNN: independent ICs (as SDN's) and learned exit gates, one set per cost trade-off lambda,
 # fitted on the frozen net once the ICs are trained (stages.core.nets.jei_dnn); its curve sweeps lambda.
 register_method(ExitMethod("jei_dnn", combine=lambda raw: raw[-1], independent=True, gates=jei_dnn.ExitGates,
-                           finish=jei_dnn.fit_gates, curve=MethodCurve("gates", jei_dnn.gate_points)))
+                           finish=jei_dnn.fit_gates, curve=MethodCurve("gates", jei_dnn.gate_points, jei_dnn.gate_leaves)))
+
 
 
 def method_curves(names: Iterable[str]) -> tuple[str, ...]:

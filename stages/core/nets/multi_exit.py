@@ -161,7 +161,13 @@ class MultiExitNet(nn.Module):
         self.feature_shapes = block_shapes(backbone, spec.in_chans, spec.img_size)
         self.method = get_method(spec.method)
         head = spec.head if spec.head is not None else self.method.head
-        heads = [self._make_ic(head, self.feature_shapes[b - 1]) for b in ic_blocks]
+        # the method's aggregating module (GPF's): it reads the ICs' hidden states, trains with the ICs
+        self.aggregator = (self.method.aggregator(self.num_exits, spec.num_classes)
+                           if self.method.aggregator is not None else None)
+        ic_out = spec.num_classes if self.aggregator is None else self.aggregator.state_width
+        heads = [self._make_ic(head, self.feature_shapes[b - 1], ic_out) for b in ic_blocks]
+        if self.aggregator is not None:
+            heads = [self.aggregator.wrap_head(h) for h in heads]
         if self.method.cascade:  # every IC after the first also reads its predecessor's output
             heads = heads[:1] + [CascadeHead(h, spec.num_classes) for h in heads[1:]]
         self.ics = nn.ModuleList(heads)
@@ -172,11 +178,11 @@ class MultiExitNet(nn.Module):
         self._ic_after = {b: i for i, b in enumerate(ic_blocks)}  # block number -> IC index
         self.gradient_equilibrium = False
 
-    def _make_ic(self, kind: str | None, feature_shape: tuple[int, ...]) -> nn.Module:
+    def _make_ic(self, kind: str | None, feature_shape: tuple[int, ...], outputs: int) -> nn.Module:
         spec = self.spec
-        own = self.backbone.ic_head(feature_shape, spec.num_classes) if kind is None else None
+        own = self.backbone.ic_head(feature_shape, outputs) if kind is None else None
         if own is None:
-            return make_head(kind, feature_shape, spec.num_classes, spec.head_norm, spec.head_hidden)
+            return make_head(kind, feature_shape, outputs, spec.head_norm, spec.head_hidden)
         if spec.head_norm or spec.head_hidden:
             raise ValueError(f"net spec field `head_norm`/`head_hidden`: {spec.backbone}'s own IC head takes neither; "
                              "name a head kind in `head` (linear, mlp) to use them")
@@ -217,8 +223,14 @@ class MultiExitNet(nn.Module):
             return self.ics[ic](h, raw[-1])
         return self.ics[ic](h)
 
+    def ic_modules(self) -> list[nn.Module]:
+        """What the phases that train the ICs (P2, P3) train: the ICs, and GPF's aggregator when there is one."""
+        return [self.ics] + ([self.aggregator] if self.aggregator is not None else [])
+
     def combine(self, raw: Sequence[Tensor]) -> Tensor:
-        """Exit k's logits from the raw outputs of exits 0..k: the method's ensemble module, else its `combine`."""
+        """Exit k's logits from the raw outputs of exits 0..k: the method's aggregator or ensemble module, else its `combine`."""
+        if self.aggregator is not None:
+            return self.aggregator(raw)
         return self.ensemble(raw) if self.ensemble is not None else self.method.combine(raw)
 
     def raw_exits(self, x: Tensor) -> list[Tensor]:

@@ -25,7 +25,7 @@ class NetChoice:
     head: str | None = None  # IC head kind: "sdn" (conv) | "linear" | "mlp" (pooled conv or CLS token); None -> family default
     head_norm: bool = False  # LayerNorm before a linear or MLP head
     head_hidden: tuple[int, ...] = ()  # an "mlp" head's hidden widths (paper Table 2: 1024, 2048; one or two layers)
-    method: str = "sdn"  # early-exit method (stages.core.nets.methods): "sdn", "pabee"
+    method: str = "sdn"  # early-exit method (stages.core.nets.methods): "sdn", "pabee", "gpf", "ztw", "jei_dnn"
     small_input: bool | None = None  # torchvision ResNets: 3x3 stem, no max-pool; None -> img_size <= 64
     width: int | None = None  # base width / embed dim override (None -> variant default); small nets for tests
     depth: int | None = None  # number of blocks override where the family allows it (ViT layers)

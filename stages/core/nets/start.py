@@ -1,7 +1,7 @@
 """Starting points: a phase that trains from scratch (P1, joint's P2) starts from given backbone weights.
 
 The weights are a state dict: a whole exitflow net's (a checkpoint's `model.pt`, keys `backbone.*`,
-`ics.*` and, for ZTW, `ensemble.*`) or its backbone's alone (the keys `net.backbone.state_dict()` has). Only the backbone
+`ics.*` and the method's own modules: `aggregator.*`, `ensemble.*`, `gates.*`) or its backbone's alone (the keys `net.backbone.state_dict()` has). Only the backbone
 is taken: the ICs stay freshly initialised, as in the paper's pretrained-backbone runs (Fig. 11, 27).
 Every backbone key must be present with its shape, except that the backbone's final classifier may
 be left out as a whole (pretrained weights for other classes: `stages.core.nets.pretrained`), then
@@ -21,8 +21,9 @@ from stages.core.allowed import RUN_PREFIX, pretrained_source
 from stages.core.nets.pretrained import PretrainedStart
 
 BACKBONE = "backbone."
-ICS = "ics."
-ENSEMBLE = "ensemble."  # a method's own combining module (ZTW's): starts fresh with the ICs
+# A whole net's parts other than its backbone: the ICs and the method's own modules (GPF's aggregator,
+# ZTW's ensemble, JEI-DNN's gates) start fresh with the phase's ICs
+NOT_BACKBONE = ("ics.", "aggregator.", "ensemble.", "gates.")
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ def backbone_weights(net: nn.Module, state: Mapping[str, Tensor]) -> dict[str, T
     prefixed = any(k.startswith(BACKBONE) for k in state)
     weights: dict[str, Tensor] = {}
     for key, value in state.items():
-        if prefixed and key.startswith((ICS, ENSEMBLE)):
-            continue  # a whole net's ICs (and ensemble): the phase's own start fresh
+        if prefixed and key.startswith(NOT_BACKBONE):
+            continue  # a whole net's ICs (and method modules): the phase's own start fresh
         name = key if prefixed else BACKBONE + key
         if name not in mine:
             raise ValueError(f"key {key!r} is not in this net's backbone ({len(state)} keys given, {len(mine)} expected)")
