@@ -89,6 +89,20 @@ def test_resnet20_cifar_matches_the_known_count() -> None:
     assert 40.0e6 < backbone_flops(net) < 42.0e6
 
 
+def test_batch_norm_folds_into_its_conv_and_counts_nothing() -> None:
+    """At inference BatchNorm is a per-channel affine map that folds into the conv before it (as the
+    MSDNet authors' counter also leaves it out): a conv with its BatchNorm costs what the conv does,
+    which is FlopCounterMode's count."""
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    x = torch.zeros(1, 3, 16, 16)
+    with torch.no_grad():
+        alone = flop_analysis(conv.eval(), (x,)).total()
+        with_bn = flop_analysis(nn.Sequential(conv, nn.BatchNorm2d(8)).eval(), (x,)).total()
+        with FlopCounterMode(display=False) as counter:
+            conv(x)
+    assert with_bn == alone == counter.get_total_flops() // 2 == 3 * 8 * 9 * 16 * 16
+
+
 def _vit() -> MultiExitNet:
     return build("vit_small", img_size=32, in_chans=3, width=96, depth=3, head_norm=True)
 

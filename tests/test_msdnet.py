@@ -65,15 +65,13 @@ def _flop_counter_exit(net, x, k: int) -> float:  # noqa: ANN001
 @pytest.mark.parametrize(("backbone", "img_size", "classes"), [("msdnet_cifar", 32, 10), ("msdnet_imagenet", 64, 100)])
 def test_flops_per_exit_agree_with_flop_counter_mode(backbone: str, img_size: int, classes: int) -> None:
     """FlopCounterMode counts convs and matmuls only: fvcore's conv and linear terms over the whole net
-    (every exit at once) equal it exactly; with fvcore's BatchNorm and pooling terms (exitflow's
-    figures), every exit is within 2.5% at the CIFAR size (the BatchNorms of the 1x1 bottlenecks weigh
-    most there) and 2% at ImageNet's."""
+    (every exit at once) equal it exactly; exitflow's figures (BatchNorm folded, so uncounted; pooling
+    counted) put every exit at or above it and within 2%."""
     net = create_net(NetSpec(backbone=backbone, num_classes=classes, img_size=img_size)).eval()
     x = torch.zeros(1, 3, img_size, img_size)
     reference = [_flop_counter_exit(net, x, k) for k in range(net.num_exits)]
     counted = exit_flops(net)
-    bound = 1.025 if backbone == "msdnet_cifar" else 1.02
-    assert all(1.0 <= c / r <= bound for c, r in zip(counted, reference)), [c / r for c, r in zip(counted, reference)]
+    assert all(1.0 <= c / r <= 1.02 for c, r in zip(counted, reference)), [c / r for c, r in zip(counted, reference)]
     with torch.no_grad():
         by_operator = flop_analysis(net, (x,)).by_operator()
     assert by_operator["conv"] + by_operator["linear"] == reference[-1]  # the last exit runs every piece

@@ -40,11 +40,18 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
-EXTRA_OP_HANDLES = {"aten::scaled_dot_product_attention": sdpa_flop_jit}
+# Fused attention counted; BatchNorm not: at inference it is a per-channel affine map that folds into
+# the conv before it (as deployed nets do), an elementwise op like the others fvcore leaves out.
+# What remains matches torch's FlopCounterMode (convs and matmuls) up to pooling and LayerNorm.
+def folded_batch_norm(inputs: list[Any], outputs: list[Any]) -> int:
+    return 0
+
+
+EXTRA_OP_HANDLES = {"aten::scaled_dot_product_attention": sdpa_flop_jit, "aten::batch_norm": folded_batch_norm}
 
 
 def flop_analysis(module: nn.Module, inputs: Tensor | tuple[Tensor, ...]) -> FlopCountAnalysis:
-    """fvcore's FlopCountAnalysis with fused attention counted and its warnings off.
+    """fvcore's FlopCountAnalysis with fused attention counted, BatchNorm not, and its warnings off.
 
     Lazy, like fvcore: call it under torch.no_grad() with the module in eval mode.
     """
