@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -175,3 +177,23 @@ def test_a_digits_phase_learns_its_exits_and_its_imitations(digits) -> None:  # 
     assert not result.diverged and math.isfinite(result.history[-1]["train_loss"])
     assert min(result.best_val[f"val_acc_{k}"] for k in range(E)) > 0.5
     assert imitation() < 0.5 * before
+
+
+@pytest.mark.parametrize("phase", ["P2", "P3"])
+def test_the_ic_phases_train_under_ddp_every_aggregator_parameter_getting_a_gradient(digits, process_group, phase) -> None:  # noqa: ANN001
+    """DDP (no find_unused_parameters) needs a gradient for every parameter it registered, on every
+    step: GPF's aggregator has none that a step leaves out (IC 0 gets no imitator for that reason),
+    so a phase of many steps runs, and it moves every aggregator tensor."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    seed_everything(0)
+    net = create_net(SPEC)
+    before = {k: v.clone() for k, v in net.aggregator.state_dict().items()}
+    prepare_phase(net, phase)
+    ddp = DistributedDataParallel(net)
+    cfg = PhaseConfig(optimizer="adam", lr=3e-3, batch_size=64, max_epochs=1, patience=4)
+    result = fit_phase(ddp, phase, cfg, make_loader(digits.train, 64, shuffle=True, seed=0),
+                       make_loader(digits.val, 256, shuffle=False, seed=0), "cpu")
+    assert result.epochs_run == 1 and not result.diverged
+    after = net.aggregator.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before)
