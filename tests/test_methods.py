@@ -28,14 +28,19 @@ NAME = "methods-pabee"
 REGIMES = ("joint", "disjoint", "mixed")
 
 
-@pytest.fixture(scope="module")
-def pabee(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def _study(tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str, name: str, method: str, *sets: str) -> Any:
+    """A one-epoch digits study of `method` through every regime, with the extra `sets`."""
     from pipeline.runner import run_study
 
-    spec = tiny_spec(tmp_path_factory.mktemp("ray"), f"name={NAME}", f"regimes=[{','.join(REGIMES)}]", "net.method=pabee",
-                     "evaluation.criteria=[patience,max_softmax]", "phases.P2.loss_weighting=l2w",
-                     "phases.P3.loss_weighting=l2w", epochs=1)
+    spec = tiny_spec(tmp_path_factory.mktemp("ray"), f"name={name}", f"regimes=[{','.join(REGIMES)}]",
+                     f"net.method={method}", *sets, epochs=1)
     return run_study(spec, mlflow_uri, progress=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def pabee(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return _study(tmp_path_factory, mlflow_uri, NAME, "pabee", "evaluation.criteria=[patience,max_softmax]",
+                  "phases.P2.loss_weighting=l2w", "phases.P3.loss_weighting=l2w")
 
 
 def test_pabee_runs_every_regime_to_a_curve_and_a_budget_table(pabee: Any, mlflow_uri: str) -> None:
@@ -68,11 +73,7 @@ def test_pabee_runs_every_regime_to_a_curve_and_a_budget_table(pabee: Any, mlflo
 
 @pytest.fixture(scope="module")
 def ztw(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from pipeline.runner import run_study
-
-    spec = tiny_spec(tmp_path_factory.mktemp("ray"), "name=methods-ztw", f"regimes=[{','.join(REGIMES)}]", "net.method=ztw",
-                     epochs=1)
-    return run_study(spec, mlflow_uri, progress=lambda _: None)
+    return _study(tmp_path_factory, mlflow_uri, "methods-ztw", "ztw")
 
 
 def test_ztw_runs_every_regime_with_its_fitted_ensemble_to_a_curve_and_a_budget_table(ztw: Any, mlflow_uri: str) -> None:
@@ -89,11 +90,7 @@ def test_ztw_runs_every_regime_with_its_fitted_ensemble_to_a_curve_and_a_budget_
 
 @pytest.fixture(scope="module")
 def gpf(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from pipeline.runner import run_study
-
-    spec = tiny_spec(tmp_path_factory.mktemp("ray"), "name=methods-gpf", f"regimes=[{','.join(REGIMES)}]", "net.method=gpf",
-                     epochs=1)
-    return run_study(spec, mlflow_uri, progress=lambda _: None)
+    return _study(tmp_path_factory, mlflow_uri, "methods-gpf", "gpf")
 
 
 def test_gpf_runs_every_regime_with_its_aggregator_to_a_curve_and_a_budget_table(gpf: Any, mlflow_uri: str) -> None:
@@ -115,11 +112,7 @@ def test_gpf_runs_every_regime_with_its_aggregator_to_a_curve_and_a_budget_table
 
 @pytest.fixture(scope="module")
 def jei_dnn(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from pipeline.runner import run_study
-
-    spec = tiny_spec(tmp_path_factory.mktemp("ray"), "name=methods-jei-dnn", f"regimes=[{','.join(REGIMES)}]",
-                     "net.method=jei_dnn", "evaluation.criteria=[max_softmax]", epochs=1)
-    return run_study(spec, mlflow_uri, progress=lambda _: None)
+    return _study(tmp_path_factory, mlflow_uri, "methods-jei-dnn", "jei_dnn", "evaluation.criteria=[max_softmax]")
 
 
 def test_jei_dnn_runs_every_regime_with_its_gates_to_a_lambda_curve_budget_and_ece_tables(jei_dnn: Any, mlflow_uri: str) -> None:

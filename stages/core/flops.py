@@ -113,9 +113,9 @@ def piece_flops(net: MultiExitNet) -> PieceFlops:
         ics = tuple(int(by_module[names[id(ic)]]) for ic in net.ics)
         last = net.block_states(x, [net.num_blocks])[0]
         head = int(flop_analysis(_Method(backbone, "forward_head"), (last,)).total())
-        combiners = [m for m in (net.aggregator, net.ensemble) if m is not None]
-        in_forward = sum(int(by_module.get(names[id(m)], 0)) for m in combiners)
-        combine = _combine_flops(net, x) if combiners else ()
+        combiner = net.combiner
+        in_forward = int(by_module.get(names[id(combiner)], 0)) if combiner is not None else 0
+        combine = _combine_flops(net, x) if combiner is not None else ()
     # the stem is the rest: whatever is counted outside blocks, ICs, head and combining (so nothing is lost)
     stem = int(analysis.total()) - sum(blocks) - sum(ics) - head - in_forward
     return PieceFlops(stem=stem, blocks=blocks, ics=ics, head=head, combine=combine)

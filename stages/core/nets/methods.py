@@ -117,7 +117,6 @@ register_method(ExitMethod("jei_dnn", combine=lambda raw: raw[-1], independent=T
                            finish=jei_dnn.fit_gates, curve=MethodCurve("gates", jei_dnn.gate_points, jei_dnn.gate_leaves)))
 
 
-
 def method_curves(names: Iterable[str]) -> tuple[str, ...]:
     """The names of the methods' own curves (JEI-DNN's "gates"), in order, for the methods named."""
     return tuple(dict.fromkeys(m.curve.name for m in map(get_method, names) if m.curve is not None))

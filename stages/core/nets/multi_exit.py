@@ -227,11 +227,16 @@ class MultiExitNet(nn.Module):
         """What the phases that train the ICs (P2, P3) train: the ICs, and GPF's aggregator when there is one."""
         return [self.ics] + ([self.aggregator] if self.aggregator is not None else [])
 
+    @property
+    def combiner(self) -> nn.Module | None:
+        """The method's module that forms the exits' logits from their raw outputs (GPF's aggregator,
+        ZTW's ensemble); None: the method's `combine` function does."""
+        return self.aggregator if self.aggregator is not None else self.ensemble
+
     def combine(self, raw: Sequence[Tensor]) -> Tensor:
-        """Exit k's logits from the raw outputs of exits 0..k: the method's aggregator or ensemble module, else its `combine`."""
-        if self.aggregator is not None:
-            return self.aggregator(raw)
-        return self.ensemble(raw) if self.ensemble is not None else self.method.combine(raw)
+        """Exit k's logits from the raw outputs of exits 0..k: the method's combining module, else its `combine`."""
+        combiner = self.combiner
+        return combiner(raw) if combiner is not None else self.method.combine(raw)
 
     def raw_exits(self, x: Tensor) -> list[Tensor]:
         """Every exit's raw output (each IC's, then the final head's), before the method combines them."""
