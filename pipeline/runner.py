@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = ".exitflow/ray"
 ANALYSIS_RUNS_TAG = "exitflow.analysis_runs"  # on the pipeline run: {analysis node: its run id}
-NODE_RETRIES = 1  # a node task whose process dies (a lost node, the OOM killer) runs again, resuming its stage
 Progress = Callable[[str], None]
 
 
@@ -332,7 +331,7 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
                flush: Callable[[], None]) -> None:
     """Start each node once its inputs are done; a node downstream of a failure is skipped, not run.
     `flush` prints the lines the nodes posted so far: a node's own lines come before its verdict."""
-    task = ray.remote(num_cpus=0, max_retries=NODE_RETRIES)(_node_task)
+    task = ray.remote(num_cpus=0)(_node_task)
     waiting = list(to_run)  # topological order
     pending: dict[Any, str] = {}
     admission = Admission(enabled=ctx.settings.admission)
@@ -356,7 +355,8 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
                     told.add(nid)
                     continue
                 admission.admit(nid, need)
-                ref = task.options(name=f"exitflow:{nid}", **task_resources(stage, node, ctx.settings)).remote(
+                ref = task.options(name=f"exitflow:{nid}", max_retries=stage.retries(node, ctx.settings),
+                                   **task_resources(stage, node, ctx.settings)).remote(
                     ctx, node, stage, *[inputs[i] for i in node.inputs])
                 pending[ref] = nid
                 waiting.remove(nid)
@@ -394,7 +394,7 @@ def run_settings(spec: StudySpec) -> RunSettings:
     r = spec.resources
     return RunSettings(study_name=spec.name, num_workers=r.num_workers, use_gpu=r.use_gpu, cpus_per_worker=r.cpus_per_worker,
                        gpus_per_worker=r.gpus_per_worker, max_failures=r.max_failures, torch_threads=r.torch_threads,
-                       max_concurrent_trials=spec.search.max_concurrent_trials, admission=r.admission)
+                       max_concurrent_trials=spec.search.max_concurrent_trials, admission=r.admission, trainer=r.trainer)
 
 
 def task_resources(stage: Stage, node: Node, settings: RunSettings) -> dict[str, float]:

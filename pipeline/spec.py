@@ -319,7 +319,7 @@ class EvaluationConfig(_Model):
 
 
 class ResourcesConfig(_Model):
-    num_workers: Int = Field(1, ge=0)  # Ray Train workers per phase (0 = Train's local mode, no resume)
+    num_workers: Int = Field(1, ge=0)  # Ray Train workers per phase (0 and 1: one, in process unless trainer: ray_train)
     use_gpu: bool = False
     cpus_per_worker: Float = Field(1.0, gt=0.0)
     gpus_per_worker: Float = Field(1.0, ge=0.0)  # used only with use_gpu
@@ -328,6 +328,10 @@ class ResourcesConfig(_Model):
     # Start a phase only when the study's running phases leave room for its workers; false on an
     # autoscaling cluster, where waiting phases' demand is what makes the cluster grow.
     admission: bool = True
+    # auto: a phase with one worker (num_workers 0 or 1) trains in its stage's own process (the
+    # node's Ray task, or its Tune trial), without Ray Train's controller and actors (~10 s of CPU
+    # a phase); ray_train: every phase under Ray Train, as phases with several workers always are.
+    trainer: Literal["auto", "ray_train"] = "auto"
 
 
 class RankAnalysis(_Model):

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 BUILTIN_MODULES = ("stages.train", "stages.tune", "stages.evaluate", "stages.report", "stages.analyze_rank",
                    "stages.analyze_landscape", "stages.analyze_mi", "stages.analyze_connectivity")
 
+NODE_RETRIES = 1  # a node task whose process dies (a lost node, the OOM killer) runs again, resuming its stage
 CHECKPOINT = "checkpoint"  # a model: state_dict + the spec that rebuilds its net
 FILES = "files"  # plain files (plots, text): hashed like the rest, no schema
 
@@ -110,6 +111,12 @@ class RunSettings:
     torch_threads: int | None = None
     max_concurrent_trials: int = 2
     admission: bool = True  # start a node only when the study's running nodes leave room (pipeline.admission)
+    trainer: str = "auto"  # auto: one-worker phases train in their stage's own process; ray_train: all under Ray Train
+
+    @property
+    def in_process(self) -> bool:
+        """Whether a phase trains in the process of its stage (or trial), without Ray Train: one worker, `auto`."""
+        return self.trainer == "auto" and self.num_workers <= 1
 
     @property
     def threads(self) -> int:
@@ -173,6 +180,10 @@ class Stage:
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
         return Resources()  # orchestration only: the work reserves its own (Train workers, Tune trials)
+
+    def retries(self, node: Node, settings: RunSettings) -> int:
+        """How often Ray runs the node's task again when its process dies (the stage resumes)."""
+        return NODE_RETRIES
 
     def footprint(self, node: Node, settings: RunSettings) -> Resources:
         """What the node holds on the cluster while it runs: its task's reservation and what its work

@@ -1,9 +1,15 @@
-"""The train stage: one training phase on Ray Train V2 (TorchTrainer, DDP via prepare_model).
+"""The train stage: one training phase, on Ray Train V2 (TorchTrainer, DDP via prepare_model) or,
+with one worker, in the stage's own process.
 
 Only this adapter touches Ray: the loop itself is `stages.core.loop.fit_phase`, which runs without
-Ray. Rank 0 writes a checkpoint every epoch (the full resumable state); every rank calls
-`ray.train.report` (it is a barrier). A re-run with the same (storage_path, name) resumes
-from `ray.train.get_checkpoint()`, so the runner names runs by cache key.
+Ray. `fit_job` is one attempt at a phase on one worker, whatever hosts it: a `TrainSession`
+(rank 0 writes a checkpoint every epoch, the full resumable state; every rank calls
+`ray.train.report`, a barrier; a re-run with the same (storage_path, name) resumes from
+`ray.train.get_checkpoint()`) or an `InProcessSession` (one worker in the stage's task or a Tune
+trial, its checkpoints kept by `stages.checkpoints` under the same name, where Train's would be).
+Ray Train starts a controller, a worker, a synchronization actor and a placement-group cleaner per
+fit, each a fresh process importing Ray Train (~10-15 s of CPU: bench/fit_processes.py), which a
+phase of one worker does not need. The runner names runs by cache key.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ import torch
 from ray import cloudpickle
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from pipeline.progress_events import publish_epoch
 from pipeline.relay import relayed_progress
-from pipeline.stage import (CHECKPOINT, FILES, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, TableKind,
+from pipeline.stage import (CHECKPOINT, FILES, NODE_RETRIES, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, TableKind,
                             register_stage)
+from stages.checkpoints import PROGRESS_FILE, STATE_FILE, CheckpointStore, local_copy, write_checkpoint
 from stages.core import faults
 from stages.core.data import DataSpec, load_splits, make_loader, train_collate
 from stages.core.flops import exit_flops
@@ -48,8 +56,6 @@ log = logging.getLogger(__name__)
 PHASE_UNKEYED = (("data", "download"), ("data", "test_subset"), ("start", "source"))  # start: its identity is keyed
 HISTORY = TableKind("history", "history.parquet", ("epoch", "train_loss", "val_acc_mean", "val_acc_final"))
 GRADIENT_DOMINANCE = TableKind("gradient_dominance", "gradient_dominance.parquet", ("epoch", "exit", "cosine"))
-STATE_FILE = "state.pt"  # inside every Ray Train checkpoint directory: the full resumable state
-PROGRESS_FILE = "progress.json"  # beside it: history and early stopping, small enough to read for every trial
 InitFrom = Callable[[], dict[str, torch.Tensor]]  # loads the input model's state (on the worker)
 MetricsSink = Callable[[int, dict[str, float]], None]  # logs one epoch's metrics (rank 0 only)
 
@@ -151,35 +157,76 @@ def _quiet_train_reports() -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def _world() -> tuple[int, int]:
-    ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size()
+class TrainSession:
+    """A phase's worker under Ray Train: its rank, device, DDP, and Train's checkpoints and reports."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare(self, net: torch.nn.Module, train_loader: Any, val_loader: Any) -> tuple[Any, Any, Any]:
+        if self.world > 1 or self.device.type == "cuda":
+            net = prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": False} if self.world > 1 else None)
+            train_loader = prepare_data_loader(train_loader)
+            val_loader = prepare_data_loader(val_loader)
+        return net, train_loader, val_loader
+
+    def resume_state(self, label: str) -> dict[str, Any] | None:
+        """The state of the last registered checkpoint, or None to start afresh (none, or unreadable)."""
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        try:
+            with ckpt.as_directory() as d:
+                return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a checkpoint we cannot read must not leave the phase stuck
+            log.warning("%s: cannot resume from its last checkpoint (%s); starting the phase afresh", label, brief(e))
+            return None
+
+    def report(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Report one epoch; rank 0 attaches the resumable state (every rank must call: it is a barrier)."""
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            write_checkpoint(state, Path(d))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
-def _load_resume(label: str) -> dict[str, Any] | None:
-    """The state of the last registered checkpoint, or None to start afresh (none, or unreadable)."""
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    try:
-        with ckpt.as_directory() as d:
-            return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a checkpoint we cannot read must not leave the phase stuck
-        log.warning("%s: cannot resume from its last checkpoint (%s); starting the phase afresh", label, brief(e))
-        return None
+class InProcessSession:
+    """A one-worker phase trained in the process that runs its stage (the node's Ray task) or its
+    trial (a Tune trial's actor): no Ray Train controller, worker group or synchronization actor.
+    It keeps its checkpoints itself (`stages.checkpoints`), where Train would, and a trial reports
+    each epoch to Tune with its checkpoint's path, as Train's TuneReportCallback does."""
+
+    rank, world = 0, 1
+
+    def __init__(self, store: CheckpointStore, device: torch.device, to_tune: bool = False) -> None:
+        self.store, self.device, self.to_tune = store, device, to_tune
+
+    def prepare(self, net: torch.nn.Module, train_loader: Any, val_loader: Any) -> tuple[Any, Any, Any]:
+        return net, train_loader, val_loader  # fit_phase places the net; batches move as they are read
+
+    def resume_state(self, label: str) -> dict[str, Any] | None:
+        path = self.store.latest()
+        if path is None:
+            return None
+        try:
+            return self.store.load(path)
+        except Exception as e:  # noqa: BLE001 - as TrainSession.resume_state
+            log.warning("%s: cannot resume from its last checkpoint (%s); starting the phase afresh", label, brief(e))
+            return None
+
+    def report(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        path = self.store.save(state)
+        if self.to_tune:
+            from ray import tune
+
+            tune.report({**metrics, CHECKPOINT_PATH_KEY: path})
 
 
-def _report(state: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
-    """Report one epoch; rank 0 attaches the resumable state (every rank must call: it is a barrier)."""
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        torch.save(state, Path(d) / STATE_FILE)
-        progress = {"history": state["history"], "early_stopping": state["early_stopping"],
-                    "max_epochs": state["config"]["max_epochs"]}
-        (Path(d) / PROGRESS_FILE).write_text(json.dumps(progress, default=float))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+WorkerSession = TrainSession | InProcessSession
 
 
 def sealed(job: PhaseJob) -> dict[str, bytes]:
@@ -190,12 +237,16 @@ def sealed(job: PhaseJob) -> dict[str, bytes]:
 
 
 def train_worker(config: dict[str, bytes]) -> None:
-    """The Ray Train loop: data -> net -> (input model) -> phase setup -> DDP -> resume -> fit."""
-    job: PhaseJob = cloudpickle.loads(config["job"])
-    torch.set_num_threads(job.torch_threads)
-    relayed_progress("stages.core.loop")  # the loop's epoch line lacks the node's label: ours below has it
+    """Ray Train's loop function: the sealed job, fitted on this worker."""
+    relayed_progress("stages.core.loop")  # the loop's epoch line lacks the node's label: ours (fit_job) has it
     _quiet_train_reports()
-    rank, world = _world()
+    fit_job(cloudpickle.loads(config["job"]), TrainSession())
+
+
+def fit_job(job: PhaseJob, session: WorkerSession) -> None:
+    """One attempt at a phase: data -> net -> (input model) -> phase setup -> DDP -> resume -> fit."""
+    torch.set_num_threads(job.torch_threads)
+    rank, world = session.rank, session.world
     seed_everything(job.seed)
     cfg = replace(job.train, batch_size=max(1, job.train.batch_size // world))  # the spec's batch size is global
     data = job.data
@@ -216,15 +267,12 @@ def train_worker(config: dict[str, bytes]) -> None:
         if rank == 0:
             log.info("%s: backbone starts from %s (sha256 %s)", job.label or job.phase, job.start_source, start["sha256"][:12])
     prepare_phase(net, job.phase)  # before DDP: DDP must see only the trainable parameters
-    if world > 1 or ray.train.torch.get_device().type == "cuda":
-        net = prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": False} if world > 1 else None)
-        train_loader = prepare_data_loader(train_loader)
-        val_loader = prepare_data_loader(val_loader)
-    device = ray.train.torch.get_device()
+    net, train_loader, val_loader = session.prepare(net, train_loader, val_loader)
+    device = session.device
     where = ran_on(device, world, cfg)
     nodes = worker_nodes(world)
     label = job.label or job.phase
-    resume = _load_resume(label)
+    resume = session.resume_state(label)
     if resume is not None and rank == 0:
         log.info("%s: resuming after epoch %d", label, resume["epoch"])
 
@@ -259,7 +307,7 @@ def train_worker(config: dict[str, bytes]) -> None:
             publish_epoch(job.label, job.trial, job.train.lr, report.epoch, cfg.max_epochs, metrics, len(flops_frac))
         if rank == 0 and job.metrics_sink is not None:
             job.metrics_sink(report.epoch, metrics)
-        _report(report.state, metrics, rank)
+        session.report(report.state, metrics)
         reported = True
         if report.stop:
             faults.hit(job.fault_plan, "train.stopped", **job.fault_context(report.epoch))
@@ -273,7 +321,7 @@ def train_worker(config: dict[str, bytes]) -> None:
         # needs one); its epochs are logged already and are not logged twice.
         if rank == 0:
             log.info("%s: already complete after epoch %d; keeping its recorded best state", label, resume["epoch"])
-        _report(resume, {**resume["history"][-1]}, rank)
+        session.report(resume, {**resume["history"][-1]})
 
 
 def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float) -> ScalingConfig:
@@ -351,8 +399,41 @@ def _outcome(history: list[dict[str, float]], es: dict[str, Any], best_state: di
     )
 
 
-def run_phase(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: str, max_failures: int) -> PhaseOutcome:
-    """Fit one phase with one learning rate; raises ray.train's TrainingFailedError on failure."""
+def phase_device(use_gpu: bool) -> torch.device:
+    """Where a one-worker phase trains in its own process: the GPU Ray gave it, else the CPU."""
+    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def fit_in_process(job: PhaseJob, store: CheckpointStore, device: torch.device, max_failures: int,
+                   to_tune: bool = False) -> None:
+    """Fit a one-worker phase in this process. An attempt that raises resumes from its last
+    checkpoint, `max_failures` times, as Ray Train restarts a failed worker group; the death of
+    the process itself is the death of its Ray task or Tune trial, retried by Ray or Tune."""
+    logging.getLogger("stages.core.loop").setLevel(logging.WARNING)  # the labelled epoch line is fit_job's
+    session = InProcessSession(store, device, to_tune)
+    for attempt in range(max_failures + 1):
+        try:
+            fit_job(job, session)
+            return
+        except Exception as e:  # noqa: BLE001 - SystemExit (Tune stopping a trial) passes through
+            if attempt == max_failures:
+                raise
+            log.warning("%s: training failed (%s); resuming from its last checkpoint (%d of %d restarts)",
+                        job.label or job.phase, brief(e), attempt + 1, max_failures)
+
+
+def run_phase(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: str, max_failures: int,
+              in_process: bool = False) -> PhaseOutcome:
+    """Fit one phase with one learning rate: under Ray Train (which raises TrainingFailedError on
+    failure), or `in_process` (one worker: in this process, with its checkpoints in the same place)."""
+    if in_process:
+        store = CheckpointStore(storage_path, name)
+        fit_in_process(job, store, phase_device(bool(scaling.use_gpu)), max_failures)
+        path = store.latest()
+        if path is None:
+            raise RuntimeError(f"phase {job.phase} ({name}) finished without a checkpoint")
+        with local_copy(path, storage_path) as d:
+            return outcome_from_checkpoint(d)
     result = build_trainer(job, scaling, name, storage_path, max_failures).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"phase {job.phase} ({name}) finished without a checkpoint")
@@ -373,6 +454,14 @@ class Train(Stage):
     code = ("stages.train", "stages.phase", "pipeline.resolve")
     unkeyed = PHASE_UNKEYED
 
+    def resources(self, node: Node, settings: RunSettings) -> Resources:
+        """In process, the task is the phase's one worker and holds its CPUs (and GPU)."""
+        return settings.worker_group() if settings.in_process else Resources()
+
+    def retries(self, node: Node, settings: RunSettings) -> int:
+        """In process, the task's death is also its worker's: Train's restarts join Ray's retries."""
+        return NODE_RETRIES + (settings.max_failures if settings.in_process else 0)
+
     def footprint(self, node: Node, settings: RunSettings) -> Resources:
         return settings.worker_group()
 
@@ -391,7 +480,8 @@ class Train(Stage):
 
         job, ns = phase_job(node, inputs, ctx)
         start = time.monotonic()
-        outcome = run_phase(job, scaling(ctx), run_name(node), ctx.storage_path, ctx.settings.max_failures)
+        outcome = run_phase(job, scaling(ctx), run_name(node), ctx.storage_path, ctx.settings.max_failures,
+                            ctx.settings.in_process)
         cost = phase_cost(job.phase, ctx.settings, outcome.epochs_run, epoch_seconds(outcome.history),
                           time.monotonic() - start, outcome.resumed_at is not None, outcome.ran_on)
         lr = float(job.train.lr)  # type: ignore[arg-type]  # a train node's lr is fixed

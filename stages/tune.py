@@ -1,14 +1,15 @@
-"""The tune stage: a per-phase learning-rate search on Ray Tune over Ray Train V2.
+"""The tune stage: a per-phase learning-rate search on Ray Tune.
 
-Each trial is a Tune *function* that fits a TorchTrainer (a full phase with early stopping)
-with `TuneReportCallback`, so the trial sees every epoch's metrics and the path of its last
-checkpoint (`CHECKPOINT_PATH_KEY`). The winner's checkpoint *is* the phase's result: nothing
-is re-trained. An optional ASHA scheduler stops poor learning rates early.
+Each trial is a Tune *function* that fits a full phase with early stopping: with one worker in
+the trial's own process (`stages.train.fit_in_process`), with several a TorchTrainer with
+`TuneReportCallback`. Either way the trial sees every epoch's metrics and the path of its last
+checkpoint (`CHECKPOINT_PATH_KEY`), kept in the trial's own folder of the storage, so a restored
+search resumes a trial from it whatever Tune last recorded. The winner's checkpoint *is* the
+phase's result: nothing is re-trained. An optional ASHA scheduler stops poor learning rates early.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -21,7 +22,7 @@ from typing import Any, Protocol, TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.fs
 from ray import tune
-from ray.train import Checkpoint, ScalingConfig
+from ray.train import ScalingConfig
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -29,13 +30,14 @@ from pipeline.progress_events import SearchProgress
 from pipeline.relay import relayed_progress
 from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, Table,
                             TableKind, register_stage)
+from stages.checkpoints import CheckpointStore, is_whole, local_copy, storage_fs, whole_checkpoints
 from stages.core import faults
 from stages.core.nets.methods import get_method
 from stages.core.progress import brief
 from stages.phase import (DIVERGED_TAG, describe_phase, epoch_seconds, phase_cost, phase_job, phase_params, phase_result,
                           run_name, scaling)
-from stages.train import (GRADIENT_DOMINANCE, HISTORY, PHASE_UNKEYED, PROGRESS_FILE, STATE_FILE, PhaseJob, PhaseOutcome,
-                          build_trainer, outcome_from_checkpoint, progress_from_checkpoint)
+from stages.train import (GRADIENT_DOMINANCE, HISTORY, PHASE_UNKEYED, PhaseJob, PhaseOutcome, build_trainer, fit_in_process,
+                          outcome_from_checkpoint, phase_device, progress_from_checkpoint)
 
 if TYPE_CHECKING:
     from pipeline.graph import Node
@@ -44,6 +46,14 @@ log = logging.getLogger(__name__)
 
 SCORE = "val_score"  # the metric trials are ranked by: each epoch's stages.train.selection_score
 TRIAL_RESOURCES = {"cpu": 0.01}  # non-empty (an empty request is refused), tiny (never starve trainers)
+
+
+def trial_resources(scaling: ScalingConfig, in_process: bool) -> dict[str, float]:
+    """What a trial's own process reserves: tiny when Ray Train's workers do the training, else a worker's."""
+    if not in_process:
+        return TRIAL_RESOURCES
+    per_worker = scaling.resources_per_worker or {"CPU": 1.0}
+    return {k.lower(): float(v) for k, v in per_worker.items() if v}
 
 
 class TrialLog(Protocol):
@@ -125,35 +135,15 @@ def trial_run_name(search_name: str, trial_id: str) -> str:
     return f"{search_name}-{trial_id}"
 
 
-def _checkpoint_dir(path: str, storage_path: str) -> Any:
-    """A trial's checkpoint as a local directory (context manager); its path is relative to the
-    storage filesystem (local, s3://, gs://)."""
-    if "://" not in storage_path:
-        return contextlib.nullcontext(path)
-    fs, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
-    return Checkpoint(path=path, filesystem=fs).as_directory()
-
-
-def _storage_fs(storage_path: str) -> pyarrow.fs.FileSystem:
-    return pyarrow.fs.FileSystem.from_uri(storage_path)[0] if "://" in storage_path else pyarrow.fs.LocalFileSystem()
-
-
-def _complete(fs: pyarrow.fs.FileSystem, path: str) -> bool:
-    infos = fs.get_file_info([f"{path}/{STATE_FILE}", f"{path}/{PROGRESS_FILE}"])
-    return all(i.type == pyarrow.fs.FileType.File for i in infos)
-
-
 def latest_complete_checkpoint(path: str, storage_path: str, what: str) -> str:
     """`path` (the checkpoint Tune last heard of) when it is whole; else the newest whole checkpoint
     of the same Train run. Tune's record can be older than the run's own: an attempt Tune never
     heard of (killed before Tune saved its state) reported again, and Train, keeping two, removed it."""
-    fs = _storage_fs(storage_path)
-    if _complete(fs, path):
+    fs = storage_fs(storage_path)
+    if is_whole(fs, path):
         return path
     run_dir = path.rstrip("/").rsplit("/", 1)[0]
-    found = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
-    whole = sorted(i.path for i in found if i.type == pyarrow.fs.FileType.Directory
-                   and i.base_name.startswith("checkpoint_") and _complete(fs, i.path))
+    whole = whole_checkpoints(fs, run_dir)
     if not whole:
         raise SearchFailed(f"{what}: its checkpoint {Path(path).name} is gone and its run {Path(run_dir).name} keeps no "
                            "complete one; delete that run's folder from the Ray storage to train the trial afresh")
@@ -162,12 +152,12 @@ def latest_complete_checkpoint(path: str, storage_path: str, what: str) -> str:
 
 
 def _read_outcome(path: str, storage_path: str) -> PhaseOutcome:
-    with _checkpoint_dir(path, storage_path) as d:
+    with local_copy(path, storage_path) as d:
         return outcome_from_checkpoint(d)
 
 
 def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, folder: str, storage_path: str, max_failures: int,
-                    log_factory: TrialLogFactory | None) -> Callable[[dict[str, Any]], None]:
+                    log_factory: TrialLogFactory | None, in_process: bool) -> Callable[[dict[str, Any]], None]:
     def trial(config: dict[str, Any]) -> None:
         relayed_progress()
         lr = float(config["lr"])
@@ -176,11 +166,17 @@ def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, folder: st
         trial_name = trial_run_name(name, trial_id)
         trial_log = log_factory(trial_name, lr) if log_factory is not None else None
         trial_job = replace(job.with_lr(lr), metrics_sink=trial_log, trial=trial_name)
-        # The trial name makes the inner Train run resumable: a restored search resumes
-        # an interrupted trial from its last checkpoint instead of epoch 0.
-        trainer = build_trainer(trial_job, scaling, trial_name, storage_path, max_failures, callbacks=[TuneReportCallback()])
+        # The trial name names its checkpoints' folder: a restored search resumes an interrupted
+        # trial from its last checkpoint instead of epoch 0.
         try:
-            trainer.fit()
+            if in_process:  # the trial's own process is its one worker
+                fit_in_process(trial_job, CheckpointStore(storage_path, trial_name), phase_device(bool(scaling.use_gpu)),
+                               max_failures, to_tune=True)
+            else:
+                build_trainer(trial_job, scaling, trial_name, storage_path, max_failures,
+                              callbacks=[TuneReportCallback()]).fit()
+        except SystemExit:  # Tune stopped the trial (its scheduler): run_search's caller closes its log
+            raise
         except BaseException:
             if trial_log is not None:
                 trial_log.close("FAILED")
@@ -222,7 +218,7 @@ def _record(result: Any, storage_path: str, max_epochs: int) -> TrialRecord:
     if path is None:
         raise SearchFailed(f"trial {trial} (lr={lr:g}) ended without a checkpoint; run again to resume it")
     path = latest_complete_checkpoint(path, storage_path, f"trial {trial} (lr={lr:g})")
-    with _checkpoint_dir(path, storage_path) as d:
+    with local_copy(path, storage_path) as d:
         progress = progress_from_checkpoint(d)
     return TrialRecord(
         trial=trial,
@@ -275,11 +271,14 @@ def run_search(
     max_failures: int,
     log_factory: TrialLogFactory | None = None,
     max_concurrent_trials: int = 2,
+    in_process: bool = False,
 ) -> SearchOutcome:
-    """Search the phase's learning rate; an interrupted search with the same name resumes."""
+    """Search the phase's learning rate; an interrupted search with the same name resumes.
+    `in_process`: each trial trains in its own process (one worker), not under Ray Train."""
     folder = search_dir(name, storage_path)
     trainable = tune.with_resources(
-        _trial_function(job, scaling, name, folder, storage_path, max_failures, log_factory), TRIAL_RESOURCES
+        _trial_function(job, scaling, name, folder, storage_path, max_failures, log_factory, in_process),
+        trial_resources(scaling, in_process),
     )
     max_t = job.train.max_epochs
     scheduler = (
@@ -296,9 +295,10 @@ def run_search(
         num_samples=1 if plan.grid is not None else plan.num_samples,
         max_concurrent_trials=max_concurrent_trials,
     )
-    # A trial whose process dies (a lost node) is retried as often as a phase's workers are.
+    # A trial whose process dies (a lost node) is retried as often as a phase's workers are; in
+    # process, the trial is its worker too, and may die as often as both.
     run_config = tune.RunConfig(name=folder, storage_path=storage_path, verbose=0,
-                                failure_config=tune.FailureConfig(max_failures=max_failures),
+                                failure_config=tune.FailureConfig(max_failures=max_failures * (2 if in_process else 1)),
                                 callbacks=[SearchProgress(job.label, plan.trials, functools.partial(trial_run_name, name))])
     results = _fresh_or_restored(trainable, plan, folder, storage_path, tune_config, run_config).fit()
     errors = [(r.config.get("lr"), r.error) for r in results if r.error is not None]
@@ -342,7 +342,8 @@ class Tune(Stage):
         """The trials that run at once, each a worker group (and its tiny trial actor)."""
         plan = node.config.search
         group, at_once = settings.worker_group(), min(settings.max_concurrent_trials, plan.trials)
-        return Resources(at_once * (group.num_cpus + TRIAL_RESOURCES["cpu"]), at_once * group.num_gpus)
+        trial = 0.0 if settings.in_process else TRIAL_RESOURCES["cpu"]
+        return Resources(at_once * (group.num_cpus + trial), at_once * group.num_gpus)
 
     def describe(self, summary: dict[str, Any]) -> str:
         return describe_phase(summary) + f" trials={summary.get('trials')}"
@@ -355,7 +356,7 @@ class Tune(Stage):
         start = time.monotonic()
         try:
             search = run_search(job, plan, scaling(ctx), name, ctx.storage_path, ctx.settings.max_failures, trial_runs,
-                                ctx.settings.max_concurrent_trials)
+                                ctx.settings.max_concurrent_trials, ctx.settings.in_process)
         except BaseException:
             trial_runs.abandon(name)
             raise

@@ -65,9 +65,11 @@ def test_capacity_is_read_on_every_check_and_admission_can_be_off() -> None:
 @pytest.mark.parametrize("sets, expected", [
     ([], {"seed0/P1": 1.0, "seed0/disjoint/P3": 1.0, "seed0/joint/P2": 1.0, "seed0/joint/evaluate": 1.0, "report": 0.0}),
     (["resources.num_workers=2", "resources.cpus_per_worker=3"], {"seed0/P1": 6.0, "seed0/joint/P2": 6.0, "seed0/joint/evaluate": 3.0}),
-    # a search: the trials that run at once (at most max_concurrent_trials), each with its trial actor
-    (["phases.P2.lr=[1.0e-3,3.0e-3,1.0e-2]"], {"seed0/joint/P2": 2.02}),
-    (["phases.P2.lr=[1.0e-3,3.0e-3,1.0e-2]", "search.max_concurrent_trials=5"], {"seed0/joint/P2": 3.03}),
+    # a search: the trials that run at once (at most max_concurrent_trials); in process each trial is
+    # its worker, under Ray Train each adds its trial actor
+    (["phases.P2.lr=[1.0e-3,3.0e-3,1.0e-2]"], {"seed0/joint/P2": 2.0}),
+    (["phases.P2.lr=[1.0e-3,3.0e-3,1.0e-2]", "search.max_concurrent_trials=5"], {"seed0/joint/P2": 3.0}),
+    (["phases.P2.lr=[1.0e-3,3.0e-3,1.0e-2]", "resources.trainer=ray_train"], {"seed0/joint/P2": 2.02}),
 ])
 def test_each_stage_kind_states_what_its_node_holds(sets: list[str], expected: dict[str, float]) -> None:
     spec = load_spec(None, ["regimes=[joint,disjoint]", *sets])
@@ -80,4 +82,4 @@ def test_each_stage_kind_states_what_its_node_holds(sets: list[str], expected: d
 def test_gpu_phases_count_their_gpus() -> None:
     settings = RunSettings(num_workers=4, use_gpu=True, gpus_per_worker=1.0, cpus_per_worker=8)
     assert settings.worker_group() == Resources(32.0, 4.0)
-    assert RunSettings(num_workers=0).worker_group() == Resources(1.0, 0.0)  # Train's local mode: one process
+    assert RunSettings(num_workers=0).worker_group() == Resources(1.0, 0.0)  # one process

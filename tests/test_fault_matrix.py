@@ -2,7 +2,11 @@
 
 Each cell plans one fault with the project's own hooks (`stages/core/faults.py`, $EXITFLOW_FAULT), so
 the kill lands at exactly its moment: a SIGKILL of the driver (the `exitflow run` process), or of
-the process standing at the moment (a Train worker, a Tune trial, the Ray task running a stage).
+the process standing at the moment (the worker training a phase, a Tune trial, the Ray task running
+a stage). The study's phases have one worker each, so (`resources.trainer: auto`) each trains in its
+stage's task or its trial's process, which is the worker killed; Ray Train's own workers are killed
+in tests/test_train_stage.py and tests/test_tune.py, and its resume after a driver kill in
+tests/test_faults.py.
 Then the same command runs again, and the cell asserts:
 
 1. the re-run exits 0;
@@ -55,9 +59,6 @@ STUDY = [
 # One `exitflow run` of a cell. The longest, the run with eight worker kills, took 780 s beside the
 # other two streams on 2 cores (a 900 s limit failed it on a slower day): a hang, not a slow day, fails.
 RUN_LIMIT_S = 1500
-SETTLE = "settle_s=3"  # let Ray Train register the last reported checkpoint before the kill
-
-
 @dataclass(frozen=True)
 class Moment:
     name: str
@@ -74,10 +75,10 @@ class Moment:
 
 
 MOMENTS = [
-    Moment("fixed-lr phase, mid-epoch", f"point=train.mid_epoch,node={P1},epoch=1,{SETTLE}", P1),
+    Moment("fixed-lr phase, mid-epoch", f"point=train.mid_epoch,node={P1},epoch=1", P1),
     Moment("start of a search", "point=search.start", P3),
-    Moment("trial, mid-epoch", f"point=train.mid_epoch,search=1,lr=0.003,epoch=1,{SETTLE}", P3),
-    Moment("trial at its early-stopping point", f"point=train.stopped,search=1,lr=1e-06,{SETTLE}", P3),
+    Moment("trial, mid-epoch", "point=train.mid_epoch,search=1,lr=0.003,epoch=1", P3),
+    Moment("trial at its early-stopping point", "point=train.stopped,search=1,lr=1e-06", P3),
     Moment("between trials", "point=trial.start,lr=0.003", P3, ("search.max_concurrent_trials=1",)),
     Moment("after the last trial, stage run open", "point=search.end", P3, keep_trials=True),
     Moment("artifact upload (checkpoint)", "point=upload,path=checkpoint/model.pt", P3, keep_trials=True),
@@ -88,23 +89,26 @@ BY_NAME = {m.name: m for m in MOMENTS}
 TARGETS = ("driver", "worker")
 REPRODUCTION = "trial at its early-stopping point"  # the issue's report: a third run must succeed too
 # A killed driver ends its run, so each of its moments is a cell of its own. A killed worker is
-# recovered inside the run (Train restarts its workers, Tune its trials, Ray a stage's task once),
-# so one run takes every worker kill whose recoveries do not share a budget: each node's task
-# dies at most once per run. The P3 task's second moment (search.end) gets a run of its own.
+# recovered inside the run (Ray runs a stage's task again, Tune restarts a trial), so a run takes
+# several worker kills whose recoveries do not share a budget: a node's task dies at most once per
+# run, P1's twice (with one worker its task is also its worker: max_failures more retries), a trial
+# twice (as the trial, and as its worker). The P3 task's second moment (search.end) gets a run of
+# its own, with the kills of the nodes after it.
+DOWNSTREAM_MOMENTS = ("after the last trial, stage run open", "evaluate", "report")
 WORKER_RUNS = [
-    tuple(m.name for m in MOMENTS if m.name != "after the last trial, stage run open"),
-    ("after the last trial, stage run open",),
+    tuple(m.name for m in MOMENTS if m.name not in DOWNSTREAM_MOMENTS),
+    DOWNSTREAM_MOMENTS,
 ]
 # Three streams of cells run side by side, each in an experiment and a Ray storage of its own, its
-# cells in order (each starts from what the one before left). The first stream begins with the
-# uninterrupted reference run, whose state its later cells start from.
+# cells in order (each starts from what the one before left), of about equal length. The first
+# stream begins with the uninterrupted reference run, whose state its later cells start from.
 REFERENCE = "reference"
 STREAMS: list[list[Any]] = [
     [REFERENCE, ("driver", ("trial at its early-stopping point",)), ("driver", ("between trials",)),
-     ("driver", ("after the last trial, stage run open",)), ("driver", ("artifact upload (checkpoint)",)),
-     ("driver", ("report",))],
-    [("worker", WORKER_RUNS[0]), ("worker", WORKER_RUNS[1]), ("driver", ("evaluate",))],
-    [("driver", ("fixed-lr phase, mid-epoch",)), ("driver", ("start of a search",)), ("driver", ("trial, mid-epoch",))],
+     ("driver", ("after the last trial, stage run open",)), ("driver", ("artifact upload (checkpoint)",))],
+    [("worker", WORKER_RUNS[0]), ("worker", WORKER_RUNS[1])],
+    [("driver", ("fixed-lr phase, mid-epoch",)), ("driver", ("start of a search",)), ("driver", ("trial, mid-epoch",)),
+     ("driver", ("evaluate",)), ("driver", ("report",))],
 ]
 # (In the shared worker run, the checkpoint upload killed is P1's, the first of the run.)
 TRAINING_POINTS = ("train.mid_epoch", "train.epoch_end")  # a kill here may cost the epoch in flight

@@ -69,8 +69,10 @@ def _guards_of(pid: int) -> list[int]:
 
 def test_sigkill_of_the_driver_mid_phase_then_a_rerun_completes(work: Path) -> None:
     """The user's own set-up (a local Ray and MLflow server the driver starts), killed at the end
-    of P2's second epoch by the project's fault hook; the fault matrix covers every other moment."""
-    cmd = _command("phases.P2.max_epochs=3", "phases.P2.patience=4")
+    of P2's second epoch by the project's fault hook; the fault matrix covers every other moment, with
+    one-worker phases in process (the default): this one trains under Ray Train, whose own
+    checkpoints the re-run resumes from."""
+    cmd = _command("phases.P2.max_epochs=3", "phases.P2.patience=4", "resources.trainer=ray_train")
     marker = work.parent / "fired"
     fault = f"point=train.epoch_end,node=seed0/joint/P2,epoch=1,target=driver,marker={marker}"
     driver = subprocess.Popen(cmd, cwd=work, env={**_env(), "EXITFLOW_FAULT": fault},

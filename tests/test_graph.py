@@ -363,21 +363,31 @@ def test_a_report_code_edit_rekeys_only_the_report(monkeypatch: pytest.MonkeyPat
     assert _changed(before, _graph()) == {"report"}
 
 
+@pytest.mark.parametrize("trainer", ["auto", "ray_train"])
 @pytest.mark.parametrize("use_gpu", [False, True])
-def test_evaluate_tasks_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(use_gpu: bool) -> None:
+def test_evaluate_tasks_and_in_process_phases_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(
+        use_gpu: bool, trainer: str) -> None:
     from pipeline.runner import run_settings, task_resources
-    from pipeline.stage import get_stage
+    from pipeline.stage import NODE_RETRIES, get_stage
 
-    spec = load_spec(None, [f"resources.use_gpu={str(use_gpu).lower()}", "resources.cpus_per_worker=3"])
+    spec = load_spec(None, [f"resources.use_gpu={str(use_gpu).lower()}", "resources.cpus_per_worker=3",
+                            f"resources.trainer={trainer}", "resources.max_failures=2", "phases.P2.lr=[1e-3,3e-3]"])
     settings = run_settings(spec)
     g = build_graph(spec)
 
     def held(nid: str) -> dict[str, float]:
         return task_resources(get_stage(g.nodes[nid].kind), g.nodes[nid], settings)
 
-    assert held("seed0/joint/evaluate") == {"num_cpus": 3.0} | ({"num_gpus": 1.0} if use_gpu else {})
-    for nid in ("seed0/P1", "seed0/joint/P2", "report"):
+    worker = {"num_cpus": 3.0} | ({"num_gpus": 1.0} if use_gpu else {})
+    assert held("seed0/joint/evaluate") == worker
+    # in process (auto, one worker), a fixed-lr phase's task is its worker: it holds the worker's
+    # resources, and may die as often as its task and its worker together
+    p1 = g.nodes["seed0/P1"]
+    assert held("seed0/P1") == (worker if trainer == "auto" else {"num_cpus": 0})
+    assert get_stage(p1.kind).retries(p1, settings) == NODE_RETRIES + (2 if trainer == "auto" else 0)
+    for nid in ("seed0/joint/P2", "report"):  # a search's trials reserve their own; the report orchestrates
         assert held(nid) == {"num_cpus": 0}
+        assert get_stage(g.nodes[nid].kind).retries(g.nodes[nid], settings) == NODE_RETRIES
 
 
 # ------------------------------------------------------------------ key rules, field by field
@@ -490,7 +500,7 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "analyses.connectivity.seeds": ("{disjoint: 0, mixed: 0}", _NONE),
     **{f"resources.{k}": (v, _NONE) for k, v in {"num_workers": "2", "use_gpu": "true", "cpus_per_worker": "2",
                                                 "gpus_per_worker": "0.5", "max_failures": "3", "torch_threads": "2",
-                                                "admission": "false"}.items()},
+                                                "admission": "false", "trainer": "ray_train"}.items()},
     "tracking.uri": ("http://elsewhere:5000", _NONE),
     "tracking.experiment": ("other", _NONE),
     "tracking.storage_path": ("/tmp/elsewhere", _NONE),

@@ -84,7 +84,12 @@ def test_the_report_says_which_lr_each_phase_chose(study: Any) -> None:
     assert study.results["report"].summary["chosen_lrs"]["mixed"]["P1"] == chosen["seed0/P1"]
 
 
-def test_asha_stops_poor_learning_rates_early(ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+TRAINERS = pytest.mark.parametrize("in_process", [False, True], ids=["ray_train", "in_process"])
+
+
+@TRAINERS
+def test_asha_stops_poor_learning_rates_early(ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              in_process: bool) -> None:
     """Also: the search tells the driver's display its trial counts as trials start and end."""
     import pipeline.relay
     from stages.train import scaling_config
@@ -94,7 +99,8 @@ def test_asha_stops_poor_learning_rates_early(ray_session: None, tmp_path: Path,
     monkeypatch.setattr(pipeline.relay, "_post", lambda line, event=None: posted.append((line, event)))
     # Grid order is trial order: the two good rates reach the first rung before the poor ones.
     plan = SearchPlan(grid=(3e-3, 1e-3, 1e-6, 1e-7), scheduler="asha", grace_period=1, reduction_factor=2)
-    search = run_search(phase_job(max_epochs=4), plan, scaling_config(1, False, 1.0, 0.0), "asha", str(tmp_path), 0)
+    search = run_search(phase_job(max_epochs=4), plan, scaling_config(1, False, 1.0, 0.0), "asha", str(tmp_path), 0,
+                        in_process=in_process)
     by_lr = {t.lr: t for t in search.trials}
     for poor in (1e-6, 1e-7):  # compared at the first rung with the good rates: below the cut
         assert by_lr[poor].stopped_by == "scheduler" and by_lr[poor].epochs == 1, [(t.lr, t.epochs) for t in search.trials]
@@ -130,7 +136,9 @@ class RecordingLogs:
         return _NoLog()
 
 
-def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_session: None, tmp_path: Path) -> None:
+@TRAINERS
+def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_session: None, tmp_path: Path,
+                                                                         in_process: bool) -> None:
     from stages.train import outcome_from_checkpoint, scaling_config
     from stages.tune import SearchFailed, SearchPlan, run_search
 
@@ -139,11 +147,12 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_ses
     starts = tmp_path / "starts.txt"
     faulty = phase_job(max_epochs=3, fault=f"point=train.epoch_end,epoch=1,action=raise,settle_s=5,lr=0.001,marker={tmp_path / 'fired'}")
     with pytest.raises(SearchFailed, match="1 of 2 trial"):
-        run_search(faulty, plan, scaling, "resume", storage, 0, RecordingLogs(str(starts)), max_concurrent_trials=1)
+        run_search(faulty, plan, scaling, "resume", storage, 0, RecordingLogs(str(starts)), max_concurrent_trials=1,
+                   in_process=in_process)
     assert starts.read_text().split() == ["0.003", "0.001"]
 
     search = run_search(phase_job(max_epochs=3), plan, scaling, "resume", storage, 0, RecordingLogs(str(starts)),
-                        max_concurrent_trials=1)
+                        max_concurrent_trials=1, in_process=in_process)
     assert starts.read_text().split() == ["0.003", "0.001", "0.001"]  # only the failed trial ran again
     by_lr = {t.lr: t for t in search.trials}
     assert by_lr[1e-3].epochs == by_lr[3e-3].epochs == 3
