@@ -3,7 +3,9 @@
 Ray Train keeps a fit's checkpoints itself; a phase trained in its own stage's process (one worker,
 `resources.trainer: auto`: `stages.train.run_phase_in_process`) keeps them here, in the same place
 and the same form: `<storage>/<run name>/checkpoint_<UTC time>/` holding `state.pt` and
-`progress.json`, names that sort by time like Train's, so either kind resumes from the newest.
+`progress.json`, names that sort by time like Train's: a phase trained in process resumes from
+the newest of either kind; Ray Train resumes only from its own (its snapshot lists them), so a
+phase switched to `trainer: ray_train` mid-way starts afresh.
 
 A checkpoint is whole once its `progress.json` exists: it is written last, under a temporary
 name and then moved, so a process killed mid-save leaves a folder that is never read. The two
