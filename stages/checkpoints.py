@@ -1,7 +1,7 @@
 """A phase's checkpoints in Ray storage, written by the process that trains it.
 
 Ray Train keeps a fit's checkpoints itself; a phase trained in its own stage's process (one worker,
-`resources.trainer: auto`: `stages.train.run_phase_in_process`) keeps them here, in the same place
+`resources.trainer: auto`: `stages.train.fit_in_process`) keeps them here, in the same place
 and the same form: `<storage>/<run name>/checkpoint_<UTC time>/` holding `state.pt` and
 `progress.json`, names that sort by time like Train's: a phase trained in process resumes from
 the newest of either kind; Ray Train resumes only from its own (its snapshot lists them), so a
@@ -29,15 +29,16 @@ PROGRESS_FILE = "progress.json"  # beside it: history and early stopping, small 
 KEEP = 2  # whole checkpoints kept per run, as Ray Train is told to keep (CheckpointConfig(num_to_keep=2))
 
 
-def storage_fs(storage_path: str) -> pyarrow.fs.FileSystem:
-    return pyarrow.fs.FileSystem.from_uri(storage_path)[0] if "://" in storage_path else pyarrow.fs.LocalFileSystem()
-
-
-def storage_root(storage_path: str) -> str:
-    """`storage_path` as a path of its filesystem (a URI's bucket and prefix; a local path absolute)."""
+def storage_location(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The storage's filesystem, and `storage_path` as a path of it (a URI's bucket and prefix; a local path absolute)."""
     if "://" in storage_path:
-        return pyarrow.fs.FileSystem.from_uri(storage_path)[1].rstrip("/")
-    return str(Path(storage_path).resolve())
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        return fs, root.rstrip("/")
+    return pyarrow.fs.LocalFileSystem(), str(Path(storage_path).resolve())
+
+
+def storage_fs(storage_path: str) -> pyarrow.fs.FileSystem:
+    return storage_location(storage_path)[0]
 
 
 def is_whole(fs: pyarrow.fs.FileSystem, path: str) -> bool:
@@ -78,8 +79,8 @@ class CheckpointStore:
 
     def __init__(self, storage_path: str, name: str) -> None:
         self.storage_path = storage_path
-        self.fs = storage_fs(storage_path)
-        self.run_dir = f"{storage_root(storage_path)}/{name}"
+        self.fs, root = storage_location(storage_path)
+        self.run_dir = f"{root}/{name}"
 
     def latest(self) -> str | None:
         """The newest whole checkpoint, or None."""

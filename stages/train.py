@@ -157,6 +157,15 @@ def _quiet_train_reports() -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def _resumable(label: str, load: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """The last checkpoint's state, or None (with a warning) to start the phase afresh when it cannot be read."""
+    try:
+        return load()
+    except Exception as e:  # noqa: BLE001 - a checkpoint we cannot read must not leave the phase stuck
+        log.warning("%s: cannot resume from its last checkpoint (%s); starting the phase afresh", label, brief(e))
+        return None
+
+
 class TrainSession:
     """A phase's worker under Ray Train: its rank, device, DDP, and Train's checkpoints and reports."""
 
@@ -177,12 +186,12 @@ class TrainSession:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        try:
+
+        def load() -> dict[str, Any]:
             with ckpt.as_directory() as d:
                 return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - a checkpoint we cannot read must not leave the phase stuck
-            log.warning("%s: cannot resume from its last checkpoint (%s); starting the phase afresh", label, brief(e))
-            return None
+
+        return _resumable(label, load)
 
     def report(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
         """Report one epoch; rank 0 attaches the resumable state (every rank must call: it is a barrier)."""
@@ -210,13 +219,7 @@ class InProcessSession:
 
     def resume_state(self, label: str) -> dict[str, Any] | None:
         path = self.store.latest()
-        if path is None:
-            return None
-        try:
-            return self.store.load(path)
-        except Exception as e:  # noqa: BLE001 - as TrainSession.resume_state
-            log.warning("%s: cannot resume from its last checkpoint (%s); starting the phase afresh", label, brief(e))
-            return None
+        return None if path is None else _resumable(label, lambda: self.store.load(path))
 
     def report(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
         path = self.store.save(state)
@@ -377,6 +380,12 @@ def outcome_from_checkpoint(path: str | Path) -> PhaseOutcome:
                    ran_on=state.get("ran_on", ""), ray_nodes=state.get("ray_nodes", []))
 
 
+def read_outcome(path: str, storage_path: str) -> PhaseOutcome:
+    """`outcome_from_checkpoint` of a checkpoint in storage (`path` on the storage's filesystem)."""
+    with local_copy(path, storage_path) as d:
+        return outcome_from_checkpoint(d)
+
+
 def progress_from_checkpoint(path: str | Path) -> PhaseOutcome:
     """The same as `outcome_from_checkpoint` without the model (`best_state` empty): cheap for every trial."""
     progress = json.loads((Path(path) / PROGRESS_FILE).read_text())
@@ -432,8 +441,7 @@ def run_phase(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: st
         path = store.latest()
         if path is None:
             raise RuntimeError(f"phase {job.phase} ({name}) finished without a checkpoint")
-        with local_copy(path, storage_path) as d:
-            return outcome_from_checkpoint(d)
+        return read_outcome(path, storage_path)
     result = build_trainer(job, scaling, name, storage_path, max_failures).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"phase {job.phase} ({name}) finished without a checkpoint")

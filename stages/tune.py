@@ -30,14 +30,14 @@ from pipeline.progress_events import SearchProgress
 from pipeline.relay import relayed_progress
 from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, Table,
                             TableKind, register_stage)
-from stages.checkpoints import CheckpointStore, is_whole, local_copy, storage_fs, whole_checkpoints
+from stages.checkpoints import CheckpointStore, is_whole, local_copy, storage_fs, storage_location, whole_checkpoints
 from stages.core import faults
 from stages.core.nets.methods import get_method
 from stages.core.progress import brief
 from stages.phase import (DIVERGED_TAG, describe_phase, epoch_seconds, phase_cost, phase_job, phase_params, phase_result,
                           run_name, scaling)
 from stages.train import (GRADIENT_DOMINANCE, HISTORY, PHASE_UNKEYED, PhaseJob, PhaseOutcome, build_trainer, fit_in_process,
-                          outcome_from_checkpoint, phase_device, progress_from_checkpoint)
+                          phase_device, progress_from_checkpoint, read_outcome)
 
 if TYPE_CHECKING:
     from pipeline.graph import Node
@@ -151,11 +151,6 @@ def latest_complete_checkpoint(path: str, storage_path: str, what: str) -> str:
     return whole[-1]
 
 
-def _read_outcome(path: str, storage_path: str) -> PhaseOutcome:
-    with local_copy(path, storage_path) as d:
-        return outcome_from_checkpoint(d)
-
-
 def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, folder: str, storage_path: str, max_failures: int,
                     log_factory: TrialLogFactory | None, in_process: bool) -> Callable[[dict[str, Any]], None]:
     def trial(config: dict[str, Any]) -> None:
@@ -253,7 +248,7 @@ def _fresh_or_restored(trainable: Any, plan: SearchPlan, name: str, storage_path
 
 def _set_aside(storage_path: str, name: str) -> str:
     """Rename a search's folder in storage out of the way; returns its new name (relative to storage)."""
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    fs, root = storage_location(storage_path)
     for i in range(1, 1000):
         aside = f"{name}.unresumable-{i}"
         if fs.get_file_info(f"{root}/{aside}").type == pyarrow.fs.FileType.NotFound:
@@ -316,7 +311,7 @@ def run_search(
         raise SearchFailed(f"learning-rate search {name}: every learning rate diverged "
                            f"({'; '.join(f'lr={t.lr:g}: {t.diverged}' for t in records)})")
     best = choose_trial(healthy, finishes=get_method(job.net.method).finish is not None)
-    outcome = _read_outcome(best.checkpoint_path, storage_path)
+    outcome = read_outcome(best.checkpoint_path, storage_path)
     return SearchOutcome(best=best, outcome=outcome, trials=records)
 
 
