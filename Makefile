@@ -16,7 +16,7 @@ run: $(STAMP)
 	$(BIN)/exitflow run examples/digits.yaml
 
 test: $(STAMP)
-	$(BIN)/pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/curve_speed.py

@@ -56,6 +56,35 @@ def ray_session() -> Iterator[None]:
 
 _DASHBOARD: list[str] = []  # the suite's Ray dashboard, once ray_session started it
 
+RAY_GROUP = "ray"
+WAITING_MODULES = ("test_tune", "test_train_stage", "test_faults")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs Ray (marked `ray`, or using the suite's Ray through a fixture) joins one
+    xdist group: under `make test` (`-n 2 --dist loadgroup`) one worker runs them all in order, in
+    one Ray session, while the other runs the rest, which waits on no Ray and fills the CPU that the
+    Ray tests leave idle (Ray's start, a single one-thread phase training, a terminal being read)."""
+    for item in items:
+        if item.get_closest_marker("ray") or "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+    # Modules whose tests mostly wait (Ray Train's actors starting, its 2 s polls, a killed run's
+    # own Ray) run first, beside the fast tests; those that keep both cores busy (the fault
+    # matrix) after. A stable sort: each module stays whole and in its order.
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", "") not in WAITING_MODULES)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under `--dist loadgroup` xdist names a grouped test `<id>@<group>`; a pytest where that did not
+    take would split the Ray tests over workers, each starting its own Ray: stop instead."""
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and session.config.getvalue("loadgroup")):
+        return
+    loose = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and not i.nodeid.endswith(f"@{RAY_GROUP}")]
+    if loose:
+        raise pytest.UsageError(f"pytest-xdist could not group the Ray tests ({loose[0]} has no @{RAY_GROUP}): "
+                                "install the pytest the project pins (pyproject.toml)")
+
 
 @pytest.fixture(scope="session")
 def ray_dashboard(ray_session: None) -> str:

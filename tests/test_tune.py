@@ -97,22 +97,22 @@ def test_asha_stops_poor_learning_rates_early(ray_session: None, tmp_path: Path,
 
     posted: list[tuple[str, dict]] = []
     monkeypatch.setattr(pipeline.relay, "_post", lambda line, event=None: posted.append((line, event)))
-    # Grid order is trial order: the two good rates reach the first rung before the poor ones.
-    plan = SearchPlan(grid=(3e-3, 1e-3, 1e-6, 1e-7), scheduler="asha", grace_period=1, reduction_factor=2)
+    # Grid order is trial order: the two good rates reach the first rung before the poor one starts.
+    plan = SearchPlan(grid=(3e-3, 1e-3, 1e-6), scheduler="asha", grace_period=1, reduction_factor=2)
     search = run_search(phase_job(max_epochs=4), plan, scaling_config(1, False, 1.0, 0.0), "asha", str(tmp_path), 0,
                         in_process=in_process)
     by_lr = {t.lr: t for t in search.trials}
-    for poor in (1e-6, 1e-7):  # compared at the first rung with the good rates: below the cut
-        assert by_lr[poor].stopped_by == "scheduler" and by_lr[poor].epochs == 1, [(t.lr, t.epochs) for t in search.trials]
+    # compared at the first rung with the good rates: below the cut
+    assert by_lr[1e-6].stopped_by == "scheduler" and by_lr[1e-6].epochs == 1, [(t.lr, t.epochs) for t in search.trials]
     assert search.best.lr in (3e-3, 1e-3) and search.best.epochs == 4 and search.best.stopped_by == ""
 
     events = [e for _, e in posted if e is not None and e["kind"] == "search"]
     ended = [e for e in events if e["ended"]]
-    assert len(events) == 8 and len(ended) == 4, posted  # each trial starts and ends once
-    assert [e["done"] for e in ended] == [1, 2, 3, 4] and {e["total"] for e in events} == {4}
+    assert len(events) == 6 and len(ended) == 3, posted  # each trial starts and ends once
+    assert [e["done"] for e in ended] == [1, 2, 3] and {e["total"] for e in events} == {3}
     assert max(e["running"] for e in events) <= 2  # max_concurrent_trials
     lines = [line for line, e in posted if e is not None and e["ended"]]
-    assert sum("ended after 1 epoch(s)" in line for line in lines) >= 2 and any("ended after 4 epoch(s)" in line for line in lines)
+    assert any("ended after 1 epoch(s)" in line for line in lines) and any("ended after 4 epoch(s)" in line for line in lines)
 
 
 @dataclass(frozen=True)
@@ -171,8 +171,9 @@ def test_a_search_whose_state_cannot_be_read_says_why_and_starts_afresh(
     broken.mkdir(parents=True)
     (broken / "tuner.pkl").write_bytes(b"not a pickle: a half-written file from a dead process")
     with caplog.at_level("WARNING", logger="stages.tune"):
+        # The trials train in process: what is broken is Tune's own saved state, the same under either trainer.
         search = run_search(phase_job(max_epochs=1), SearchPlan(grid=(3e-3,)), scaling_config(1, False, 1.0, 0.0),
-                            "broken", str(storage), 0)
+                            "broken", str(storage), 0, in_process=True)
     assert [t.epochs for t in search.trials] == [1]  # the search ran, from scratch
     [warning] = [r.getMessage() for r in caplog.records if "cannot resume" in r.getMessage()]
     assert "starting it afresh" in warning and f"{folder}.unresumable-1" in warning and str(storage) not in warning
