@@ -234,6 +234,6 @@ def _closed_port() -> int:
 @pytest.mark.parametrize(("address", "expected"), [
     (f"127.0.0.1:{_closed_port()}", "cannot reach the Ray cluster at 127.0.0.1:"),
     ("head-without-port", "expected HOST:PORT"),
-])
+], ids=["closed-port", "no-port"])  # fixed ids: each pytest-xdist worker picks its own closed port
 def test_an_unreachable_cluster_address_is_refused_before_anything_is_stored(cwd: Path, address: str, expected: str) -> None:
     _assert_refused(cwd, "run", ["empty.yaml", "--address", address], expected)
