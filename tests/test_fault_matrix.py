@@ -43,7 +43,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-# The module fixture (every cell, ~20 min on 2 cores) runs inside the first test's timeout.
+# The module fixture (every cell: 7-10 min on 2 cores, up to ~12 on a slow day) runs inside the first test's timeout.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(3000)]
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
