@@ -140,9 +140,9 @@ class ArtifactStore:
             raise ArtifactError(f"run {run_id}: artifact {artifact_path!r} is missing ({type(e).__name__}: {e})") from None
         return Path(local)
 
-    def _verify(self, run_id: str, artifact_path: str, local: Path) -> None:
-        tags = self.client.get_run(run_id).data.tags
-        expected = tags.get(HASH_TAG + artifact_path)
+    def _verify(self, run_id: str, artifact_path: str, local: Path, hashes: dict[str, str] | None = None) -> None:
+        """`local` against the hash recorded for `artifact_path` (`hashes`: the run's, read once by a caller checking several)."""
+        expected = (self.describe(run_id) if hashes is None else hashes).get(artifact_path)
         if expected is None:
             raise ArtifactError(f"run {run_id}: no recorded hash for {artifact_path!r}; refusing an unverifiable artifact")
         if not local.is_file():
@@ -175,8 +175,9 @@ class ArtifactStore:
         """(state_dict, spec) of a `checkpoint/` artifact, verified file by file."""
         with tempfile.TemporaryDirectory() as d:
             local = self._download(run_id, CHECKPOINT_DIR, Path(d))
+            hashes = self.describe(run_id)
             for name in CHECKPOINT_FILES:
-                self._verify(run_id, f"{CHECKPOINT_DIR}/{name}", local / name)
+                self._verify(run_id, f"{CHECKPOINT_DIR}/{name}", local / name, hashes)
             try:
                 spec = json.loads((local / "spec.json").read_text())
                 state = torch.load(io.BytesIO((local / "model.pt").read_bytes()), map_location="cpu", weights_only=True)
@@ -201,7 +202,8 @@ class ArtifactStore:
 
     def verify_all(self, run_id: str) -> None:
         """Download and check every hashed artifact of a run (cache hits are verified this way)."""
+        hashes = self.describe(run_id)
         with tempfile.TemporaryDirectory() as d:
-            for path in self.describe(run_id):
+            for path in hashes:
                 local = self._download(run_id, path, Path(d))
-                self._verify(run_id, path, local)
+                self._verify(run_id, path, local, hashes)

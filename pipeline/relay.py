@@ -13,6 +13,7 @@ a live display (`pipeline.display`) shows the event in place of the line; plain 
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -91,8 +92,52 @@ def publish(line: str, event: Event) -> None:
         to_stderr(line)
 
 
+_notice: Show = _print_line  # where Ray's notices to the driver go: stderr, or the open relay's display
+
+
+def quiet_ray_notices() -> None:
+    """Show Ray's notices to this driver (a worker that died, a task Ray runs again) as short lines
+    among exitflow's own, not as Ray prints them.
+
+    Ray's driver prints what its error channel carries to stdout, `log_to_driver=False` or not, and
+    stdout holds exitflow's results (a piped table would start with a coloured `(raylet)` paragraph).
+    Ray has no setting for it: its printer is replaced; a Ray without that printer keeps its own output."""
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_exitflow", False):
+        return
+
+    def printer(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":  # not the error channel: Ray's own way
+            original(data, ignore_prefix)
+            return
+        for line in filter(None, map(ray_notice, data.get("lines", []))):
+            _notice(line, None)
+
+    printer._exitflow = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = printer
+
+
+_NOTICE_DETAIL = re.compile(r"\s(?:Lease ID|RayTask ID|Task ID|Worker ID|Error):")
+
+
+def ray_notice(message: str) -> str:
+    """One line for a Ray notice: its opening sentences, up to the ids and error text that follow,
+    and the worker's pid (details in Ray's session logs); "" for an empty one."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", message).strip()
+    if not text:
+        return ""
+    head = _NOTICE_DETAIL.split(text.splitlines()[0], maxsplit=1)[0].strip()
+    if len(head) > 200:
+        head = head[:197] + "..."
+    pid = re.search(r"Worker PID: (\d+)", text)
+    return f"ray: {head}{f' (worker pid {pid.group(1)})' if pid else ''}"
+
+
 class Relay:
-    """The driver's end: shows what the job's processes post, from a thread and on `flush()`."""
+    """The driver's end: shows what the job's processes post, from a thread and on `flush()`, and
+    Ray's notices to the driver while it is open."""
 
     def __init__(self, show: Show) -> None:
         self._show = show
@@ -102,7 +147,13 @@ class Relay:
         self._thread = threading.Thread(target=self._loop, name="exitflow-relay", daemon=True)
 
     def start(self) -> None:
+        global _notice
+        _notice = self._show_notice
         self._thread.start()
+
+    def _show_notice(self, line: str, event: Event | None = None) -> None:
+        with self._lock:  # between two drains, not inside one
+            self._show(line, event)
 
     def flush(self) -> None:
         with self._lock:  # one drain at a time keeps the lines in order
@@ -118,6 +169,8 @@ class Relay:
             self.flush()
 
     def close(self) -> None:
+        global _notice
+        _notice = _print_line
         self._stop.set()
         self._thread.join()
         self.flush()

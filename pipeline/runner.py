@@ -31,7 +31,7 @@ from pipeline.resolve import check_start, preflight
 from pipeline.spec import SpecError, StudySpec, spec_to_yaml
 from stages.core import faults
 from stages.core.progress import first_line
-from pipeline.relay import relay, relayed_progress
+from pipeline.relay import quiet_ray_notices, relay, relayed_progress
 from pipeline.results import NODES_FILE, node_record
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ def ensure_ray(address: str | None, ray_logs: bool = False) -> bool:
             hint = (" (a cluster with token authentication needs RAY_AUTH_MODE=token and the cluster's token in "
                     "RAY_AUTH_TOKEN; and the same Ray version as the cluster)")
         raise ClusterError(f"could not join the Ray cluster at {address}: {why}{hint}") from None
+    if not ray_logs:
+        quiet_ray_notices()
     return True
 
 

@@ -349,6 +349,10 @@ def test_every_kill_then_a_rerun_recovers(matrix: Matrix, moment: str, target: s
     # 4. the uninterrupted run's table
     assert table(cell.rerun) == table(matrix.reference)
     assert "Traceback" not in cell.rerun.stderr
+    # Ray's notices (a worker died, a task runs again) are exitflow lines on stderr: stdout is the results
+    assert "(raylet)" not in cell.first.stdout + cell.rerun.stdout
+    if target == "worker":  # each worker run kills node tasks' processes
+        assert "ray: A worker died" in cell.first.stderr, cell.first.stderr[-3000:]
     # 5. every search state a kill leaves is resumed, never set aside for a fresh start
     assert "cannot resume its saved state" not in cell.first.stderr + cell.rerun.stderr
 

@@ -11,7 +11,7 @@ from helpers import phase_job
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
-def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_session: None, storage: str, tmp_path: Path) -> None:
+def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_dashboard: str, storage: str, tmp_path: Path) -> None:
     from stages.core.nets import create_net
     from stages.train import run_phase, scaling_config
 
@@ -30,7 +30,7 @@ def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_session: None, 
     # Train's default actors for a fit, less Ray Data's (a phase passes no datasets: stages.train.PhaseTrainer)
     from ray.util.state import list_actors
 
-    started = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    started = {a.class_name for a in list_actors(ray_dashboard, limit=10_000, raise_on_missing_output=False)}
     assert {"TrainController", "SynchronizationActor", "PlacementGroupCleaner"} <= started and "DatasetManager" not in started
 
 
@@ -89,14 +89,14 @@ def _in_task(job, name: str, storage: str, max_failures: int, retries: int):  # 
     return ray.get(ray.remote(num_cpus=1, max_retries=retries)(fit).remote())
 
 
-def test_in_process_a_phase_trains_without_ray_train_and_equals_its_ray_train_twin(ray_session: None, storage: str) -> None:
+def test_in_process_a_phase_trains_without_ray_train_and_equals_its_ray_train_twin(ray_dashboard: str, storage: str) -> None:
     from ray.util.state import list_actors
 
     from stages.train import run_phase, scaling_config
 
-    controllers = sum(a.class_name == "TrainController" for a in list_actors(limit=10_000, raise_on_missing_output=False))
+    controllers = sum(a.class_name == "TrainController" for a in list_actors(ray_dashboard, limit=10_000, raise_on_missing_output=False))
     local = _in_task(phase_job(2), "in-process", storage, 0, 0)
-    assert sum(a.class_name == "TrainController" for a in list_actors(limit=10_000, raise_on_missing_output=False)) == controllers
+    assert sum(a.class_name == "TrainController" for a in list_actors(ray_dashboard, limit=10_000, raise_on_missing_output=False)) == controllers
     trained = run_phase(phase_job(2), scaling_config(1, False, 1.0, 0.0), "under-train", storage, max_failures=0)
     # the same seed, data and device: the same epochs, bit for bit
     assert [m["train_loss"] for m in local.history] == [m["train_loss"] for m in trained.history]
