@@ -49,7 +49,7 @@ def test_the_error_channel_reaches_stderr_as_exitflow_lines_and_stdout_stays_cle
 
 
 def test_other_output_keeps_rays_own_way(ray_printer: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    """`--ray-logs` (log_to_driver) output of a worker is not a notice: Ray prints it, prefixed."""
+    """`run --verbose` (log_to_driver) output of a worker is not a notice: Ray prints it, prefixed."""
     ray_printer.print_to_stdstream({"lines": ["hello from a worker"], "pid": 4242, "ip": "127.0.0.1", "is_err": False,
                                     "task_name": "t", "actor_name": "", "job": "01000000"}, ignore_prefix=False)
     out, _ = capsys.readouterr()
