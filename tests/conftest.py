@@ -57,18 +57,24 @@ def ray_session() -> Iterator[None]:
 _DASHBOARD: list[str] = []  # the suite's Ray dashboard, once ray_session started it
 
 RAY_GROUP = "ray"
+OWN_RAY_GROUP = "own_ray"
 WAITING_MODULES = ("test_tune", "test_train_stage", "test_faults")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that needs Ray (marked `ray`, or using the suite's Ray through a fixture) joins one
-    xdist group: under `make test` (`-n 2 --dist loadgroup`) one worker runs them all in order, in
-    one Ray session, while the other runs the rest, which waits on no Ray and fills the CPU that the
-    Ray tests leave idle (Ray's start, a single one-thread phase training, a terminal being read)."""
+    """Every test that uses the suite's Ray session (through any fixture) joins one xdist group: under
+    `make test` (`-n 2 --dist loadgroup`) one worker runs them all in order, in one Ray session.
+    The tests marked `ray` that start Ray clusters of their own (`exitflow run` without --address, a
+    two-node cluster) join a second group, which xdist hands the other worker first: they run there,
+    in order (never two of their clusters at once), beside the shared session's tests, then that
+    worker runs the rest. Both workers then fill the CPU the other leaves idle (Ray's start, a
+    single one-thread phase training, Ray Train's polls, a terminal being read)."""
     for item in items:
-        if item.get_closest_marker("ray") or "ray_session" in getattr(item, "fixturenames", ()):
+        if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+        elif item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group(OWN_RAY_GROUP))
     # Modules whose tests mostly wait (Ray Train's actors starting, its 2 s polls, a killed run's
     # own Ray) run first, beside the fast tests; those that keep both cores busy (the fault
     # matrix) after. A stable sort: each module stays whole and in its order.
@@ -80,7 +86,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     take would split the Ray tests over workers, each starting its own Ray: stop instead."""
     if not (os.environ.get("PYTEST_XDIST_WORKER") and session.config.getvalue("loadgroup")):
         return
-    loose = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and not i.nodeid.endswith(f"@{RAY_GROUP}")]
+    loose = [i.nodeid for i in session.items
+             if i.get_closest_marker("xdist_group") and not i.nodeid.endswith((f"@{RAY_GROUP}", f"@{OWN_RAY_GROUP}"))]
     if loose:
         raise pytest.UsageError(f"pytest-xdist could not group the Ray tests ({loose[0]} has no @{RAY_GROUP}): "
                                 "install the pytest the project pins (pyproject.toml)")
