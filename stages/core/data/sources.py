@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from stages.core.data.memo import memoized, sklearn_version
 from stages.core.data.spec import DataError
+from stages.core.data.split import sklearn_split
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +85,19 @@ def digits_splits(side: int | None = None) -> tuple[TensorImages, TensorImages]:
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pixels in [0, 1], labels, and the fixed train/test indices (sorted)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """Pixels in [0, 1], labels, and the fixed train/test indices (sorted). Kept on disk (`memo`):
+    loading them imports sklearn, a second of CPU in every process that trains or evaluates."""
 
-    bunch = load_digits()
-    x = bunch.images.astype(np.float32) / DIGITS_MAX_VALUE
-    y = bunch.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(y)), test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=DIGITS_SPLIT_SEED
-    )
-    return x, y, np.sort(train_idx), np.sort(test_idx)
+    def compute() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        y = bunch.target.astype(np.int64)
+        train_idx, test_idx = sklearn_split(y, DIGITS_SPLIT_SEED, test_size=DIGITS_TEST_FRACTION)
+        return {"x": bunch.images.astype(np.float32) / DIGITS_MAX_VALUE, "y": y, "train": train_idx, "test": test_idx}
+
+    kept = memoized("digits", (DIGITS_MAX_VALUE, DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, sklearn_version()), compute)
+    return kept["x"], kept["y"], kept["train"], kept["test"]
 
 
 def digits_normalisation() -> tuple[float, float]:

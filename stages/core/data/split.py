@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from stages.core.data.memo import memoized, sklearn_version
 from stages.core.data.spec import DataError
 
 
@@ -14,7 +15,6 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     """
     labels = np.asarray(labels)
     n = len(labels)
-    positions = np.arange(n)
     num_classes = len(np.unique(labels))
     n_val = int(round(val_fraction * n))
     # sklearn refuses a stratified split whose either side cannot hold one sample per class.
@@ -26,10 +26,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     counts = np.bincount(np.unique(labels, return_inverse=True)[1])
     if counts.min() < 2:
         raise DataError(f"cannot stratify: a class has only {counts.min()} sample(s); every class needs >= 2")
-    from sklearn.model_selection import train_test_split  # here: sklearn costs a second to import
-
-    train_idx, val_idx = train_test_split(positions, test_size=n_val, stratify=labels, random_state=seed, shuffle=True)
-    return np.sort(train_idx), np.sort(val_idx)
+    return sklearn_split(labels, seed, test_size=n_val)
 
 
 def stratified_subset(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
@@ -44,7 +41,21 @@ def stratified_subset(labels: np.ndarray, size: int | None, seed: int) -> np.nda
     counts = np.bincount(np.unique(labels, return_inverse=True)[1])
     if counts.min() < 2:
         raise DataError(f"cannot stratify a subset: a class has only {counts.min()} sample(s); every class needs >= 2")
-    from sklearn.model_selection import train_test_split
+    keep, _ = sklearn_split(labels, seed, train_size=size)
+    return keep
 
-    keep, _ = train_test_split(np.arange(n), train_size=size, stratify=labels, random_state=seed, shuffle=True)
-    return np.sort(keep)
+
+def sklearn_split(labels: np.ndarray, seed: int, **size: float | int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's stratified, shuffled `train_test_split` of positions 0..N-1: both parts, sorted.
+    Kept on disk (`memo`): every process of a study asks for the same splits, and sklearn costs a
+    second of CPU to import."""
+    labels = np.asarray(labels)
+
+    def compute() -> dict[str, np.ndarray]:
+        from sklearn.model_selection import train_test_split
+
+        first, second = train_test_split(np.arange(len(labels)), stratify=labels, random_state=seed, shuffle=True, **size)
+        return {"first": np.sort(first), "second": np.sort(second)}
+
+    kept = memoized("split", (labels, seed, sorted(size.items()), sklearn_version()), compute)
+    return kept["first"], kept["second"]
