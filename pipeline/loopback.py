@@ -11,6 +11,7 @@ addresses (nothing is set). The MLflow server a run starts listens on 127.0.0.1 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # on Linux too: node address = loopback
@@ -25,3 +26,10 @@ def use_loopback() -> None:
         raise RuntimeError("use_loopback() must run before ray is imported")
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def free_loopback_port() -> int:
+    """A port free on 127.0.0.1 now (another process may take it before it is bound: check after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -27,6 +27,7 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.execute import NodeResult, RunContext, cached_result, execute_node
 from pipeline.stage import RunSettings, Stage, get_stage
 from pipeline.graph import Graph, Node, build_graph
+from pipeline.loopback import free_loopback_port
 from pipeline.resolve import check_start, preflight
 from pipeline.spec import SpecError, StudySpec, spec_to_yaml
 from stages.core import faults
@@ -90,6 +91,30 @@ def local_env() -> dict[str, str]:
     }
 
 
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients look first
+
+
+def init_local_ray(env: dict[str, str], **init: Any) -> Any:
+    """`ray.init` of a local Ray whose processes know where its state API is: its dashboard, on a
+    loopback port chosen here and named in every process's environment.
+
+    Ray Train's placement-group cleaner asks the state API whether a run's controller is alive.
+    Without an address it looks for Ray on the machine (`ray start`'s address file, then raylet
+    processes) and gives up when it finds two: a second study, a `ray start` cluster. The
+    placement groups of a run whose controller died (a trial ASHA stopped, a killed worker) then
+    keep their CPUs until Ray stops, and the next phase that needs them waits forever."""
+    ctx = None
+    for _ in range(3):
+        port = free_loopback_port()
+        ctx = ray.init(runtime_env={"env_vars": {**env, STATE_API_ENV: f"http://127.0.0.1:{port}"}},
+                       include_dashboard=True, dashboard_port=port, **init)
+        url = ctx.dashboard_url or ""
+        if not url or url.rsplit(":", 1)[-1] == str(port):
+            return ctx
+        ray.shutdown()  # another process bound the port first: the address would name its server
+    return ctx
+
+
 def storage_path(spec: StudySpec) -> str:
     p = spec.tracking.storage_path or DEFAULT_STORAGE
     return p if "://" in p else str(Path(p).resolve())
@@ -128,9 +153,12 @@ def ensure_ray(address: str | None, ray_logs: bool = False) -> bool:
     # it, the workers' resources of a trial that Tune stops (ASHA) are never given back.
     if not address:  # a local Ray's default token auth is right; its notice about it is not progress
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    common: dict[str, Any] = dict(logging_level=logging.WARNING, configure_logging=False, log_to_driver=ray_logs)
     try:
-        ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=True,
-                 logging_level=logging.WARNING, configure_logging=False, log_to_driver=ray_logs)
+        if address:  # a cluster's nodes each know their Ray (`ray start` writes its address)
+            ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=True, **common)
+        else:
+            init_local_ray(env, **common)
     except (ConnectionError, RuntimeError) as e:
         if not address:
             raise

@@ -28,6 +28,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from pipeline.locks import file_lock
+from pipeline.loopback import free_loopback_port
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,6 @@ def resolve_uri(cli_uri: str | None, spec_uri: str | None) -> str:
     elif "://" not in uri:  # a bare folder means a file store
         uri = Path(uri).resolve().as_uri()
     return uri
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float, log_path: Path) -> None:
@@ -181,7 +176,7 @@ def serve_store(uri: str, artifacts_dir: Path | None = None, port: int | None = 
     db = Path(uri[len("sqlite:///"):])
     artifacts = (artifacts_dir or db.parent / DEFAULT_ARTIFACTS).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
+    port = port or free_loopback_port()
     fd, name = tempfile.mkstemp(prefix=f"exitflow-mlflow-{port}-", suffix=".log")
     log_path = Path(name)
     cmd = [

@@ -43,12 +43,14 @@ def ray_session() -> Iterator[None]:
     """One local Ray for the whole suite: 4 logical CPUs so a Tune trial + Train workers never deadlock."""
     import ray
 
-    from pipeline.runner import local_env
+    from pipeline.runner import init_local_ray, local_env
 
     env = local_env()
     os.environ.update(env)
-    # The dashboard (state API) as in `exitflow run`: Train's cleanup of stopped trials needs it.
-    ctx = ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": env}, logging_level="WARNING")
+    # As `exitflow run` starts one: its dashboard serves the state API that Train's cleanup of stopped
+    # trials asks, at an address every process of the session knows (the own_ray group's clusters
+    # run beside it on this machine).
+    ctx = init_local_ray(env, num_cpus=4, logging_level="WARNING")
     _DASHBOARD.append(f"http://{ctx.dashboard_url}")
     yield
     ray.shutdown()
