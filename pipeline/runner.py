@@ -206,6 +206,21 @@ def _node_task(ctx: RunContext, node: Node, stage: Stage, *inputs: NodeResult) -
     return execute_node(ctx, node, list(inputs), stage)
 
 
+def task_name(node_id: str) -> str:
+    return f"exitflow:{node_id}"
+
+
+def node_task(node_id: str) -> Any:
+    """The Ray task that runs one node, named after it: Ray's own notices name a task by its
+    function ("Task exitflow:seed0/P1 failed. There are 1 retries remaining"), not by its name."""
+
+    def task(ctx: RunContext, node: Node, stage: Stage, *inputs: NodeResult) -> NodeResult:
+        return _node_task(ctx, node, stage, *inputs)
+
+    task.__name__ = task.__qualname__ = task_name(node_id)
+    return ray.remote(num_cpus=0)(task)
+
+
 def _recover_zombies(c: Any, experiment_id: str) -> list[str]:
     """Runs left RUNNING by dead processes of this host -> KILLED (pipeline) or FAILED (stages, trials).
 
@@ -361,7 +376,6 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
                flush: Callable[[], None]) -> None:
     """Start each node once its inputs are done; a node downstream of a failure is skipped, not run.
     `flush` prints the lines the nodes posted so far: a node's own lines come before its verdict."""
-    task = ray.remote(num_cpus=0)(_node_task)
     waiting = list(to_run)  # topological order
     pending: dict[Any, str] = {}
     admission = Admission(enabled=ctx.settings.admission)
@@ -385,7 +399,7 @@ def _run_tasks(graph: Graph, to_run: list[str], ctx: RunContext, inputs: dict[st
                     told.add(nid)
                     continue
                 admission.admit(nid, need)
-                ref = task.options(name=f"exitflow:{nid}", max_retries=stage.retries(node, ctx.settings),
+                ref = node_task(nid).options(name=task_name(nid), max_retries=stage.retries(node, ctx.settings),
                                    **task_resources(stage, node, ctx.settings)).remote(
                     ctx, node, stage, *[inputs[i] for i in node.inputs])
                 pending[ref] = nid

@@ -353,6 +353,8 @@ def test_every_kill_then_a_rerun_recovers(matrix: Matrix, moment: str, target: s
     assert "(raylet)" not in cell.first.stdout + cell.rerun.stdout
     if target == "worker":  # each worker run kills node tasks' processes
         assert "ray: A worker died" in cell.first.stderr, cell.first.stderr[-3000:]
+        # and Ray's notice of the retry names the node (Ray names a task by its function)
+        assert "ray: Task exitflow:" in cell.first.stderr and "_node_task" not in cell.first.stderr, cell.first.stderr[-3000:]
     # 5. every search state a kill leaves is resumed, never set aside for a fresh start
     assert "cannot resume its saved state" not in cell.first.stderr + cell.rerun.stderr
 

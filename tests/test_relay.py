@@ -19,13 +19,13 @@ WORKER_DIED = (
     "Worker IP address: 127.0.0.1 Worker port: 43561 Worker PID: 2397 Worker exit type: SYSTEM_ERROR Worker exit "
     "detail: Worker unexpectedly exits with a connection error code 2. End of file. Some common causes include: (1) ..."
 )
-RETRIED = "Task _node_task failed. There are 1 retries remaining, so the task will be retried. Error: \nTraceback (most recent call last):\n  ..."
+RETRIED = "Task exitflow:seed0/disjoint/evaluate failed. There are 1 retries remaining, so the task will be retried. Error: \nTraceback (most recent call last):\n  ..."
 
 
 def test_a_notice_keeps_its_opening_sentences_and_the_pid_not_the_ids() -> None:
     assert ray_notice(WORKER_DIED) == ("ray: A worker died or was killed while executing a task by an unexpected system "
                                        "error. To troubleshoot the problem, check the logs for the dead worker. (worker pid 2397)")
-    assert ray_notice(RETRIED) == "ray: Task _node_task failed. There are 1 retries remaining, so the task will be retried."
+    assert ray_notice(RETRIED) == "ray: Task exitflow:seed0/disjoint/evaluate failed. There are 1 retries remaining, so the task will be retried."
     assert ray_notice("\x1b[33mNode lost.\x1b[0m") == "ray: Node lost."
     assert ray_notice("  \n") == ""
     assert len(ray_notice("x" * 1000)) == len("ray: ") + 200
