@@ -8,7 +8,6 @@ import pty
 import re
 import select
 import signal
-import socket
 import struct
 import subprocess
 import termios
@@ -85,9 +84,9 @@ def is_loopback(ip: str) -> bool:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing holds now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from pipeline.loopback import free_loopback_port
+
+    return free_loopback_port()
 
 
 def descendants(pid: int) -> set[int]:

@@ -224,11 +224,9 @@ def test_plan_example_runs_nothing(cwd: Path) -> None:
 
 
 def _closed_port() -> int:
-    import socket
+    from pipeline.loopback import free_loopback_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # free once closed: nothing listens there
+    return free_loopback_port()  # free once closed: nothing listens there
 
 
 @pytest.mark.parametrize(("address", "expected"), [
