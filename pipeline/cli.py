@@ -72,6 +72,8 @@ def plan(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None) -> Non
         raise _fail(f"exitflow: tracking store: {e}") from None
     cached = sum(p.cached_run is not None for p in planned)
     typer.echo(f"study {study.name}: {len(planned)} nodes, {cached} cached, {len(planned) - cached} to run")
+    for line in _data_lines(graph):
+        typer.echo(line)
     for p in planned:
         n = p.node
         state = f"cached ({p.cached_run})" if p.cached_run else "to run"
@@ -80,6 +82,22 @@ def plan(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None) -> Non
     typer.echo("edges:")
     for src, dst in graph.edges():
         typer.echo(f"  {src} -> {dst}")
+
+
+def _data_lines(graph: Any) -> list[str]:
+    """`data: ...` for each data set the study's nodes read: its digest (what their keys hold) and what
+    computing it cost in the pre-flight (identified once per process: this reads it back)."""
+    from pipeline.resolve import data_identity
+    from stages.core.data import DataError
+
+    read = {(d.name, d.root): d for n in graph.nodes.values() if (d := getattr(n.config, "data", None)) is not None}
+    lines = []
+    for data in read.values():
+        try:
+            lines.append(f"data: {data_identity(data).describe()}")
+        except (DataError, OSError) as e:  # a comparison's other data set, unreadable here
+            lines.append(f"data: {data.name} {data.root}: not identified ({e})")
+    return lines
 
 
 @app.command()

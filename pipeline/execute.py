@@ -145,6 +145,7 @@ def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult], stage: S
         run_id = tracking.start_run(c, ctx.experiment_id, node.id, tags, ctx.parent_run_id)
         try:
             tracking.log_params(c, run_id, stage.params(node))  # what the run is, before it runs
+            _log_data(c, run_id, node)
             with tempfile.TemporaryDirectory() as d:
                 stage_inputs = [InputRun(r.node_id, r.run_id, r.summary, ctx.tracking_uri, stage.reads, stage.kind) for r in inputs]
                 out = stage.run(node, stage_inputs, NodeContext(ctx, node, run_id, Path(d)))  # type: ignore[arg-type]
@@ -157,6 +158,18 @@ def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult], stage: S
             raise
         tracking.end_run(c, run_id, "FINISHED")
     return NodeResult(node.id, node.key, run_id, False, time.monotonic() - start, out.summary)
+
+
+# What a stage reads its data for, as MLflow's dataset context says it (others: their stage family)
+DATA_CONTEXT = {"train": "training", "tune": "training", "evaluate": "evaluation", "analyze": "analysis"}
+
+
+def _log_data(c: Any, run_id: str, node: Node) -> None:
+    """A node whose config holds a data set reads it: its run records that data's identity as an input."""
+    data = getattr(node.config, "data", None)
+    if data is not None and getattr(data, "identity", ""):
+        family = node.kind.partition(".")[0]
+        tracking.log_data_input(c, run_id, data, DATA_CONTEXT.get(family, family))
 
 
 def _store(c: Any, store: ArtifactStore, run_id: str, stage: Stage, out: StageResult) -> None:

@@ -88,6 +88,9 @@ def _keyed(kind: str, config: Any) -> dict[str, Any]:
     if not (dataclasses.is_dataclass(config) and not isinstance(config, type) and config.__dataclass_params__.frozen):  # type: ignore[attr-defined]
         raise TypeError(f"a {kind} node's config must be a frozen dataclass, got {type(config).__name__}")
     out = dataclasses.asdict(config)
+    data = out.get("data")
+    if isinstance(data, dict) and data.get("identity") == "":  # its root is unkeyed: the content must be keyed
+        raise ValueError(f"a {kind} node's data has no identity: build its DataSpec with pipeline.resolve.data_spec")
     for section, name in get_stage(kind).unkeyed:
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if k != name}
@@ -148,7 +151,8 @@ def build_graph(spec: StudySpec) -> Graph:
         Node(
             id="report",
             kind="report",
-            config=ReportConfig(budgets=tuple(ev.budgets), budget_rule=ev.budget_rule, criteria=criteria,
+            config=ReportConfig(budgets=tuple(ev.budgets), budget_rule=ev.budget_rule, seed_averaging=ev.seed_averaging,
+                                thresholds=ev.thresholds, threshold_spacing=ev.threshold_spacing, criteria=criteria,
                                 regimes=tuple(spec.regimes), seeds=tuple(spec.seeds), rows=rows,
                                 axes=tuple((axis, tuple(axis_label(((axis, v),)) for v in values)) for axis, values in spec.compare.items())),
             inputs=tuple(dict.fromkeys(row[0] for row in rows)),

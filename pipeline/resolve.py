@@ -7,6 +7,7 @@ Ray starts or anything is written to the tracking store.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -14,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stages.core.data import DataSpec, DatasetInfo, check_dataset
+from stages.core.data import DataError, DataSpec, DatasetInfo, check_dataset
+from stages.core.data.identity import DataIdentity, identify, unread_identity
 from stages.core.loop import PhaseConfig
 from stages.core.nets import NetChoice, NetSpec, create_net
 from stages.core.nets.pretrained import Pretrained
@@ -24,8 +26,35 @@ from stages.core.nets.start import StartWeights, backbone_weights, start_reader
 from pipeline.spec import SpecError, StudySpec
 
 
+# Each data set's identity, per (name, root), for this process: the driver's pre-flight computes it
+# again before every plan and run (cheap: kept file hashes), every node's config then reads it here.
+_IDENTITIES: dict[tuple[str, str | None], DataIdentity] = {}
+
+
 def data_spec(spec: StudySpec) -> DataSpec:
+    """The study's DataSpec with its content identity, which the cache keys hold instead of its root."""
+    data = _data_section(spec)
+    return dataclasses.replace(data, identity=_identity_or_unread(data))
+
+
+def _data_section(spec: StudySpec) -> DataSpec:
     return DataSpec.from_dict(spec.data.model_dump(mode="json"))
+
+
+def data_identity(data: DataSpec, refresh: bool = False) -> DataIdentity:
+    """The digest of `data`'s files, computed once per process (`refresh`: again, as the pre-flight
+    does); a DataError when they cannot be read."""
+    where = (data.name, data.root)
+    if refresh or where not in _IDENTITIES:
+        _IDENTITIES[where] = identify(data)
+    return _IDENTITIES[where]
+
+
+def _identity_or_unread(data: DataSpec) -> str:
+    try:
+        return data_identity(data).digest
+    except (DataError, OSError):  # no data here (a graph built without the pre-flight): its path stands in
+        return unread_identity(data)
 
 
 def net_choice(spec: StudySpec) -> NetChoice:
@@ -101,7 +130,9 @@ def phase_config(spec: StudySpec, phase: str) -> PhaseConfig:
 def preflight(spec: StudySpec) -> tuple[DatasetInfo, NetSpec]:
     """Check the data and build the net once on CPU; raise SpecError naming the field."""
     try:
-        info = check_dataset(data_spec(spec))
+        data = _data_section(spec)
+        info = check_dataset(data)
+        data_identity(data, refresh=True)  # after the check: a download it allowed is there now
     except (ValueError, OSError) as e:  # OSError: an unreadable file or folder
         raise SpecError(f"data: {e}") from None
     try:

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from stages.core.analysis.mutual_information import estimator_setting as _mi_setting
 from stages.core.augment import Augmentations as _CoreAugmentations
 from stages.core.allowed import (
     DATASET_NAMES,
@@ -37,7 +38,8 @@ from stages.core.allowed import (
     VAL_FRACTION_BOUNDS,
     pretrained_source,
 )
-from stages.core.phase_config import LossWeighting, OptimizerName, Schedule
+from stages.core.budgets import DEFAULT_BUDGETS, NAMED_BUDGETS, BudgetRule, SeedAveraging
+from stages.core.phase_config import LossReduction, LossWeighting, OptimizerName, Schedule
 from stages.core.phase_config import PhaseConfig as _CorePhase
 
 Regime = Literal["joint", "disjoint", "mixed"]
@@ -201,11 +203,17 @@ LrSpec = Annotated[
 
 
 def _budget_kind(v: Any) -> str:
-    return "budget=max" if isinstance(v, str) and v.strip() == "max" else "budget=number"
+    """A word is a named budget (an unknown one is told the names); anything else must be a number."""
+    if isinstance(v, str):
+        try:
+            float(v)
+        except ValueError:
+            return "budget=name"
+    return "budget=number"
 
 
 Budget = Annotated[
-    Union[Annotated[Float, Tag("budget=number")], Annotated[Literal["max"], Tag("budget=max")]],
+    Union[Annotated[Float, Tag("budget=number")], Annotated[Literal["max", "best_on_test"], Tag("budget=name")]],
     Discriminator(_budget_kind),
 ]
 
@@ -232,6 +240,7 @@ class PhaseConfig(_Model):
     grad_clip: Float | None = Field(_PHASE_DEFAULTS["grad_clip"], gt=0.0)
     loss_weighting: LossWeighting = _PHASE_DEFAULTS["loss_weighting"]
     kaya_epochs: Int | None = Field(_PHASE_DEFAULTS["kaya_epochs"], ge=1)  # "kaya": epochs to the IC weights' caps; None: max_epochs
+    loss_reduction: LossReduction = _PHASE_DEFAULTS["loss_reduction"]  # mean: weighted exit losses / E (the paper's); sum
     label_smoothing: Float = Field(_PHASE_DEFAULTS["label_smoothing"], ge=0.0, lt=1.0)
     bf16: bool = _PHASE_DEFAULTS["bf16"]  # bf16 autocast (CUDA only; a no-op on CPU)
     channels_last: bool = _PHASE_DEFAULTS["channels_last"]  # NHWC memory format for conv nets on CUDA
@@ -290,13 +299,18 @@ class SearchConfig(_Model):
 class EvaluationConfig(_Model):
     criteria: list[str] = Field(default_factory=lambda: ["max_softmax", "entropy"], min_length=1)  # registered in stages.core.evaluation
     thresholds: Int = Field(100, ge=2)
-    # quantile: thresholds where the ICs' confidences are, so the curve covers the FLOPs range
-    # even when confident ICs put every max softmax above 0.99; uniform: evenly spaced
-    threshold_spacing: Literal["quantile", "uniform"] = "quantile"
-    budgets: list[Budget] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, "max"], min_length=1)
+    # uniform: evenly spaced (the paper's); quantile: where the ICs' confidences are, so the curve
+    # covers the FLOPs range even when confident ICs put every max softmax above 0.99
+    threshold_spacing: Literal["uniform", "quantile"] = "uniform"
+    # fractions of the backbone's FLOPs; max: the curve's costliest point (the paper's Max);
+    # best_on_test: its most accurate point, selected on test labels (not the paper's)
+    budgets: list[Budget] = Field(default_factory=lambda: list(DEFAULT_BUDGETS), min_length=1)
     # costliest: the accuracy of the costliest curve point within the budget (the paper's rule);
-    # best: the best accuracy of any point within it
-    budget_rule: Literal["costliest", "best"] = "costliest"
+    # best: the best accuracy of any point within it (selected on test labels)
+    budget_rule: BudgetRule = "costliest"
+    # curve: the seeds' curves averaged threshold by threshold, then read (the paper's); budget:
+    # each seed's curve read, then the readings averaged
+    seed_averaging: SeedAveraging = "curve"
     batch_size: Int = Field(256, ge=1)
 
     @field_validator("criteria")
@@ -313,9 +327,18 @@ class EvaluationConfig(_Model):
     @classmethod
     def _in_range(cls, v: list[Any]) -> list[Any]:
         for b in v:
-            if b != "max" and not (0.0 < float(b) <= 1.0):
-                raise ValueError(f"a budget is a fraction of the backbone's FLOPs in (0, 1] or 'max', got {b!r}")
+            if b not in NAMED_BUDGETS and not (0.0 < float(b) <= 1.0):
+                raise ValueError(f"a budget is a fraction of the backbone's FLOPs in (0, 1] or one of {list(NAMED_BUDGETS)}, "
+                                 f"got {b!r}")
         return v
+
+    @model_validator(mode="after")
+    def _one_grid_for_every_seed(self) -> EvaluationConfig:
+        if self.seed_averaging == "curve" and self.threshold_spacing == "quantile":
+            raise ValueError("seed_averaging 'curve' averages the seeds' curves threshold by threshold, which needs one "
+                             "threshold grid for every seed: use threshold_spacing 'uniform' (the paper's), or "
+                             "seed_averaging 'budget' with quantile spacing")
+        return self
 
 
 class ResourcesConfig(_Model):
@@ -370,8 +393,22 @@ class MutualInformationAnalysis(_Model):
     enabled: bool = False
     split: Literal["train", "test", "val"] = "test"
     samples: Int = Field(500, ge=2)  # N: X is uniform over these images (I <= log N)
-    noise: Float = Field(0.25, gt=0.0)  # the noise's std as a share of the median distance between two samples' representations
-    draws: Int = Field(4, ge=1)  # Monte Carlo noise draws per sample
+    # jensen (the paper's), mc: Kawaguchi et al. 2023's fixed-noise estimator; relative_noise: noise
+    # scaled to each block's median pairwise distance (exitflow's earlier estimator)
+    estimator: Literal["jensen", "mc", "relative_noise"] = "jensen"
+    # Each estimator's own settings. Unset (null): the estimator's default (in parentheses; the stage
+    # fills it in, so a spec's dump carries no default another estimator would refuse, e.g. in
+    # `compare`); set for an estimator that does not read it: refused, never silently ignored.
+    noise_std: Float | None = Field(None, gt=0.0)  # jensen, mc: the noise's std, absolute (1.0)
+    noise: Float | None = Field(None, gt=0.0)  # relative_noise: std as a share of the median distance (0.25)
+    draws: Int | None = Field(None, ge=1)  # mc, relative_noise: noise draws per sample (4)
+
+    @field_validator("noise_std", "noise", "draws")
+    @classmethod
+    def _read_by_the_estimator(cls, v: float | int | None, info: ValidationInfo) -> float | int | None:
+        if "estimator" in info.data:  # absent: the estimator itself is invalid, and its own error says so
+            _mi_setting(info.data["estimator"], info.field_name or "", v)
+        return v
 
 
 class GradientDominanceAnalysis(_Model):
@@ -601,7 +638,7 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid spec:\n" + "\n".join(dict.fromkeys(lines))
 
 
-_UNION_TAGS = {"lr=number", "lr=grid", "lr=preset", "lr=loguniform", "budget=number", "budget=max"}
+_UNION_TAGS = {"lr=number", "lr=grid", "lr=preset", "lr=loguniform", "budget=number", "budget=name"}
 
 
 def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> StudySpec:

@@ -271,6 +271,38 @@ def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, float], step: i
         c.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+DATA_IDENTITY_TAG = "exitflow.data.identity"  # on a run's dataset input: the whole digest its keys hold
+MLFLOW_DIGEST_CHARS = 32  # MLflow keeps at most 36 characters of a dataset's digest
+DIGEST_PREFIX = "sha256:"
+
+
+def log_data_input(c: MlflowClient, run_id: str, data: Any, context: str) -> None:
+    """The data set a stage run read, as its MLflow dataset input: named as the spec names it, its
+    folder as the source, and its content identity (`data.identity`, which the run's key holds) as
+    the digest: its first hex digits there, the whole of it in the input's DATA_IDENTITY_TAG."""
+    import hashlib
+    import warnings
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    identity = data.identity
+    # an identity that is no sha256 (unread data: its path) is hashed into one, to fit MLflow's digest
+    hexdigest = identity.removeprefix(DIGEST_PREFIX) if identity.startswith(DIGEST_PREFIX) else hashlib.sha256(identity.encode()).hexdigest()
+    if data.root:
+        with warnings.catch_warnings():  # MLflow registers its local source twice, and says so
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(data.root)
+    else:  # digits: scikit-learn's bundled copy
+        source = CodeDatasetSource({"loader": "sklearn.datasets.load_digits"})
+    meta = MetaDataset(source, name=data.name, digest=hexdigest[:MLFLOW_DIGEST_CHARS]).to_dict()
+    dataset = Dataset(name=meta["name"], digest=meta["digest"], source_type=meta["source_type"], source=meta["source"])
+    tags = [InputTag("mlflow.data.context", context), InputTag(DATA_IDENTITY_TAG, identity)]
+    c.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+
 def end_run(c: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
     c.set_terminated(run_id, status=status)
 

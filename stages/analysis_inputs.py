@@ -37,10 +37,11 @@ def load_model(model: StageInput, device: str) -> Any:
 
 class ModelAnalysis(Stage):
     """An analysis of trained models: reads their checkpoints, runs where a net runs (a GPU when
-    the study trains on one); the data's download switch is not part of what it computes."""
+    the study trains on one); the data's download switch and its folder (data.identity keys its
+    content) are not part of what it computes."""
 
     reads = (CHECKPOINT,)
-    unkeyed = (("data", "download"),)
+    unkeyed = (("data", "download"), ("data", "root"))
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
         return settings.net_task()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +26,28 @@ import pyarrow.fs
 import torch
 
 STATE_FILE = "state.pt"  # the full resumable state (net, optimizer, schedule, early stopping, history)
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that does not load as tensors and plain values (corrupt, or crafted to run code)."""
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state file, loaded with `weights_only=True`: tensors and plain values only, so
+    a file someone with write access to the storage replaced cannot run code in the process that
+    resumes (the storage of a cluster is shared). Anything else raises UnreadableCheckpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never the advice to follow here
+        raise UnreadableCheckpoint(f"{Path(path).name} holds objects other than tensors and plain values: "
+                                   "refused unread (loading it could run code)") from None
+    except Exception as e:  # noqa: BLE001 - torch's loader raises many types on bytes that are not its format
+        first = (str(e).splitlines() or [""])[0]
+        raise UnreadableCheckpoint(f"{Path(path).name} cannot be read (corrupt, or not a checkpoint): "
+                                   f"{type(e).__name__}: {first}") from None
+    if not isinstance(state, dict):
+        raise UnreadableCheckpoint(f"{Path(path).name} holds a {type(state).__name__}, not a phase's state")
+    return state
 PROGRESS_FILE = "progress.json"  # beside it: history and early stopping, small enough to read for every trial
 KEEP = 2  # whole checkpoints kept per run, as Ray Train is told to keep (CheckpointConfig(num_to_keep=2))
 
@@ -89,7 +112,7 @@ class CheckpointStore:
 
     def load(self, path: str) -> dict[str, Any]:
         with local_copy(path, self.storage_path) as d:
-            return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            return read_state(Path(d) / STATE_FILE)
 
     def save(self, state: dict[str, Any]) -> str:
         """Write a new checkpoint of `state`; returns its path once whole. Older ones beyond KEEP go."""

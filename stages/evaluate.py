@@ -29,7 +29,7 @@ class EvaluateConfig:
     data: DataSpec
     criteria: tuple[str, ...]
     thresholds: int
-    threshold_spacing: str  # quantile | uniform
+    threshold_spacing: str  # uniform (the paper's) | quantile
     batch_size: int
 
 
@@ -39,7 +39,7 @@ class Evaluate(Stage):
     reads = (CHECKPOINT,)
     writes = (EXITS, CURVE)
     code = ("stages.evaluate", "stages.core.evaluate")
-    unkeyed = (("data", "download"),)  # fetching what is missing changes no result
+    unkeyed = (("data", "download"), ("data", "root"))  # fetching changes no result; data.identity keys the content
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
         """The net runs over the test set in the task itself: a worker's CPUs, and its GPU when the study has them."""

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from pipeline.stage import FILES, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage
 from stages.core import faults
+from stages.core.budgets import Readout
 
 if TYPE_CHECKING:
     from pipeline.graph import Node
@@ -33,7 +34,10 @@ class ReportConfig:
     criteria: tuple[str, ...]
     regimes: tuple[str, ...]
     seeds: tuple[int, ...]
-    budget_rule: str = "costliest"  # stages.core.evaluation.budget_accuracy
+    budget_rule: str = "costliest"  # how budgets are read off the curves: stages.core.budgets
+    seed_averaging: str = "curve"
+    thresholds: int = 100  # how the evaluate nodes swept the curves, stated under each table
+    threshold_spacing: str = "uniform"
     # (evaluate node, regime, seed, the variant's `axis=value` per axis) for every variant's model;
     # () when the study compares nothing. One evaluate node may serve several variants (an axis that
     # does not change it). `axes`: (axis, its values as `axis=value`), the first value its baseline.
@@ -72,15 +76,16 @@ class Report(Stage):
         faults.hit(ctx.fault_plan, "report", node=node.id)
         chosen = {r: {p: _one_or_list(v) for p, v in sorted(ph.items())} for r, ph in lrs.items()}
         criteria = list(cfg.criteria)
+        readout = Readout(cfg.thresholds, cfg.threshold_spacing, cfg.budget_rule, cfg.seed_averaging)  # type: ignore[arg-type]
         out = report.run(curves, exits, backbone, list(cfg.budgets), criteria, ctx.workdir, ctx.settings.study_name, chosen, notes,
-                         cfg.budget_rule)
+                         readout)
         budgets, plots, texts = [_tagged(out.budgets, "all")], list(out.plots), [out.text]
         # One table and figure per axis, the other axes at their baseline; a single axis's would
         # repeat the combined table and figure.
         for i, (axis, _) in enumerate(cfg.axes if len(cfg.axes) > 1 else ()):
             others = [a for j, (a, _) in enumerate(cfg.axes) if j != i]
             sub = report.run(_axis_view(curves, cfg, i), _axis_view(exits, cfg, i), backbone, list(cfg.budgets), criteria, ctx.workdir,
-                             f"{ctx.settings.study_name}: {axis}", None, (), cfg.budget_rule, plot_prefix=f"tradeoff_{axis}")
+                             f"{ctx.settings.study_name}: {axis}", None, (), readout, plot_prefix=f"tradeoff_{axis}")
             budgets.append(_tagged(sub.budgets, axis))
             plots += sub.plots
             texts.append(f"comparison axis {axis}" + (f" ({', '.join(others)} at their first value)" if others else "")

@@ -36,7 +36,7 @@ from pipeline.progress_events import publish_epoch
 from pipeline.relay import relayed_progress
 from pipeline.stage import (CHECKPOINT, FILES, NODE_RETRIES, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, TableKind,
                             register_stage)
-from stages.checkpoints import PROGRESS_FILE, STATE_FILE, CheckpointStore, local_copy, write_checkpoint
+from stages.checkpoints import PROGRESS_FILE, STATE_FILE, CheckpointStore, local_copy, read_state, write_checkpoint
 from stages.core import faults
 from stages.core.data import DataSpec, load_splits, make_loader, train_collate
 from stages.core.flops import exit_flops
@@ -52,8 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# data.download only fetches what is missing; a phase never reads the test split
-PHASE_UNKEYED = (("data", "download"), ("data", "test_subset"), ("start", "source"))  # start: its identity is keyed
+# data.download only fetches what is missing; a phase never reads the test split; data.root is where
+# the files are, data.identity (keyed) what they hold; start: its identity is keyed, not its source
+PHASE_UNKEYED = (("data", "download"), ("data", "test_subset"), ("data", "root"), ("start", "source"))
 HISTORY = TableKind("history", "history.parquet", ("epoch", "train_loss", "val_acc_mean", "val_acc_final"))
 GRADIENT_DOMINANCE = TableKind("gradient_dominance", "gradient_dominance.parquet", ("epoch", "exit", "cosine"))
 InitFrom = Callable[[], dict[str, torch.Tensor]]  # loads the input model's state (on the worker)
@@ -189,7 +190,7 @@ class TrainSession:
 
         def load() -> dict[str, Any]:
             with ckpt.as_directory() as d:
-                return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+                return read_state(Path(d) / STATE_FILE)
 
         return _resumable(label, load)
 
@@ -287,8 +288,8 @@ def fit_job(job: PhaseJob, session: WorkerSession) -> None:
     reported = False
 
     def on_step(epoch: int, step: int, steps: int) -> None:
-        if step == steps // 2:
-            faults.hit(job.fault_plan, "train.mid_epoch", **job.fault_context(epoch))
+        if step == steps // 2 and faults.hit(job.fault_plan, "train.mid_epoch", **job.fault_context(epoch)):
+            faults.make_nonfinite(net)  # action=nonfinite: the next step's loss is NaN
 
     def on_epoch(report: EpochReport) -> None:
         nonlocal reported
@@ -375,7 +376,7 @@ def build_trainer(
 
 def outcome_from_checkpoint(path: str | Path) -> PhaseOutcome:
     """Read the phase's result from a checkpoint directory written by `train_worker`."""
-    state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    state = read_state(Path(path) / STATE_FILE)
     return replace(_outcome(state["history"], state["early_stopping"], state["best_state_dict"]), start=state.get("start"),
                    ran_on=state.get("ran_on", ""), ray_nodes=state.get("ray_nodes", []))
 

@@ -143,7 +143,7 @@ def test_the_loss_takes_soft_targets_as_cross_entropy() -> None:
     loss, per_exit = phase_loss(logits, y, "P2", weights, torch.nn.CrossEntropyLoss(), net.method.losses)
     manual = [-(y * torch.log_softmax(z, 1)).sum(1).mean() for z in logits]
     assert torch.allclose(per_exit, torch.stack(manual).detach(), atol=1e-6)
-    assert torch.allclose(loss, (weights * torch.stack(manual)).sum(), atol=1e-6)
+    assert torch.allclose(loss, (weights * torch.stack(manual)).sum() / len(logits), atol=1e-6)  # the mean reduction
 
 
 def test_a_mixing_phase_resumes_exactly() -> None:

@@ -14,14 +14,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from stages.core.evaluation import (
     CRITERIA,
     ExitCriterion,
-    budget_accuracy,
-    budget_table,
     calibration_error,
     collect_logits,
     exit_criterion,
     exit_indices,
     fixed_exit_accuracy,
-    mean_std,
     register_criterion,
     threshold_curve,
 )
@@ -202,19 +199,6 @@ def test_collect_logits() -> None:
     assert torch.allclose(logits[0], net.a(x).detach()) and torch.allclose(logits[1], net.b(x).detach())
 
 
-def test_budget_accuracy_picks_costliest_point_within_budget() -> None:
-    flops = np.array([10.0, 20.0, 30.0, 40.0, 30.0])
-    acc = np.array([0.5, 0.7, 0.6, 0.9, 0.65])
-    assert budget_accuracy(flops, acc, 40.0, 0.5) == 0.7  # <= 20
-    assert budget_accuracy(flops, acc, 40.0, 0.74) == 0.7  # 29.6: 30 does not fit
-    assert budget_accuracy(flops, acc, 40.0, 0.75) == 0.65  # 30 fits; ties -> best of them
-    assert budget_accuracy(flops, acc, 40.0, 1.0) == 0.9
-    assert math.isnan(budget_accuracy(flops, acc, 40.0, 0.2))
-    assert budget_accuracy(flops, acc, 40.0, "max") == 0.9
-    # "max" is the best point anywhere, even above the backbone's cost.
-    assert budget_accuracy([10.0, 50.0], [0.5, 0.95], 40.0, "max") == 0.95
-
-
 def test_calibration_error_by_hand() -> None:
     # 15 bins: 0.95 falls in the top bin (accuracy 1/2), 0.55 in bin 8 (accuracy 1): 2/4 x 0.45 twice
     ece = calibration_error(np.array([0.95, 0.95, 0.55, 0.55]), np.array([1, 0, 1, 1]))
@@ -238,45 +222,6 @@ def test_the_curve_reports_the_calibration_of_the_predictions_it_makes(criterion
         expected = sum(abs(right[bins == b].mean() - top[bins == b].mean()) * (bins == b).mean() for b in set(bins))
         assert curve["ece"][t] == pytest.approx(expected, abs=1e-12)
     assert len(np.unique(np.round(curve["ece"], 9))) > 3  # it moves with the threshold
-
-
-def test_the_best_rule_takes_the_best_point_within_the_budget() -> None:
-    flops = np.array([10.0, 20.0, 30.0, 40.0])
-    acc = np.array([0.5, 0.8, 0.6, 0.9])  # a curve that dips: the costlier point is not the better one
-    assert budget_accuracy(flops, acc, 40.0, 0.75) == 0.6  # the paper's rule: the costliest point (30)
-    assert budget_accuracy(flops, acc, 40.0, 0.75, "best") == 0.8  # the best point under 30
-    assert math.isnan(budget_accuracy(flops, acc, 40.0, 0.2, "best"))
-    assert budget_accuracy(flops, acc, 40.0, "max", "best") == 0.9
-    with pytest.raises(ValueError, match="unknown budget rule 'cheapest'"):
-        budget_accuracy(flops, acc, 40.0, 0.5, "cheapest")  # type: ignore[arg-type]
-
-
-def test_mean_std() -> None:
-    assert mean_std([0.5]) == (0.5, 0.0)
-    mean, std = mean_std([0.1, 0.2, 0.3, 0.4])
-    assert mean == pytest.approx(0.25) and std == pytest.approx(np.std([0.1, 0.2, 0.3, 0.4], ddof=1))
-    assert all(math.isnan(v) for v in mean_std([]))
-
-
-def test_budget_table() -> None:
-    flops = np.array([10.0, 20.0, 30.0, 40.0])
-    curves = {
-        "joint": [(flops, np.array([0.5, 0.6, 0.7, 0.8])), (flops, np.array([0.4, 0.7, 0.7, 0.9]))],
-        "disjoint": [(flops, np.array([0.3, 0.5, 0.6, 0.7]))],
-    }
-    rows = budget_table(curves, backbone_flops=40.0)
-    assert len(rows) == 10
-    assert set(rows[0]) == {"regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds"}
-    by = {(r["regime"], r["budget"]): r for r in rows}
-    assert [r["budget"] for r in rows[:5]] == ["0.25", "0.5", "0.75", "1.0", "max"]
-    assert by["joint", "0.5"]["accuracy_mean"] == pytest.approx(0.65)
-    assert by["joint", "0.5"]["accuracy_std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
-    assert by["joint", "0.5"]["n_seeds"] == 2
-    assert by["joint", "max"]["accuracy_mean"] == pytest.approx(0.85)
-    expected = {"regime": "disjoint", "budget": "0.25", "accuracy_mean": 0.3, "accuracy_std": 0.0, "n_seeds": 1}
-    assert by["disjoint", "0.25"] == expected
-    rows = budget_table(curves, backbone_flops=100.0, budgets=(0.05,))
-    assert all(math.isnan(r["accuracy_mean"]) for r in rows)
 
 
 @pytest.fixture

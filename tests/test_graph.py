@@ -328,7 +328,8 @@ def _code_tree(tmp_path: Path) -> Path:
     [
         ("stages/core/loop.py", "\nLOOP_EDITED = True\n", {"train", "tune"}),
         ("stages/core/nets/heads.py", "\nHEADS_EDITED = True\n", {"train", "tune", "evaluate"}),
-        ("stages/core/evaluation.py", "\nEVAL_EDITED = True\n", {"tune", "evaluate", "report"}),  # via the plots
+        ("stages/core/evaluation.py", "\nEVAL_EDITED = True\n", {"evaluate"}),
+        ("stages/core/budgets.py", "\nBUDGETS_EDITED = True\n", {"tune", "report"}),  # via the plots' labels
         ("stages/core/report_plots.py", "\nPLOTS_EDITED = True\n", {"tune", "report"}),  # tune draws lr_search.png
         ("stages/core/report.py", "\nREPORT_EDITED = True\n", {"report"}),
         ("stages/core/loop.py", "\n# a comment changes nothing\n", set()),
@@ -396,8 +397,11 @@ def test_evaluate_tasks_and_in_process_phases_hold_a_workers_cpus_and_its_gpu_ot
 # The analyses are on: rank reads P1's, mixed's and joint's models; a landscape each final model.
 RULE_BASE = ["data.root=/data/here", "phases.P2.lr=[1e-3, 1e-2]", "analyses.rank.enabled=true", "analyses.landscape.enabled=true",
              "analyses.mutual_information.enabled=true", "analyses.gradient_dominance.enabled=true",
-             "analyses.connectivity.enabled=true"]
+             "analyses.connectivity.enabled=true", "evaluation.seed_averaging=budget"]  # so that quantile spacing is valid
 _MI = {"seed0/analyze/mutual_information"}  # reads the same models as rank
+# A field only some settings read is tried on top of RULE_BASE and these (the MI estimators' own settings).
+RULE_BASE_FOR: dict[str, list[str]] = {"analyses.mutual_information.noise": ["analyses.mutual_information.estimator=relative_noise"],
+                                       "analyses.mutual_information.draws": ["analyses.mutual_information.estimator=mc"]}
 _RANK = {"seed0/analyze/rank", *_MI}
 _LAND = {f"seed0/{r}/analyze/landscape" for r in ("joint", "disjoint", "mixed")}
 _CONN = {"seed0/analyze/connectivity"}  # reads every regime's final model
@@ -414,6 +418,7 @@ _PHASE_FIELDS = {  # every phase field, its changed value (each phase's own node
     "optimizer": "sgd", "lr": "0.01", "momentum": "0.5", "nesterov": "true", "weight_decay": "0.1",
     "batch_size": "32", "max_epochs": "3", "patience": "2", "schedule": "step", "warmup_epochs": "1",
     "grad_clip": "1.0", "loss_weighting": "kaya", "label_smoothing": "0.1", "bf16": "true", "channels_last": "true",
+    "loss_reduction": "sum",
     "step_epochs": "5", "step_gamma": "0.5", "kaya_epochs": "3",  # read by the loop whatever the schedule: keyed
     # L2W's settings: in the phase's config whatever its loss_weighting, so keyed like kaya_epochs
     "l2w_epsilon": "0.2", "l2w_target_p": "0.5", "l2w_hidden": "64", "l2w_meta_lr": "0.001",
@@ -428,7 +433,9 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     # a comparison axis adds variants (new ids); of the nodes every variant shares, only the report changes
     "compare": ("{phases.P3.loss_weighting: [uniform, kaya]}", _REPORT),
     "data.name": ("cifar10", _ALL),
-    "data.root": ("/data/elsewhere", _ALL),
+    # where the files are is not what they hold: the keys hold data.identity, the content's digest (digits:
+    # scikit-learn's file, whatever the root); a moved folder keys the same (tests/test_data_identity.py)
+    "data.root": ("/data/elsewhere", _NONE),
     "data.val_fraction": ("0.2", _ALL),
     "data.augment": ("false", _ALL),
     # the paper's extra augmentations: the train split's, so every phase (and all that reads a model)
@@ -466,9 +473,10 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "search.max_concurrent_trials": ("8", _NONE),
     "evaluation.criteria": ("[entropy]", _EVAL),
     "evaluation.thresholds": ("20", _EVAL),
-    "evaluation.threshold_spacing": ("uniform", _EVAL),
+    "evaluation.threshold_spacing": ("quantile", _EVAL),  # the report states the spacing under its tables
     "evaluation.budgets": ("[0.5, max]", _REPORT),
     "evaluation.budget_rule": ("best", _REPORT),
+    "evaluation.seed_averaging": ("curve", _REPORT),
     "evaluation.batch_size": ("64", _EVAL),
     "analyses.rank.enabled": ("false", _NONE),  # the rank node goes; no other node changes
     "analyses.rank.split": ("val", _RANK - _MI),
@@ -480,6 +488,9 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
     "analyses.mutual_information.enabled": ("false", _NONE),
     "analyses.mutual_information.split": ("val", _MI),
     "analyses.mutual_information.samples": ("100", _MI),
+    "analyses.mutual_information.estimator": ("mc", _MI),
+    "analyses.mutual_information.noise_std": ("0.5", _MI),
+    # read by other estimators than the default (jensen), which refuses them: tried with one that reads them
     "analyses.mutual_information.noise": ("0.5", _MI),
     "analyses.mutual_information.draws": ("2", _MI),
     "analyses.landscape.enabled": ("false", _NONE),
@@ -527,6 +538,7 @@ def test_every_spec_field_has_a_key_rule() -> None:
 @pytest.mark.parametrize("field", sorted(KEY_RULES))
 def test_a_field_changes_the_keys_of_exactly_the_nodes_that_depend_on_it(field: str) -> None:
     value, expected = KEY_RULES[field]
-    before, after = _graph(*RULE_BASE), _graph(*RULE_BASE, f"{field}={value}")
+    base = [*RULE_BASE, *RULE_BASE_FOR.get(field, [])]
+    before, after = _graph(*base), _graph(*base, f"{field}={value}")
     common = set(before.nodes) & set(after.nodes)
     assert {n for n in common if before.nodes[n].key != after.nodes[n].key} == expected

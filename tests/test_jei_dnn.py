@@ -12,10 +12,16 @@ import pytest
 import torch
 
 from stages.core.data import make_loader
-from stages.core.evaluation import CRITERIA, collect_logits, curve_at_exits, top_probability
+from stages.core.evaluation import CRITERIA, calibration_error, collect_logits, curve_at_exits, top_probability
 from stages.core.loop import PhaseConfig, fit_phase, seed_everything
 from stages.core.nets import NetSpec, create_net
+from stages.core.evaluation import equal_mass_calibration_error as equal_mass_ece
 from stages.core.nets.jei_dnn import LAMBDAS, ExitGates, fit_gates, gate_exits, gate_features, gate_points, gate_targets
+
+
+def gate_curve_ece(logits: torch.Tensor, labels: torch.Tensor, exits: np.ndarray) -> np.ndarray:
+    """The gates curve's `ece_equal_mass`, as the evaluate stage computes it."""
+    return curve_at_exits(logits, labels, np.ones(logits.shape[0]), exits, equal_mass=True)["ece_equal_mass"]
 from stages.core.nets.methods import METHODS, method_curves
 from stages.core.phases import prepare_phase
 
@@ -202,3 +208,64 @@ def test_dynamic_inference_by_the_gates_takes_the_exits_the_gates_curve_counts()
     sdn = create_net(NetSpec(**{**SPEC.__dict__, "method": "sdn"}))
     with pytest.raises(ValueError, match="gates"):
         EarlyExitClassifier(sdn, 0.1, "gates")  # not a criterion, and SDN has no such curve
+
+
+# Six samples: confidences and whether each prediction is right, for the hand computations below.
+CONF = np.array([0.9, 0.6, 0.8, 0.95, 0.5, 0.7])
+HIT = np.array([1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+
+
+def test_equal_mass_ece_bins_at_the_confidences_quantiles_by_hand() -> None:
+    """3 equal-mass bins: edges at the 1/3 and 2/3 quantiles of (0.5, 0.6, 0.7, 0.8, 0.9, 0.95), by
+    linear interpolation 0.6 + 2/3 x 0.1 and 0.8 + 1/3 x 0.1; two samples in each bin."""
+    bins = {(0.5, 0.6): (1, 0), (0.7, 0.8): (0, 1), (0.9, 0.95): (1, 1)}  # the bin's confidences: its hits
+    expected = sum(abs(np.mean(h) - np.mean(c)) * len(c) / 6 for c, h in bins.items())
+    assert math.isclose(expected, 0.125)
+    assert math.isclose(equal_mass_ece(CONF, HIT, bins=3), 0.125)
+    # the house's equal-width bins put 0.5 and 0.6 in [1/3, 2/3), the other four in [2/3, 1]: another number
+    assert math.isclose(calibration_error(CONF, HIT, bins=3), (abs(0.5 - 0.55) * 2 + abs(0.75 - 0.8375) * 4) / 6)
+    # rows are independent: a stack of rows gives each row's own ECE
+    np.testing.assert_allclose(equal_mass_ece(np.stack([CONF, CONF[::-1]]), np.stack([HIT, HIT[::-1]]), bins=3), [0.125, 0.125])
+
+
+def test_equal_mass_ece_puts_a_tie_at_an_edge_in_the_lower_bin() -> None:
+    """The median of (0.2, 0.4, 0.4, 0.4, 0.6, 0.8) is 0.4: every 0.4 joins the first bin (p <= edge),
+    which holds four samples, the second two."""
+    conf, hit = np.array([0.2, 0.4, 0.4, 0.4, 0.6, 0.8]), np.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    expected = abs(0.5 - 0.35) * 4 / 6 + abs(1.0 - 0.7) * 2 / 6
+    assert math.isclose(equal_mass_ece(conf, hit, bins=2), expected) and math.isclose(expected, 0.2)
+
+
+def test_equal_mass_ece_per_batch_is_the_size_weighted_mean_of_each_batchs_own() -> None:
+    """Batches of 4: (0.9, 0.6, 0.8, 0.95) with its median 0.85 -> |0.5 - 0.7| / 2 + |1 - 0.925| / 2;
+    then (0.5, 0.7), one sample a bin -> |1 - 0.5| / 2 + |0 - 0.7| / 2; weighted 4/6 and 2/6."""
+    first, second = 0.2 / 2 + 0.075 / 2, 0.5 / 2 + 0.7 / 2
+    assert math.isclose(equal_mass_ece(CONF, HIT, bins=2, batch=4), first * 4 / 6 + second * 2 / 6)
+    assert math.isclose(equal_mass_ece(CONF, HIT, bins=2, batch=6), equal_mass_ece(CONF, HIT, bins=2))
+
+
+def test_the_gates_curve_ece_bins_the_taken_exits_top_softmax_in_15_equal_mass_bins() -> None:
+    """Logits that are log-probabilities: the taken exit's top softmax probability is known by hand.
+    30 samples, two per bin at 15 bins; lambda 0 takes the final exit, lambda 1 IC 0 for the first half."""
+    n = 30
+    top0, top1 = np.linspace(0.40, 0.98, n), np.linspace(0.35, 0.99, n)[::-1]  # each exit's top probability
+
+    def logits_of(top: np.ndarray, predicted: np.ndarray) -> torch.Tensor:
+        probs = np.repeat(((1 - top) / 2)[:, None], 3, axis=1)
+        probs[np.arange(n), predicted] = top
+        return torch.tensor(np.log(probs))
+
+    predicted0, predicted1 = np.arange(n) % 3, np.zeros(n, dtype=np.int64)
+    logits = torch.stack([logits_of(top0, predicted0), logits_of(top1, predicted1)])  # [E = 2, N, C]
+    labels = torch.tensor(np.where(np.arange(n) % 4 == 0, 1, 0))
+    exits = np.stack([np.ones(n, dtype=np.int64), (np.arange(n) >= n // 2).astype(np.int64)])  # [L = 2, N]
+    hit = np.stack([predicted0, predicted1]) == labels.numpy()[None]
+    top = np.stack([top0, top1])
+    for row in range(2):
+        taken = exits[row]
+        conf, right = top[taken, np.arange(n)], hit[taken, np.arange(n)].astype(np.float64)
+        order = np.argsort(conf)  # distinct confidences: 15 bins of two, the lowest pair first
+        expected = sum(abs(right[order[i : i + 2]].mean() - conf[order[i : i + 2]].mean()) * 2 / n for i in range(0, n, 2))
+        got = gate_curve_ece(logits, labels, exits)
+        assert math.isclose(got[row], expected, rel_tol=1e-9), row
+        assert not math.isclose(got[row], calibration_error(conf, right)), row  # not the house's equal-width ECE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from stages.core.data import Splits, make_loader
+from stages.core.faults import hit, make_nonfinite, parse_plan
 from stages.core.loop import (
     EarlyStopping,
     EpochReport,
@@ -293,13 +295,22 @@ def test_regime_learns_digits(regime: str, digits: Splits, p1_state: dict[str, T
         assert accuracy[-1] == p1_accuracy[-1]  # P3 cannot touch the final exit
 
 
-def test_a_non_finite_loss_stops_the_phase_and_says_where(digits: Splits) -> None:
-    cfg = PhaseConfig(optimizer="sgd", lr=1e4, batch_size=64, max_epochs=5, patience=6, schedule="none")
-    result, reports = _fit(digits_net(0), "P2", cfg, digits, size=256)
+def test_a_non_finite_loss_stops_the_phase_and_says_where(digits: Splits, tmp_path: Path) -> None:
+    # The fault hook's `nonfinite` action spoils the weights after epoch 1's step 2 (of 4: 256 samples),
+    # so step 3's loss is NaN on every machine: no reliance on when a huge lr happens to blow up.
+    plan = parse_plan(f"point=train.mid_epoch,action=nonfinite,epoch=1,marker={tmp_path / 'fired'}")
+    net = digits_net(0)
+
+    def on_step(epoch: int, step: int, steps: int) -> None:
+        if step == steps // 2 and hit(plan, "train.mid_epoch", epoch=epoch):
+            make_nonfinite(net)
+
+    cfg = PhaseConfig(optimizer="sgd", lr=0.05, batch_size=64, max_epochs=5, patience=6, schedule="none")
+    result, reports = _fit(net, "P2", cfg, digits, size=256, on_step=on_step)
     last = reports[-1].metrics
     epoch, step = int(last["epoch"]), int(last["nonfinite_step"])
-    assert epoch < 4 and 0 <= step < 4  # 256 samples: 4 steps an epoch
-    assert result.diverged == f"non-finite loss at epoch {epoch}, step {step}"
+    assert (epoch, step) == (1, 3)
+    assert result.diverged == "non-finite loss at epoch 1, step 3"
     assert [r.metrics["nonfinite_step"] for r in reports[:-1]] == [-1.0] * epoch  # the epochs before were finite
     assert result.epochs_run == epoch + 1 and reports[-1].stop and not reports[-1].improved  # stopped, never "best"
     assert last["val_score"] == -1.0

@@ -419,7 +419,7 @@ def test_pabee_trains_the_depth_weighted_average_of_its_exits_losses() -> None:
     assert p1.item() == pytest.approx(plain[-1].item(), rel=1e-6)
     # the method's weights multiply the phase's own: Han's linear weights times the depth weights
     han = exit_weights("han", e, method=net.method)
-    assert torch.allclose(han, exit_weights("han", e) * j / j.sum())
+    assert torch.allclose(han, exit_weights("han", e) * j * e / j.sum())
     sdn = create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(2, 4, 6), width=8))
     assert exit_weights("uniform", e, method=sdn.method).eq(1).all()  # SDN has no weights of its own
 

@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import yaml
 
 from pipeline.graph import Graph, build_graph
 from pipeline.spec import LR_PRESETS, Preset, StudySpec, load_spec
@@ -42,17 +43,34 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "fig03-fig05-rank-mi-resnet34-cifar100": {**RESNET, "lr": {"P1": 8e-2, "P2": "resnet"}},  # D.5's backbone lr
     "fig04-gradient-dominance-resnet50-tinyimagenet": {**RESNET, "lr": {"P1": "resnet", "P2": "resnet"}},
     "fig06-fig12-regimes-resnet34-cifar100": {**RESNET, "lr": {"P1": "resnet", "P2": "resnet", "P3": "resnet"}},
+    "fig06-regimes-msdnet-cifar100": {**RESNET, "lr": {"P1": "resnet", "P2": "resnet", "P3": "resnet"}},  # D.2's conv-net recipe
     "fig07-regimes-vit-tiny-imagenet": {**VIT, "batch_size": 2048, "lr": {"P1": 5e-4, "P2": "vit", "P3": "vit"}},
+    "fig10-gpf-vit-cifar100": {**VIT, "lr": {"P1": 5e-4, "P2": "vit", "P3": "vit"}},
     "fig11-pretrained-vit-base-cifar100": {**VIT, "lr": {"P1": 5e-4, "P2": "vit", "P3": "vit"}},
     "fig13-undertrained-backbone-vit-cifar10": {**VIT, "lr": {"P1": 5e-4, "P2": "vit"}},
     "fig14-16-loss-weighting-resnet50-tinyimagenet": {**RESNET, "lr": {"P1": "resnet", "P2": "resnet"}},
     "fig02-connectivity-resnet20-cifar10": {**RESNET, "lr": {"P1": "resnet", "P2": "resnet", "P3": "resnet"}},
     "fig17-landscape-resnet20-cifar10": {**RESNET, "lr": {"P1": "resnet", "P2": "resnet", "P3": "resnet"}},
+    "fig21-fig23-fig26-gpf-vit-cifar10": {**VIT, "lr": {"P1": 5e-4, "P2": "vit", "P3": "vit"}},
     "fig22-regimes-vit-cifar10": {**VIT, "lr": {"P1": 5e-4, "P2": "vit", "P3": "vit"}},
     "tab01-ic-density-vit-tiny-imagenette": {**VIT, "lr": {"P1": 5e-4, "P2": "vit", "P3": "vit"}},
     "tab02-head-size-vit-tiny-imagenette": {**VIT, "lr": {"P1": 5e-4, "P2": "vit", "P3": "vit"}},
     "appC-pabee-vit-cifar10": {**VIT, "lr": {"P1": 5e-4, "P2": "vit", "P3": "vit"}},
+    "appC-ztw-vit-cifar10": {**VIT, "lr": {"P1": 5e-4, "P2": "vit", "P3": "vit"}},
 }
+
+# Each GPU spec's net: the backbone and early-exit method the paper's figure uses (Sec. 4, App. C, D).
+NETS: dict[str, tuple[str, str]] = {
+    "fig06-regimes-msdnet-cifar100": ("msdnet_cifar", "sdn"),
+    "fig10-gpf-vit-cifar100": ("vit_cifar", "gpf"),
+    "fig21-fig23-fig26-gpf-vit-cifar10": ("vit_cifar", "gpf"),
+    "appC-pabee-vit-cifar10": ("vit_cifar", "pabee"),
+    "appC-ztw-vit-cifar10": ("vit_cifar", "ztw"),
+}
+
+# The paper's readout (Sec. 4, "Evaluation plots"): 100 evenly spaced confidence thresholds; its budget
+# table (Table 1) at 25/50/75/100% of the backbone's FLOPs and Max.
+PAPER_BUDGETS = [0.25, 0.5, 0.75, 1.0, "max"]
 
 # Each CPU spec is the study of an existing example (so the two cannot drift apart), or None: the
 # analyses' CPU spec is its own (no example outside examples/paper/ runs it).
@@ -181,6 +199,24 @@ def test_cpu_spec_is_small(path: Path, studies: dict[Path, tuple[StudySpec, Grap
 def test_cpu_spec_is_its_examples_study(path: Path) -> None:
     twin = REPO / "examples" / str(CPU_TWINS[path.stem])
     assert load_spec(path).model_dump(exclude={"name"}) == load_spec(twin).model_dump(exclude={"name"})
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.relative_to(PAPER).as_posix())
+def test_spec_uses_the_papers_thresholds(path: Path) -> None:
+    # stated in the file, not left to exitflow's defaults
+    stated = yaml.safe_load(path.read_text(encoding="utf-8"))["evaluation"]
+    assert {"thresholds", "threshold_spacing", "budgets"} <= set(stated), f"{path.name}: evaluation states {sorted(stated)}"
+    # and what the real spec loader makes of it
+    evaluation = load_spec(path).evaluation
+    assert evaluation.thresholds == 100
+    assert evaluation.threshold_spacing == "uniform"
+    assert evaluation.budgets == PAPER_BUDGETS
+
+
+@pytest.mark.parametrize("stem", sorted(NETS))
+def test_gpu_spec_uses_the_figures_net(stem: str) -> None:
+    net = load_spec(PAPER / f"{stem}.yaml").net
+    assert (net.backbone, net.method) == NETS[stem]
 
 
 def test_shared_nodes_the_readme_names(studies: dict[Path, tuple[StudySpec, Graph]]) -> None:

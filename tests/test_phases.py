@@ -143,6 +143,9 @@ def test_exit_weights_values() -> None:
     half = exit_weights("kaya", 3, progress=0.5)
     assert torch.allclose(half, torch.tensor([0.01 + 0.225, 0.01 + 0.45, 1.0]))
     assert exit_weights("kaya", 1).tolist() == [1.0]
+    # Han's weights in the other direction (the paper's Fig. 15): 1.4 at the first exit down to 0.6
+    assert torch.allclose(exit_weights("han_decreasing", 3), torch.tensor([1.4, 1.0, 0.6]))
+    assert torch.equal(exit_weights("han_decreasing", 7), exit_weights("han", 7).flip(0))
     with pytest.raises(ValueError, match="unknown loss weighting"):
         exit_weights("bogus", 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="progress"):
@@ -159,7 +162,8 @@ def test_phase_loss_uses_the_right_exits(phase: str, in_loss: list[int]) -> None
     loss, per_exit = phase_loss(logits, target, phase, weights, loss_fn)
     singles = torch.stack([loss_fn(z, target) for z in logits]).detach()
     assert torch.allclose(per_exit, singles) and not per_exit.requires_grad
-    expected = singles[-1] if phase == "P1" else sum(weights[k] * singles[k] for k in in_loss)
+    # the default reduction: P2's and P3's weighted sums over the number of exits (3, in P3 too)
+    expected = singles[-1] if phase == "P1" else sum(weights[k] * singles[k] for k in in_loss) / 3
     assert torch.allclose(loss.detach(), expected)
     loss.backward()
     for k, z in enumerate(logits):
@@ -172,3 +176,62 @@ def test_phase_loss_checks_weights_and_phase() -> None:
         phase_loss(logits, target, "P2", torch.ones(3), nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match="unknown phase"):
         phase_loss(logits, target, "P4", torch.ones(2), nn.CrossEntropyLoss())  # type: ignore[arg-type]
+
+
+WEIGHTINGS = ["uniform", "kaya", "han", "han_decreasing", "gradient_equilibrium", "l2w"]
+
+
+@pytest.mark.parametrize("phase", ["P2", "P3"])
+@pytest.mark.parametrize("kind", WEIGHTINGS)
+def test_the_mean_reduction_is_the_sum_over_the_number_of_exits(kind: str, phase: str) -> None:
+    """The paper's code averages the exit losses (1/E, in P3 too): the mean reduction's loss and
+    its gradient on every exit's logits are the plain weighted sum's divided by E, for every weighting."""
+    gen = torch.Generator().manual_seed(3)
+    raw = [torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in range(4)]
+    target = torch.randint(0, 5, (6,), generator=gen)
+    weights = exit_weights(kind, 4, progress=0.5).double()  # type: ignore[arg-type]
+
+    def loss_and_grads(reduction: str) -> tuple[Tensor, list[Tensor]]:
+        logits = [z.clone().requires_grad_(True) for z in raw]
+        loss, _ = phase_loss(logits, target, phase, weights, nn.CrossEntropyLoss(), reduction=reduction)  # type: ignore[arg-type]
+        loss.backward()
+        return loss.detach(), [torch.zeros_like(z) if z.grad is None else z.grad for z in logits]
+
+    mean, mean_grads = loss_and_grads("mean")
+    total, sum_grads = loss_and_grads("sum")
+    ce = [nn.functional.cross_entropy(z, target) for z in raw]
+    used = range(4) if phase == "P2" else range(3)
+    by_hand = sum(float(weights[k]) * float(ce[k]) for k in used)  # the weighted sum, written out
+    assert float(total) == pytest.approx(by_hand, rel=1e-12)
+    assert float(mean) == pytest.approx(by_hand / 4, rel=1e-12)  # / E = 4 exits, the frozen final one counted in P3
+    for g_mean, g_sum in zip(mean_grads, sum_grads):
+        assert torch.allclose(g_mean, g_sum / 4, rtol=1e-12, atol=0.0)
+    if phase == "P3":
+        assert not mean_grads[-1].any()  # the frozen final exit's loss is not in P3's objective
+
+
+def test_a_loss_reduction_must_be_known() -> None:
+    logits, target = [torch.zeros(2, 3)] * 2, torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="unknown loss reduction"):
+        phase_loss(logits, target, "P2", torch.ones(2), nn.CrossEntropyLoss(), reduction="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="loss_reduction"):
+        PhaseConfig(loss_reduction="max")  # type: ignore[arg-type]
+
+
+def test_gpf_trains_the_paper_codes_depth_weighted_average_plus_its_imitation_loss() -> None:
+    """GPF's loss in the paper's code: sum_i (i + 1) L_i / (E (E + 1) / 2) over the E outputs, plus the
+    imitation loss, unweighted; exitflow's is the depth weights with the phase's mean reduction."""
+    torch.manual_seed(0)
+    net = create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(2, 4, 6), width=8,
+                             method="gpf"))
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5])
+    prepare_phase(net, "P2")
+    set_train_mode(net, "P2")
+    ce = nn.CrossEntropyLoss()
+    logits = net(x)
+    imitation = net.method.aux_loss(net)
+    assert imitation is not None and imitation.item() > 0
+    e = net.num_exits
+    loss, _ = phase_loss(logits, y, "P2", exit_weights("uniform", e, method=net.method), ce, net.method.losses)
+    their = sum((i + 1) * ce(z, y) for i, z in enumerate(logits)) / (e * (e + 1) / 2)
+    assert (loss + imitation).item() == pytest.approx((their + imitation).item(), rel=1e-6)

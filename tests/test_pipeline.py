@@ -292,12 +292,17 @@ def test_a_failed_node_is_named_once_and_everything_downstream_is_skipped(
 
 
 def test_a_diverging_fixed_lr_phase_fails_with_its_message_and_is_never_reused(
-    ray_session: None, storage: str, mlflow_uri: str, client: MlflowClient
+    ray_session: None, storage: str, mlflow_uri: str, client: MlflowClient, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline.runner import StudyFailed, run_study
 
     spec = tiny_spec(storage, "name=pipeline-diverged", "regimes=[joint]", "phases.P2.optimizer=sgd", "phases.P2.lr=1.0e5")
     for attempt in range(2):  # the second run finds the diverged phase in storage: it fails again, it is not a cache hit
+        # The huge lr is what a user would try; the fault hook makes the divergence certain on any machine
+        # (a marker per run: should the second run train again, it diverges there too).
+        monkeypatch.setenv("EXITFLOW_FAULT", f"point=train.mid_epoch,node=seed0/joint/P2,epoch=0,action=nonfinite,"
+                                             f"marker={tmp_path / f'fired{attempt}'}")
         with pytest.raises(StudyFailed, match=r"seed0/joint/P2 diverged: non-finite loss at epoch \d+, step \d+ \(lr=100000\)"):
             run_study(spec, mlflow_uri, progress=lambda _: None)
     phase = runs(client, "pipeline-diverged", node="seed0/joint/P2")
@@ -307,12 +312,15 @@ def test_a_diverging_fixed_lr_phase_fails_with_its_message_and_is_never_reused(
 
 
 def test_a_search_with_a_diverging_lr_picks_a_healthy_one_and_the_report_says_so(
-    ray_session: None, storage: str, mlflow_uri: str, mlflow_store: Store, client: MlflowClient
+    ray_session: None, storage: str, mlflow_uri: str, mlflow_store: Store, client: MlflowClient, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import pyarrow.parquet as pq
 
     from pipeline.runner import run_study
 
+    monkeypatch.setenv("EXITFLOW_FAULT", f"point=train.mid_epoch,node=seed0/joint/P2,lr=100000,epoch=0,"
+                                         f"action=nonfinite,marker={tmp_path / 'fired'}")  # certain, as above
     spec = tiny_spec(storage, "name=pipeline-diverged-search", "regimes=[joint]", "phases.P2.optimizer=sgd",
                      "phases.P2.lr=[0.05,1.0e5]")
     result = run_study(spec, mlflow_uri, progress=lambda _: None)

@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from stages.core.evaluation import budget_table, threshold_curve
+from stages.core.budgets import budget_table
+from stages.core.evaluation import threshold_curve
 from stages.core.report_plots import format_budget_table, interpolate_curves, plot_tradeoff
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -210,7 +210,7 @@ def test_missing_file_and_folder(tmp_path: Path) -> None:
         (["phases.P1.optimizer=lamb"], "phases.P1.optimizer", "'sgd', 'adamw' or 'adam'"),
         (["regimes=[joint, both]"], "regimes.1", "'joint', 'disjoint' or 'mixed'"),
         (["net.backbone=[resnet20]"], "net.backbone", "valid string"),
-        (["evaluation.budgets=[half]"], "evaluation.budgets.0", "valid number"),
+        (["evaluation.budgets=[half]"], "evaluation.budgets.0", "'max' or 'best_on_test'"),
         (["evaluation.budgets=[true]"], "evaluation.budgets.0", "boolean"),
     ],
 )
@@ -242,6 +242,11 @@ def test_wrong_keys_and_types_name_the_field(sets: list[str], field: str, reason
         (["evaluation.budgets=[0]"], "evaluation.budgets", "(0, 1]"),
         (["evaluation.budgets=[]"], "evaluation.budgets", "at least 1 item"),
         (["evaluation.thresholds=1"], "evaluation.thresholds", "greater than or equal to 2"),
+        (["evaluation.budgets=[0.5, best]"], "evaluation.budgets.1", "'max' or 'best_on_test'"),
+        (["evaluation.threshold_spacing=quantile"], "evaluation", "seed_averaging 'curve' averages the seeds' curves"),
+        (["evaluation.seed_averaging=median"], "evaluation.seed_averaging", "'curve' or 'budget'"),
+        (["phases.P2.loss_reduction=max"], "phases.P2.loss_reduction", "'mean' or 'sum'"),
+        (["phases.P2.loss_weighting=han_rising"], "phases.P2.loss_weighting", "han_decreasing"),
         (["regimes=[]"], "regimes", "at least 1 item"),
         (["regimes=[joint, joint]"], "regimes", "duplicates"),
         (["seeds=[]"], "seeds", "at least 1 item"),
@@ -384,3 +389,13 @@ def test_the_spec_and_the_core_allow_the_same_phase_values(field: str, value: ob
     spec_ok = _accepts(lambda: load_spec(None, [f"phases.P2.{field}={value}"]), SpecError)
     core_ok = _accepts(lambda: CorePhase(**{field: value}), ValueError)
     assert spec_ok == core_ok == valid
+
+
+def test_the_paper_readout_is_the_default_and_exitflows_variants_are_named() -> None:
+    ev = load_spec(None).evaluation
+    assert (ev.thresholds, ev.threshold_spacing, ev.budget_rule, ev.seed_averaging) == (100, "uniform", "costliest", "curve")
+    assert ev.budgets == [0.25, 0.5, 0.75, 1.0, "max"]
+    assert load_spec(None).phases.P2.loss_reduction == "mean"
+    variant = load_spec(None, ["evaluation.threshold_spacing=quantile", "evaluation.seed_averaging=budget",
+                               "evaluation.budgets=[0.5, max, best_on_test]"]).evaluation
+    assert variant.budgets == [0.5, "max", "best_on_test"]

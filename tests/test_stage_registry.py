@@ -70,7 +70,8 @@ def spec(tmp_path_factory: pytest.TempPathFactory) -> StudySpec:
     return tiny_spec(storage, "regimes=[joint, disjoint]", "tracking.experiment=toy-stage", "analyses.rank.enabled=true",
                      "analyses.rank.samples=100", "analyses.landscape.enabled=true", "analyses.landscape.samples=50",
                      "analyses.landscape.steps=3", "analyses.mutual_information.enabled=true",
-                     "analyses.mutual_information.samples=60", "analyses.mutual_information.draws=1",
+                     "analyses.mutual_information.samples=60", "analyses.mutual_information.estimator=mc",
+                     "analyses.mutual_information.draws=1",
                      "analyses.gradient_dominance.enabled=true", "analyses.gradient_dominance.every=5",
                      "analyses.connectivity.enabled=true", "analyses.connectivity.samples=50",
                      "analyses.connectivity.train_samples=50", "analyses.connectivity.points=3", epochs=1)

@@ -81,6 +81,43 @@ def test_the_exit_rule_on_the_ensemble_matches_a_per_sample_reference(seed: int)
     assert len(set(vectorised.tolist())) > 1  # not vacuous: the samples leave at several exits
 
 
+def test_the_cascade_head_is_its_features_and_the_layer_normed_previous_logits_through_one_linear_layer_by_hand() -> None:
+    """The authors' cascading head (`ZTWCascading`, layer_norm=True, detach=True): the head's last
+    linear layer reads [features, LayerNorm(previous logits).detach()]; exitflow's head + cascade map
+    is that layer with its weight split in two. No gradient reaches the previous IC through it."""
+    feats, classes = 3, 4
+    head = nn.Linear(feats, classes)
+    cascade = CascadeHead(head, classes)
+    w_head = np.array([[0.5, -1.0, 0.25], [1.0, 0.0, -0.5], [-0.25, 0.75, 1.0], [0.0, 0.5, 0.5]])
+    b_head = np.array([0.1, -0.2, 0.0, 0.3])
+    w_cascade = np.array([[1.0, 0.0, -1.0, 0.5], [0.0, 2.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [-1.0, 0.0, 0.0, 1.0]])
+    gamma, beta = np.array([1.0, 0.5, 2.0, -1.0]), np.array([0.0, 0.1, -0.1, 0.2])
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor(w_head))
+        head.bias.copy_(torch.tensor(b_head))
+        cascade.cascade.weight.copy_(torch.tensor(w_cascade))
+        cascade.norm.weight.copy_(torch.tensor(gamma))
+        cascade.norm.bias.copy_(torch.tensor(beta))
+    previous_ic = nn.Linear(2, classes)  # the earlier IC: its logits must train it through its own loss alone
+    with torch.no_grad():
+        previous_ic.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, -2.0], [1.0, 1.0], [-4.0, 0.5]]))
+        previous_ic.bias.zero_()
+    x_prev = torch.tensor([[1.0, 2.0], [-0.5, 0.25]])
+    h = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    previous = previous_ic(x_prev)
+    out = cascade(h, previous)
+
+    z = x_prev.numpy().astype(np.float64) @ previous_ic.weight.detach().numpy().T.astype(np.float64)
+    normed = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-5) * gamma + beta  # biased variance
+    expected = np.concatenate([h.numpy(), normed], axis=1) @ np.concatenate([w_head, w_cascade], axis=1).T + b_head
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+    out.square().sum().backward()
+    assert previous_ic.weight.grad is None and previous_ic.bias.grad is None  # detached: nothing reaches the earlier IC
+    for name, p in cascade.named_parameters():  # the norm trains with its IC (it comes after the detach)
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 def test_cascading_ics_read_the_previous_ic_detached() -> None:
     torch.manual_seed(0)
     net = create_net(SPEC)
@@ -89,16 +126,28 @@ def test_cascading_ics_read_the_previous_ic_detached() -> None:
     h2, h4 = net.forward_intermediates(x, [2, 4])
     first = net.ics[0](h2)
     second = net.ics[1](h4, first)
-    assert torch.allclose(second, net.ics[1].head(h4) + first @ net.ics[1].cascade.weight.T)
+    normed = nn.functional.layer_norm(first, (SPEC.num_classes,), net.ics[1].norm.weight, net.ics[1].norm.bias)
+    assert torch.allclose(second, net.ics[1].head(h4) + normed @ net.ics[1].cascade.weight.T, atol=1e-6)
     net.train()
     raw = net(x)  # train mode: the exits' raw outputs, the ones the ICs are trained on
     assert torch.allclose(raw[1], second, atol=1e-6)
-    # IC 1's loss reaches IC 1's own head and cascade map, never IC 0 (the connection is detached)
+    # IC 1's loss reaches IC 1's own head, norm and cascade map, never IC 0 (the connection is detached)
     prepare_phase(net, "P3")
     nn.functional.cross_entropy(raw[1], torch.tensor([0, 1, 2, 3])).backward()
     assert all(p.grad is None for p in net.ics[0].parameters())
     assert net.ics[1].cascade.weight.grad.abs().sum() > 0
+    assert net.ics[1].norm.weight.grad.abs().sum() > 0 and net.ics[1].norm.bias.grad.abs().sum() > 0
     assert all(p.grad is None for p in net.backbone.parameters())  # P3: nothing reaches the backbone
+
+
+def test_the_cascade_norm_belongs_to_its_ic_trained_in_p2_and_p3_not_p1() -> None:
+    net = create_net(SPEC)
+    norms = {id(p) for ic in net.ics[1:] for p in ic.norm.parameters()}
+    assert len(norms) == 2 * (len(net.ics) - 1)
+    assert {f"ics.{k}.norm.{w}" for k in range(1, len(net.ics)) for w in ("weight", "bias")} <= set(net.state_dict())
+    for phase, trained in (("P1", False), ("P2", True), ("P3", True)):
+        ids = {id(p) for p in prepare_phase(net, phase)}
+        assert (norms <= ids) is trained and (not norms & ids) is (not trained), phase
 
 
 def test_eval_mode_gives_the_ensemble_and_forward_until_agrees() -> None:
@@ -180,12 +229,14 @@ def test_a_ztw_checkpoint_starts_a_backbone_leaving_its_ics_and_ensemble() -> No
 
 
 def test_cascade_maps_cost_their_multiply_adds() -> None:
+    """C x C multiply-adds per cascade map, and its LayerNorm as fvcore counts every LayerNorm (5 per
+    element with its affine map; exitflow keeps that count for the ViTs' norms too, test_flops.py)."""
     from stages.core.flops import piece_flops
 
     ztw = piece_flops(create_net(SPEC))
     sdn = piece_flops(create_net(NetSpec(**{**SPEC.__dict__, "method": "sdn"})))
     c = SPEC.num_classes
-    assert ztw.ics == (sdn.ics[0], *(f + c * c for f in sdn.ics[1:]))
+    assert ztw.ics == (sdn.ics[0], *(f + c * c + 5 * c for f in sdn.ics[1:]))
     assert math.isclose(ztw.stem, sdn.stem) and ztw.blocks == sdn.blocks and ztw.head == sdn.head
 
 

@@ -20,7 +20,7 @@ from stages.core.nets import NetSpec, create_net
 @dataclass
 class EvaluateOutput:
     exits: pa.Table  # exit, block, flops, accuracy, ece (each exit forced; final head included)
-    curve: pa.Table  # criterion, threshold, flops, accuracy, ece (the method's own curve under its name)
+    curve: pa.Table  # criterion, threshold, flops, accuracy, ece, ece_equal_mass (the method's own curve under its name)
     backbone_flops: int  # the plain backbone, the budgets' reference
 
 
@@ -32,7 +32,7 @@ def run(
     criteria: list[str],
     num_thresholds: int = 100,
     batch_size: int = 256,
-    spacing: Spacing = "quantile",
+    spacing: Spacing = "uniform",
     device: str = "cpu",
 ) -> EvaluateOutput:
     """Evaluate one trained multi-exit net on the test split."""
@@ -58,7 +58,8 @@ def run(
     curves = [(criterion, threshold_curve(logits, labels, flops, criterion, num_thresholds, spacing)) for criterion in criteria]
     if net.method.curve is not None:  # the method's own (JEI-DNN's gates, one point per lambda)
         points, taken = net.method.curve.compute(net, logits)
-        curves.append((net.method.curve.name, {"threshold": points, **curve_at_exits(logits, labels, flops, taken)}))
+        curves.append((net.method.curve.name, {"threshold": points, **curve_at_exits(logits, labels, flops, taken,
+                                                                                     net.method.curve.equal_mass_ece)}))
     parts = [
         pa.table(
             {
@@ -67,6 +68,8 @@ def run(
                 "flops": pa.array(c["flops"], pa.float64()),
                 "accuracy": pa.array(c["accuracy"], pa.float64()),
                 "ece": pa.array(c["ece"], pa.float64()),
+                # null where the curve's source bins ECE as the house does (every curve but JEI-DNN's gates)
+                "ece_equal_mass": pa.array(c.get("ece_equal_mass", [None] * len(c["threshold"])), pa.float64()),
             }
         )
         for name, c in curves

@@ -1,13 +1,14 @@
-"""Early-exit evaluation maths: cached logits -> fixed-exit accuracy, threshold curves, budget tables.
+"""Early-exit evaluation maths: cached logits -> fixed-exit accuracy and threshold curves.
 
 Everything after `collect_logits` works on the cached [E, N, C] logits, vectorized over samples,
-exits and thresholds at once (README, "The maths, exactly").
+exits and thresholds at once (README, "The maths, exactly"). Reading budgets off the curves is
+`stages.core.budgets`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,10 +21,6 @@ from stages.core.registry import Registry
 
 Spacing = Literal["uniform", "quantile"]
 SPACINGS: tuple[str, ...] = ("uniform", "quantile")
-Budget = float | Literal["max"]
-BudgetRule = Literal["costliest", "best"]
-BUDGET_RULES: tuple[str, ...] = ("costliest", "best")
-DEFAULT_BUDGETS: tuple[Budget, ...] = (0.25, 0.5, 0.75, 1.0, "max")
 
 
 @dataclass(frozen=True)
@@ -201,18 +198,22 @@ def threshold_curve(
 
 
 def curve_at_exits(logits: torch.Tensor, labels: torch.Tensor, exit_flops: Sequence[float] | np.ndarray,
-                   exits: np.ndarray) -> dict[str, np.ndarray]:
+                   exits: np.ndarray, equal_mass: bool = False) -> dict[str, np.ndarray]:
     """Curve points from the exit every sample takes at each point (`exits` [T, N] in [0, E-1]):
-    arrays flops (mean per-sample cost), accuracy and ece (of the taken exits' predictions) [T]."""
+    arrays flops (mean per-sample cost), accuracy and ece (of the taken exits' predictions) [T];
+    with `equal_mass`, also ece_equal_mass (`equal_mass_calibration_error`)."""
     cost = np.asarray(exit_flops, dtype=np.float64)
     correct = (logits.argmax(dim=-1) == torch.as_tensor(labels).unsqueeze(0)).numpy()  # [E, N]
     hit = np.take_along_axis(correct, exits, axis=0)  # row t picks each sample's exit at point t
     top = np.take_along_axis(top_probability(logits), exits, axis=0)  # [T, N]: the taken exit's top-class probability
-    return {
+    out = {
         "flops": cost[exits].mean(axis=1),
         "accuracy": hit.mean(axis=1, dtype=np.float64),
         "ece": calibration_error(top, hit),
     }
+    if equal_mass:
+        out["ece_equal_mass"] = equal_mass_calibration_error(top, hit)
+    return out
 
 
 ECE_BINS = 15  # Guo et al. 2017's choice, the usual one
@@ -240,91 +241,35 @@ def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = E
     return (np.abs(hit_sum - conf_sum).sum(axis=1) / n).reshape(confidence.shape[:-1])
 
 
-def budget_accuracy(
-    flops: Sequence[float] | np.ndarray,
-    accuracy: Sequence[float] | np.ndarray,
-    backbone_flops: float,
-    budget: Budget,
-    rule: BudgetRule = "costliest",
-) -> float:
-    """Accuracy at `budget` x backbone FLOPs (NaN if no curve point fits): see `budget_point`."""
-    point = budget_point(flops, accuracy, backbone_flops, budget, rule)
-    return math.nan if point is None else float(np.asarray(accuracy, dtype=np.float64)[point])
+def _equal_mass_row(confidence: np.ndarray, correct: np.ndarray, bins: int) -> float:
+    """One row's ECE over `bins` equal-mass bins (see `equal_mass_calibration_error`)."""
+    # numpy's default (linear) interpolation; the levels as fractions x 100, as JEI-DNN's code writes them:
+    # where an edge lands on a sample, a last-bit difference in the level moves that sample to the next bin
+    edges = np.percentile(confidence, np.linspace(0.0, 1.0, bins + 1) * 100)
+    # bin i holds edges[i] < p <= edges[i + 1] (the first bin everything up to edges[1]): a tie at an
+    # edge joins the lower bin, and tied edges leave empty bins, which add nothing
+    which = np.searchsorted(edges[1:-1], confidence, side="left")
+    conf_sum = np.bincount(which, confidence, minlength=bins)
+    hit_sum = np.bincount(which, correct, minlength=bins)
+    return float(np.abs(hit_sum - conf_sum).sum() / confidence.size)
 
 
-def budget_point(
-    flops: Sequence[float] | np.ndarray,
-    accuracy: Sequence[float] | np.ndarray,
-    backbone_flops: float,
-    budget: Budget,
-    rule: BudgetRule = "costliest",
-) -> int | None:
-    """The curve point a budget reports (its index), None if no point fits `budget` x backbone FLOPs.
+def equal_mass_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS,
+                                 batch: int | None = None) -> np.ndarray:
+    """ECE with equal-mass bins, as JEI-DNN's code (networkslab/dynn, `src/metrics_utils.py` through its
+    copy of scikit-learn's `calibration_curve(strategy="quantile", n_bins=15)`) computes it: [..., N] -> [...].
 
-    "costliest" (the paper's rule): the costliest point within the budget, ties in cost taking
-    the best accuracy among them; "best": the most accurate point within it (what a user who may
-    pick any threshold under the budget gets), the cheaper on a tie. "max" = the most accurate
-    point anywhere on the curve, under either rule.
+    The bin edges are the 0, 1/bins, ..., 1 quantiles of the row's confidences (about N / bins samples
+    a bin); ECE = sum over bins of (share of samples in it) x |accuracy - mean confidence| in it.
+    `batch`: their test-time aggregate, the size-weighted mean of each batch's own ECE over consecutive
+    batches of `batch` samples; None (exitflow's): one ECE over the whole row, which does not grow as
+    the batches shrink (docs/methods.md).
     """
-    flops = np.asarray(flops, dtype=np.float64)
-    accuracy = np.asarray(accuracy, dtype=np.float64)
-    if flops.shape != accuracy.shape:
-        raise ValueError(f"flops {flops.shape} and accuracy {accuracy.shape} differ in shape")
-    if rule not in BUDGET_RULES:
-        raise ValueError(f"unknown budget rule {rule!r}; known: {list(BUDGET_RULES)}")
-    if budget == "max":
-        fits = np.ones(accuracy.shape, dtype=bool)
-    else:
-        fits = flops <= float(budget) * backbone_flops
-    if not fits.any():
-        return None
-    if rule == "costliest" and budget != "max":
-        fits &= flops == flops[fits].max()
-    best = accuracy[fits].max()
-    candidates = np.flatnonzero(fits & (accuracy == best))
-    return int(candidates[np.argmin(flops[candidates])])
-
-
-def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """(mean, std) over seeds: sample std (ddof=1) for n > 1, 0 for a single value, NaNs for none.
-
-    NaNs propagate: a budget that one seed cannot meet is not silently averaged over the others.
-    """
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0:
-        return math.nan, math.nan
-    if arr.size == 1:
-        return float(arr[0]), 0.0 if np.isfinite(arr[0]) else math.nan
-    return float(arr.mean()), float(arr.std(ddof=1))
-
-
-def budget_label(budget: Budget) -> str:
-    """How a budget is named in tables: "0.25", "0.5", "0.75", "1.0", "max"."""
-    return "max" if budget == "max" else str(float(budget))
-
-
-def budget_table(
-    curves_by_regime: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]],
-    backbone_flops: float,
-    budgets: Sequence[Budget] = DEFAULT_BUDGETS,
-    rule: BudgetRule = "costliest",
-) -> list[dict[str, object]]:
-    """Rows (regime, budget, accuracy_mean, accuracy_std, n_seeds): one per regime and budget.
-
-    `curves_by_regime[regime]` holds one (flops, accuracy) curve per seed.
-    """
-    rows: list[dict[str, object]] = []
-    for regime, curves in curves_by_regime.items():
-        for budget in budgets:
-            per_seed = [budget_accuracy(f, a, backbone_flops, budget, rule) for f, a in curves]
-            mean, std = mean_std(per_seed)
-            rows.append(
-                {
-                    "regime": regime,
-                    "budget": budget_label(budget),
-                    "accuracy_mean": mean,
-                    "accuracy_std": std,
-                    "n_seeds": len(per_seed),
-                }
-            )
-    return rows
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    n = confidence.shape[-1]
+    step = n if batch is None else batch
+    rows_conf, rows_hit = confidence.reshape(-1, n), correct.reshape(-1, n)
+    out = [sum(_equal_mass_row(c[i : i + step], h[i : i + step], bins) * min(step, n - i) / n for i in range(0, n, step))
+           for c, h in zip(rows_conf, rows_hit)]
+    return np.asarray(out, dtype=np.float64).reshape(confidence.shape[:-1])

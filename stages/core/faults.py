@@ -14,8 +14,10 @@ recovers from a kill in P1's Train worker and then from one in the evaluate task
 - `target`: `self` (the process at the point: a Train worker, a Tune trial, the Ray task that
   runs a stage) or `driver` (the `exitflow run` process, SIGKILLed from the point, which then
   stops dead so that nothing after the point happens).
-- `action` (target self): `kill` (SIGKILL, as the OOM killer or a lost node) or `raise` (an
-  exception: a crash the code sees).
+- `action` (target self): `kill` (SIGKILL, as the OOM killer or a lost node), `raise` (an
+  exception: a crash the code sees) or `nonfinite` (at `train.mid_epoch` only: the phase's
+  trainable weights turn NaN, so the next step's loss is non-finite: a divergence at a known
+  epoch and step, whatever the machine's floating point does).
 - `settle_s`: seconds to wait at the point before firing (Ray Train registers a reported
   checkpoint asynchronously: a worker that dies right after reporting may die before it).
 - any other key filters on the point's context: `phase`, `lr`, `epoch`, `node`, `search`.
@@ -48,7 +50,8 @@ POINTS: dict[str, str] = {
     "upload": "an artifact upload, its first file stored and the rest not (the stage's task)",
 }
 TARGETS = ("self", "driver")
-ACTIONS = ("kill", "raise")
+ACTIONS = ("kill", "raise", "nonfinite")
+NONFINITE_POINTS = ("train.mid_epoch",)  # where the process holds a net whose weights it can spoil
 _RESERVED = ("point", "target", "action", "marker", "settle_s", "driver_pid")
 DRIVER_STOP_S = 300.0  # how long a process that killed its driver waits to be reaped before exiting
 
@@ -88,6 +91,8 @@ class Fault:
             raise ValueError(f"{FAULT_ENV}: unknown point {fault.point!r}; known: {sorted(POINTS)}")
         if fault.target not in TARGETS or fault.action not in ACTIONS:
             raise ValueError(f"{FAULT_ENV}: target is one of {TARGETS}, action one of {ACTIONS}; got {text!r}")
+        if fault.action == "nonfinite" and (fault.target != "self" or fault.point not in NONFINITE_POINTS):
+            raise ValueError(f"{FAULT_ENV}: action=nonfinite needs target=self at one of {NONFINITE_POINTS}; got {text!r}")
         if fault.target == "driver" and fault.driver_pid <= 0:
             raise ValueError(f"{FAULT_ENV}: target=driver needs the driver's pid")
         return fault
@@ -132,11 +137,28 @@ def _claim(marker: str) -> bool:
     return True
 
 
-def hit(plan: Plan, point: str, **context: Any) -> None:
-    """The moment `point` (with its context) is reached: fire the plan's faults planned here."""
+def hit(plan: Plan, point: str, **context: Any) -> bool:
+    """The moment `point` (with its context) is reached: fire the plan's faults planned here.
+
+    True when a `nonfinite` fault fired: the caller then spoils its weights (`make_nonfinite`).
+    """
+    spoil = False
     for fault in plan:
         if fault.matches(point, context) and _claim(fault.marker):
             _fire(fault, point, context)
+            spoil |= fault.action == "nonfinite"
+    return spoil
+
+
+def make_nonfinite(net: Any) -> None:
+    """The `nonfinite` action: every trainable weight of `net` (a torch module) becomes NaN, so its next
+    training loss is NaN, as after a real divergence."""
+    import torch  # here, not at the top: the driver parses plans without needing torch for it
+
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.fill_(float("nan"))
 
 
 def _fire(fault: Fault, point: str, context: dict[str, Any]) -> None:
@@ -151,6 +173,8 @@ def _fire(fault: Fault, point: str, context: dict[str, Any]) -> None:
         while time.monotonic() < deadline:
             time.sleep(0.5)
         os._exit(1)
+    if fault.action == "nonfinite":
+        return  # the caller spoils its weights (hit's result)
     if fault.action == "raise":
         raise InjectedFault(f"injected fault at {point} ({', '.join(f'{k}={v}' for k, v in sorted(context.items()))})")
     os.kill(os.getpid(), signal.SIGKILL)

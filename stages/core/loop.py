@@ -232,15 +232,18 @@ def train_one_epoch(
             if meta is not None:
                 with _autocast(device, cfg.bf16):
                     l2w.meta_step(unwrap(net), optimizer,  # type: ignore[union-attr]
-                                  lambda ls, w: phase_objective(per_sample_weighted(ls, w), phase, weights),
+                                  lambda ls, w: phase_objective(per_sample_weighted(ls, w), phase, weights,
+                                                                cfg.loss_reduction),
                                   method.losses, sample_loss, part, meta)
             xs, ys = part
             with _autocast(device, cfg.bf16):
                 logits = net(xs)
                 if l2w is None:
-                    loss, per_exit = phase_loss(logits, ys, phase, weights, loss_fn, method.losses)
+                    loss, per_exit = phase_loss(logits, ys, phase, weights, loss_fn, method.losses,
+                                                reduction=cfg.loss_reduction)
                 else:
-                    loss, per_exit = phase_loss(logits, ys, phase, weights, sample_loss, method.losses, l2w.weights)
+                    loss, per_exit = phase_loss(logits, ys, phase, weights, sample_loss, method.losses, l2w.weights,
+                                                cfg.loss_reduction)
                 aux = method.aux_loss(unwrap(net)) if method.aux_loss is not None else None
                 if aux is not None and phase != "P1":  # the method's own loss (GPF's imitation) trains ICs only
                     loss = loss + aux

@@ -15,7 +15,10 @@ from stages.core.fields import reject_unknown
 OptimizerName = Literal["sgd", "adamw", "adam"]
 Schedule = Literal["none", "cosine", "step"]
 Selection = Literal["final", "mean"]
-LossWeighting = Literal["uniform", "kaya", "han", "gradient_equilibrium", "l2w"]
+LossWeighting = Literal["uniform", "kaya", "han", "han_decreasing", "gradient_equilibrium", "l2w"]
+# How the weighted exit losses combine (stages.core.phases.phase_objective): "mean" divides the weighted
+# sum by the number of exits E (the paper's code: 1/E, in P3 as well); "sum" is the plain weighted sum.
+LossReduction = Literal["mean", "sum"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ class PhaseConfig:
     step_gamma: float = 0.1  # "step": decay factor
     grad_clip: float | None = None  # max global grad norm of the trainable params (paper: 1 for EfficientNet)
     loss_weighting: LossWeighting = "uniform"  # exit loss weights (stages.core.phases.exit_weights); equilibrium acts in P2 only
-    kaya_epochs: int | None = None  # "kaya": epochs for IC weights to reach their caps; None -> max_epochs
+    kaya_epochs: int | None = None  # "kaya": epochs for IC weights to reach their caps; None -> max_epochs (SDN's code)
+    loss_reduction: LossReduction = "mean"  # the weighted exit losses / E (the paper's code) or their plain sum
     label_smoothing: float = 0.0  # training loss only; validation loss is plain cross-entropy
     bf16: bool = False  # bf16 autocast on CUDA; a no-op on CPU (CPU autocast is slow on most CPUs)
     channels_last: bool = False  # channels-last net and 4-D inputs on CUDA; a no-op on CPU
@@ -73,7 +77,7 @@ class PhaseConfig:
 
     def __post_init__(self) -> None:
         for name, kind in (("optimizer", OptimizerName), ("schedule", Schedule), ("selection", Selection),
-                           ("loss_weighting", LossWeighting)):
+                           ("loss_weighting", LossWeighting), ("loss_reduction", LossReduction)):
             allowed = get_args(kind)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; known: {list(allowed)}")

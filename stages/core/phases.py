@@ -1,9 +1,14 @@
 """Training phases and regimes of multi-exit nets (paper section 2).
 
 P1 trains the backbone (with its final classifier) on the final exit's loss; P2 trains
-everything on a weighted sum of every exit's loss; P3 freezes the backbone (parameters *and*
-BatchNorm statistics) and trains the internal classifiers (ICs) alone. A regime is the
+everything on a weighted combination of every exit's loss; P3 freezes the backbone (parameters
+*and* BatchNorm statistics) and trains the internal classifiers (ICs) alone. A regime is the
 sequence of phases it runs: joint = P2, disjoint = P1 then P3, mixed = P1 then P2.
+
+The combination is the paper's Eq. 2 with the weights of its code (`phase_objective`): by default
+(`loss_reduction: mean`) the weighted sum over exits divided by the number of exits E, in P3 as
+well, where the frozen final exit drops out of the sum but not out of E; docs/methods.md states
+every weighting's formula with its source.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.core.nets.methods import ExitLosses, ExitMethod, each_exit_alone
-from stages.core.phase_config import LossWeighting
+from stages.core.phase_config import LossReduction, LossWeighting
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +38,8 @@ REGIME_PHASES: dict[str, tuple[Phase, ...]] = {
 # relative depth; their six ICs sit at 15%..90% of the net, hence caps 0.15..0.9.
 KAYA_START = 0.01
 KAYA_MAX_CAP = 0.9
-# Han et al. 2022: constant weights rising linearly with depth, mean 1.
+# Han et al. 2022 (the paper's Fig. 15): constant weights linear in depth from 0.6 to 1.4 (mean 1),
+# rising ("han") or falling ("han_decreasing") along the net.
 HAN_FIRST, HAN_LAST = 0.6, 1.4
 
 
@@ -98,12 +104,13 @@ def set_train_mode(net: nn.Module, phase: Phase) -> None:
 
 def exit_weights(kind: LossWeighting, num_exits: int, progress: float = 1.0, method: ExitMethod | None = None) -> Tensor:
     """Per-exit loss weights (float32, final exit last): the phase's `kind`, times the early-exit
-    method's own weights when it has them (PABEE's depth weights).
+    method's own weights when it has them (PABEE's and GPF's depth weights, `depth_weights`).
 
     - "uniform", "gradient_equilibrium", "l2w": all 1 (gradient equilibrium rescales gradients in
       the net instead, see `MultiExitNet.set_gradient_equilibrium`; L2W weighs each sample's
       losses on top of these, see `stages.core.l2w`).
-    - "han" (Han et al. 2022): constant, linear in depth from 0.6 (first exit) to 1.4 (last).
+    - "han" (Han et al. 2022): constant, linear in depth from 0.6 (first exit) to 1.4 (last);
+      "han_decreasing": from 1.4 down to 0.6 (the paper's Fig. 15 tries both directions).
     - "kaya" (Kaya et al. 2019, SDN): the final exit weighs 1; IC k of K ICs (0-based) weighs
       min(cap_k, 0.01 + progress * cap_k) with cap_k = 0.9 * (k + 1) / K, i.e. the SDN
       schedule with caps at the ICs' relative positions. `progress` in [0, 1] is the fraction
@@ -118,10 +125,11 @@ def _kind_weights(kind: LossWeighting, num_exits: int, progress: float) -> Tenso
         raise ValueError(f"num_exits must be >= 1, got {num_exits}")
     if kind in ("uniform", "gradient_equilibrium", "l2w"):
         return torch.ones(num_exits)
-    if kind == "han":
+    if kind in ("han", "han_decreasing"):
         if num_exits == 1:
             return torch.ones(1)
-        return torch.linspace(HAN_FIRST, HAN_LAST, num_exits)
+        rising = torch.linspace(HAN_FIRST, HAN_LAST, num_exits)
+        return rising if kind == "han" else rising.flip(0)
     if kind == "kaya":
         if not 0.0 <= progress <= 1.0:
             raise ValueError(f"progress must lie in [0, 1], got {progress}")
@@ -140,14 +148,14 @@ def phase_loss(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     exit_losses: ExitLosses = each_exit_alone,
     sample_weights: Callable[[Tensor], Tensor] | None = None,
+    reduction: LossReduction = "mean",
 ) -> tuple[Tensor, Tensor]:
     """The phase's training loss and every exit's loss (detached, for logging).
 
     `exit_losses` is the net's early-exit method's (`ExitMethod.losses`): each exit's loss.
-    P1: the final exit's loss alone. P2: sum_k weights[k] * loss_k over all exits.
-    P3: the same sum over the ICs only: the final head belongs to the frozen backbone.
-    With `sample_weights` (L2W's: per-sample losses [B, E] -> weights [B, E]), `loss_fn` gives
-    per-sample losses and loss_k is the mean of each sample's loss times its weight at exit k.
+    The phase's loss is `phase_objective` of them. With `sample_weights` (L2W's: per-sample
+    losses [B, E] -> weights [B, E]), `loss_fn` gives per-sample losses and loss_k is the mean of
+    each sample's loss times its weight at exit k.
     """
     check_phase(phase)
     if len(logits) != weights.numel():
@@ -160,7 +168,7 @@ def phase_loss(
     else:
         weighted = losses
     per_exit = torch.stack([l.detach() for l in losses])
-    return phase_objective(weighted, phase, weights), per_exit
+    return phase_objective(weighted, phase, weights, reduction), per_exit
 
 
 def per_sample_weighted(losses: list[Tensor], sample_weights: Tensor) -> list[Tensor]:
@@ -168,11 +176,20 @@ def per_sample_weighted(losses: list[Tensor], sample_weights: Tensor) -> list[Te
     return [(l * sample_weights[:, k].to(l.dtype)).mean() for k, l in enumerate(losses)]
 
 
-def phase_objective(losses: list[Tensor], phase: Phase, weights: Tensor) -> Tensor:
-    """The phase's loss from every exit's (scalar) loss: see `phase_loss`."""
+def phase_objective(losses: list[Tensor], phase: Phase, weights: Tensor, reduction: LossReduction = "mean") -> Tensor:
+    """The phase's loss from every exit's (scalar) loss L_k, k = 1..E (the final exit last).
+
+    P1: L_E alone. P2: sum_k w_k L_k over every exit. P3: the same sum over the ICs only (the
+    final head belongs to the frozen backbone). `reduction` "mean" divides P2's and P3's sums by
+    E, the number of exits, in P3 too (the paper's code averages over every output, the frozen
+    final one included, so its P3 loss is sum_{k<E} L_k / E); "sum" leaves them undivided.
+    """
+    if reduction not in get_args(LossReduction):
+        raise ValueError(f"unknown loss reduction {reduction!r}; known: {list(get_args(LossReduction))}")
     if phase == "P1":
         return losses[-1]
     # Build the sum only from the exits in the objective: a stack of all losses would
     # send zero gradients back through every excluded head.
     used = losses if phase == "P2" else losses[:-1]
-    return torch.stack(used).mul(weights[: len(used)].to(used[0].device)).sum()
+    total = torch.stack(used).mul(weights[: len(used)].to(used[0].device)).sum()
+    return total / len(losses) if reduction == "mean" else total

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from stages.core.evaluation import Budget, budget_label, budget_point, budget_table, mean_std
-from stages.core.report_plots import format_budget_table, ordered, plot_tradeoff
+from stages.core.budgets import Budget, Readout, budget_label, budget_table, mean_std, read_budget
+from stages.core.report_plots import format_budget_table, format_readout, ordered, plot_tradeoff
 
 
 @dataclass
@@ -31,11 +31,12 @@ def run(
     title: str,
     chosen_lrs: Mapping[str, Mapping[str, float]] | None = None,
     notes: Sequence[str] = (),
-    budget_rule: str = "costliest",
+    readout: Readout = Readout(),
     plot_prefix: str = "tradeoff",
 ) -> ReportOutput:
-    """`curves`/`exits` are keyed by (regime, seed), as the evaluate stage wrote them; `notes`
-    (diverged learning rates, say) are printed under the table."""
+    """`curves`/`exits` are keyed by (regime, seed), as the evaluate stage wrote them; `readout` says
+    how the curves were swept and how budgets are read off them (stages.core.budgets), which each
+    table states under it; `notes` (diverged learning rates, say) are printed under the tables."""
     regimes = list(dict.fromkeys(r for r, _ in curves))
     fixed = {r: [_columns(exits[k], "flops", "accuracy") for k in exits if k[0] == r] for r in regimes}
     tables, plots, texts, calibration = [], [], [], []
@@ -48,20 +49,20 @@ def run(
         found = {k: t for k in curves if (t := _where(curves[k], criterion)).num_rows}
         shown = [r for r in regimes if any(k[0] == r for k in found)]
         by_regime = {r: [_columns(found[k], "flops", "accuracy") for k in found if k[0] == r] for r in shown}
-        rows = budget_table(by_regime, backbone_flops, budgets, budget_rule)
+        rows = budget_table(by_regime, backbone_flops, budgets, readout.rule, readout.averaging)
         for r in shown:
-            seed_curves = [found[k] for k in found if k[0] == r]
-            for budget in budgets:
-                per_seed = []
-                for table in seed_curves:
-                    flops, accuracy, ece = _columns(table, "flops", "accuracy", "ece")
-                    point = budget_point(flops, accuracy, backbone_flops, budget, budget_rule)  # type: ignore[arg-type]
-                    per_seed.append(np.nan if point is None else ece[point])
-                calibration.append(_calibration_row(criterion, r, None, budget_label(budget), per_seed))
+            seed_curves = [_columns(found[k], "flops", "accuracy", "ece") + (_equal_mass(found[k]),) for k in found if k[0] == r]
+            for budget in budgets:  # the ECE of the point each seed reports at the budget
+                reading = read_budget([(f, a) for f, a, _, _ in seed_curves], backbone_flops, budget, readout.rule,
+                                      readout.averaging)
+                at = [(np.nan, np.nan) if p is None else (ece[p], mass[p]) for p, (_, _, ece, mass) in zip(reading.points, seed_curves)]
+                calibration.append(_calibration_row(criterion, r, None, budget_label(budget), [e for e, _ in at],
+                                                    [m for _, m in at]))
         tables.append(pa.Table.from_pylist([{"criterion": criterion, **row} for row in rows]))
         name = f"{plot_prefix}.png" if i == 0 else f"{plot_prefix}_{criterion}.png"
         plots.append(plot_tradeoff(by_regime, fixed, backbone_flops, out_dir / name, f"{title} ({criterion})"))
-        texts.append(format_budget_table(rows, chosen_lrs, criterion, budget_rule))
+        texts.append(format_budget_table(rows, chosen_lrs, criterion, readout.rule) + "\n"
+                     + format_readout(readout, [budget_label(b) for b in budgets]))
     text = "\n\n".join(texts) + "".join(f"\nnote: {n}" for n in notes)
     return ReportOutput(budgets=pa.concat_tables(tables), calibration=pa.Table.from_pylist(calibration, CALIBRATION_SCHEMA),
                         plots=plots, text=text)
@@ -69,15 +70,27 @@ def run(
 
 CALIBRATION_SCHEMA = pa.schema([("criterion", pa.string()), ("regime", pa.string()), ("exit", pa.int32()),
                                 ("budget", pa.string()), ("ece_mean", pa.float64()), ("ece_std", pa.float64()),
-                                ("n_seeds", pa.int32())])
+                                ("n_seeds", pa.int32()), ("ece_equal_mass_mean", pa.float64()),
+                                ("ece_equal_mass_std", pa.float64())])
 
 
-def _calibration_row(criterion: str, regime: str, exit_: int | None, budget: str, per_seed: Sequence[float]) -> dict[str, object]:
+def _calibration_row(criterion: str, regime: str, exit_: int | None, budget: str, per_seed: Sequence[float],
+                     equal_mass: Sequence[float] = ()) -> dict[str, object]:
     """One row of calibration.parquet: a fixed exit's ECE (criterion "", budget ""), or the ECE of
-    the early-exit predictions at the curve point a budget reports (exit null), over seeds."""
+    the early-exit predictions at the curve point a budget reports (exit null), over seeds; where the
+    curve's source bins by equal mass (JEI-DNN's gates), that ECE too (null elsewhere)."""
     mean, std = mean_std(per_seed)
+    mass = [m for m in equal_mass if not np.isnan(m)]
+    mass_mean, mass_std = mean_std(equal_mass) if mass else (None, None)
     return {"criterion": criterion, "regime": regime, "exit": exit_, "budget": budget, "ece_mean": mean, "ece_std": std,
-            "n_seeds": len(per_seed)}
+            "n_seeds": len(per_seed), "ece_equal_mass_mean": mass_mean, "ece_equal_mass_std": mass_std}
+
+
+def _equal_mass(table: pa.Table) -> np.ndarray:
+    """A curve's `ece_equal_mass` (NaN where null, or absent: a curve evaluated before the column)."""
+    if "ece_equal_mass" not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return np.asarray([np.nan if v is None else v for v in table.column("ece_equal_mass").to_pylist()], dtype=np.float64)
 
 
 def _where(table: pa.Table, criterion: str) -> pa.Table:

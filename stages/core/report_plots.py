@@ -6,6 +6,7 @@ Uses matplotlib's object API on an Agg canvas (no pyplot): no global figure stat
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from stages.core.evaluation import DEFAULT_BUDGETS, budget_label
+from stages.core.budgets import DEFAULT_BUDGETS, NAMED_BUDGETS, Readout, budget_label
 
 Curve = tuple[Sequence[float], Sequence[float]]  # (flops, accuracy) of one seed
 GRID_POINTS = 200
@@ -169,9 +170,9 @@ def format_budget_table(rows: Sequence[Mapping[str, Any]], chosen_lrs: Mapping[s
         mean, std = float(row["accuracy_mean"]), float(row["accuracy_std"])
         cells.setdefault(regime, {})[budget] = "-" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
         seeds[regime] = int(row["n_seeds"])
-    canonical = [budget_label(b) for b in DEFAULT_BUDGETS]
+    canonical = [*dict.fromkeys([*map(budget_label, DEFAULT_BUDGETS), *NAMED_BUDGETS])]
     budgets.sort(key=lambda b: canonical.index(b) if b in canonical else len(canonical))
-    header = ["regime", "seeds", *(f"{b}x" if b != "max" else "max" for b in budgets)]
+    header = ["regime", "seeds", *(b if b in NAMED_BUDGETS else f"{b}x" for b in budgets)]
     if chosen_lrs is not None:
         header.append("lr")
     lines = []
@@ -195,3 +196,9 @@ def format_budget_table(rows: Sequence[Mapping[str, Any]], chosen_lrs: Mapping[s
     if budget_rule != "costliest":  # the paper's rule goes unsaid; another is named
         title += f"; budget rule: {budget_rule}"
     return "\n".join([title, render(header), rule, *(render(line) for line in lines)])
+
+
+def format_readout(readout: Readout, budgets: Sequence[str]) -> str:
+    """The lines under a budget table that say how it was read (`Readout.describe`), wrapped to 100 columns."""
+    shown = Readout(readout.thresholds, readout.spacing, readout.rule, readout.averaging, tuple(budgets))
+    return "\n".join(textwrap.wrap("read: " + "; ".join(shown.describe()), 100, subsequent_indent="  "))

@@ -112,8 +112,8 @@ def _width(b: _Builder, axis: Axis) -> int:
 def _head(b: _Builder, prefix: str, head: nn.Module, stream: Axis, backbone: str) -> None:
     """An IC reading `stream` (one group's units, or a concatenation's segments): its input
     features permute with the backbone's units."""
-    if isinstance(head, CascadeHead):  # ZTW: the previous IC's logits enter through a map that no permutation touches
-        b.fixed.add(f"{prefix}.cascade.weight")
+    if isinstance(head, CascadeHead):  # ZTW: the previous IC's logits (classes) pass a norm and a map no permutation touches
+        b.fixed.update(f"{prefix}.{key}" for key in ("norm.weight", "norm.bias", "cascade.weight"))
         _head(b, f"{prefix}.head", head.head, stream, backbone)
     elif isinstance(head, StateHead):  # GPF: a head whose outputs are a hidden state, read by the aggregator alone
         _head(b, f"{prefix}.head", head.head, stream, backbone)

@@ -34,13 +34,19 @@ OFF = "off"
 Arrays = dict[str, np.ndarray]
 
 
-def cache_dir() -> Path | None:
-    """The folder kept results live in; None when keeping is off."""
+def cache_root() -> Path | None:
+    """exitflow's cache folder (kept arrays, kept file hashes: `file_hashes`); None when keeping is off."""
     chosen = os.environ.get(CACHE_DIR_ENV)
     if chosen:
-        return None if chosen.lower() == OFF else Path(chosen).expanduser() / "arrays"
+        return None if chosen.lower() == OFF else Path(chosen).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "exitflow" / "arrays"
+    return Path(base) / "exitflow"
+
+
+def cache_dir() -> Path | None:
+    """The folder kept results live in; None when keeping is off."""
+    root = cache_root()
+    return None if root is None else root / "arrays"
 
 
 @functools.cache

@@ -17,7 +17,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class DataSpec:
-    """A dataset and how to split it. `to_dict`/`from_dict` round-trip it through configs and artifacts."""
+    """A dataset and how to split it. `to_dict`/`from_dict` round-trip it through configs and artifacts.
+    `root` says where the files are, `identity` what they hold (as `StartWeights`' source and identity)."""
 
     name: str = "digits"  # one of DATASET_NAMES
     root: str | None = None  # absolute path: parquet folder, imagefolder root or torchvision cifar root; digits: unused
@@ -29,6 +30,9 @@ class DataSpec:
     num_workers: int = 0  # DataLoader worker processes
     augmentations: Augmentations = Augmentations()  # the paper's extra ones (rotation ... CutMix, Mixup); all off
     resize: int | None = None  # square side every split's images are resized to (None: the data set's own)
+    # the content's digest (stages/core/data/identity.py), set by the driver: the cache keys hold it in
+    # place of `root`, so a moved folder keys the same and a changed file does not ("": not identified)
+    identity: str = ""
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_NAMES:

@@ -18,6 +18,9 @@ after it (the future).
   distance 1 - cos(f_kj, s_j) over every later j and sample, the real s_j detached, averaged over
   those ICs. It is added, unweighted, to the loss of the phases that train the ICs (P2, P3):
   it trains IC k's head and the imitators, never the states it imitates.
+- **Loss.** As the paper's code forms it: the exits' losses averaged with depth weights,
+  sum_j j L_j / sum_j j (`methods.depth_weights` with the phase's mean reduction), plus the
+  imitation loss.
 
 The aggregator's parameters live under `net.aggregator` and train with the ICs (P2, P3).
 Nothing here imports the rest of exitflow: the method's registration wires it in.

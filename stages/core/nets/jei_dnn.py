@@ -17,6 +17,10 @@
 - **lambda** trades accuracy for cost: one set of gates per value of `LAMBDAS`, all fitted at once.
   The method's curve ("gates" in curve.parquet) has one point per lambda (`gate_points` gives each
   sample's exit), on the same FLOPs-accuracy axes as the thresholded criteria, with its ECE.
+- **ECE as the authors bin it**: the house ECE has 15 equal-width bins; the authors' code
+  (networkslab/dynn) bins the taken exit's top softmax probability into 15 equal-mass bins
+  (quantile edges) instead. The gates curve carries both (`ece`, and `ece_equal_mass` from
+  `stages.core.evaluation.equal_mass_calibration_error`, `MethodCurve.equal_mass_ece`).
 
 What differs from the paper, and why: there the ICs and gates train together (the IC losses
 weighted by the gates' exit probabilities) on a frozen backbone, after a warm-up of the ICs. In

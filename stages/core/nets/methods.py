@@ -50,6 +50,9 @@ class MethodCurve:
     name: str  # its `criterion` in curve.parquet, budgets.parquet and calibration.parquet; never a criterion's name
     compute: CurveFn
     leaves: LeaveFn
+    # its source bins ECE by equal mass (JEI-DNN's code): the curve also gets `ece_equal_mass`
+    # (stages.core.evaluation.equal_mass_calibration_error) beside the house's equal-width `ece`
+    equal_mass_ece: bool = False
 
 
 def each_exit_alone(logits: Sequence[Tensor], target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
@@ -66,8 +69,8 @@ class ExitMethod:
     # (exits' logits, labels, the phase's loss function) -> each exit's training loss; the phase
     # decides which exits count and weights them (stages.core.phases.phase_loss)
     losses: ExitLosses = each_exit_alone
-    # The method's own weights on its exits' losses (number of exits -> [E]), multiplied into the
-    # phase's `loss_weighting` in P2 and P3; None: all 1. P1 trains the plain backbone: unweighted.
+    # The method's own weights on its exits' losses (number of exits -> [E], mean 1), multiplied into
+    # the phase's `loss_weighting` in P2 and P3; None: all 1. P1 trains the plain backbone: unweighted.
     loss_weights: Callable[[int], Tensor] | None = None
     cascade: bool = False  # IC k > 0 also reads IC k - 1's output, detached (its head wrapped in ztw.CascadeHead)
     ensemble: Callable[[int, int], nn.Module] | None = None  # (exits, classes) -> net.ensemble, used in place of `combine`
@@ -93,10 +96,14 @@ def get_method(name: str) -> ExitMethod:
 
 
 def depth_weights(num_exits: int) -> Tensor:
-    """PABEE's training loss (Zhou et al. 2020): exit j (1-based) weighs j / sum(1..E), so the
-    loss is the depth-weighted average of the exits' losses."""
+    """PABEE's and GPF's exit weights: exit j (1-based) weighs j, scaled to a mean of 1 (j E / sum(1..E)).
+
+    With the phase's mean reduction (sum_k w_k L_k / E) the loss is then sum_j j L_j / sum_j j, the
+    depth-weighted average both sources train with: PABEE's code (Zhou et al. 2020) divides
+    sum_j j L_j by sum_j j; GPF's, in the paper's code (its `methods/early_exit.py`), by E (E + 1) / 2.
+    """
     j = torch.arange(1, num_exits + 1, dtype=torch.float32)
-    return j / j.sum()
+    return j * num_exits / j.sum()
 
 
 register_method(ExitMethod("sdn", combine=lambda raw: raw[-1], independent=True))
@@ -104,9 +111,10 @@ register_method(ExitMethod("sdn", combine=lambda raw: raw[-1], independent=True)
 # criterion (stages.core.evaluation), which works with every method.
 register_method(ExitMethod("pabee", combine=lambda raw: raw[-1], independent=True, loss_weights=depth_weights))
 # GPF: ICs give hidden states, aggregated with the earlier ICs' (past) and imitations of the later
-# ICs' (future) into each exit's logits; the imitation loss joins the IC phases' (stages.core.nets.gpf).
+# ICs' (future) into each exit's logits; the depth-weighted loss as the paper's code forms it, and the
+# imitation loss added to it, unweighted, in the IC phases (stages.core.nets.gpf).
 register_method(ExitMethod("gpf", combine=lambda raw: raw[-1], aggregator=gpf.PastFutureAggregator,
-                           aux_loss=gpf.imitation_loss))
+                           aux_loss=gpf.imitation_loss, loss_weights=depth_weights))
 # ZTW: cascading ICs and a geometric ensemble of the ICs so far, fitted on the frozen net once the
 # ICs are trained (stages.core.nets.ztw); exit k needs every IC before it.
 register_method(ExitMethod("ztw", combine=lambda raw: raw[-1], cascade=True, ensemble=ztw.GeometricEnsemble,
@@ -114,7 +122,7 @@ register_method(ExitMethod("ztw", combine=lambda raw: raw[-1], cascade=True, ens
 # JEI-DNN: independent ICs (as SDN's) and learned exit gates, one set per cost trade-off lambda,
 # fitted on the frozen net once the ICs are trained (stages.core.nets.jei_dnn); its curve sweeps lambda.
 register_method(ExitMethod("jei_dnn", combine=lambda raw: raw[-1], independent=True, gates=jei_dnn.ExitGates,
-                           finish=jei_dnn.fit_gates, curve=MethodCurve("gates", jei_dnn.gate_points, jei_dnn.gate_leaves)))
+                           finish=jei_dnn.fit_gates, curve=MethodCurve("gates", jei_dnn.gate_points, jei_dnn.gate_leaves, equal_mass_ece=True)))
 
 
 def method_curves(names: Iterable[str]) -> tuple[str, ...]:

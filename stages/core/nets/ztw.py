@@ -3,10 +3,12 @@
 Two parts, registered together as the method `ztw` (`stages.core.nets.methods`):
 
 - **Cascading connections.** IC k > 0 reads, besides its block's features, the output logits of
-  IC k - 1, detached: no gradient flows back into an earlier IC through the connection. A linear
-  map of those logits is added to the IC's own output, which is the same as appending them to
-  the input of the head's last linear layer (every IC head ends in one). The final exit is the
-  backbone's own head: P1 trains the plain backbone whatever the method.
+  IC k - 1, detached (no gradient flows back into an earlier IC through the connection), then
+  layer-normalized over the classes by a LayerNorm of the IC's own (learned scale and shift), as
+  the authors' code does ("from ZTW appendix"; `ZTWCascading` with `layer_norm=True,
+  detach=True`). A linear map of the normalized logits is added to the IC's own output, which is
+  the same as appending them to the input of the head's last linear layer (every IC head ends in
+  one). The final exit is the backbone's own head: P1 trains the plain backbone whatever the method.
 - **Geometric ensembling.** IC m answers with q_m ∝ exp(beta_m) * prod_{i<=m} p_i ** w_mi, where
   p_i is the softmax of IC i's output and w_mi = exp(omega_mi) >= 0: the paper's
   prod_i (b_i p_i) ** w_i, whose per-class factors fold into the one vector beta_m. The weights
@@ -37,16 +39,20 @@ MAX_CACHED_FLOATS = 2**26
 
 
 class CascadeHead(nn.Module):
-    """An IC head that also reads the previous IC's output logits (detached), through a linear map."""
+    """An IC head that also reads the previous IC's output logits (detached), layer-normalized over
+    the classes, through a linear map: head(h) + cascade(norm(previous.detach()))."""
 
     def __init__(self, head: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.head = head
+        # the earlier IC's logits grow as it trains: normalized, the map reads a steady scale. Its
+        # affine parameters belong to this IC (the detach comes first, so they train with it).
+        self.norm = nn.LayerNorm(num_classes)
         # PyTorch's default init: the same as the extra inputs of a widened last layer
         self.cascade = nn.Linear(num_classes, num_classes, bias=False)
 
     def forward(self, h: Tensor, previous: Tensor) -> Tensor:
-        return self.head(h) + self.cascade(previous.detach())
+        return self.head(h) + self.cascade(self.norm(previous.detach()))
 
 
 def log_probs_of(raw: Sequence[Tensor]) -> Tensor:
