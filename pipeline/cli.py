@@ -49,7 +49,7 @@ def _check(study: StudySpec, tracking_uri: str | None, data: bool) -> None:
 
     try:
         check_store(resolve_uri(tracking_uri, study.tracking.uri))
-        check_storage(storage_path(study))
+        check_storage(storage_path(study, tracking_uri))
         if data:
             preflight(study)
     except (SpecError, TrackingError) as e:
@@ -66,10 +66,10 @@ def plan(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None) -> Non
     _check(study, tracking_uri, data=True)  # plan fails on whatever would stop `run`
     try:
         graph, planned = make_plan(study, tracking_uri)
-    except ValueError as e:
+    except ValueError as e:  # a SpecError too: net.init's run, read from the store
         raise _fail(f"exitflow: {e}") from None
     except TrackingError as e:
-        raise _fail(f"exitflow: tracking store: {e}") from None
+        raise _fail(_store_error(e)) from None
     cached = sum(p.cached_run is not None for p in planned)
     typer.echo(f"study {study.name}: {len(planned)} nodes, {cached} cached, {len(planned) - cached} to run")
     for line in _data_lines(graph):
@@ -82,6 +82,12 @@ def plan(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None) -> Non
     typer.echo("edges:")
     for src, dst in graph.edges():
         typer.echo(f"  {src} -> {dst}")
+
+
+def _store_error(e: Exception, command: str = "exitflow") -> str:
+    """One line for a tracking store that cannot be used (its messages that name the store keep their own words)."""
+    text = str(e)
+    return f"{command}: {text}" if text.startswith(("tracking store", "tracking server")) else f"{command}: tracking store: {text}"
 
 
 def _data_lines(graph: Any) -> list[str]:
@@ -127,7 +133,7 @@ def run(
     except (SpecError, ClusterError) as e:
         raise _fail(f"exitflow: {e}") from None
     except TrackingError as e:
-        raise _fail(f"exitflow: tracking store: {e}") from None
+        raise _fail(_store_error(e)) from None
     except StudyFailed as e:
         raise _fail(f"exitflow: {e}\nfinished stages are cached: run the same command again to resume.", 1) from None
     typer.echo(result.table)
@@ -209,8 +215,11 @@ def submit(
     if rel is None:
         raise _fail(f"exitflow submit: {spec} must lie under the working directory, which is uploaded to the cluster")
     args = ["exitflow", "run", str(rel), "--tracking-uri", uri] + [a for s in (set_ or []) for a in ("--set", s)]
+    from pipeline.job_submit import submit_job
+
     client = _jobs(address, "submit")
-    job_id = _job_call("submit", str(rel), lambda: client.submit_job(
+    job_id = _job_call("submit", str(rel), lambda: submit_job(
+        client, on_wait=lambda why: typer.echo(f"exitflow submit: {why}", err=True),
         entrypoint=shlex.join(args),
         runtime_env={"working_dir": ".", "excludes": [".venv", "mlartifacts", "mlflow.db", ".exitflow", ".git"]},
         metadata={"exitflow.study": study.name},
@@ -252,9 +261,12 @@ def report(run_id: Annotated[str, typer.Argument(help="A pipeline run id (printe
            tracking_uri: UriOpt = None) -> None:
     """Print a study's budget table and where its plots are."""
     from pipeline.runner import study_report
+    from pipeline.tracking import TrackingError
 
     try:
         table, where = study_report(run_id, tracking_uri)
+    except TrackingError as e:  # no store there (a report never makes one), or it cannot be served
+        raise _fail(_store_error(e, "exitflow report")) from None
     except Exception as e:  # noqa: BLE001 - an unknown run id is the usual cause
         raise _fail(f"exitflow report: {type(e).__name__}: {e}") from None
     typer.echo(table)

@@ -83,9 +83,12 @@ def _wait_for(client: object, job_id: str, states: set[str], timeout: float = 12
 def test_status_logs_and_stop_read_a_real_job(ray_dashboard: str) -> None:
     from ray.job_submission import JobSubmissionClient
 
+    from pipeline.job_submit import submit_job
+
     client = JobSubmissionClient(ray_dashboard)
     python = shlex.quote(sys.executable)
-    done = client.submit_job(entrypoint=f"{python} -c \"print('hello from the job')\"")
+    # as `exitflow submit` does: a job agent still starting (a loaded machine) is waited for, not a failure
+    done = submit_job(client, entrypoint=f"{python} -c \"print('hello from the job')\"")
     assert _wait_for(client, done, {"SUCCEEDED", "FAILED"}) == "SUCCEEDED"
     status = CliRunner().invoke(app, ["status", done, "--address", ray_dashboard])
     assert status.exit_code == 0 and f"job {done}: SUCCEEDED" in status.output
@@ -94,7 +97,7 @@ def test_status_logs_and_stop_read_a_real_job(ray_dashboard: str) -> None:
     followed = CliRunner().invoke(app, ["logs", done, "--follow", "--address", ray_dashboard])
     assert followed.exit_code == 0 and "hello from the job" in followed.output  # the job's outcome: success
 
-    running = client.submit_job(entrypoint=f"{python} -c \"import time; time.sleep(120)\"")
+    running = submit_job(client, entrypoint=f"{python} -c \"import time; time.sleep(120)\"")
     _wait_for(client, running, {"RUNNING"})
     stopped = CliRunner().invoke(app, ["stop", running, "--address", ray_dashboard])
     assert stopped.exit_code == 0 and "stopping" in stopped.output

@@ -185,7 +185,9 @@ def test_results_api_gives_the_budget_table_exitflow_report_prints(base: Any, ml
         header, _rule, *lines = block.split("\n\n")[0].splitlines()[1:]
         columns = re.split(r"\s{2,}", header.strip())
         assert columns[:2] == ["regime", "seeds"]
-        rows = [re.split(r"\s{2,}", ln.strip()) for ln in lines if not ln.startswith("note:")]
+        table = lines[: next((i for i, ln in enumerate(lines) if ln.startswith("read: ")), len(lines))]  # then how it was read
+        assert "read: thresholds: " in block  # every table says how it was read
+        rows = [re.split(r"\s{2,}", ln.strip()) for ln in table if not ln.startswith("note:")]
         blocks[criterion] = {row[0]: dict(zip(columns[1:], row[1:])) for row in rows}
     with open_study(base.parent_run_id, mlflow_uri) as study:
         budgets = study.budgets()
