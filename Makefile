@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/phase_overhead.py
 	$(BIN)/python bench/data_loading.py
 	$(BIN)/python bench/fit_processes.py
+	$(BIN)/python bench/store_writers.py
 
 install: $(STAMP)
 

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.stage import TableKind, table_kind
 from stages.core import faults
 from stages.core.state_hash import state_dict_hash
+from stages.core.tensor_file import UnreadableTensors, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +181,12 @@ class ArtifactStore:
                 self._verify(run_id, f"{CHECKPOINT_DIR}/{name}", local / name, hashes)
             try:
                 spec = json.loads((local / "spec.json").read_text())
-                state = torch.load(io.BytesIO((local / "model.pt").read_bytes()), map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ArtifactError(f"run {run_id}: checkpoint unreadable ({type(e).__name__}: {e})") from None
+            except (ValueError, OSError) as e:
+                raise ArtifactError(f"run {run_id}: checkpoint/spec.json unreadable ({type(e).__name__}: {e})") from None
+            try:
+                state = load_tensors(io.BytesIO((local / "model.pt").read_bytes()))
+            except UnreadableTensors as e:  # its reason, never torch's advice to load it unsafely
+                raise ArtifactError(f"run {run_id}: checkpoint/model.pt cannot be read: {e}") from None
         if "net" not in spec:
             raise ArtifactError(f"run {run_id}: checkpoint/spec.json has no 'net' entry")
         return state, spec

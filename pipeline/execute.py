@@ -20,7 +20,7 @@ from typing import Any
 from pipeline import tracking
 from pipeline.artifacts import ArtifactError, ArtifactStore
 from pipeline.graph import Node
-from pipeline.locks import key_lock
+from pipeline.locks import key_lock, lock_dir
 from pipeline.stage import Checkpoint, File, RunSettings, Stage, StageResult, Table, get_stage
 from pipeline.trial_runs import TrialRuns
 from stages.core import faults
@@ -40,6 +40,13 @@ class RunContext:
     storage_path: str
     settings: RunSettings = RunSettings()
     fault_plan: faults.Plan = ()  # from $EXITFLOW_FAULT, for fault-injection tests
+    # The store's key-lock folder (`pipeline.locks.lock_dir` of the store the driver was given: the
+    # served tracking URI above no longer says where a sqlite store lies); "" -> the Ray storage's.
+    lock_path: str = ""
+
+    @property
+    def locks(self) -> str:
+        return self.lock_path or str(lock_dir(self.tracking_uri, self.storage_path))
 
 
 @dataclass
@@ -130,7 +137,7 @@ def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult], stage: S
     start = time.monotonic()
     c = tracking.client(ctx.tracking_uri)
     store = ArtifactStore(c, ctx.fault_plan)
-    with key_lock(ctx.storage_path, node.key):
+    with key_lock(ctx.locks, node.key):
         # Another run of the same study may have finished this node while we waited.
         hit = cached_result(c, store, ctx.experiment_id, node)
         if hit is not None:

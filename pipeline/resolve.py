@@ -7,23 +7,29 @@ Ray starts or anything is written to the tracking store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.core.data import DataError, DataSpec, DatasetInfo, check_dataset
+import torch
+
+from stages.core.data import DataError, DataSpec, DatasetInfo, check_dataset, dataset_info
 from stages.core.data.identity import DataIdentity, identify, unread_identity
 from stages.core.loop import PhaseConfig
 from stages.core.nets import NetChoice, NetSpec, create_net
 from stages.core.nets.pretrained import Pretrained
-from stages.core.allowed import RUN_PREFIX
+from stages.core.allowed import MAX_PARAMETERS, RUN_PREFIX
 from stages.core.nets.start import StartWeights, backbone_weights, start_reader
+from stages.core.progress import brief
+from stages.core.tensor_file import UnreadableTensors
 
-from pipeline.spec import SpecError, StudySpec
+from pipeline.spec import SpecError, StudySpec, axis_label, variants
 
 
 # Each data set's identity, per (name, root), for this process: the driver's pre-flight computes it
@@ -77,7 +83,7 @@ def start_weights(spec: StudySpec) -> StartWeights | None:
         return StartWeights(identity=f"{name}@{file_sha256(path)}", source=source)
     path = Path(source)
     if not path.is_file():
-        raise SpecError(f"net.init: {source}: no such file")
+        raise SpecError(f"net.init: {source}: {'a folder, not a state-dict file' if path.is_dir() else 'no such file'}")
     return StartWeights(identity=file_sha256(path), source=source)
 
 
@@ -102,8 +108,21 @@ def check_start(spec: StudySpec, ns: NetSpec, read_run: Callable[[str], dict[str
         backbone_weights(create_net(ns), state)
     except SpecError:
         raise
-    except Exception as e:  # noqa: BLE001 - torch.load and MLflow raise many types; each is a bad start
-        raise SpecError(f"net.init: {start.source}: {type(e).__name__}: {e}") from None
+    except UnreadableTensors as e:
+        raise SpecError(f"net.init: {start.source}: not a state dict torch can read safely: {e}") from None
+    except Exception as e:  # noqa: BLE001 - MLflow and the libraries' caches raise many types; each is a bad start
+        raise SpecError(f"net.init: {start.source}: {brief(e)}") from None
+
+
+def check_starts(spec: StudySpec, read_run: Callable[[str], dict[str, Any]] | None = None, runs_only: bool = False) -> None:
+    """`check_start` for every variant of the study (each `compare` combination), naming the variant;
+    `runs_only`: only the variants that start from a run (`runs:/ID`, read with `read_run`)."""
+    for assignment, variant in variants(spec):
+        init = variant.net.init
+        if init is None or (runs_only and not init.startswith(RUN_PREFIX)):
+            continue
+        with _naming(assignment):
+            check_start(variant, sized_net(net_choice(variant), dataset_info(_data_section(variant))), read_run)
 
 
 def sized_net(choice: NetChoice, info: DatasetInfo) -> NetSpec:
@@ -128,25 +147,84 @@ def phase_config(spec: StudySpec, phase: str) -> PhaseConfig:
 
 
 def preflight(spec: StudySpec) -> tuple[DatasetInfo, NetSpec]:
-    """Check the data and build the net once on CPU; raise SpecError naming the field."""
+    """Check the data and build the net once on CPU, for every variant of the study (each `compare`
+    combination: each data set checked once, each net built once); raise SpecError naming the variant
+    (`compare net.backbone=x: `), the field and the reason. Returns the first variant's."""
+    infos: dict[str, DatasetInfo] = {}
+    nets: set[str] = set()  # repr of each NetSpec built, and of each (NetSpec, net.init) loaded
+    first: tuple[DatasetInfo, NetSpec] | None = None
+    for assignment, variant in variants(spec):
+        with _naming(assignment):
+            checked = _preflight_variant(variant, infos, nets)
+        first = first or checked
+    assert first is not None  # variants() gives at least the spec itself
+    return first
+
+
+@contextlib.contextmanager
+def _naming(assignment: tuple[tuple[str, Any], ...]) -> Iterator[None]:
+    """A SpecError raised inside names the variant it was raised for (nothing for a study without axes)."""
     try:
-        data = _data_section(spec)
-        info = check_dataset(data)
-        data_identity(data, refresh=True)  # after the check: a download it allowed is there now
-    except (ValueError, OSError) as e:  # OSError: an unreadable file or folder
-        raise SpecError(f"data: {e}") from None
+        yield
+    except SpecError as e:
+        if not assignment:
+            raise
+        raise SpecError(f"compare {axis_label(assignment)}: {e}") from None
+
+
+def _preflight_variant(spec: StudySpec, infos: dict[str, DatasetInfo], nets: set[str]) -> tuple[DatasetInfo, NetSpec]:
+    """`preflight` of one study; `infos` and `nets` hold what earlier variants checked already."""
+    data = _data_section(spec)
+    where = json.dumps(spec.data.model_dump(mode="json"), sort_keys=True)
+    if where not in infos:
+        try:
+            infos[where] = check_dataset(data)
+            data_identity(data, refresh=True)  # after the check: a download it allowed is there now
+        except (ValueError, OSError) as e:  # OSError: an unreadable file or folder
+            raise SpecError(f"data: {e}") from None
+    info = infos[where]
     try:
         ns = sized_net(net_choice(spec), info)
-        create_net(ns)
     except (ValueError, KeyError, TypeError) as e:
         raise SpecError(f"net: {e}") from None
-    check_start(spec, ns)  # a file: now; a run's weights once the tracking store is open
+    if repr(ns) not in nets:
+        _build_net(ns)
+        nets.add(repr(ns))
+    if repr((ns, spec.net.init)) not in nets:
+        check_start(spec, ns)  # a file: now; a run's weights once the tracking store is open (check_starts)
+        nets.add(repr((ns, spec.net.init)))
     for phase in ("P1", "P2", "P3"):
         try:
             phase_config(spec, phase)
         except (ValueError, TypeError) as e:
             raise SpecError(f"phases.{phase}: {e}") from None
     return info, ns
+
+
+MANY_CLASSES = 1_000  # ImageNet's: a classifier for more is counted before it is built
+
+
+def _build_net(ns: NetSpec) -> None:
+    """Build the net on CPU, once its size is known to fit. A net the spec sizes (`net.width`,
+    `net.depth`, `net.head_hidden`) or a data set of many classes sizes is counted first on torch's
+    meta device, which allocates nothing (a width of thousands would take the machine's memory); a
+    family's own sizes are known to fit, and the meta build costs as much as the CPU one."""
+    count = 0
+    if ns.width or ns.depth or ns.head_hidden or ns.num_classes > MANY_CLASSES:
+        try:
+            with torch.device("meta"):
+                count = sum(p.numel() for p in create_net(ns).parameters())
+        except (ValueError, KeyError, TypeError) as e:
+            raise SpecError(f"net: {e}") from None
+        except Exception:  # noqa: BLE001 - an op the meta device lacks: the CPU build below decides
+            count = 0
+    if count > MAX_PARAMETERS:
+        raise SpecError(f"net: {ns.backbone} with these settings has {count:,} parameters; at most {MAX_PARAMETERS:,} "
+                        "(net.width, net.depth, net.head_hidden size it)")
+    try:
+        create_net(ns)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"net: {e}") from None
 
 
 def check_storage(path: str) -> None:

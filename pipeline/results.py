@@ -98,7 +98,7 @@ def node_record(node: Any, result: Any) -> dict[str, Any]:
 def open_study(run_id: str, tracking_uri: str | None = None) -> Iterator[StudyResults]:
     """The results of pipeline run `run_id` (printed by `exitflow run`), while the block runs."""
     uri = tracking.resolve_uri(tracking_uri, None)
-    with tracking.serve_store(uri) as http:
+    with tracking.serve_store(uri, create=False) as http:  # reading never makes a store
         c = tracking.client(http)
         run = c.get_run(run_id)
         if run.data.tags.get("exitflow.stage") != "pipeline":

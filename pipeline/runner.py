@@ -7,13 +7,14 @@ reused after their artifacts verify; an interrupted phase resumes from its check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,11 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.execute import NodeResult, RunContext, cached_result, execute_node
 from pipeline.stage import RunSettings, Stage, get_stage
 from pipeline.graph import Graph, Node, build_graph
+from pipeline.locks import STORE_STATE, lock_dir
 from pipeline.loopback import free_loopback_port
-from pipeline.resolve import check_start, preflight
-from pipeline.spec import SpecError, StudySpec, spec_to_yaml
+from pipeline.resolve import check_starts, preflight
+from pipeline.spec import SpecError, StudySpec, spec_to_yaml, variants
+from stages.core.allowed import RUN_PREFIX
 from stages.core import faults
 from stages.core.progress import first_line
 from pipeline.relay import quiet_ray_notices, relay, relayed_progress
@@ -37,7 +40,7 @@ from pipeline.results import NODES_FILE, node_record
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORAGE = ".exitflow/ray"
+DEFAULT_STORAGE = ".exitflow/ray"  # with a tracking server: the working directory's
 ANALYSIS_RUNS_TAG = "exitflow.analysis_runs"  # on the pipeline run: {analysis node: its run id}
 Progress = Callable[[str], None]
 
@@ -115,8 +118,14 @@ def init_local_ray(env: dict[str, str], **init: Any) -> Any:
     return ctx
 
 
-def storage_path(spec: StudySpec) -> str:
-    p = spec.tracking.storage_path or DEFAULT_STORAGE
+def storage_path(spec: StudySpec, tracking_uri: str | None = None) -> str:
+    """The study's Ray storage: `tracking.storage_path`, else beside a local sqlite store
+    (`<store folder>/.exitflow/ray`: every command on the store resumes what another left,
+    whatever its working directory), else `./.exitflow/ray`."""
+    p = spec.tracking.storage_path
+    if p is None:
+        db = tracking.sqlite_file(tracking.resolve_uri(tracking_uri, spec.tracking.uri))
+        p = str(db.parent / STORE_STATE / "ray") if db is not None else DEFAULT_STORAGE
     return p if "://" in p else str(Path(p).resolve())
 
 
@@ -124,19 +133,68 @@ class ClusterError(RuntimeError):
     """The Ray cluster named by --address / $RAY_ADDRESS cannot be reached or joined."""
 
 
+RAY_CLIENT_PORT = 10001  # Ray Client's port on a head node, when a ray:// address names none
+
+
 def check_address(address: str | None) -> None:
-    """Fail fast, before anything is stored, when a cluster address (`host:port` of its GCS) takes no
-    connections; "auto", `ray://` and a local start are left to Ray."""
+    """Fail fast, before anything is stored, when a cluster address takes no connections: `HOST:PORT`
+    of its GCS, or `ray://HOST[:PORT]` of its Ray Client server ("auto" and a local start are left
+    to Ray; so is another scheme, which names a Ray Client plugin)."""
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address or address == "auto" or "://" in address:
+    if not address or address in ("auto", "local"):
         return
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ClusterError(f"--address {address!r}: expected HOST:PORT of the cluster's head (its GCS port, 6379 by default)")
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "ray":
+        return
+    where = rest.split("/", 1)[0] if sep else address
+    host, colon, port = where.rpartition(":")
+    if sep and not colon:
+        host, port = where, str(RAY_CLIENT_PORT)
+    elif not colon or not port.isdigit() or not host:
+        expected = ("ray://HOST:PORT of the cluster's Ray Client server (10001 by default)" if sep else
+                    "HOST:PORT of the cluster's head (its GCS port, 6379 by default)")
+        raise ClusterError(f"--address {address!r}: expected {expected}")
+    host = host.strip("[]")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
+    # Ray would wait minutes on a port that takes connections but is no Ray (its GCS client retries
+    # without end): both of its ports speak gRPC, whose handshake answers in milliseconds.
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", "") and not _speaks_grpc(host, int(port)):
+        port_name = "its Ray Client port, 10001 by default" if sep else "its GCS port, 6379 by default"
+        raise ClusterError(f"{address} takes connections but is not a Ray cluster (no gRPC answer in "
+                           f"{GRPC_WAIT_S:.0f} s): is it the head's port ({port_name})?")
+
+
+GRPC_WAIT_S = 10.0  # a gRPC handshake on a loaded head still answers well within this
+
+
+def _speaks_grpc(host: str, port: int) -> bool:
+    """Whether the server at host:port completes a gRPC (HTTP/2) handshake within GRPC_WAIT_S."""
+    import grpc  # Ray's own dependency
+
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=GRPC_WAIT_S)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+
+
+@contextlib.contextmanager
+def _joined(address: str | None, ray_logs: bool) -> Iterator[None]:
+    """Join the cluster a run names (--address, $RAY_ADDRESS) for the block, and leave it after: joined
+    before anything is written, so an address that answers but is no Ray (or refuses this client)
+    fails with the store untouched. A local Ray is not started here: only once a node must run."""
+    joined = ensure_ray(address, ray_logs) if address or os.environ.get("RAY_ADDRESS") else False
+    try:
+        yield
+    finally:
+        if joined:
+            ray.shutdown()
 
 
 def ensure_ray(address: str | None, ray_logs: bool = False) -> bool:
@@ -183,14 +241,19 @@ class PlannedNode:
 
 
 def plan(spec: StudySpec, tracking_uri: str | None = None) -> tuple[Graph, list[PlannedNode]]:
-    """The DAG in execution order and, per node, the finished run it would reuse (runs nothing)."""
+    """The DAG in execution order and, per node, the finished run it would reuse (runs nothing).
+
+    It refuses what `run_study` would refuse in the store: a `net.init: runs:/RUN_ID` that the store
+    does not hold as a finished phase run with a checkpoint (a SpecError)."""
     graph = build_graph(spec)
     uri = tracking.resolve_uri(tracking_uri, spec.tracking.uri)
     planned = [PlannedNode(graph.nodes[n], None) for n in graph.order()]
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if not tracking.store_exists(uri):
+        check_run_start(spec, uri, None)
         return graph, planned  # no store yet: nothing is cached, and plan creates nothing
-    with tracking.serve_store(uri) as http:
+    with tracking.serve_store(uri, create=False) as http:
         c = tracking.client(http)
+        check_run_start(spec, uri, c)
         exp = c.get_experiment_by_name(spec.tracking.experiment or spec.name)
         if exp is not None:
             for p in planned:
@@ -241,6 +304,29 @@ def _recover_zombies(c: Any, experiment_id: str) -> list[str]:
     return fixed
 
 
+def run_starts(spec: StudySpec) -> list[str]:
+    """The `net.init: runs:/ID` of every variant of the study (the base spec's first), each once."""
+    inits = [v.net.init for _, v in variants(spec)]
+    return list(dict.fromkeys(i for i in inits if i and i.startswith(RUN_PREFIX)))
+
+
+def starts_from_run(spec: StudySpec) -> bool:
+    """Whether a variant's phases that train from scratch start from a run's weights (`net.init: runs:/ID`)."""
+    return bool(run_starts(spec))
+
+
+def check_run_start(spec: StudySpec, uri: str, c: Any | None) -> None:
+    """Every variant's `net.init: runs:/RUN_ID` names a finished phase run of the store at `uri` whose
+    checkpoint fits that variant's net: a SpecError naming the variant and net.init otherwise. `c`: a
+    client of the served store, None when the store does not exist yet (then no run is in it)."""
+    starts = run_starts(spec)
+    if not starts:
+        return
+    if c is None:
+        raise SpecError(f"net.init: {starts[0]}: no such run: the tracking store {uri} does not exist yet")
+    check_starts(spec, read_run=lambda run_id: _phase_run_state(c, run_id), runs_only=True)
+
+
 def _phase_run_state(c: Any, run_id: str) -> dict[str, Any]:
     """The model state of a finished exitflow phase run (train or tune) of this tracking store."""
     try:
@@ -282,17 +368,21 @@ def run_study(
         fault_plan = faults.from_env()
     except ValueError as e:
         raise SpecError(str(e)) from None
-    _, net = preflight(spec)  # bad data or nets fail here: before Ray, before the store is touched
+    # Nothing is written before every check has passed: a command that fails leaves the store (and
+    # the folders beside it) as it found them; a store is created only by a run that will run.
+    preflight(spec)  # bad data or nets fail here, in every variant: before Ray, before the store is touched
     check_address(address)  # and a cluster that takes no connections
     graph = build_graph(spec)
     uri = tracking.resolve_uri(tracking_uri, spec.tracking.uri)
     tracking.check_store(uri)
-    storage = storage_path(spec)
-    if "://" not in storage:
-        Path(storage).mkdir(parents=True, exist_ok=True)
-    with tracking.serve_store(uri) as http:
+    storage = storage_path(spec, uri)
+    if not tracking.store_exists(uri):
+        check_run_start(spec, uri, None)  # runs:/ID of a store not made yet: refused before making it
+    with _joined(address, ray_logs), tracking.serve_store(uri) as http:
         c = tracking.client(http)
-        check_start(spec, net, read_run=lambda run_id: _phase_run_state(c, run_id))  # net.init: runs:/RUN_ID
+        check_run_start(spec, uri, c)  # net.init: runs:/RUN_ID, read from the store: nothing written yet
+        if "://" not in storage:
+            Path(storage).mkdir(parents=True, exist_ok=True)
         exp = tracking.ensure_experiment(c, spec.tracking.experiment or spec.name)
         for run_id in _recover_zombies(c, exp):
             show.note(f"recovered: run {run_id}, left RUNNING by a process that died, is closed")
@@ -304,7 +394,7 @@ def run_study(
                 ArtifactStore(c).save_file(parent, Path(d) / "spec.yaml")
             tracking.log_params(c, parent, {"regimes": ",".join(spec.regimes), "seeds": ",".join(map(str, spec.seeds)),
                                   "backbone": spec.net.backbone, "data": spec.data.name, "nodes": len(graph.nodes)})
-            ctx = RunContext(http, exp, parent, storage, run_settings(spec), fault_plan)
+            ctx = RunContext(http, exp, parent, storage, run_settings(spec), fault_plan, str(lock_dir(uri, storage)))
             try:
                 _execute(graph, ctx, result, show, address, ray_logs)
             finally:
@@ -482,7 +572,7 @@ def _read_text(c: Any, run_id: str, path: str) -> str:
 def study_report(run_id: str, tracking_uri: str | None = None) -> tuple[str, dict[str, Any]]:
     """The budget table of a pipeline run (or of a report run) and where its plots are."""
     uri = tracking.resolve_uri(tracking_uri, None)
-    with tracking.serve_store(uri) as http:
+    with tracking.serve_store(uri, create=False) as http:  # a report never makes a store
         c = tracking.client(http)
         run = c.get_run(run_id)
         report_id = run.data.tags.get("exitflow.report_run", run_id if run.data.tags.get("exitflow.stage") == "report" else None)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -31,6 +33,21 @@ from stages.core.augment import Augmentations as _CoreAugmentations
 from stages.core.allowed import (
     DATASET_NAMES,
     HEAD_KINDS,
+    MAX_BATCH,
+    MAX_DEPTH,
+    MAX_EPOCHS,
+    MAX_GRID,
+    MAX_HEAD_LAYERS,
+    MAX_INT,
+    MAX_PROCESSES,
+    MAX_SAMPLES,
+    MAX_SEEDS,
+    MAX_SPEC_BYTES,
+    MAX_THRESHOLDS,
+    MAX_TRIALS,
+    MAX_VARIANTS,
+    MAX_WIDTH,
+    MAX_YAML_DEPTH,
     MIN_SUBSET,
     NEEDS_NO_ROOT,
     RESIZE_BOUNDS,
@@ -41,6 +58,8 @@ from stages.core.allowed import (
 from stages.core.budgets import DEFAULT_BUDGETS, NAMED_BUDGETS, BudgetRule, SeedAveraging
 from stages.core.phase_config import LossReduction, LossWeighting, OptimizerName, Schedule
 from stages.core.phase_config import PhaseConfig as _CorePhase
+
+from pipeline.spec_yaml import SpecYAMLError, load_yaml
 
 Regime = Literal["joint", "disjoint", "mixed"]
 PhaseName = Literal["P1", "P2", "P3"]
@@ -65,9 +84,20 @@ def _not_bool(v: Any) -> Any:
 
 
 # Numbers as YAML gives them (ints, floats, and strings such as "1e-3": PyYAML reads an
-# exponent without a dot as a string), but never booleans.
-Int = Annotated[int, BeforeValidator(_not_bool)]
+# exponent without a dot as a string), but never booleans. Every integer is capped (a field's own
+# cap, from stages.core.allowed, is tighter where it sizes something).
+Int = Annotated[int, BeforeValidator(_not_bool), Field(ge=-MAX_INT, le=MAX_INT)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
+def _no_control_characters(v: str) -> str:
+    # A newline or NUL in a path is a quoting accident; it would also split the one-line messages that name it.
+    if any(ord(c) < 32 or ord(c) == 127 for c in v):
+        raise ValueError(f"{v!r} holds a control character")
+    return v
+
+
+PathText = Annotated[str, AfterValidator(_no_control_characters)]  # a path or URI
 # numpy/sklearn seeds must fit in 32 bits.
 Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, lt=2**32)]
 
@@ -95,13 +125,13 @@ class AugmentationsConfig(_Model):
 
 class DataConfig(_Model):
     name: Literal[DATASET_NAMES] = "digits"  # type: ignore[valid-type]  # the core's list
-    root: str | None = None  # folder of the data set; relative paths resolve against the spec file
+    root: PathText | None = None  # folder of the data set; relative paths resolve against the spec file, ~ is expanded
     val_fraction: Float = Field(0.1, gt=VAL_FRACTION_BOUNDS[0], lt=VAL_FRACTION_BOUNDS[1])  # stratified validation split of train
     augment: bool = True  # train-time augmentation (never on val/test)
     download: bool = False  # torchvision cifar10/cifar100 only
     train_subset: Int | None = Field(None, ge=MIN_SUBSET)  # stratified cap on train samples (quick runs)
     test_subset: Int | None = Field(None, ge=MIN_SUBSET)  # stratified cap on test samples
-    num_workers: Int = Field(0, ge=0)  # DataLoader worker processes per training worker
+    num_workers: Int = Field(0, ge=0, le=MAX_PROCESSES)  # DataLoader worker processes per training worker
     augmentations: AugmentationsConfig = Field(default_factory=AugmentationsConfig)  # need augment: true
     # Resize every split's images to this square side (None: the data set's own), e.g. 224 to
     # fine-tune an ImageNet-pretrained ViT-B/16 on CIFAR's 32 px images (the paper's Fig. 11)
@@ -119,19 +149,19 @@ class DataConfig(_Model):
 class NetConfig(_Model):
     backbone: str = "resnet20"  # registry name (exitflow plan lists them on error)
     method: str = "sdn"  # early-exit method, registered in stages.core.nets.methods
-    exits: list[Int] | None = None  # IC positions: 1-based block numbers an IC follows
-    exit_every: Int | None = Field(None, ge=1)  # or one IC every n blocks ...
-    exit_start: Int | None = Field(None, ge=1)  # ... from this block
+    exits: list[Annotated[Int, Field(le=MAX_DEPTH)]] | None = Field(None, max_length=MAX_DEPTH)  # IC positions: 1-based block numbers an IC follows
+    exit_every: Int | None = Field(None, ge=1, le=MAX_DEPTH)  # or one IC every n blocks ...
+    exit_start: Int | None = Field(None, ge=1, le=MAX_DEPTH)  # ... from this block
     head: Literal[HEAD_KINDS] | None = None  # type: ignore[valid-type]  # IC head kind; None -> family default
     head_norm: bool = False  # LayerNorm before a linear or MLP head
-    head_hidden: list[Int] = Field(default_factory=list)  # an "mlp" head's hidden widths, e.g. [1024] or [2048, 2048]
+    head_hidden: list[Annotated[Int, Field(le=MAX_WIDTH)]] = Field(default_factory=list, max_length=MAX_HEAD_LAYERS)  # an "mlp" head's hidden widths, e.g. [1024] or [2048, 2048]
     small_input: bool | None = None  # torchvision ResNets: CIFAR stem; None -> by image size
-    width: Int | None = Field(None, ge=1)  # width / embed-dim override (small nets)
-    depth: Int | None = Field(None, ge=1)  # block-count override where the family allows it
+    width: Int | None = Field(None, ge=1, le=MAX_WIDTH)  # width / embed-dim override (small nets)
+    depth: Int | None = Field(None, ge=1, le=MAX_DEPTH)  # block-count override where the family allows it
     # Starting point of the phases that train from scratch (P1, joint's P2): a state-dict file (relative
     # paths resolve against the spec file), runs:/RUN_ID (an exitflow phase run, e.g. another study's
     # P1), or torchvision:NAME / timm:NAME (pretrained weights already in that library's local cache)
-    init: str | None = None
+    init: PathText | None = None
 
     @field_validator("init")
     @classmethod
@@ -161,7 +191,7 @@ class NetConfig(_Model):
 
 class LogUniform(_Model):
     loguniform: tuple[Float, Float]  # (low, high), both > 0
-    num_samples: Int = Field(4, ge=1)
+    num_samples: Int = Field(4, ge=1, le=MAX_TRIALS)
 
     @field_validator("loguniform")
     @classmethod
@@ -190,7 +220,7 @@ def _lr_kind(v: Any) -> str | None:
 LrSpec = Annotated[
     Union[
         Annotated[Float, Tag("lr=number")],
-        Annotated[list[Float], Tag("lr=grid")],
+        Annotated[list[Float], Field(max_length=MAX_TRIALS), Tag("lr=grid")],
         Annotated[Preset, Tag("lr=preset")],
         Annotated[LogUniform, Tag("lr=loguniform")],
     ],
@@ -230,16 +260,16 @@ class PhaseConfig(_Model):
     momentum: Float = Field(_PHASE_DEFAULTS["momentum"], ge=0.0, lt=1.0)
     nesterov: bool = _PHASE_DEFAULTS["nesterov"]
     weight_decay: Float = Field(_PHASE_DEFAULTS["weight_decay"], ge=0.0)
-    batch_size: Int = Field(_PHASE_DEFAULTS["batch_size"], ge=1)  # global: split over the Train workers
-    max_epochs: Int = Field(_PHASE_DEFAULTS["max_epochs"], ge=1)
-    patience: Int = Field(_PHASE_DEFAULTS["patience"], ge=1)  # early stopping: epochs with no exit improving
+    batch_size: Int = Field(_PHASE_DEFAULTS["batch_size"], ge=1, le=MAX_BATCH)  # global: split over the Train workers
+    max_epochs: Int = Field(_PHASE_DEFAULTS["max_epochs"], ge=1, le=MAX_EPOCHS)
+    patience: Int = Field(_PHASE_DEFAULTS["patience"], ge=1, le=MAX_EPOCHS)  # early stopping: epochs with no exit improving
     schedule: Schedule = _PHASE_DEFAULTS["schedule"]
-    warmup_epochs: Int = Field(_PHASE_DEFAULTS["warmup_epochs"], ge=0)
-    step_epochs: Int = Field(_PHASE_DEFAULTS["step_epochs"], ge=1)  # schedule "step": decay every this many epochs
+    warmup_epochs: Int = Field(_PHASE_DEFAULTS["warmup_epochs"], ge=0, le=MAX_EPOCHS)
+    step_epochs: Int = Field(_PHASE_DEFAULTS["step_epochs"], ge=1, le=MAX_EPOCHS)  # schedule "step": decay every this many epochs
     step_gamma: Float = Field(_PHASE_DEFAULTS["step_gamma"], gt=0.0)  # schedule "step": the decay factor
     grad_clip: Float | None = Field(_PHASE_DEFAULTS["grad_clip"], gt=0.0)
     loss_weighting: LossWeighting = _PHASE_DEFAULTS["loss_weighting"]
-    kaya_epochs: Int | None = Field(_PHASE_DEFAULTS["kaya_epochs"], ge=1)  # "kaya": epochs to the IC weights' caps; None: max_epochs
+    kaya_epochs: Int | None = Field(_PHASE_DEFAULTS["kaya_epochs"], ge=1, le=MAX_EPOCHS)  # "kaya": epochs to the IC weights' caps; None: max_epochs
     loss_reduction: LossReduction = _PHASE_DEFAULTS["loss_reduction"]  # mean: weighted exit losses / E (the paper's); sum
     label_smoothing: Float = Field(_PHASE_DEFAULTS["label_smoothing"], ge=0.0, lt=1.0)
     bf16: bool = _PHASE_DEFAULTS["bf16"]  # bf16 autocast (CUDA only; a no-op on CPU)
@@ -247,10 +277,10 @@ class PhaseConfig(_Model):
     # loss_weighting "l2w": the weight prediction network (P2 and P3; see docs/methods.md)
     l2w_epsilon: Float = Field(_PHASE_DEFAULTS["l2w_epsilon"], gt=0.0, le=0.5)
     l2w_target_p: Float = Field(_PHASE_DEFAULTS["l2w_target_p"], gt=0.0)
-    l2w_hidden: Int = Field(_PHASE_DEFAULTS["l2w_hidden"], ge=1)
+    l2w_hidden: Int = Field(_PHASE_DEFAULTS["l2w_hidden"], ge=1, le=MAX_WIDTH)
     l2w_meta_lr: Float = Field(_PHASE_DEFAULTS["l2w_meta_lr"], gt=0.0)
     l2w_meta_weight_decay: Float = Field(_PHASE_DEFAULTS["l2w_meta_weight_decay"], ge=0.0)
-    l2w_meta_interval: Int = Field(_PHASE_DEFAULTS["l2w_meta_interval"], ge=1)
+    l2w_meta_interval: Int = Field(_PHASE_DEFAULTS["l2w_meta_interval"], ge=1, le=MAX_SAMPLES)
 
     @field_validator("lr")
     @classmethod
@@ -291,14 +321,14 @@ class PhasesConfig(_Model):
 class SearchConfig(_Model):
     selection: Literal["mean", "final", "auc"] = "mean"  # P2/P3 metric; P1 always uses the final exit
     scheduler: Literal["none", "asha"] = "none"  # ASHA stops poor learning rates early
-    grace_period: Int = Field(2, ge=1)  # ASHA: epochs before a trial may be stopped
+    grace_period: Int = Field(2, ge=1, le=MAX_EPOCHS)  # ASHA: epochs before a trial may be stopped
     reduction_factor: Float = Field(2.0, gt=1.0)
-    max_concurrent_trials: Int = Field(2, ge=1)
+    max_concurrent_trials: Int = Field(2, ge=1, le=MAX_PROCESSES)
 
 
 class EvaluationConfig(_Model):
     criteria: list[str] = Field(default_factory=lambda: ["max_softmax", "entropy"], min_length=1)  # registered in stages.core.evaluation
-    thresholds: Int = Field(100, ge=2)
+    thresholds: Int = Field(100, ge=2, le=MAX_THRESHOLDS)
     # uniform: evenly spaced (the paper's); quantile: where the ICs' confidences are, so the curve
     # covers the FLOPs range even when confident ICs put every max softmax above 0.99
     threshold_spacing: Literal["uniform", "quantile"] = "uniform"
@@ -311,7 +341,7 @@ class EvaluationConfig(_Model):
     # curve: the seeds' curves averaged threshold by threshold, then read (the paper's); budget:
     # each seed's curve read, then the readings averaged
     seed_averaging: SeedAveraging = "curve"
-    batch_size: Int = Field(256, ge=1)
+    batch_size: Int = Field(256, ge=1, le=MAX_BATCH)
 
     @field_validator("criteria")
     @classmethod
@@ -342,12 +372,12 @@ class EvaluationConfig(_Model):
 
 
 class ResourcesConfig(_Model):
-    num_workers: Int = Field(1, ge=0)  # Ray Train workers per phase (0 and 1: one, in process unless trainer: ray_train)
+    num_workers: Int = Field(1, ge=0, le=MAX_PROCESSES)  # Ray Train workers per phase (0 and 1: one, in process unless trainer: ray_train)
     use_gpu: bool = False
-    cpus_per_worker: Float = Field(1.0, gt=0.0)
-    gpus_per_worker: Float = Field(1.0, ge=0.0)  # used only with use_gpu
-    max_failures: Int = Field(1, ge=0)  # worker-group restarts from the last checkpoint
-    torch_threads: Int | None = Field(None, ge=1)  # torch.set_num_threads in workers (None: cpus_per_worker)
+    cpus_per_worker: Float = Field(1.0, gt=0.0, le=MAX_PROCESSES)
+    gpus_per_worker: Float = Field(1.0, ge=0.0, le=MAX_PROCESSES)  # used only with use_gpu
+    max_failures: Int = Field(1, ge=0, le=MAX_PROCESSES)  # worker-group restarts from the last checkpoint
+    torch_threads: Int | None = Field(None, ge=1, le=MAX_PROCESSES)  # torch.set_num_threads in workers (None: cpus_per_worker)
     # Start a phase only when the study's running phases leave room for its workers; false on an
     # autoscaling cluster, where waiting phases' demand is what makes the cluster grow.
     admission: bool = True
@@ -364,8 +394,8 @@ class RankAnalysis(_Model):
     # Which images, always with eval transforms: the test set, the validation share of the training
     # set, or the training images the phases learn from (the paper's landscapes and connectivity).
     split: Literal["train", "test", "val"] = "test"
-    samples: Int = Field(1000, ge=2)  # the batch: rows of each layer's matrix (the paper: the test set)
-    features: Int = Field(6000, ge=1)  # columns kept per layer, the same random subset across models
+    samples: Int = Field(1000, ge=2, le=MAX_SAMPLES)  # the batch: rows of each layer's matrix (the paper: the test set)
+    features: Int = Field(6000, ge=1, le=MAX_SAMPLES)  # columns kept per layer, the same random subset across models
     rtol: Float | None = Field(None, gt=0.0)  # None: s_max * max(m, n) * float32 eps (numpy's rule)
 
 
@@ -375,8 +405,8 @@ class LandscapeAnalysis(_Model):
 
     enabled: bool = False
     split: Literal["train", "test", "val"] = "test"
-    samples: Int = Field(500, ge=1)  # the images every grid point is evaluated on
-    steps: Int = Field(21, ge=3)  # points per axis (odd: the centre is the model); the paper: 100 x 100
+    samples: Int = Field(500, ge=1, le=MAX_SAMPLES)  # the images every grid point is evaluated on
+    steps: Int = Field(21, ge=3, le=MAX_GRID)  # points per axis (odd: the centre is the model); the paper: 100 x 100
     span: Float = Field(1.0, gt=0.0)  # the grid covers [-span, span]^2 in units of the directions
 
     @field_validator("steps")
@@ -392,7 +422,7 @@ class MutualInformationAnalysis(_Model):
 
     enabled: bool = False
     split: Literal["train", "test", "val"] = "test"
-    samples: Int = Field(500, ge=2)  # N: X is uniform over these images (I <= log N)
+    samples: Int = Field(500, ge=2, le=MAX_SAMPLES)  # N: X is uniform over these images (I <= log N)
     # jensen (the paper's), mc: Kawaguchi et al. 2023's fixed-noise estimator; relative_noise: noise
     # scaled to each block's median pairwise distance (exitflow's earlier estimator)
     estimator: Literal["jensen", "mc", "relative_noise"] = "jensen"
@@ -401,7 +431,7 @@ class MutualInformationAnalysis(_Model):
     # `compare`); set for an estimator that does not read it: refused, never silently ignored.
     noise_std: Float | None = Field(None, gt=0.0)  # jensen, mc: the noise's std, absolute (1.0)
     noise: Float | None = Field(None, gt=0.0)  # relative_noise: std as a share of the median distance (0.25)
-    draws: Int | None = Field(None, ge=1)  # mc, relative_noise: noise draws per sample (4)
+    draws: Int | None = Field(None, ge=1, le=MAX_GRID)  # mc, relative_noise: noise draws per sample (4)
 
     @field_validator("noise_std", "noise", "draws")
     @classmethod
@@ -416,7 +446,7 @@ class GradientDominanceAnalysis(_Model):
     Measured inside training: switching it on re-trains those P2 phases."""
 
     enabled: bool = False
-    every: Int = Field(10, ge=1)  # measure every N training steps of an epoch (the epoch's mean is logged)
+    every: Int = Field(10, ge=1, le=MAX_SAMPLES)  # measure every N training steps of an epoch (the epoch's mean is logged)
 
 
 class ConnectivityAnalysis(_Model):
@@ -425,12 +455,12 @@ class ConnectivityAnalysis(_Model):
 
     enabled: bool = False
     split: Literal["train", "test", "val"] = "test"  # the images every point is evaluated on
-    samples: Int = Field(500, ge=1)
-    train_samples: Int = Field(500, ge=2)  # training images each point's BatchNorm statistics are recomputed on
+    samples: Int = Field(500, ge=1, le=MAX_SAMPLES)
+    train_samples: Int = Field(500, ge=2, le=MAX_SAMPLES)  # training images each point's BatchNorm statistics are recomputed on
     bn_repair: bool = True  # recompute BatchNorm statistics at every point (false: interpolate them as weights)
-    points: Int = Field(11, ge=2)  # points along each line, both models included
-    plane_steps: Int = Field(11, ge=2)  # points per axis of the plane's grid; the paper: 150 x 150
-    iterations: Int = Field(100, ge=1)  # weight matching: most passes over the permutation groups
+    points: Int = Field(11, ge=2, le=MAX_GRID)  # points along each line, both models included
+    plane_steps: Int = Field(11, ge=2, le=MAX_GRID)  # points per axis of the plane's grid; the paper: 150 x 150
+    iterations: Int = Field(100, ge=1, le=MAX_SAMPLES)  # weight matching: most passes over the permutation groups
     # Regime -> the seed whose model it contributes, e.g. {disjoint: 0, mixed: 1, joint: 2}: one node
     # across seeds (the paper's D.8 takes disjoint's and mixed's backbones from different seeds, so
     # matching has real permutations to find). None: one node per seed, its regimes' models.
@@ -453,9 +483,11 @@ class AnalysesConfig(_Model):
 
 
 class TrackingConfig(_Model):
-    uri: str | None = None  # MLflow tracking URI; None -> $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    uri: PathText | None = None  # MLflow tracking URI; None -> $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str | None = None  # MLflow experiment; None -> the spec's name
-    storage_path: str | None = None  # Ray Train/Tune storage; None -> ./.exitflow/ray (shared FS or s3:// on a cluster)
+    # Ray Train/Tune storage (shared FS or s3:// on a cluster); a relative path resolves against the
+    # spec file, ~ is expanded; None -> beside a local sqlite store, else ./.exitflow/ray (runner.storage_path)
+    storage_path: PathText | None = None
 
 
 class StudySpec(_Model):
@@ -465,7 +497,7 @@ class StudySpec(_Model):
     data: DataConfig = Field(default_factory=DataConfig)
     net: NetConfig = Field(default_factory=NetConfig)
     regimes: list[Regime] = Field(default_factory=lambda: ["joint", "disjoint", "mixed"], min_length=1)
-    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=MAX_SEEDS)
     phases: PhasesConfig = Field(default_factory=PhasesConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -508,6 +540,9 @@ class StudySpec(_Model):
             seen = [yaml.safe_dump(x) for x in values]
             if len(set(seen)) != len(seen):
                 raise ValueError(f"{axis!r}: duplicate values in {values}")
+        count = math.prod(len(values) for values in v.values())
+        if count > MAX_VARIANTS:
+            raise ValueError(f"{count} variants (the product of the axes' lengths): at most {MAX_VARIANTS}")
         fields = [f for f in cls.model_fields if f != "compare"]
         if not all(f in info.data for f in fields):
             return v  # another field is invalid: that error is reported, the variants cannot be built
@@ -544,7 +579,7 @@ def _set_path(doc: dict[str, Any], parts: list[str], value: Any) -> dict[str, An
         if child is None:
             child = node[p] = {}
         if not isinstance(child, dict):
-            raise SpecError(f"{'.'.join(parts)}: {p!r} is not a section")
+            raise SpecError(f"{shown('.'.join(parts))}: {p!r} is not a section")
         node = child
     node[parts[-1]] = _deep_copy(value)
     return out
@@ -594,12 +629,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise SpecError(f"--set {item!r}: empty key")
+    if len(parts) > MAX_YAML_DEPTH:
+        raise SpecError(f"--set {key[:40]!r}...: a key of {len(parts)} parts: no field lies deeper than {MAX_YAML_DEPTH}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise SpecError(f"--set {key}: value is not valid YAML ({e})") from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise SpecError(f"--set {key}: value is nested too deeply") from None
+        value = load_yaml(raw) if raw.strip() else None
+    except SpecYAMLError as e:
+        raise SpecError(f"--set {shown(key)}: {'value is not valid YAML' if e.malformed else 'value refused'}: {e}") from None
     return parts, value
 
 
@@ -623,6 +658,13 @@ def _deep_copy(d: Any) -> Any:
     return d
 
 
+def shown(text: str) -> str:
+    """`text` as a message shows a user's key: itself, or quoted (with escapes) when it holds a newline
+    or another unprintable character, or starts or ends with a space (each problem on its one line,
+    and what the key is, exactly)."""
+    return text if text.isprintable() and text == text.strip() else repr(text)
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem: `  dotted.field: reason`, under an "invalid spec:" heading."""
     lines = []
@@ -631,7 +673,7 @@ def format_validation_error(err: ValidationError) -> str:
         # Drop union tags from the path, but never the last part of an unknown key: that is the user's key.
         keep_last = loc[-1:] if e["type"] == "extra_forbidden" else []
         parts = [p for p in loc[: len(loc) - len(keep_last)] if not (isinstance(p, str) and p in _UNION_TAGS)] + keep_last
-        where = ".".join(str(p) for p in parts) or "(spec)"
+        where = shown(".".join(str(p) for p in parts)) or "(spec)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"  {where}: {msg}")
     # Union members repeat the same location; keep each line once, in order.
@@ -642,7 +684,8 @@ _UNION_TAGS = {"lr=number", "lr=grid", "lr=preset", "lr=loguniform", "budget=num
 
 
 def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> StudySpec:
-    """Read, override and validate a spec; relative data paths resolve against the spec file."""
+    """Read (`load_yaml`: bounded, no duplicate keys), override and validate a spec; its paths then
+    resolve against the spec file's folder (`resolve_paths`; the working directory without a file)."""
     doc: dict[str, Any] = {}
     base = Path.cwd()
     if path is not None:
@@ -650,13 +693,15 @@ def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> St
         if not p.is_file():
             raise SpecError(f"spec file {'is a folder' if p.is_dir() else 'not found'}: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise SpecError(f"{p}: malformed YAML: {e}") from None
-        except RecursionError:  # PyYAML composes nested collections recursively
-            raise SpecError(f"{p}: malformed YAML: nested too deeply") from None
+            if p.stat().st_size > MAX_SPEC_BYTES:
+                raise SpecError(f"{p}: {p.stat().st_size} bytes: a spec file is at most {MAX_SPEC_BYTES} bytes")
+            loaded = load_yaml(p.read_text(encoding="utf-8"))
+        except SpecYAMLError as e:
+            raise SpecError(f"{p}: {'malformed YAML' if e.malformed else 'YAML refused'}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{p}: malformed YAML: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except OSError as e:
-            raise SpecError(f"{p}: cannot read: {e}") from None
+            raise SpecError(f"{p}: cannot read: {e.strerror or e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -669,26 +714,73 @@ def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> St
         spec = StudySpec.model_validate(doc)
     except ValidationError as e:
         raise SpecError(format_validation_error(e)) from None
-    except RecursionError:  # a recursive YAML alias (`a: &x [*x]`) or absurd nesting
-        raise SpecError(f"{where}: invalid spec: nested too deeply (a recursive YAML alias?)") from None
+    except RecursionError:  # the YAML reader bounds nesting; this guards what else may nest (pydantic, copies)
+        raise SpecError(f"{where}: invalid spec: nested too deeply") from None
     return resolve_paths(spec, base)
 
 
-def resolve_paths(spec: StudySpec, base: Path) -> StudySpec:
-    """Make a relative data.root and net.init absolute against the spec's folder (Ray changes workers' cwd).
+def _is_file_init(v: str) -> bool:
+    return not v.startswith(RUN_PREFIX) and pretrained_source(v) is None
 
-    tracking.uri and tracking.storage_path are left as given: like their defaults they are
-    relative to the working directory, and the runner makes them absolute.
-    """
-    data, net = spec.data, spec.net
-    if data.root and "://" not in data.root and not Path(data.root).is_absolute():
-        data = data.model_copy(update={"root": str((base / data.root).resolve())})
-    file_init = net.init and not net.init.startswith(RUN_PREFIX) and pretrained_source(net.init) is None
-    if file_init and not Path(net.init).expanduser().is_absolute():
-        net = net.model_copy(update={"init": str((base / net.init).resolve())})
-    elif file_init:
-        net = net.model_copy(update={"init": str(Path(net.init).expanduser())})
-    return spec.model_copy(update={"data": data, "net": net})
+
+# The spec's local paths (field -> whether a value is one: not a URI, a run or a library's weights).
+# tracking.uri is not among them: like --tracking-uri and its default, its sqlite path is the working
+# directory's (the runner makes it absolute).
+PATH_FIELDS: dict[str, Callable[[str], bool]] = {
+    "data.root": lambda v: "://" not in v,
+    "net.init": _is_file_init,
+    "tracking.storage_path": lambda v: "://" not in v,
+}
+
+
+def resolve_paths(spec: StudySpec, base: Path) -> StudySpec:
+    """Every local path of the spec absolute, `~` expanded, a relative one against `base`, the spec's
+    folder (Ray changes its workers' working directory): the PATH_FIELDS, and the same fields in the
+    values of the `compare` axes (a variant's `data.root`, or a whole `data:` section's root)."""
+    updates: dict[str, Any] = {}
+    for field, is_local in PATH_FIELDS.items():
+        section, name = field.split(".")
+        model = updates.get(section, getattr(spec, section))
+        value = getattr(model, name)
+        if value and is_local(value):
+            updates[section] = model.model_copy(update={name: local_path(field, value, base)})
+    compare = {}
+    for axis, values in spec.compare.items():
+        compare[axis] = [_paths_in(axis, v, base) for v in values]
+        seen = [yaml.safe_dump(v) for v in compare[axis]]
+        if len(set(seen)) != len(seen):
+            twice = next(v for v, text in zip(values, seen) if seen.count(text) > 1)
+            raise SpecError(f"invalid spec:\n  compare: {axis!r}: two values name the same path as {twice!r}")
+    return spec.model_copy(update={**updates, "compare": compare})
+
+
+def local_path(field: str, value: str, base: Path) -> str:
+    """`value` with `~` expanded, made absolute against `base` when relative."""
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError as e:  # ~user of no such user
+        raise SpecError(f"invalid spec:\n  {field}: {value!r}: {e}") from None
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _paths_in(axis: str, value: Any, base: Path) -> Any:
+    """An axis value with every path field at or under the axis made absolute (`local_path`)."""
+    where = axis.split(".")
+    for field, is_local in PATH_FIELDS.items():
+        parts = field.split(".")
+        if parts[: len(where)] == where:
+            value = _replace_at(value, parts[len(where):], lambda v, f=field, ok=is_local: (
+                local_path(f, v, base) if isinstance(v, str) and v and ok(v) else v))
+    return value
+
+
+def _replace_at(value: Any, parts: list[str], change: Callable[[Any], Any]) -> Any:
+    """`value` with `change` applied at the key path `parts` (unchanged where that path is absent)."""
+    if not parts:
+        return change(value)
+    if isinstance(value, dict) and parts[0] in value:
+        return {**value, parts[0]: _replace_at(value[parts[0]], parts[1:], change)}
+    return value
 
 
 def spec_to_yaml(spec: StudySpec) -> str:

@@ -3,6 +3,11 @@
 Many processes writing one SQLite file hit "database is locked", so for a local sqlite store
 `exitflow` starts `mlflow server` on loopback for the duration of a command and every
 process (driver, Ray tasks, Train workers) logs over HTTP, exactly as on a cluster.
+
+Two commands on one store are two such servers on one file: SQLite serialises their writes
+(MLflow waits up to 20 s for the file's lock on every session), which `bench/store_writers.py`
+measured to lose nothing. A store that another writer holds locked when a command starts is
+waited on for `EXITFLOW_STORE_WAIT_S` seconds (60 by default), saying so, then refused.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,8 @@ PARENT_TAG = "mlflow.parentRunId"
 # MLflow's store schemes that need a server or database we cannot check from here.
 REMOTE_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc", "postgresql", "mysql", "mssql")
 SQLITE_MAGIC = b"SQLite format 3\x00"
+STORE_WAIT_ENV = "EXITFLOW_STORE_WAIT_S"  # how long a command waits for a store another writer locked
+STORE_WAIT_S = 60.0
 
 # Every process that talks to MLflow: no telemetry (it races on an env var when several threads
 # log at once, and this is often an offline machine), no per-download progress bar, no
@@ -67,7 +74,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float, log_p
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise TrackingError(f"mlflow server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            raise TrackingError(f"mlflow server exited with {proc.returncode}: {_last_error(log_path)}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
@@ -75,7 +82,18 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float, log_p
         except OSError:
             time.sleep(0.3)
     _stop(proc)
-    raise TrackingError(f"mlflow server did not become healthy in {timeout:.0f}s: {log_path.read_text()[-2000:]}")
+    raise TrackingError(f"mlflow server did not become healthy in {timeout:.0f}s: {_last_error(log_path)}")
+
+
+def _last_error(log_path: Path) -> str:
+    """The server's own error, as one line: the last line of its log that is not blank (the
+    exception of a traceback); the terminal shows exitflow's lines, not MLflow's tracebacks."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    last = next((line for line in reversed(lines) if not line.startswith(("(Background on this error", "[SQL:"))), "")
+    return last[:300] or "no output"
 
 
 # MLflow 3's UI opens in its GenAI mode (traces, an assistant) whatever the experiment's kind; the
@@ -111,6 +129,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a resolved `sqlite:///` URI; None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") and uri != "sqlite:///" else None
+
+
+def store_exists(uri: str) -> bool:
+    """False for a local sqlite store whose file is not there (or empty: SQLite's own empty
+    database, no MLflow schema yet); True otherwise (a server is asked when it is used)."""
+    db = sqlite_file(uri)
+    return db is None or (db.is_file() and db.stat().st_size > 0)
 
 
 def check_store(uri: str) -> None:
@@ -166,16 +196,87 @@ def _check_answers(uri: str, timeout_s: float = 10.0) -> None:
                             "and reachable from where this runs?") from None
 
 
+def _locked(db: Path, busy_s: float) -> bool:
+    """Whether another connection holds a write lock on `db` (waiting up to `busy_s` for it).
+
+    Takes and gives back SQLite's write lock without writing anything (`BEGIN IMMEDIATE`, then
+    `ROLLBACK`); opened read-write without create, so it never makes a database."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True, timeout=busy_s, isolation_level=None)
+    except sqlite3.OperationalError:
+        return False  # not there or not openable: check_store and the server say why
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError as e:
+        return "locked" in str(e) or "busy" in str(e)
+    finally:
+        con.close()
+
+
+def store_wait_s() -> float:
+    """How long a command waits for a store another writer holds locked ($EXITFLOW_STORE_WAIT_S)."""
+    raw = os.environ.get(STORE_WAIT_ENV, "")
+    try:
+        return max(0.0, float(raw)) if raw else STORE_WAIT_S
+    except ValueError:
+        raise TrackingError(f"{STORE_WAIT_ENV}={raw!r}: expected a number of seconds") from None
+
+
+def wait_unlocked(uri: str, say: Callable[[str], None]) -> None:
+    """Return once no other writer holds the sqlite store `uri` locked; `say` why we wait (one line),
+    and give up with a TrackingError after `store_wait_s()`. A writer's lock usually lasts
+    milliseconds (another command's server committing): only a lock held past SQLite's own short
+    wait is announced."""
+    db = sqlite_file(uri)
+    if db is None or not store_exists(uri):
+        return
+    limit = store_wait_s()
+    deadline = time.monotonic() + limit  # the stated wait is the whole wait
+    if not _locked(db, busy_s=min(1.0, limit)):
+        return
+    say(f"exitflow: tracking store {uri}: locked by another writer, waiting up to {limit:.0f} s")
+    while (left := deadline - time.monotonic()) > 0:
+        if not _locked(db, busy_s=min(1.0, left)):
+            return
+    raise TrackingError(f"tracking store {uri}: still locked by another writer after {limit:.0f} s (a process holding "
+                        f"a write transaction open on {db}?); try again once it is done")
+
+
+def _start_lock(db: Path) -> contextlib.AbstractContextManager[None]:
+    """Held while a server starts on `db`: two commands starting servers on one new store would both
+    create its schema, so one at a time. A store that exists (and that no command is creating: its
+    lock file was made before it) needs none, and gets no lock file: a command that fails on it
+    leaves its folder as it was."""
+    lock = db.parent / f".{db.name}.start.lock"
+    if store_exists(f"sqlite:///{db}") and not lock.exists():  # in this order: the lock file comes first
+        return contextlib.nullcontext()
+    return file_lock(lock)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
-def serve_store(uri: str, artifacts_dir: Path | None = None, port: int | None = None, timeout: float = 90.0) -> Iterator[str]:
-    """Yield an HTTP tracking URI for `uri`: sqlite is served on loopback, anything else passes through."""
+def serve_store(uri: str, artifacts_dir: Path | None = None, port: int | None = None, timeout: float = 90.0,
+                create: bool = True, say: Callable[[str], None] = _stderr) -> Iterator[str]:
+    """Yield an HTTP tracking URI for `uri`: sqlite is served on loopback, anything else passes through.
+
+    `create=False`: a sqlite store that does not exist yet is a TrackingError, not a new store (the
+    commands that only read). A store another writer holds locked is waited on (`wait_unlocked`)."""
     if not uri.startswith("sqlite:"):
         yield uri
         return
     check_store(uri)
+    if not create and not store_exists(uri):
+        raise TrackingError(f"tracking store {uri}: there is no store there ({sqlite_file(uri)} does not exist)")
+    wait_unlocked(uri, say)
     db = Path(uri[len("sqlite:///"):])
-    artifacts = (artifacts_dir or db.parent / DEFAULT_ARTIFACTS).resolve()
-    artifacts.mkdir(parents=True, exist_ok=True)
+    artifacts = (artifacts_dir or db.parent / DEFAULT_ARTIFACTS).resolve()  # the server makes it at its first upload
     port = port or free_loopback_port()
     fd, name = tempfile.mkstemp(prefix=f"exitflow-mlflow-{port}-", suffix=".log")
     log_path = Path(name)
@@ -193,8 +294,7 @@ def serve_store(uri: str, artifacts_dir: Path | None = None, port: int | None = 
     url = f"http://127.0.0.1:{port}"
     proc: subprocess.Popen[bytes] | None = None
     try:
-        # Two commands starting servers on one new store would both create its schema: one at a time.
-        with file_lock(db.parent / f".{db.name}.start.lock"):
+        with _start_lock(db):
             with os.fdopen(fd, "wb") as out:
                 proc = subprocess.Popen(guarded, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             _wait_healthy(url, proc, timeout, log_path)
@@ -287,6 +387,7 @@ def log_data_input(c: MlflowClient, run_id: str, data: Any, context: str) -> Non
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
     identity = data.identity
     # an identity that is no sha256 (unread data: its path) is hashed into one, to fit MLflow's digest
@@ -300,7 +401,20 @@ def log_data_input(c: MlflowClient, run_id: str, data: Any, context: str) -> Non
     meta = MetaDataset(source, name=data.name, digest=hexdigest[:MLFLOW_DIGEST_CHARS]).to_dict()
     dataset = Dataset(name=meta["name"], digest=meta["digest"], source_type=meta["source_type"], source=meta["source"])
     tags = [InputTag("mlflow.data.context", context), InputTag(DATA_IDENTITY_TAG, identity)]
-    c.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+    for attempt in range(DATASET_ATTEMPTS):
+        try:
+            c.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+            return
+        except MlflowException:
+            # MLflow's store looks the dataset up, then inserts it: two runs logging a new data set at
+            # once (a study's first phases start together) race, and one insert breaks the table's
+            # uniqueness. Again, it finds the row the other wrote.
+            if attempt == DATASET_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+DATASET_ATTEMPTS = 3
 
 
 def end_run(c: MlflowClient, run_id: str, status: str = "FINISHED") -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 
 import pyarrow.fs
 import torch
+
+from stages.core.tensor_file import UnreadableTensors, load_tensors
 
 STATE_FILE = "state.pt"  # the full resumable state (net, optimizer, schedule, early stopping, history)
 
@@ -33,18 +34,13 @@ class UnreadableCheckpoint(ValueError):
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's state file, loaded with `weights_only=True`: tensors and plain values only, so
-    a file someone with write access to the storage replaced cannot run code in the process that
-    resumes (the storage of a cluster is shared). Anything else raises UnreadableCheckpoint."""
+    """A checkpoint's state file, loaded as tensors and plain values only (`load_tensors`), so a file
+    someone with write access to the storage replaced cannot run code in the process that resumes
+    (the storage of a cluster is shared). Anything else raises UnreadableCheckpoint."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never the advice to follow here
-        raise UnreadableCheckpoint(f"{Path(path).name} holds objects other than tensors and plain values: "
-                                   "refused unread (loading it could run code)") from None
-    except Exception as e:  # noqa: BLE001 - torch's loader raises many types on bytes that are not its format
-        first = (str(e).splitlines() or [""])[0]
-        raise UnreadableCheckpoint(f"{Path(path).name} cannot be read (corrupt, or not a checkpoint): "
-                                   f"{type(e).__name__}: {first}") from None
+        state = load_tensors(path)
+    except UnreadableTensors as e:
+        raise UnreadableCheckpoint(f"{Path(path).name} cannot be read as a checkpoint: {e}") from None
     if not isinstance(state, dict):
         raise UnreadableCheckpoint(f"{Path(path).name} holds a {type(state).__name__}, not a phase's state")
     return state

@@ -304,6 +304,39 @@ def test_plan_names_the_data_and_sees_a_changed_parquet_row_and_a_moved_folder(t
     assert f"data: parquet {moved} {digest[:19]}..." in out
 
 
+def test_runs_that_log_a_new_data_set_at_once_all_record_it(mlflow_uri: str) -> None:
+    """A study's first phases start together and each logs the data set, new to the store: MLflow's
+    lookup-then-insert races there (seen as an IntegrityError that failed a digits P1). Each round, two
+    threads log one new data set to two runs at the same instant; every run must record it."""
+    import threading
+
+    from pipeline import tracking
+
+    c = tracking.client(mlflow_uri)
+    exp = tracking.ensure_experiment(c, "identity-race")
+    for round_ in range(8):
+        data = DataSpec(name="digits", identity=f"sha256:{round_:032x}{0:032x}")
+        runs = [tracking.start_run(c, exp, f"race{round_}-{k}", {}) for k in range(2)]
+        start, errors = threading.Barrier(2), []
+
+        def log(run_id: str) -> None:
+            start.wait()
+            try:
+                tracking.log_data_input(tracking.client(mlflow_uri), run_id, data, "training")
+            except Exception as e:  # noqa: BLE001 - collected, asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        for r in runs:
+            [given] = c.get_run(r).inputs.dataset_inputs
+            assert given.dataset.digest == f"{round_:032x}"
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_a_study_on_an_image_folder_reruns_when_an_image_is_added_and_not_when_moved(

@@ -1,20 +1,30 @@
 """Fuzzing the spec: whatever the document or `--set` string, the only failure is a SpecError that says so.
 
-A spec that does load must build a graph, and round-trip through its YAML form unchanged.
+A spec that does load must build a graph, and round-trip through its YAML form unchanged. Through
+`exitflow plan` itself (the end of the file), every input ends in exit 0 or a one-reason exit 2,
+with nothing written where the tracking store would be.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import math
+import os
+import pathlib
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.graph import build_graph
 from pipeline.spec import SpecError, StudySpec, format_validation_error, load_spec, spec_to_yaml
 
@@ -249,3 +259,174 @@ def test_seeds_are_non_negative_32_bit_ints(seeds: list[int]) -> None:
     else:
         assert list(spec.seeds) == seeds
         assert all(not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)
+
+
+# ----------------------------------------------------------------------------- the command line
+# The same inputs, and specs that reach pre-flight (data, net, net.init, comparison variants, caps),
+# through `exitflow plan` itself: exit 0, or exit 2 with one reason (no traceback) and nothing written
+# where the tracking store would be.
+
+def cli_settings(examples: int) -> settings:
+    """`examples` per test (times EXITFLOW_FUZZ_SCALE, default 1: e.g. 10 for a long local run). Sized
+    for CI: the four command-line tests together take about 40 s of one CPU core (most inputs are
+    refused in milliseconds; an accepted one builds its net, about 0.1 s)."""
+    scale = float(os.environ.get("EXITFLOW_FUZZ_SCALE", "1"))
+    return settings(max_examples=max(1, round(examples * scale)), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _plan(raw: bytes, sets: list[str], files: dict[str, bytes] | None = None) -> None:
+    """`exitflow plan` of a spec file holding `raw`, with `sets`, on a sqlite store in a fresh folder
+    (beside the spec: `files`, name -> content)."""
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        (folder / "spec.yaml").write_bytes(raw)
+        for name, content in (files or {}).items():
+            (folder / name).write_bytes(content)
+        args = ["plan", str(folder / "spec.yaml"), "--tracking-uri", f"sqlite:///{folder}/mlflow.db", *(f"--set={s}" for s in sets)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code in (0, 2), (args, result.output, result.exception)
+        if result.exit_code == 2:
+            assert_one_reason(result.output)
+        event(f"exit {result.exit_code}" + (f": {_refused_by(result.output)}" if result.exit_code else ""))
+        written = sorted(p.name for p in folder.iterdir())
+        assert written == sorted(["spec.yaml", *(files or {})]), result.output  # no store, no artifacts, no code ran
+
+
+def _refused_by(output: str) -> str:
+    """Which check refused (`--hypothesis-show-statistics` counts them): YAML, the spec, or pre-flight's part."""
+    line = output.split("\n", 1)[0].removeprefix("exitflow: ")
+    if "YAML" in line:
+        return "YAML"
+    if line.startswith(("invalid spec", "--set", "/")):  # "/": the spec file's own path (not a mapping...)
+        return "spec"
+    return "pre-flight " + line.split(":", 1)[0].split("=", 1)[0].split()[0]
+
+
+def assert_one_reason(output: str) -> None:
+    """A refusal is one line, `exitflow: ...`; a spec that fails validation says `invalid spec:` and
+    then one indented line per bad field. Nothing else: no traceback, no warning, no torch advice."""
+    lines = output.rstrip("\n").split("\n")
+    assert lines[0].startswith("exitflow: ") and "Traceback" not in output, output
+    assert "weights_only=False" not in output, output
+    if lines[0].endswith("invalid spec:"):
+        assert len(lines) > 1 and all(line.startswith("  ") and not line.startswith("   ") for line in lines[1:]), output
+    else:
+        assert len(lines) == 1, output
+
+
+@pytest.mark.usefixtures("one_torch_thread")  # nets of a few KB: a second thread only contends on a busy machine
+@cli_settings(250)
+@given(documents)
+def test_plan_on_generated_documents(doc: Any) -> None:
+    _plan(yaml.safe_dump(doc, allow_unicode=True).encode("utf-8"), [])
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+hostile_files = st.one_of(
+    raw_files,
+    st.sampled_from([BOMB.encode(), b"seeds: [0]\nseeds: [1]\n", b"net: {width: 8, width: 9}\n", b"a: 2001-02-30\n",
+                     b"b: &b {name: x}\nnet:\n  <<: *b\n", b"x: !!int y\n", b"seeds: [&s 0, *s]\n"]),
+    st.lists(st.sampled_from(["seeds: [0]", "name: a", "name: b", "net: {}", "data: {}", "a: &x 1", "b: *x"]),
+             max_size=4).map(lambda ls: "\n".join(ls).encode()),
+)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@cli_settings(250)
+@given(hostile_files, st.lists(set_strings, max_size=2))
+def test_plan_on_hostile_files_and_set_strings(raw: bytes, sets: list[str]) -> None:
+    _plan(raw, sets)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@cli_settings(300)
+@given(st.lists(set_strings, max_size=4))
+def test_plan_on_generated_set_strings(sets: list[str]) -> None:
+    _plan(b"", sets)
+
+
+# Specs that reach pre-flight: a valid study on digits (resnet20, a ViT or MSDNet; maybe compared over
+# a few values), with at most one field set to a value drawn from those that pass, fail or sit just past
+# a cap. Widths and depths stay small or go past their caps: a net under its cap but thousands wide is
+# allowed, and slow to build. The spec's folder holds three `net.init` candidates: weights of the default
+# net, random bytes, and a pickle that would create CODE_RAN if it were ever unpickled.
+SIZES = st.sampled_from([0, 1, 2, 3, 6, 8, 100, 10_000, 10_001, 65_537, 2**31, 10**12, 1.0e35, -1, "1e3", True])
+NET_SIZES = st.sampled_from([0, 1, 2, 3, 4, 6, 8, 1_025, 8_193, 2**31, 10**35])
+PATHS = st.sampled_from(["", ".", "spec.yaml", "weights.pt", "./weights.pt", "random.pt", "code.pt", "nowhere", "./nowhere",
+                         "~", "~/nowhere", "~no-such-user/x", "/nonexistent", "a\nb", "a\x00b", "runs:/123",
+                         "runs:/" + "0" * 32, "torchvision:", "timm:nope", "s3://b/x"])
+BAD_FIELDS = st.sampled_from(["net.backbone", "net.method", "net.width", "net.depth", "net.exits", "net.head", "net.head_hidden",
+                              "net.init", "data.name", "data.root", "data.train_subset", "data.resize", "phases.P1.max_epochs",
+                              "phases.P2.batch_size", "phases.P2.lr", "evaluation.thresholds", "evaluation.batch_size",
+                              "seeds", "tracking.storage_path", "compare"])
+COMPARES = st.sampled_from([
+    {"net.backbone": ["resnet20", "nosuchnet"]}, {"net.init": ["weights.pt", "random.pt"]}, {"net.init": ["code.pt"]},
+    {"data.root": ["nowhere", "~/nowhere"]}, {"data": [{"name": "digits"}, {"name": "parquet", "root": "spec.yaml"}]},
+    {"net.width": [8, 8_193]}, {"net.exit_every": [1, 100]}, {"net.init": ["weights.pt", "./weights.pt"]},
+    {"phases.P2.loss_weighting": ["uniform", "kaya"], "net.exit_every": [1, 2]}, {"seeds": [[0], [1]]},
+])
+BAD_VALUES = st.one_of(PATHS, SIZES, NET_SIZES, st.lists(NET_SIZES, max_size=3), COMPARES,
+                       st.sampled_from(["nosuchnet", "resnet20", "parquet", "cifar10", "mlp", "pabee", [0.01, 0.1], -1.0]))
+valid_studies = st.fixed_dictionaries({
+    "net": st.fixed_dictionaries({"backbone": st.sampled_from(["resnet20", "vit_tiny", "msdnet_cifar"])},
+                                 optional={"method": st.sampled_from(["sdn", "pabee", "ztw"])}),
+    "regimes": st.sampled_from([["joint"], ["disjoint", "mixed"]]),
+}, optional={"compare": st.sampled_from([{"phases.P2.loss_weighting": ["uniform", "kaya"]}, {"net.exit_every": [1, 2]},
+                                         {"net.init": ["weights.pt", None]}])})
+
+
+def _with(doc: dict[str, Any], fault: tuple[str, Any] | None) -> dict[str, Any]:
+    """`doc` with the field at the dotted path `fault[0]` set to `fault[1]`."""
+    if fault is None:
+        return doc
+    *sections, name = fault[0].split(".")
+    node = doc
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[name] = fault[1]
+    return doc
+
+
+faults = st.one_of(
+    st.tuples(st.sampled_from(["net.init", "tracking.storage_path"]), PATHS),
+    st.tuples(st.just("data"), st.fixed_dictionaries({"name": st.sampled_from(["parquet", "imagefolder", "cifar10"]), "root": PATHS})),
+    st.tuples(st.sampled_from(["net.width", "net.depth", "net.exit_every"]), NET_SIZES),
+    st.tuples(st.sampled_from(["net.exits", "net.head_hidden"]), st.lists(NET_SIZES, max_size=3)),
+    st.tuples(st.sampled_from(["phases.P1.max_epochs", "phases.P2.batch_size", "evaluation.thresholds", "data.train_subset"]), SIZES),
+    st.tuples(st.just("compare"), COMPARES),
+    st.tuples(BAD_FIELDS, BAD_VALUES),  # anything anywhere
+)
+preflight_documents = st.builds(_with, valid_studies, st.one_of(st.none(), faults))
+
+
+@functools.cache
+def start_files() -> dict[str, bytes]:
+    """weights.pt (the default study's net), random.pt, and code.pt: torch.save of an object whose
+    unpickling creates CODE_RAN."""
+    from stages.core.nets import NetSpec, create_net
+
+    def saved(obj: Any) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        return buffer.getvalue()
+
+    net = create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8))
+    return {"weights.pt": saved(net.state_dict()), "random.pt": bytes(range(256)) * 4, "code.pt": saved({"w": _RunsCode()})}
+
+
+CODE_RAN = Path(tempfile.gettempdir()) / f"exitflow-fuzz-code-ran-{os.getpid()}"
+
+
+class _RunsCode:
+    def __reduce__(self):  # noqa: ANN204 - what a crafted file does: a call on load (here: touch a file)
+        return (pathlib.Path.touch, (CODE_RAN,))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@cli_settings(150)
+@given(preflight_documents)
+def test_plan_on_specs_that_reach_preflight(doc: dict[str, Any]) -> None:
+    _plan(yaml.safe_dump(doc, allow_unicode=True).encode("utf-8"), [], start_files())
+    assert not CODE_RAN.exists()

@@ -150,11 +150,19 @@ class EncodedImages(Dataset):
         return img.convert(self.mode), int(self.labels[i])
 
 
+def root_folder(kind: str, root: str) -> Path:
+    """`root` as a folder, or a DataError saying that it does not exist or is not a folder."""
+    folder = Path(root)
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise DataError(f"{kind} dataset: root {folder} is a file, not a folder")
+    raise DataError(f"{kind} dataset: root folder {folder} does not exist")
+
+
 def parquet_path(root: str, split: str) -> Path:
     """`root/<split>.parquet`, or a DataError naming what is missing."""
-    folder = Path(root)
-    if not folder.is_dir():
-        raise DataError(f"parquet dataset: root folder {folder} does not exist")
+    folder = root_folder("parquet", root)
     path = folder / f"{split}.parquet"
     if not path.is_file():
         raise DataError(f"parquet dataset: {path} is missing (expected train.parquet and test.parquet in {folder})")
@@ -241,6 +249,8 @@ def cifar_split(name: str, root: str, train: bool, download: bool) -> RawSplit:
     from torchvision import datasets as tvd
 
     cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    if Path(root).exists():
+        root_folder(name, root)  # a file there: say so (torchvision would say "not found or corrupted")
     try:
         ds = cls(root=root, train=train, download=download)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
@@ -250,9 +260,7 @@ def cifar_split(name: str, root: str, train: bool, download: bool) -> RawSplit:
 
 def imagefolder_dir(root: str, split: str) -> Path:
     """`root/train`, or `root/val` (falling back to `root/test`) for the test split."""
-    base = Path(root)
-    if not base.is_dir():
-        raise DataError(f"imagefolder dataset: root folder {base} does not exist")
+    base = root_folder("imagefolder", root)
     names = ("train",) if split == "train" else IMAGEFOLDER_EVAL_DIRS
     for name in names:
         if (base / name).is_dir():

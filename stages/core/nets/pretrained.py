@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from stages.core.allowed import pretrained_source
+from stages.core.tensor_file import load_tensors
 
 RESNET_LAYERS = 4  # layer1..layer4
 
@@ -69,7 +70,7 @@ class Pretrained:
 
             state = load_file(str(path))
         elif path.suffix in (".pth", ".pt", ".bin"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_tensors(path)
             for wrapper in ("state_dict", "model"):  # checkpoints that wrap their weights
                 if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                     state = state[wrapper]

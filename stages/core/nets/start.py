@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from stages.core.allowed import RUN_PREFIX, pretrained_source
 from stages.core.nets.pretrained import PretrainedStart
+from stages.core.tensor_file import load_tensors
 
 BACKBONE = "backbone."
 # A whole net's parts other than its backbone: the ICs and the method's own modules (GPF's aggregator,
@@ -74,8 +75,9 @@ def load_start(net: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]
 
 
 def read_state_file(path: str) -> dict[str, Tensor]:
-    """A state dict saved with `torch.save` (tensors only: nothing in it can run code)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """A state dict saved with `torch.save` (tensors and plain values only: nothing in it can run code);
+    UnreadableTensors when the file is not one."""
+    state = load_tensors(path)
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]  # a training checkpoint that wraps its weights
     if not isinstance(state, Mapping):
