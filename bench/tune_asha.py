@@ -20,11 +20,13 @@ from pathlib import Path
 import ray
 
 from pipeline.resolve import data_spec, net_choice, phase_config, sized_net
-from pipeline.runner import local_env
+from pipeline.ray_session import local_env
 from pipeline.spec import load_spec
 from stages.core.data import dataset_info
-from stages.train import PhaseJob, scaling_config
-from stages.tune import SearchOutcome, SearchPlan, run_search
+from stages.phase import PhaseJob
+from stages.phase_plan import SearchPlan
+from stages.ray_train import scaling_config
+from stages.ray_tune import SearchOutcome, run_search
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
 

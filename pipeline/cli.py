@@ -121,7 +121,8 @@ def run(
 
         use_loopback()  # a local Ray listens on 127.0.0.1 only
     from pipeline.display import choose_display
-    from pipeline.runner import ClusterError, StudyFailed, run_study
+    from pipeline.ray_session import ClusterError
+    from pipeline.runner import StudyFailed, run_study
     from pipeline.tracking import TrackingError
 
     study = _load(spec, set_)

@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pipeline.events import EPOCH, SEARCH, Event
+from pipeline.stage import PHASE, role_of
+
 STATES = ("pending", "queued", "running", "cached", "done", "failed", "skipped")
 ACTIVE = ("running", "queued", "failed")  # the states a live display gives a row
-EPOCH, SEARCH = "epoch", "search"  # event kinds (the `kind` key of an event)
-Event = dict[str, Any]
 
 
 class Display(Protocol):
@@ -180,7 +181,7 @@ def describe_node(view: NodeView, now: float) -> str:
         return text + (f"  best score {view.best:.3f}" if view.best is not None else "")
     if view.training is not None:
         return describe_training(view.training)
-    if view.kind in ("train", "tune"):
+    if role_of(view.kind) == PHASE:  # a phase's first epoch waits for its workers to start
         return f"starting workers ({_clock(now - view.since)})"
     return f"running for {_clock(now - view.since)}"
 

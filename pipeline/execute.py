@@ -19,10 +19,10 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.artifacts import ArtifactError, ArtifactStore
-from pipeline.graph import Node
+from pipeline.dag import Node
 from pipeline.locks import key_lock, lock_dir
 from pipeline.stage import Checkpoint, File, RunSettings, Stage, StageResult, Table, get_stage
-from pipeline.trial_runs import TrialRuns
+from pipeline.trial_runs import MlflowTrialRuns
 from stages.core import faults
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ class NodeContext:
         """Loads any finished phase run's model state (a starting point `runs:/RUN_ID`), on the worker."""
         return CheckpointSource(self.run.tracking_uri, run_id)
 
-    def trial_runs(self) -> TrialRuns:
-        return TrialRuns(self.run.tracking_uri, self.run.experiment_id, self.run_id, tuple(self.node.tags().items()))
+    def trial_runs(self) -> MlflowTrialRuns:
+        return MlflowTrialRuns(self.run.tracking_uri, self.run.experiment_id, self.run_id, tuple(self.node.tags().items()))
 
 
 def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult], stage: Stage | None = None) -> NodeResult:
@@ -152,7 +152,7 @@ def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult], stage: S
         run_id = tracking.start_run(c, ctx.experiment_id, node.id, tags, ctx.parent_run_id)
         try:
             tracking.log_params(c, run_id, stage.params(node))  # what the run is, before it runs
-            _log_data(c, run_id, node)
+            _log_data(c, run_id, node, stage)
             with tempfile.TemporaryDirectory() as d:
                 stage_inputs = [InputRun(r.node_id, r.run_id, r.summary, ctx.tracking_uri, stage.reads, stage.kind) for r in inputs]
                 out = stage.run(node, stage_inputs, NodeContext(ctx, node, run_id, Path(d)))  # type: ignore[arg-type]
@@ -167,16 +167,12 @@ def execute_node(ctx: RunContext, node: Node, inputs: list[NodeResult], stage: S
     return NodeResult(node.id, node.key, run_id, False, time.monotonic() - start, out.summary)
 
 
-# What a stage reads its data for, as MLflow's dataset context says it (others: their stage family)
-DATA_CONTEXT = {"train": "training", "tune": "training", "evaluate": "evaluation", "analyze": "analysis"}
-
-
-def _log_data(c: Any, run_id: str, node: Node) -> None:
-    """A node whose config holds a data set reads it: its run records that data's identity as an input."""
+def _log_data(c: Any, run_id: str, node: Node, stage: Stage) -> None:
+    """A node whose config holds a data set reads it: its run records that data's identity as an input,
+    in the context its kind declares (what it reads the data for; its kind's family by default)."""
     data = getattr(node.config, "data", None)
     if data is not None and getattr(data, "identity", ""):
-        family = node.kind.partition(".")[0]
-        tracking.log_data_input(c, run_id, data, DATA_CONTEXT.get(family, family))
+        tracking.log_data_input(c, run_id, data, stage.data_context or node.kind.partition(".")[0])
 
 
 def _store(c: Any, store: ArtifactStore, run_id: str, stage: Stage, out: StageResult) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ray import tune
 
-from pipeline.display import EPOCH, SEARCH
+from pipeline.events import EPOCH, SEARCH
 from pipeline.relay import publish
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from pipeline.display import Event
+from pipeline.events import Event
 from stages.core.progress import progress_logging, to_stderr
 
 Show = Callable[[str, "Event | None"], None]  # takes a line and its event

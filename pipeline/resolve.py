@@ -135,15 +135,16 @@ def selection(spec: StudySpec, phase: str) -> str:
 
 
 def phase_config(spec: StudySpec, phase: str) -> PhaseConfig:
-    """The loop's PhaseConfig of one phase; a searched phase's lr is None (each trial sets its own)."""
+    """The loop's PhaseConfig of one phase, as `phases.<phase>` sets it; a searched phase's lr is None
+    (each trial sets its own). What the analyses add to a phase is the phase planner's
+    (`stages.phase_plan`: gradient dominance, measured while P2 trains)."""
     section = getattr(spec.phases, phase)
     fields = section.model_dump(mode="json", exclude={"lr"})
     # The loop's own selection, for runs without Ray; on Ray the train stage scores every epoch
-    # with stages.train.selection_score (which also knows "auc").
+    # with stages.ray_train.selection_score (which also knows "auc").
     loop_selection = "final" if selection(spec, phase) == "final" else "mean"
-    every = spec.analyses.gradient_dominance.every if phase == "P2" and spec.analyses.gradient_dominance.enabled else 0
     lr = None if section.is_search() else section.lr_values()[0]  # type: ignore[index]
-    return PhaseConfig(lr=lr, selection=loop_selection, gradient_dominance_every=every, **fields)
+    return PhaseConfig(lr=lr, selection=loop_selection, **fields)
 
 
 def preflight(spec: StudySpec) -> tuple[DatasetInfo, NetSpec]:

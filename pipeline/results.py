@@ -30,6 +30,7 @@ import pandas as pd
 
 from pipeline import tracking
 from pipeline.artifacts import ArtifactStore
+from pipeline.stage import PHASE, REPORT, role_of, stages
 
 NODES_FILE = "nodes.json"  # on the pipeline run: node id -> run id, kind, regime, seed, phase, cached
 
@@ -43,26 +44,26 @@ class StudyResults:
     store: ArtifactStore
 
     def budgets(self) -> pd.DataFrame:
-        return self._table("budgets", kind="report")
+        return self._table("budgets")
 
     def costs(self) -> pd.DataFrame:
-        return self._table("costs", kind="report")
+        return self._table("costs")
 
     def curves(self) -> pd.DataFrame:
-        return self._table("curve", kind="evaluate")
+        return self._table("curve")
 
     def exits(self) -> pd.DataFrame:
-        return self._table("exits", kind="evaluate")
+        return self._table("exits")
 
     def histories(self) -> pd.DataFrame:
-        return self._table("history", kind=("train", "tune"))
+        return self._table("history")
 
     def model(self, node: str) -> Any:
         """The trained multi-exit net of a phase node ("seed0/P1", "seed0/mixed/P2", ...), in eval
         mode on the CPU, from its verified checkpoint: ready for `stages.core.inference`."""
         from stages.core.nets import NetSpec, create_net  # torch only when a model is asked for
 
-        phases = sorted(k for k, v in self.nodes.items() if v["kind"] in ("train", "tune"))
+        phases = sorted(k for k, v in self.nodes.items() if role_of(v["kind"]) == PHASE)
         if node not in phases:
             raise ValueError(f"pipeline run {self.run_id} has no phase node {node!r}; its phases: {phases}")
         state, spec = self.store.load_checkpoint(self.nodes[node]["run_id"])
@@ -70,14 +71,16 @@ class StudyResults:
         net.load_state_dict(state)
         return net.eval()
 
-    def _table(self, table: str, kind: str | tuple[str, ...]) -> pd.DataFrame:
-        kinds = (kind,) if isinstance(kind, str) else kind
+    def _table(self, table: str) -> pd.DataFrame:
+        """Table kind `table` of every node whose kind writes it, one row set per node (the report's:
+        the study's own), each labelled with its node."""
+        kinds = [s.kind for s in stages() if table in s.table_kinds()]  # its writers, as the registry declares them
         frames = []
         for node_id, node in self.nodes.items():
             if node["kind"] not in kinds:
                 continue
             df = self.store.load_table(node["run_id"], table).to_pandas()
-            if node["kind"] != "report":  # one row set per node: say whose it is
+            if role_of(node["kind"]) != REPORT:  # one row set per node: say whose it is
                 labels = {"node": node_id, "phase": node.get("phase"), "regime": node.get("regime"), "seed": node.get("seed"),
                           "variant": node.get("variant") or None}  # the comparison axes' values, when the study has axes
                 for i, (name, value) in enumerate((k, v) for k, v in labels.items() if v is not None):
@@ -86,7 +89,6 @@ class StudyResults:
         if not frames:
             raise ValueError(f"pipeline run {self.run_id} has no {'/'.join(kinds)} node")
         return pd.concat(frames, ignore_index=True)
-
 
 def node_record(node: Any, result: Any) -> dict[str, Any]:
     """One entry of a pipeline run's nodes.json."""

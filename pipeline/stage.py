@@ -8,30 +8,48 @@ A stage kind is one module with one registered class:
         reads = (CHECKPOINT,)                 # artifact kinds it reads from its inputs
         writes = (EXITS, CURVE)               # artifact kinds it writes (each table kind has one schema)
         code = ("stages.evaluate",)           # modules whose source joins its cache key
+        plan_order = 20                       # after the phases, whose models it evaluates
+        def plan(self, spec, graph): ...      # the nodes it adds to a study
         def resources(self, node, settings): ...
         def run(self, node, inputs, ctx) -> StageResult: ...
 
-`pipeline.execute.execute_node` is the same for every kind: verify and load inputs through the
-artifact store, call `run`, save and hash the declared outputs, log the run. A stage may also
-add nodes to the study's graph (`plan`): that is how a new stage joins a study without editing
-the graph builder. This module imports neither torch, Ray nor MLflow.
+Every kind plans its own nodes (`plan`, called in `plan_order`) and may declare its section of the
+spec (`section`, under `analyses:`). What the pipeline needs to know of a kind it asks here, by the
+kind's declared `role` (a phase, the report, an analysis) and capabilities, never by its name:
+`pipeline.execute.execute_node` is the same for every kind (verify and load inputs through the
+artifact store, call `run`, save and hash the declared outputs, log the run). The built-in kinds
+are found by `pipeline.kinds`. This module imports neither torch, Ray nor MLflow.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
+import enum
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from pipeline.graph import Graph, Node
-    from pipeline.spec import StudySpec
+from pipeline.dag import Graph, Node
+from pipeline.kinds import declare_section, drop_sections, load_builtin_kinds
 
-# The built-in kinds: imported on first use, so a registry lookup never needs them imported by hand.
-BUILTIN_MODULES = ("stages.train", "stages.tune", "stages.evaluate", "stages.report", "stages.analyze_rank",
-                   "stages.analyze_landscape", "stages.analyze_mi", "stages.analyze_connectivity")
+if TYPE_CHECKING:
+    from pipeline.spec import StudySpec
+    from pipeline.spec_types import AnalysisSection
+
+
+class Role(enum.Enum):
+    """What the pipeline may rely on a kind for, in place of its name."""
+
+    PHASE = enum.auto()  # trains a model of the study (a regime's phase): its run holds a checkpoint another study may start from
+    REPORT = enum.auto()  # the study's result: one node; `exitflow run` and `exitflow report` print its `printed` texts
+    ANALYSIS = enum.auto()  # the pipeline run links its run (`exitflow report` lists its plots)
+
+
+PHASE, REPORT, ANALYSIS = Role.PHASE, Role.REPORT, Role.ANALYSIS
+
+# Where a kind plans: per variant of the comparison axes (`Graph.variants` empty), or once on the
+# graph that merges them (`Graph.variants` set).
+VARIANT, STUDY = "variant", "study"
 
 NODE_RETRIES = 1  # a node task whose process dies (a lost node, the OOM killer) runs again, resuming its stage
 CHECKPOINT = "checkpoint"  # a model: state_dict + the spec that rebuilds its net
@@ -165,7 +183,31 @@ class StageContext(Protocol):
 
     def run_checkpoint(self, run_id: str) -> Callable[[], dict[str, Any]]: ...
 
-    def trial_runs(self) -> Any: ...
+    def trial_runs(self) -> TrialRuns: ...
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How one trial of a search ended, as its nested run records it."""
+
+    name: str  # the trial's run name (what `TrialRuns.__call__` was given)
+    stopped_by: str  # patience | scheduler | diverged | max_epochs
+    chosen: bool  # its model is the search's
+    best_val: float
+    epochs: int
+
+
+class TrialRuns(Protocol):
+    """Each trial of a search as a run nested under its stage's run (`StageContext.trial_runs`)."""
+
+    def __call__(self, trial_name: str, lr: float) -> Any:
+        """The trial's run (made, or found again on a resume): a metrics sink `(step, metrics)` with `close(status)`."""
+
+    def adopt(self, trials: Iterable[TrialOutcome]) -> None:
+        """After a search: every trial's run under the stage's run with its outcome, none left open."""
+
+    def abandon(self, prefix: str) -> None:
+        """After a failed search: the trial runs still open whose names start with `prefix` are killed."""
 
 
 class Stage:
@@ -177,6 +219,13 @@ class Stage:
     code: ClassVar[tuple[str, ...]] = ()
     # (section, field) of its config that it receives but that cannot change its result: not keyed
     unkeyed: ClassVar[tuple[tuple[str, str], ...]] = ()
+    role: ClassVar[Role | None] = None  # PHASE, REPORT, ANALYSIS, or none
+    plan_order: ClassVar[int] = 100  # kinds plan in this order (then by kind): a kind reads the nodes planned before it
+    scope: ClassVar[str] = VARIANT
+    also_plans: ClassVar[tuple[str, ...]] = ()  # other kinds its plan adds nodes of (train plans the searched phases: tune)
+    section: ClassVar[type[AnalysisSection] | None] = None  # its section under `analyses:`, declared beside its code
+    printed: ClassVar[tuple[str, ...]] = ()  # text files of its run that the commands print (the report's tables)
+    data_context: ClassVar[str] = ""  # what it reads its data for, as MLflow's dataset input says (default: its family)
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
         return Resources()  # orchestration only: the work reserves its own (Train workers, Tune trials)
@@ -200,8 +249,13 @@ class Stage:
         return ""
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
-        """Nodes this stage adds to a study's graph (the built-in kinds are planned by the graph builder)."""
+        """The nodes this kind adds to a study's graph, which holds those of the kinds planned before it
+        (`plan_order`); a VARIANT kind sees one variant's study and nodes, a STUDY kind the merged graph."""
         return []
+
+    def spec_section(self, spec: StudySpec) -> AnalysisSection | None:
+        """This study's values of the kind's `section` (its defaults when the spec leaves it out)."""
+        return getattr(spec.analyses, self.section.name) if self.section is not None else None
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
         raise NotImplementedError(f"stage {self.kind!r} has no run()")
@@ -235,6 +289,10 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
     for t in cls.writes:
         if isinstance(t, TableKind) and _TABLES.get(t.name, t) != t:
             raise ValueError(f"stage {cls.kind!r}: table kind {t.name!r} is defined already as {_TABLES[t.name]}")
+    if cls.scope not in (VARIANT, STUDY):
+        raise ValueError(f"stage {cls.kind!r}: scope {cls.scope!r}, not {VARIANT!r} or {STUDY!r}")
+    if cls.section is not None:
+        declare_section(cls.kind, cls.section)
     for t in cls.writes:
         if isinstance(t, TableKind):
             _TABLES[t.name] = t
@@ -247,20 +305,16 @@ def unregister_stage(kind: str) -> None:
     stage = _STAGES.pop(kind, None)
     if stage is None:
         return
+    drop_sections(kind)
     still = {t for s in _STAGES.values() for t in s.table_kinds()}
     for name in stage.table_kinds():
         if name not in still:
             _TABLES.pop(name, None)
 
 
-def _load_builtins() -> None:
-    for name in BUILTIN_MODULES:
-        importlib.import_module(name)
-
-
 def get_stage(kind: str) -> Stage:
     if kind not in _STAGES:
-        _load_builtins()
+        load_builtin_kinds()
     try:
         return _STAGES[kind]
     except KeyError:
@@ -269,14 +323,37 @@ def get_stage(kind: str) -> Stage:
 
 def stages() -> list[Stage]:
     """Every registered stage kind (the built-in ones included)."""
-    _load_builtins()
+    load_builtin_kinds()
     return list(_STAGES.values())
 
 
 def table_kind(name: str) -> TableKind:
     if name not in _TABLES:
-        _load_builtins()
+        load_builtin_kinds()
     try:
         return _TABLES[name]
     except KeyError:
         raise KeyError(f"unknown table kind {name!r}; known: {sorted(_TABLES)}") from None
+
+
+def role_of(kind: str) -> Role | None:
+    """The role of a kind (None for a kind without one, or one no longer registered)."""
+    if kind not in _STAGES:
+        load_builtin_kinds()
+    stage = _STAGES.get(kind)
+    return stage.role if stage is not None else None
+
+
+def kinds_with_role(role: Role) -> list[str]:
+    """The registered kinds that play `role`, in registry order."""
+    return [s.kind for s in stages() if s.role == role]
+
+
+def nodes_with_role(graph: Graph, role: Role) -> list[Node]:
+    """The graph's nodes whose kind plays `role` (a study's phases: `nodes_with_role(graph, PHASE)`)."""
+    return [n for n in graph.nodes.values() if role_of(n.kind) == role]
+
+
+def planners(scope: str) -> list[Stage]:
+    """The kinds that plan in `scope`, in the order they plan: `plan_order`, then kind."""
+    return sorted((s for s in stages() if s.scope == scope), key=lambda s: (s.plan_order, s.kind))

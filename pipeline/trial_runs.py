@@ -1,16 +1,18 @@
-"""Each Tune trial's nested MLflow run, under its tune stage's run."""
+"""Each trial of a search as an MLflow run nested under its stage's run (`pipeline.stage.TrialRuns`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline import tracking
+from pipeline.stage import TrialOutcome
 
 
 @dataclass(frozen=True)
-class TrialRuns:
-    """Creates each Tune trial's nested MLflow run under its tune stage (picklable)."""
+class MlflowTrialRuns:
+    """Creates each trial's nested MLflow run under its stage's run (picklable: it travels to the trials)."""
 
     tracking_uri: str
     experiment_id: str
@@ -37,32 +39,31 @@ class TrialRuns:
             c.log_param(run_id, "lr", lr)
         return tracking.MetricsSink(self.tracking_uri, run_id)
 
-    def adopt(self, search_name: str, search: Any) -> None:
+    def adopt(self, trials: Iterable[TrialOutcome]) -> None:
         """After a search: every trial's run sits under this stage run with its outcome, none left RUNNING.
 
         Trials that finished in an earlier, interrupted attempt join this stage run; trials the
         scheduler stopped (their process was killed before they could close their run) end here.
         """
-        from stages.tune import trial_run_name
-
         c = tracking.client(self.tracking_uri)
-        for t in search.trials:
-            run = self._find(c, trial_run_name(search_name, t.trial))
+        for t in trials:
+            run = self._find(c, t.name)
             if run is None:
                 continue
             c.set_tag(run.info.run_id, tracking.PARENT_TAG, self.stage_run_id)
-            c.set_tag(run.info.run_id, "exitflow.stopped_by", t.stopped_by or "max_epochs")
-            c.set_tag(run.info.run_id, "exitflow.chosen", str(t.trial == search.best.trial).lower())
+            c.set_tag(run.info.run_id, "exitflow.stopped_by", t.stopped_by)
+            c.set_tag(run.info.run_id, "exitflow.chosen", str(t.chosen).lower())
             tracking.log_metrics(c, run.info.run_id, {"best_val": t.best_val, "epochs": t.epochs})
             # The search is the authority: a stopped trial's dead process may have been taken
             # for a crash (FAILED) by another exitflow run's recovery in the meantime.
             if run.info.status != "FINISHED":
                 tracking.end_run(c, run.info.run_id, "FINISHED")
 
-    def abandon(self, search_name: str) -> None:
-        """After a failed search: the trial runs still open are KILLED (a re-run resumes those trials)."""
+    def abandon(self, prefix: str) -> None:
+        """After a failed search: the trial runs still open whose names start with `prefix` are KILLED
+        (a re-run resumes those trials)."""
         c = tracking.client(self.tracking_uri)
-        query = f"tags.`exitflow.trial` LIKE '{search_name}-%' and attributes.status = 'RUNNING'"
+        query = f"tags.`exitflow.trial` LIKE '{prefix}%' and attributes.status = 'RUNNING'"
         for r in c.search_runs([self.experiment_id], filter_string=query):
             c.set_tag(r.info.run_id, "exitflow.note", "the search failed while this trial was open; a re-run resumes it")
             tracking.end_run(c, r.info.run_id, "KILLED")

@@ -1,19 +1,22 @@
-"""What the analysis stages share: which models a study compares, loading one from its input, and
-the stage shape of an analysis that compares them per seed (rank, mutual information)."""
+"""What the analysis stages share: which models a study compares, loading one from its input, the
+section fields every analysis has, and the stage shape of an analysis that compares the models per
+seed (rank, mutual information)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+from pipeline.dag import Graph, Node
 from pipeline.resolve import data_spec
-from pipeline.stage import CHECKPOINT, Resources, RunSettings, Stage
+from pipeline.spec import StudySpec
+from pipeline.spec_types import AnalysisSection
+from pipeline.stage import ANALYSIS, CHECKPOINT, Resources, RunSettings, Stage, StageInput
 from stages.core.data import DataSpec
 
-if TYPE_CHECKING:
-    from pipeline.graph import Graph, Node
-    from pipeline.spec import StudySpec
-    from pipeline.stage import StageInput
+# Which images an analysis reads, always with eval transforms: the test set, the validation share of
+# the training set, or the training images the phases learn from (the paper's landscapes and connectivity).
+Split = Literal["train", "test", "val"]
 
 # The models a per-seed analysis compares, by the node that trains each (P1's backbone is disjoint's
 # as well: P3 freezes it).
@@ -38,10 +41,13 @@ def load_model(model: StageInput, device: str) -> Any:
 class ModelAnalysis(Stage):
     """An analysis of trained models: reads their checkpoints, runs where a net runs (a GPU when
     the study trains on one); the data's download switch and its folder (data.identity keys its
-    content) are not part of what it computes."""
+    content) are not part of what it computes. It plans after the phases and their evaluations."""
 
     reads = (CHECKPOINT,)
     unkeyed = (("data", "download"), ("data", "root"))
+    role = ANALYSIS
+    data_context = "analysis"
+    plan_order = 30
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
         return settings.net_task()
@@ -61,23 +67,22 @@ class ComparisonConfig:
 
 class ComparisonAnalysis(ModelAnalysis):
     """One node per seed comparing the regimes' models (`compared_models`), switched on by
-    `analyses.<section>.enabled`; the section's other fields complete `config_type`."""
+    `analyses.<section>.enabled`; the section's other fields (`split`, `samples`, its own) complete
+    `config_type`."""
 
-    section: ClassVar[str]
+    section: ClassVar[type[AnalysisSection]]
     config_type: ClassVar[type[ComparisonConfig]]
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
-        from pipeline.graph import Node
-
-        cfg = getattr(spec.analyses, self.section)
-        if not cfg.enabled:
+        cfg = self.spec_section(spec)
+        if cfg is None or not cfg.enabled:  # None: a kind that declares no section (never switched on)
             return []
-        settings = cfg.model_dump(mode="json", exclude={"enabled"})
+        settings = cfg.settings()
         nodes = []
         for seed in spec.seeds:
             models = compared_models(graph, seed)
             if models:
                 config = self.config_type(seed=seed, data=data_spec(spec), models=tuple(models), **settings)
-                nodes.append(Node(id=f"seed{seed}/analyze/{self.section}", kind=self.kind, config=config,
+                nodes.append(Node(id=f"seed{seed}/analyze/{self.section.name}", kind=self.kind, config=config,
                                   inputs=tuple(models.values()), seed=seed))
         return nodes

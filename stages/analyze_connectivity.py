@@ -11,23 +11,58 @@ matching; three regimes also get the plane through the three models. The maths i
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
+from pydantic import Field, field_validator
 
+from pipeline.dag import Graph, Node
 from pipeline.resolve import data_spec
+from pipeline.spec import StudySpec
+from pipeline.spec_types import AnalysisSection, Int, Regime, Seed
 from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
-from stages.analysis_inputs import ModelAnalysis, load_model
+from stages.analysis_inputs import ModelAnalysis, Split, load_model
+from stages.core.allowed import MAX_GRID, MAX_SAMPLES
 from stages.core.data import DataSpec
-
-if TYPE_CHECKING:
-    from pipeline.graph import Graph, Node
-    from pipeline.spec import StudySpec
 
 # The reference order: pairs are (earlier, later) and the later model is aligned to the earlier one;
 # the plane is anchored at disjoint's model (the paper's Fig. 2 compares disjoint with mixed and joint).
 ORDER = ("disjoint", "mixed", "joint")
+
+
+class ConnectivityAnalysis(AnalysisSection):
+    """`analyses.connectivity`: mode connectivity between the regimes' final models after weight matching
+    (paper Fig. 2, D.8): the loss along the line between every pair, and over the plane through three."""
+
+    name = "connectivity"
+    split: Split = "test"  # the images every point is evaluated on
+    samples: Int = Field(500, ge=1, le=MAX_SAMPLES)
+    train_samples: Int = Field(500, ge=2, le=MAX_SAMPLES)  # training images each point's BatchNorm statistics are recomputed on
+    bn_repair: bool = True  # recompute BatchNorm statistics at every point (false: interpolate them as weights)
+    points: Int = Field(11, ge=2, le=MAX_GRID)  # points along each line, both models included
+    plane_steps: Int = Field(11, ge=2, le=MAX_GRID)  # points per axis of the plane's grid; the paper: 150 x 150
+    iterations: Int = Field(100, ge=1, le=MAX_SAMPLES)  # weight matching: most passes over the permutation groups
+    # Regime -> the seed whose model it contributes, e.g. {disjoint: 0, mixed: 1, joint: 2}: one node
+    # across seeds (the paper's D.8 takes disjoint's and mixed's backbones from different seeds, so
+    # matching has real permutations to find). None: one node per seed, its regimes' models.
+    seeds: dict[Regime, Seed] | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _two_models(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is not None and len(v) < 2:
+            raise ValueError(f"name at least two regimes, each with the seed of its model; got {v}")
+        return v
+
+    def check_study(self, regimes: Sequence[str], seeds: Sequence[int]) -> None:
+        """Each regime named in `seeds` is one the study trains, with a seed it trains."""
+        for regime, seed in (self.seeds or {}).items():
+            if regime not in regimes:
+                raise ValueError(f"analyses.connectivity.seeds: {regime!r} is not among the study's regimes {list(regimes)}")
+            if seed not in seeds:
+                raise ValueError(f"analyses.connectivity.seeds: {regime}'s seed {seed} is not among the study's seeds {list(seeds)}")
 
 
 @dataclass(frozen=True)
@@ -68,17 +103,17 @@ def which_models(cfg: ConnectivityConfig) -> str:
 @register_stage
 class Connectivity(ModelAnalysis):
     kind = "analyze.connectivity"
+    section = ConnectivityAnalysis
+    plan_order = 33
     writes = (CONNECTIVITY, FILES)
     code = ("stages.analyze_connectivity", "stages.analysis_inputs", "stages.core.analysis.connectivity",
             "stages.core.analysis.permutation", "stages.core.analysis.batch")
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
-        from pipeline.graph import Node
-
-        cfg = spec.analyses.connectivity
-        if not cfg.enabled:
+        cfg = self.spec_section(spec)
+        if cfg is None or not cfg.enabled:
             return []
-        settings = cfg.model_dump(mode="json", exclude={"enabled", "seeds"})
+        settings = {k: v for k, v in cfg.settings().items() if k != "seeds"}
 
         def node(node_id: str, models: dict[str, tuple[int, str]], seed: int | None) -> Node:
             seeds = tuple(s for s, _ in models.values())

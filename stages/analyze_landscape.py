@@ -7,18 +7,38 @@ regime's final model. The maths is `stages.core.analysis.landscape`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
+from pydantic import Field, field_validator
 
+from pipeline.dag import Graph, Node
 from pipeline.resolve import data_spec
+from pipeline.spec import StudySpec
+from pipeline.spec_types import AnalysisSection, Float, Int
 from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
-from stages.analysis_inputs import ModelAnalysis, load_model
+from stages.analysis_inputs import ModelAnalysis, Split, load_model
+from stages.core.allowed import MAX_GRID, MAX_SAMPLES
 from stages.core.data import DataSpec
 
-if TYPE_CHECKING:
-    from pipeline.graph import Graph, Node
-    from pipeline.spec import StudySpec
+
+class LandscapeAnalysis(AnalysisSection):
+    """`analyses.landscape`: the loss of every exit (and their sum) around each regime's final model, on
+    a plane of two filter-normalised random directions (paper App. A, Fig. 17)."""
+
+    name = "landscape"
+    split: Split = "test"
+    samples: Int = Field(500, ge=1, le=MAX_SAMPLES)  # the images every grid point is evaluated on
+    steps: Int = Field(21, ge=3, le=MAX_GRID)  # points per axis (odd: the centre is the model); the paper: 100 x 100
+    span: Float = Field(1.0, gt=0.0)  # the grid covers [-span, span]^2 in units of the directions
+
+    @field_validator("steps")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"steps must be odd, so the grid's centre is the model itself; got {v}")
+        return v
+
 
 @dataclass(frozen=True)
 class LandscapeConfig:
@@ -39,16 +59,16 @@ LANDSCAPE = TableKind("landscape", "landscape.parquet", ("a", "b", "exit", "loss
 @register_stage
 class Landscape(ModelAnalysis):
     kind = "analyze.landscape"
+    section = LandscapeAnalysis
+    plan_order = 31
     writes = (LANDSCAPE, FILES)
     code = ("stages.analyze_landscape", "stages.analysis_inputs", "stages.core.analysis.landscape", "stages.core.analysis.batch")
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
-        from pipeline.graph import Node
-
-        cfg = spec.analyses.landscape
-        if not cfg.enabled:
+        cfg = self.spec_section(spec)
+        if cfg is None or not cfg.enabled:
             return []
-        settings = cfg.model_dump(mode="json", exclude={"enabled"})
+        settings = cfg.settings()
         nodes = []
         for n in list(graph.nodes.values()):
             if n.kind == "evaluate":  # one per regime's final model: the model its evaluation reads

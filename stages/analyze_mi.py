@@ -8,12 +8,16 @@ paper's, and `mc`; exitflow's earlier `relative_noise`) are `stages.core.analysi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import pyarrow as pa
+from pydantic import Field, ValidationInfo, field_validator
 
+from pipeline.dag import Node
+from pipeline.spec_types import AnalysisSection, Float, Int
 from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
-from stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, load_model
+from stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, Split, load_model
+from stages.core.allowed import MAX_GRID, MAX_SAMPLES
 from stages.core.analysis.mutual_information import (  # torch-free at import
     DEFAULTS,
     MIEstimator,
@@ -22,8 +26,30 @@ from stages.core.analysis.mutual_information import (  # torch-free at import
     plot_mutual_information,
 )
 
-if TYPE_CHECKING:
-    from pipeline.graph import Node
+
+class MutualInformationAnalysis(AnalysisSection):
+    """`analyses.mutual_information`: I(X; Z) between the input and every block's noisy representation
+    (paper Fig. 5, D.6)."""
+
+    name = "mutual_information"
+    split: Split = "test"
+    samples: Int = Field(500, ge=2, le=MAX_SAMPLES)  # N: X is uniform over these images (I <= log N)
+    # jensen (the paper's), mc: Kawaguchi et al. 2023's fixed-noise estimator; relative_noise: noise
+    # scaled to each block's median pairwise distance (exitflow's earlier estimator)
+    estimator: Literal["jensen", "mc", "relative_noise"] = "jensen"
+    # Each estimator's own settings. Unset (null): the estimator's default (in parentheses; the stage
+    # fills it in, so a spec's dump carries no default another estimator would refuse, e.g. in
+    # `compare`); set for an estimator that does not read it: refused, never silently ignored.
+    noise_std: Float | None = Field(None, gt=0.0)  # jensen, mc: the noise's std, absolute (1.0)
+    noise: Float | None = Field(None, gt=0.0)  # relative_noise: std as a share of the median distance (0.25)
+    draws: Int | None = Field(None, ge=1, le=MAX_GRID)  # mc, relative_noise: noise draws per sample (4)
+
+    @field_validator("noise_std", "noise", "draws")
+    @classmethod
+    def _read_by_the_estimator(cls, v: float | int | None, info: ValidationInfo) -> float | int | None:
+        if "estimator" in info.data:  # absent: the estimator itself is invalid, and its own error says so
+            estimator_setting(info.data["estimator"], info.field_name or "", v)
+        return v
 
 
 @dataclass(frozen=True)
@@ -49,8 +75,9 @@ MUTUAL_INFORMATION = TableKind("mutual_information", "mutual_information.parquet
 @register_stage
 class MutualInformation(ComparisonAnalysis):
     kind = "analyze.mutual_information"
-    section = "mutual_information"
+    section = MutualInformationAnalysis
     config_type = MutualInformationConfig
+    plan_order = 32
     writes = (MUTUAL_INFORMATION, FILES)
     code = ("stages.analyze_mi", "stages.analysis_inputs", "stages.core.analysis.mutual_information",
             "stages.core.analysis.batch")

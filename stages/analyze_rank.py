@@ -8,15 +8,27 @@ maths is `stages.core.analysis.rank`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
+from pydantic import Field
 
+from pipeline.dag import Node
+from pipeline.spec_types import AnalysisSection, Float, Int
 from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
-from stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, load_model
+from stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, Split, load_model
+from stages.core.allowed import MAX_SAMPLES
 
-if TYPE_CHECKING:
-    from pipeline.graph import Node
+
+class RankAnalysis(AnalysisSection):
+    """`analyses.rank`: numerical rank of every backbone layer's output (paper Fig. 3): P1's backbone
+    (= disjoint's), mixed, joint."""
+
+    name = "rank"
+    split: Split = "test"
+    samples: Int = Field(1000, ge=2, le=MAX_SAMPLES)  # the batch: rows of each layer's matrix (the paper: the test set)
+    features: Int = Field(6000, ge=1, le=MAX_SAMPLES)  # columns kept per layer, the same random subset across models
+    rtol: Float | None = Field(None, gt=0.0)  # None: s_max * max(m, n) * float32 eps (numpy's rule)
 
 
 @dataclass(frozen=True)
@@ -33,8 +45,9 @@ RANK = TableKind("rank", "rank.parquet", ("model", "index", "layer", "rank", "ro
 @register_stage
 class Rank(ComparisonAnalysis):
     kind = "analyze.rank"
-    section = "rank"
+    section = RankAnalysis
     config_type = RankConfig
+    plan_order = 30  # the analyses list in this order: rank, landscape, mutual information, connectivity
     writes = (RANK, FILES)
     code = ("stages.analyze_rank", "stages.analysis_inputs", "stages.core.analysis.rank", "stages.core.analysis.batch")
 

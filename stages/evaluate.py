@@ -1,21 +1,23 @@
 """The evaluate stage: a trained model on the test split, every exit and every threshold.
 
 The compute is `stages.core.evaluate.run` (one pass over the test set, then the curves from the
-cached logits); this module declares what the stage reads, writes and holds.
+cached logits); this module plans one node per regime's final model (and seed) and declares what
+the stage reads, writes and holds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
+from pipeline.dag import Graph, Node
+from pipeline.resolve import data_spec
+from pipeline.spec import StudySpec
 from pipeline.stage import (CHECKPOINT, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, Table,
                             TableKind, register_stage)
 from stages.core import faults
 from stages.core.data import DataSpec
-
-if TYPE_CHECKING:
-    from pipeline.graph import Node
+from stages.phase_plan import final_models
 
 EXITS = TableKind("exits", "exits.parquet", ("exit", "flops", "accuracy", "ece"), ui=True)
 CURVE = TableKind("curve", "curve.parquet", ("criterion", "threshold", "flops", "accuracy", "ece"))
@@ -40,6 +42,18 @@ class Evaluate(Stage):
     writes = (EXITS, CURVE)
     code = ("stages.evaluate", "stages.core.evaluate")
     unkeyed = (("data", "download"), ("data", "root"))  # fetching changes no result; data.identity keys the content
+    plan_order = 20  # after the phases, whose models it evaluates
+    data_context = "evaluation"
+
+    def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
+        """One node per regime's final model and seed: the test split through every exit and threshold."""
+        ev = spec.evaluation
+        return [Node(id=f"seed{m.seed}/{m.regime}/{self.kind}", kind=self.kind,
+                     config=EvaluateConfig(seed=m.seed, data=data_spec(spec), criteria=tuple(ev.criteria),
+                                           thresholds=ev.thresholds, threshold_spacing=ev.threshold_spacing,
+                                           batch_size=ev.batch_size),
+                     inputs=(m.id,), phase=m.phase, regime=m.regime, seed=m.seed)
+                for m in final_models(graph)]
 
     def resources(self, node: Node, settings: RunSettings) -> Resources:
         """The net runs over the test set in the task itself: a worker's CPUs, and its GPU when the study has them."""

@@ -1,44 +1,85 @@
-"""What the train and tune stages share: a phase node's typed config, its PhaseJob, and a phase's
-outcome as a StageResult."""
+"""What the train and tune kinds share: a phase's job on the worker, its outcome, and the outcome as a
+StageResult; `PhaseStage`, their common declarations. Imports no Ray (the kinds' `run` reaches Ray
+Train and Tune through `stages.ray_train` and `stages.ray_tune`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
 import pyarrow as pa
+import torch
 
+from pipeline.dag import Node
 from pipeline.resolve import sized_net
-from pipeline.stage import Checkpoint, File, RunSettings, StageContext, StageFailed, StageInput, StageResult, Table
+from pipeline.stage import (CHECKPOINT, PHASE, Checkpoint, File, RunSettings, Stage, StageContext, StageFailed, StageInput,
+                            StageResult, Table, TableKind)
+from stages.core import faults
 from stages.core.data import DataSpec, dataset_info
 from stages.core.loop import PhaseConfig
-from stages.core.nets import NetChoice, NetSpec
+from stages.core.nets import NetSpec
 from stages.core.nets.start import StartWeights, start_reader
-from stages.train import GRADIENT_DOMINANCE, HISTORY, PhaseJob, PhaseOutcome, scaling_config
-
-if TYPE_CHECKING:
-    from pipeline.graph import Node
-    from stages.tune import SearchPlan
+from stages.phase_plan import GradientDominanceAnalysis, PhaseNodeConfig
 
 DIVERGED_TAG = "exitflow.diverged"  # on a phase that diverged (FAILED) or a search with diverged trials
 RAY_NODES_TAG = "exitflow.ray_nodes"  # on a phase: the Ray node ids of the workers that trained it, comma-separated
+TRIAL_RESOURCES = {"cpu": 0.01}  # a search trial's own process under Ray Train: non-empty (an empty request is refused), tiny
+
+# data.download only fetches what is missing; a phase never reads the test split; data.root is where
+# the files are, data.identity (keyed) what they hold; start: its identity is keyed, not its source
+PHASE_UNKEYED = (("data", "download"), ("data", "test_subset"), ("data", "root"), ("start", "source"))
+HISTORY = TableKind("history", "history.parquet", ("epoch", "train_loss", "val_acc_mean", "val_acc_final"))
+GRADIENT_DOMINANCE = TableKind("gradient_dominance", "gradient_dominance.parquet", ("epoch", "exit", "cosine"))
+InitFrom = Callable[[], dict[str, torch.Tensor]]  # loads the input model's state (on the worker)
+MetricsSink = Callable[[int, dict[str, float]], None]  # logs one epoch's metrics (rank 0 only)
 
 
 @dataclass(frozen=True)
-class PhaseNodeConfig:
-    """A train or tune node's config: everything that changes the phase's result, as the core's own
-    types. Its key hashes exactly this; the Ray task gets it in the node, the Train worker its parts."""
+class PhaseJob:
+    """Everything a Train worker needs for one phase: the node config's own objects plus two picklable callables."""
 
     phase: str  # P1 | P2 | P3
     seed: int
     data: DataSpec
-    net: NetChoice  # sized for the dataset on the worker, where the data is
-    train: PhaseConfig  # train.lr is None when `search` is set: each trial trains with its own
-    selection: str  # the score that picks the kept epoch: final (P1 always), mean or auc
-    search: SearchPlan | None = None  # a tune node's learning rates and scheduler
-    start: StartWeights | None = None  # the backbone a from-scratch phase (P1, joint P2) starts from
+    net: NetSpec  # the node's NetChoice, sized for the data
+    train: PhaseConfig  # batch_size is global; lr is None until a search's trial sets it
+    selection: str = "mean"  # score reported to Tune: mean | final | auc (P1: always final)
+    init_from: InitFrom | None = None  # the input model (P3 and mixed P2 start from P1)
+    start: InitFrom | None = None  # or the backbone a from-scratch phase starts from (net.init)
+    start_source: str = ""  # where `start` reads from, for the record
+    metrics_sink: MetricsSink | None = None
+    torch_threads: int = 1
+    fault_plan: faults.Plan = ()
+    label: str = ""  # the node id, for progress lines
+    trial: str = ""  # the trial's name when this phase is one trial of a search
+
+    def fault_context(self, epoch: int) -> dict[str, Any]:
+        """What a fault hook in this phase may filter on."""
+        return {"phase": self.phase, "lr": self.train.lr, "epoch": epoch, "search": bool(self.trial),
+                "node": self.label}
+
+    def with_lr(self, lr: float) -> "PhaseJob":
+        return replace(self, train=replace(self.train, lr=float(lr)))
+
+
+@dataclass
+class PhaseOutcome:
+    """What a phase produced, read back from its last checkpoint."""
+
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val: dict[str, float] = field(default_factory=dict)
+    resumed_at: int | None = None  # first epoch of this attempt, when it resumed from a checkpoint
+    diverged: str = ""  # "non-finite loss at epoch E, step S" when the phase stopped on one
+    start: dict[str, str] | None = None  # net.init's source and the sha256 of the backbone the phase started from
+    ran_on: str = ""  # where the epochs ran, as the workers saw it (`ran_on`); "" in checkpoints older than the record
+    ray_nodes: list[str] = field(default_factory=list)  # the Ray node ids of the workers that trained it (`worker_nodes`)
 
 
 class PhaseDiverged(StageFailed):
@@ -71,11 +112,6 @@ def _start_loader(start: StartWeights | None, ctx: StageContext) -> Any:
     return None if start is None else start_reader(start.source, ctx.run_checkpoint)
 
 
-def scaling(ctx: StageContext) -> Any:
-    s = ctx.settings
-    return scaling_config(s.num_workers, s.use_gpu, s.cpus_per_worker, s.gpus_per_worker)
-
-
 def run_name(node: Node) -> str:
     """The Ray Train / Tune run name: the cache key, so a re-run of the same node resumes it."""
     return f"{node.key}-{node.config.phase}"
@@ -92,7 +128,7 @@ def phase_cost(phase: str, settings: RunSettings, epochs: int, train_seconds: fl
     train_seconds sums the epochs' own time; device-hours are that times the devices the phase
     held (its workers' GPUs, else their CPUs); wall_seconds is the stage's run, Ray's start-up
     included (a resumed phase: since its resume); ran_on is where the workers found themselves
-    (stages.train.ran_on), "" when unknown."""
+    (stages.ray_train.ran_on), "" when unknown."""
     group = settings.worker_group()
     device, count = ("GPU", group.num_gpus) if settings.use_gpu else ("CPU", group.num_cpus)
     return {"phase": phase, "epochs": epochs, "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3),
@@ -156,3 +192,21 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{k}"] = str(v)[:500]
     return out
+
+
+class PhaseStage(Stage):
+    """The declarations the train and tune kinds share: a phase of a regime (`stages.phase_plan` plans
+    them), starting from its input model when it has one, reading the data to train on."""
+
+    role = PHASE
+    reads = (CHECKPOINT,)  # the input model (P3 and mixed P2 start from P1), loaded on the worker
+    unkeyed = PHASE_UNKEYED
+    section = GradientDominanceAnalysis  # read while P2 trains
+    data_context = "training"
+    plan_order = 10  # first: every other kind reads the phases' models
+
+    def params(self, node: Node) -> dict[str, str]:
+        return phase_params(node)
+
+    def describe(self, summary: dict[str, Any]) -> str:
+        return describe_phase(summary)

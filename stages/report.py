@@ -1,22 +1,24 @@
 """The report stage: every regime and seed joined into the budget table and the trade-off plots.
 
-The compute is `stages.core.report.run`; this module gathers its inputs (each evaluate node's
-tables and the learning rates its phases chose) and declares what the stage writes.
+The compute is `stages.core.report.run`; this module plans the study's one report (on the graph
+that merges the comparison axes' variants: one row per variant's evaluated model), gathers its
+inputs (each evaluate node's tables and the learning rates its phases chose) and declares what the
+stage writes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from pipeline.stage import FILES, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from pipeline.dag import Graph, Node
+from pipeline.spec import StudySpec, axis_label
+from pipeline.stage import (FILES, REPORT, STUDY, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, get_stage,
+                            register_stage)
 from stages.core import faults
 from stages.core.budgets import Readout
-
-if TYPE_CHECKING:
-    from pipeline.graph import Node
+from stages.core.nets.methods import method_curves
 
 EXITS, CURVE = "exits", "curve"  # read from each evaluate node (their writer, stages.evaluate, holds their schemas)
 BUDGETS = TableKind("budgets", "budgets.parquet", ("regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds"), ui=True)
@@ -51,6 +53,24 @@ class Report(Stage):
     reads = (EXITS, CURVE)
     writes = (BUDGETS, COSTS, CALIBRATION, FILES)
     code = ("stages.report", "stages.core.report")
+    role = REPORT
+    scope = STUDY  # one report for every variant of the comparison axes
+    printed = ("budgets.txt", "costs.txt")  # what `exitflow run` and `exitflow report` print, in this order
+
+    def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
+        """The report: a row per variant's evaluated model (a node that writes the tables it reads), the
+        criteria's curves and the methods' own (JEI-DNN's gates), which every evaluate node of that method writes."""
+        rows = tuple((merged, n.regime, n.seed, tuple(axis_label((pair,)) for pair in v.assignment))
+                     for v in graph.variants for merged in v.nodes.values()
+                     if _evaluated(n := graph.nodes[merged]))
+        ev = spec.evaluation
+        criteria = tuple(ev.criteria) + method_curves(v.spec.net.method for v in graph.variants)
+        config = ReportConfig(budgets=tuple(ev.budgets), budget_rule=ev.budget_rule, seed_averaging=ev.seed_averaging,
+                              thresholds=ev.thresholds, threshold_spacing=ev.threshold_spacing, criteria=criteria,
+                              regimes=tuple(spec.regimes), seeds=tuple(spec.seeds), rows=rows,
+                              axes=tuple((axis, tuple(axis_label(((axis, value),)) for value in values))
+                                         for axis, values in spec.compare.items()))
+        return [Node(id=self.kind, kind=self.kind, config=config, inputs=tuple(dict.fromkeys(row[0] for row in rows)))]
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
         from stages.core import report
@@ -102,6 +122,11 @@ class Report(Stage):
                                       Table(CALIBRATION.name, out.calibration), *map(File, out.plots),
                                       File(text), File(cost_file)],
                            metrics=metrics, summary={"chosen_lrs": chosen})
+
+
+def _evaluated(node: Node) -> bool:
+    """Whether a node is an evaluated model the report reads: its kind writes both tables."""
+    return {EXITS, CURVE} <= set(get_stage(node.kind).table_kinds())
 
 
 def _label(regime: str, parts: tuple[str, ...]) -> str:

@@ -43,7 +43,7 @@ def ray_session() -> Iterator[None]:
     """One local Ray for the whole suite: 4 logical CPUs so a Tune trial + Train workers never deadlock."""
     import ray
 
-    from pipeline.runner import init_local_ray, local_env
+    from pipeline.ray_session import init_local_ray, local_env
 
     env = local_env()
     os.environ.update(env)

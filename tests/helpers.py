@@ -47,7 +47,7 @@ def phase_job(max_epochs: int = 3, fault: str | None = None, phase: str = "P1", 
     from stages.core.faults import parse_plan
     from stages.core.loop import PhaseConfig
     from stages.core.nets import NetChoice
-    from stages.train import PhaseJob
+    from stages.phase import PhaseJob
 
     data = DataSpec(name="digits")
     info = dataset_info(data)

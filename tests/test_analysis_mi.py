@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipeline.graph import build_graph
-from pipeline.spec import MutualInformationAnalysis, SpecError, load_spec
+from pipeline.spec import SpecError, load_spec
+from stages.analyze_mi import MutualInformationAnalysis
 from stages.core.analysis.mutual_information import (
     ESTIMATORS,
     MIEstimator,

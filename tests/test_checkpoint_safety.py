@@ -54,7 +54,7 @@ def test_a_state_file_that_would_run_code_is_refused_unread(tmp_path: Path) -> N
 def test_a_phase_resuming_from_a_planted_pickle_starts_afresh_and_runs_nothing(
     ray_session: None, storage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from stages.train import STATE_FILE, run_phase, scaling_config
+    from stages.ray_train import STATE_FILE, run_phase, scaling_config
 
     scaling = scaling_config(1, False, 1.0, 0.0)
     run_phase(phase_job(1), scaling, "planted", storage, max_failures=0, in_process=True)
@@ -63,7 +63,7 @@ def test_a_phase_resuming_from_a_planted_pickle_starts_afresh_and_runs_nothing(
     marker = tmp_path / "code-ran"
     for state in states:  # whoever can write to the storage replaces the checkpoint
         _plant(state, marker)
-    with caplog.at_level(logging.WARNING, logger="stages.train"):
+    with caplog.at_level(logging.WARNING, logger="stages.ray_train"):
         outcome = run_phase(phase_job(2), scaling, "planted", storage, max_failures=0, in_process=True)
     assert not marker.exists()
     assert outcome.resumed_at is None and [int(m["epoch"]) for m in outcome.history] == [0, 1]  # from scratch

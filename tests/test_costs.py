@@ -60,7 +60,7 @@ def test_ran_on_names_only_what_the_device_did() -> None:
     import torch
 
     from stages.core.loop import PhaseConfig
-    from stages.train import ran_on
+    from stages.ray_train import ran_on
 
     # bf16 and channels_last are no-ops on a CPU: the record must not claim them
     assert ran_on(torch.device("cpu"), 1, PhaseConfig(bf16=True, channels_last=True)) == "1 x CPU (one process)"

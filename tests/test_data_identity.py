@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 
 from helpers import TINY
 from pipeline.cli import app
-from pipeline.graph import build_graph, cache_key
+from pipeline.graph import build_graph
+from pipeline.keys import cache_key
 from pipeline.resolve import preflight
 from pipeline.spec import load_spec
 from stages.core.data import DataError, DataSpec

@@ -89,7 +89,8 @@ def test_dynamic_inference_on_the_gpu_takes_the_simulated_exits(trained, splits)
 def test_a_ray_train_phase_on_the_gpu_uses_nccl(ray_session: None, tmp_path) -> None:  # noqa: ANN001
     import ray
 
-    from stages.train import PhaseJob, run_phase, scaling_config
+    from stages.phase import PhaseJob
+    from stages.ray_train import run_phase, scaling_config
 
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("the suite's Ray session has no GPU")

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.graph import Graph, Node, build_graph, cache_key
+from pipeline.dag import Graph, Node
+from pipeline.graph import build_graph
+from pipeline.keys import cache_key
 from pipeline.spec import StudySpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,7 +329,9 @@ def _code_tree(tmp_path: Path) -> Path:
     ("module", "edit", "changed"),
     [
         ("stages/core/loop.py", "\nLOOP_EDITED = True\n", {"train", "tune"}),
-        ("stages/core/nets/heads.py", "\nHEADS_EDITED = True\n", {"train", "tune", "evaluate"}),
+        # the report plans the methods' own curves (stages.core.nets.methods): a net's edit re-keys it too,
+        # as its inputs (evaluate) would anyway
+        ("stages/core/nets/heads.py", "\nHEADS_EDITED = True\n", {"train", "tune", "evaluate", "report"}),
         ("stages/core/evaluation.py", "\nEVAL_EDITED = True\n", {"evaluate"}),
         ("stages/core/budgets.py", "\nBUDGETS_EDITED = True\n", {"tune", "report"}),  # via the plots' labels
         ("stages/core/report_plots.py", "\nPLOTS_EDITED = True\n", {"tune", "report"}),  # tune draws lr_search.png
@@ -355,12 +359,12 @@ def test_editing_code_changes_the_fingerprint_of_exactly_the_stages_it_computes(
 
 
 def test_a_report_code_edit_rekeys_only_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import graph
+    from pipeline import keys
 
     before = _graph()
-    real = graph.fingerprint
-    report = graph.get_stage("report").code
-    monkeypatch.setattr(graph, "fingerprint", lambda code: real(code) + ("-edited" if code == report else ""))
+    real = keys.fingerprint
+    report = keys.get_stage("report").code
+    monkeypatch.setattr(keys, "fingerprint", lambda code: real(code) + ("-edited" if code == report else ""))
     assert _changed(before, _graph()) == {"report"}
 
 
@@ -368,7 +372,8 @@ def test_a_report_code_edit_rekeys_only_the_report(monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize("use_gpu", [False, True])
 def test_evaluate_tasks_and_in_process_phases_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(
         use_gpu: bool, trainer: str) -> None:
-    from pipeline.runner import run_settings, task_resources
+    from pipeline.runner import run_settings
+    from pipeline.scheduler import task_resources
     from pipeline.stage import NODE_RETRIES, get_stage
 
     spec = load_spec(None, [f"resources.use_gpu={str(use_gpu).lower()}", "resources.cpus_per_worker=3",
@@ -521,9 +526,13 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
 def _spec_leaves(model: type, prefix: str = "") -> list[str]:
     from pydantic import BaseModel
 
+    from pipeline.kinds import analysis_sections
+    from pipeline.spec_sections import AnalysesConfig
+
     out = []
-    for name, f in model.model_fields.items():  # type: ignore[attr-defined]
-        ann = f.annotation
+    # `analyses:` holds the sections the stage kinds declare (pipeline.kinds), not fields of its own
+    fields = analysis_sections() if model is AnalysesConfig else {n: f.annotation for n, f in model.model_fields.items()}  # type: ignore[attr-defined]
+    for name, ann in fields.items():
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out += _spec_leaves(ann, f"{prefix}{name}.")
         else:

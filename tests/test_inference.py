@@ -4,7 +4,7 @@ and predictions the simulated curve counts, and later blocks run only on the sam
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -30,7 +30,14 @@ CRITERIA = ["max_softmax", "entropy", "patience"]
 @pytest.fixture(scope="module")
 def running_mean() -> Iterator[ExitMethod]:
     """A toy ensembling method, registered for this module: exit k answers with the mean of exits 0..k."""
-    method = register_method(ExitMethod("toy_running_mean", combine=lambda raw: torch.stack(list(raw)).mean(dim=0)))
+    class RunningMean(ExitMethod):
+        name = "toy_running_mean"
+        independent = False
+
+        def combine(self, net: MultiExitNet, raw: Sequence[Tensor]) -> Tensor:
+            return torch.stack(list(raw)).mean(dim=0)
+
+    method = register_method(RunningMean())
     yield method
     METHODS.unregister(method.name)
 

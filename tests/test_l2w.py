@@ -224,7 +224,7 @@ def test_l2w_under_ddp_trains_the_net_and_the_predictor(digits: Splits, process_
 
 
 def test_spec_takes_l2w_settings_and_rejects_bad_ones() -> None:
-    from pipeline.spec import PhaseConfig as SpecPhase
+    from pipeline.spec_sections import PhaseConfig as SpecPhase
 
     assert SpecPhase(loss_weighting="l2w", l2w_epsilon=0.2).l2w_epsilon == 0.2
     with pytest.raises(ValueError, match="l2w_epsilon"):

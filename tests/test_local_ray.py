@@ -5,7 +5,7 @@ Without an address, Ray's client looks for Ray on the machine and gives up when 
 suite's own_ray group runs clusters beside the shared session; a user runs two studies): the
 cleaner died, a stopped trial's placement groups kept their CPUs, and a later phase that needed
 them waited forever. The suite's session starts as `exitflow run` starts a local Ray
-(`pipeline.runner.init_local_ray`).
+(`pipeline.ray_session.init_local_ray`).
 """
 
 from __future__ import annotations

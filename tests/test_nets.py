@@ -336,7 +336,14 @@ def test_linear_head_on_conv_features() -> None:
 @pytest.fixture
 def ensemble() -> Iterator[ExitMethod]:
     """A toy method, registered for one test: every exit emits the mean of the raw logits so far."""
-    toy = register_method(ExitMethod("toy_ensemble", combine=lambda raw: torch.stack(list(raw)).mean(0)))
+    class ToyEnsemble(ExitMethod):
+        name = "toy_ensemble"
+        independent = False
+
+        def combine(self, net: Any, raw: Sequence[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(list(raw)).mean(0)
+
+    toy = register_method(ToyEnsemble())
     yield toy
     METHODS.unregister(toy.name)
 
@@ -375,10 +382,13 @@ def test_an_unknown_method_is_refused_by_the_spec_and_the_registry() -> None:
 @pytest.fixture
 def final_only() -> Iterator[ExitMethod]:
     """A toy method with its own loss: only the final exit is trained, the ICs' losses count for nothing."""
-    def losses(logits: Sequence[torch.Tensor], target: torch.Tensor, loss_fn: Any) -> list[torch.Tensor]:
-        return [loss_fn(z, target) * 0.0 for z in logits[:-1]] + [loss_fn(logits[-1], target)]
+    class FinalOnly(ExitMethod):
+        name = "toy_final_only"
 
-    toy = register_method(ExitMethod("toy_final_only", combine=lambda raw: raw[-1], independent=True, losses=losses))
+        def losses(self, logits: Sequence[torch.Tensor], target: torch.Tensor, loss_fn: Any) -> list[torch.Tensor]:
+            return [loss_fn(z, target) * 0.0 for z in logits[:-1]] + [loss_fn(logits[-1], target)]
+
+    toy = register_method(FinalOnly())
     yield toy
     METHODS.unregister(toy.name)
 

@@ -18,8 +18,11 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.graph import Graph, build_graph
-from pipeline.spec import LR_PRESETS, Preset, StudySpec, load_spec
+from pipeline.dag import Graph
+from pipeline.graph import build_graph
+from pipeline.spec import StudySpec, load_spec
+from pipeline.spec_sections import LR_PRESETS, Preset
+from pipeline.stage import PHASE, nodes_with_role
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "examples" / "paper"
@@ -142,7 +145,7 @@ def test_the_folder_has_both_kinds() -> None:
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.relative_to(PAPER).as_posix())
 def test_spec_builds_a_graph_on_the_checkouts_data(path: Path, studies: dict[Path, tuple[StudySpec, Graph]]) -> None:
     spec, graph = studies[path]
-    assert graph.phase_nodes()
+    assert nodes_with_role(graph, PHASE)
     graph.order()  # acyclic, every input produced
     # data.root resolves into the checkout's data/ folder: nothing outside the repository
     root = Path(spec.data.root or "")
@@ -162,7 +165,7 @@ def test_gpu_spec_uses_the_papers_hyper_parameters(path: Path, studies: dict[Pat
     # four seeds, or one model per regime (analyses): from one seed, or each from its own (D.8)
     across = spec.analyses.connectivity.seeds
     assert spec.resources.use_gpu and (len(spec.seeds) in (1, 4) or across and set(across.values()) == set(spec.seeds))
-    trained = {n.phase for n in graph.phase_nodes()}
+    trained = {n.phase for n in nodes_with_role(graph, PHASE)}
     assert trained == set(want["lr"]), f"{path.name} trains {sorted(trained)}"
     for phase, lr in want["lr"].items():
         pc = getattr(spec.phases, phase)
@@ -174,7 +177,7 @@ def test_gpu_spec_uses_the_papers_hyper_parameters(path: Path, studies: dict[Pat
         else:
             assert pc.lr == lr, f"{phase} trains at {lr}"
     # what the graph runs: each search is the whole grid, every fixed lr one training
-    for node in graph.phase_nodes():
+    for node in nodes_with_role(graph, PHASE):
         lr = want["lr"][node.phase]
         if isinstance(lr, str):
             assert node.kind == "tune" and node.config.search.grid == LR_PRESETS[lr]
@@ -190,7 +193,7 @@ def test_cpu_spec_is_small(path: Path, studies: dict[Path, tuple[StudySpec, Grap
     assert not spec.resources.use_gpu and spec.seeds == ([0, 1] if across else [0])
     assert spec.data.train_subset is not None and spec.data.train_subset <= 5000
     assert spec.data.test_subset is not None and spec.data.test_subset <= 5000
-    for node in graph.phase_nodes():
+    for node in nodes_with_role(graph, PHASE):
         assert node.kind == "train", f"{node.id} searches"
         assert node.config.train.max_epochs <= 8  # minutes per phase on one core at these sizes
 
@@ -231,7 +234,7 @@ def test_shared_nodes_the_readme_names(studies: dict[Path, tuple[StudySpec, Grap
         for node in ("P1", "joint/P2", "mixed/P2"):
             assert fig22.nodes[f"seed{seed}/{node}"].key in fig13_keys
     vit = build_graph(load_spec(REPO / "examples" / "cifar10-vit.yaml"))
-    assert {n.id: n.key for n in fig22.phase_nodes()} == {n.id: n.key for n in vit.phase_nodes()}
+    assert {n.id: n.key for n in nodes_with_role(fig22, PHASE)} == {n.id: n.key for n in nodes_with_role(vit, PHASE)}
     regimes, weighting = graph("cpu/fig06-regimes-cifar10.yaml"), graph("cpu/fig14-16-loss-weighting-cifar10.yaml")
     assert regimes.nodes["seed0/P1"].key == weighting.nodes["seed0/P1"].key
     for regime in ("joint", "mixed"):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.spec import LR_PRESETS, LogUniform, PhaseConfig, Preset, SpecError, StudySpec, load_spec, spec_to_yaml
+from pipeline.spec import SpecError, StudySpec, load_spec, spec_to_yaml
+from pipeline.spec_sections import LR_PRESETS, LogUniform, PhaseConfig, Preset
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 

@@ -1,12 +1,14 @@
-"""A stage kind from outside the project: one file, one registration, nothing else edited.
+"""A new analysis kind from outside the project: one file, one registration, nothing of pipeline/ edited.
 
-`ExitSpread` (the gap between a model's best and worst fixed exit) is registered by this test
-module alone. Its `plan` adds one node per evaluated model; the DAG runs it like any built-in
-stage, its table is typed (its declared schema) and hashed, and a re-run reuses it. The same
-study switches on the built-in analyses (`analyses.rank`, `analyses.landscape`,
-`analyses.mutual_information`, `analyses.connectivity`: stages that join the graph the same way; and
-`analyses.gradient_dominance`, measured inside P2's training). It trains joint and disjoint, so
-connectivity has a pair of regimes to connect.
+`ExitSpread` (the gap between a model's best and worst fixed exit) is an analysis kind registered by
+this test module alone, with its spec section (`analyses.exit_spread`) declared beside it: the spec
+accepts the section once the kind is registered (and refuses it once it is not), the kind's own
+`plan` adds one node per evaluated model when the section switches it on, and the DAG runs it like
+any built-in stage: its table is typed (its declared schema) and hashed, the pipeline run links it
+as an analysis, and a re-run reuses it. The same study switches on the built-in analyses
+(`analyses.rank`, `analyses.landscape`, `analyses.mutual_information`, `analyses.connectivity`:
+stages that join the graph the same way; and `analyses.gradient_dominance`, measured inside P2's
+training). It trains joint and disjoint, so connectivity has a pair of regimes to connect.
 """
 
 from __future__ import annotations
@@ -14,36 +16,50 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pytest
 from helpers import tiny_spec
 
-from pipeline.graph import Graph, Node
-from pipeline.stage import Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage, unregister_stage
-from pipeline.spec import StudySpec
+from pipeline.dag import Graph, Node
+from pipeline.spec import SpecError, StudySpec
+from pipeline.spec_types import AnalysisSection
+from pipeline.stage import (ANALYSIS, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage,
+                            unregister_stage)
 
 SPREAD = TableKind("exit_spread", "exit_spread.parquet", ("regime", "best_exit", "spread"))
 
 
+class ExitSpreadAnalysis(AnalysisSection):
+    """`analyses.exit_spread`: declared here, beside the kind that reads it; the spec finds it through the registry."""
+
+    name = "exit_spread"
+    statistic: Literal["max-min"] = "max-min"  # what the spread is: the exits' best accuracy less their worst
+
+
 @dataclass(frozen=True)
 class SpreadConfig:
-    statistic: str  # what the spread is: "max-min" of the exits' accuracies
+    statistic: str
 
 
 class ExitSpread(Stage):
     """Per evaluated model: its best fixed exit and the accuracy gap between its best and worst exit."""
 
-    kind = "exit_spread"
+    kind = "analyze.exit_spread"
+    role = ANALYSIS
+    section = ExitSpreadAnalysis
     reads = ("exits",)
     writes = (SPREAD,)
     code = (__name__,)
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
-        return [Node(id=n.id.replace("/evaluate", "/exit_spread"), kind=self.kind, config=SpreadConfig("max-min"),
-                     inputs=(n.id,), regime=n.regime, seed=n.seed)
-                for n in list(graph.nodes.values()) if n.kind == "evaluate"]
+        settings = self.spec_section(spec)
+        if settings is None or not settings.enabled:
+            return []
+        config = SpreadConfig(**settings.settings())
+        return [Node(id=f"seed{n.seed}/{n.regime}/analyze/exit_spread", kind=self.kind, config=config, inputs=(n.id,),
+                     regime=n.regime, seed=n.seed) for n in graph.nodes.values() if n.kind == "evaluate"]
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
         [evaluated] = inputs
@@ -65,9 +81,10 @@ def registered() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory: pytest.TempPathFactory) -> StudySpec:
+def spec(registered: None, tmp_path_factory: pytest.TempPathFactory) -> StudySpec:
     storage = tmp_path_factory.mktemp("ray")
-    return tiny_spec(storage, "regimes=[joint, disjoint]", "tracking.experiment=toy-stage", "analyses.rank.enabled=true",
+    return tiny_spec(storage, "regimes=[joint, disjoint]", "tracking.experiment=toy-stage", "analyses.exit_spread.enabled=true",
+                     "analyses.rank.enabled=true",
                      "analyses.rank.samples=100", "analyses.landscape.enabled=true", "analyses.landscape.samples=50",
                      "analyses.landscape.steps=3", "analyses.mutual_information.enabled=true",
                      "analyses.mutual_information.samples=60", "analyses.mutual_information.estimator=mc",
@@ -88,10 +105,44 @@ def test_the_registered_stage_joins_the_graph_through_its_plan(registered: None,
     from pipeline.graph import build_graph
 
     g = build_graph(spec)
-    node = g.nodes["seed0/joint/exit_spread"]
-    assert node.inputs == ("seed0/joint/evaluate",) and node.key
+    node = g.nodes["seed0/joint/analyze/exit_spread"]
+    assert node.inputs == ("seed0/joint/evaluate",) and node.key and node.config == SpreadConfig("max-min")
+    assert {n.id for n in g.nodes.values() if n.kind == ExitSpread.kind} == {"seed0/joint/analyze/exit_spread",
+                                                                               "seed0/disjoint/analyze/exit_spread"}
     # its key follows its own config and code, and its input's key
     assert len({n.key for n in g.nodes.values()}) == len(g.nodes)
+    off = spec.model_copy(update={"analyses": spec.analyses.model_copy(
+        update={"exit_spread": spec.analyses.exit_spread.model_copy(update={"enabled": False})})})
+    assert not any(n.kind == ExitSpread.kind for n in build_graph(off).nodes.values())  # its own plan reads its section
+
+
+def test_its_spec_section_is_declared_beside_it(registered: None) -> None:
+    from pipeline.kinds import analysis_sections
+    from pipeline.spec import load_spec
+
+    assert analysis_sections()["exit_spread"] is ExitSpreadAnalysis
+    assert load_spec(None).analyses.exit_spread == ExitSpreadAnalysis()  # every declared section is there, its defaults
+    with pytest.raises(SpecError, match=r"analyses\.exit_spread\.statistic: Input should be 'max-min'"):
+        load_spec(None, ["analyses.exit_spread.statistic=mean"])
+
+
+def test_an_unregistered_kinds_section_is_an_unknown_key() -> None:
+    from pipeline.spec import load_spec
+
+    class GoneAnalysis(AnalysisSection):
+        name = "gone"
+
+    class Gone(ExitSpread):
+        kind = "analyze.gone"
+        section = GoneAnalysis
+
+    register_stage(Gone)
+    try:
+        assert load_spec(None, ["analyses.gone.enabled=true"]).analyses.gone.enabled
+    finally:
+        unregister_stage(Gone.kind)
+    with pytest.raises(SpecError, match=r"analyses\.gone: unknown key"):
+        load_spec(None, ["analyses.gone.enabled=true"])
 
 
 @pytest.mark.ray
@@ -100,11 +151,12 @@ def test_it_runs_through_the_dag_with_a_typed_hashed_artifact(first: Any, mlflow
 
     from pipeline.artifacts import ArtifactStore
 
-    res = first.results["seed0/joint/exit_spread"]
+    res = first.results["seed0/joint/analyze/exit_spread"]
     assert not res.cached
     c = MlflowClient(mlflow_store.uri)
     run = c.get_run(res.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["exitflow.stage"] == "exit_spread"
+    assert run.info.status == "FINISHED" and run.data.tags["exitflow.stage"] == "analyze"
+    assert run.data.tags["exitflow.analysis"] == "exit_spread"
     assert "exitflow.sha256.exit_spread.parquet" in run.data.tags  # hashed like every artifact
     table = ArtifactStore(c).load_table(res.run_id, "exit_spread")  # read back against its declared schema
     exits = ArtifactStore(c).load_table(first.results["seed0/joint/evaluate"].run_id, "exits")
@@ -119,8 +171,8 @@ def test_a_rerun_reuses_it(first: Any, spec: StudySpec, mlflow_uri: str) -> None
     from pipeline.runner import run_study
 
     again = run_study(spec, mlflow_uri, progress=lambda _: None)
-    assert set(again.cache_hits) == set(again.results) and "seed0/joint/exit_spread" in again.cache_hits
-    assert again.results["seed0/joint/exit_spread"].run_id == first.results["seed0/joint/exit_spread"].run_id
+    assert set(again.cache_hits) == set(again.results) and "seed0/joint/analyze/exit_spread" in again.cache_hits
+    assert again.results["seed0/joint/analyze/exit_spread"].run_id == first.results["seed0/joint/analyze/exit_spread"].run_id
 
 
 def test_an_undeclared_artifact_kind_is_refused() -> None:
@@ -227,7 +279,9 @@ def test_the_pipeline_run_links_every_analysis_plot(first: Any, mlflow_uri: str)
 
     _, where = study_report(first.parent_run_id, mlflow_uri)
     assert set(where["analyses"]) == {"seed0/analyze/rank", "seed0/joint/analyze/landscape", "seed0/disjoint/analyze/landscape",
-                                      "seed0/analyze/mutual_information", "seed0/analyze/connectivity"}
+                                      "seed0/analyze/mutual_information", "seed0/analyze/connectivity",
+                                      "seed0/joint/analyze/exit_spread", "seed0/disjoint/analyze/exit_spread"}
+    assert where["analyses"]["seed0/joint/analyze/exit_spread"] == []  # a table, no plot
     assert [p.rsplit("/", 1)[-1] for p in where["analyses"]["seed0/analyze/rank"]] == ["rank.png"]
     assert first.analyses == {n: first.results[n].run_id for n in where["analyses"]}
 

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_dashboard: str, storage: str, tmp_path: Path) -> None:
     from stages.core.nets import create_net
-    from stages.train import run_phase, scaling_config
+    from stages.ray_train import run_phase, scaling_config
 
     job = phase_job(max_epochs=2)
     outcome = run_phase(job, scaling_config(2, False, 1.0, 0.0), "ddp", storage, max_failures=0)
@@ -27,7 +27,7 @@ def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_dashboard: str,
     with torch.no_grad():
         outs = net(torch.zeros(3, 1, 8, 8))
     assert len(outs) == net.num_exits and outs[-1].shape == (3, 10)
-    # Train's default actors for a fit, less Ray Data's (a phase passes no datasets: stages.train.PhaseTrainer)
+    # Train's default actors for a fit, less Ray Data's (a phase passes no datasets: stages.ray_train.PhaseTrainer)
     from ray.util.state import list_actors
 
     started = {a.class_name for a in list_actors(ray_dashboard, limit=10_000, raise_on_missing_output=False)}
@@ -37,7 +37,7 @@ def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_dashboard: str,
 def test_interrupted_phase_resumes_from_its_checkpoint(ray_session: None, storage: str, tmp_path: Path) -> None:
     from ray.train import TrainingFailedError
 
-    from stages.train import run_phase, scaling_config
+    from stages.ray_train import run_phase, scaling_config
 
     marker = tmp_path / "fault-fired"
     scaling = scaling_config(1, False, 1.0, 0.0)
@@ -51,7 +51,7 @@ def test_interrupted_phase_resumes_from_its_checkpoint(ray_session: None, storag
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_session: None, storage: str, tmp_path: Path) -> None:
-    from stages.train import run_phase, scaling_config
+    from stages.ray_train import run_phase, scaling_config
 
     marker = tmp_path / "worker-killed"
     job = phase_job(3, f"point=train.epoch_end,epoch=1,settle_s=5,marker={marker}")
@@ -62,7 +62,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session: None, storage:
 
 
 def test_a_phase_whose_checkpoint_cannot_be_read_starts_afresh(ray_session: None, storage: str) -> None:
-    from stages.train import STATE_FILE, run_phase, scaling_config
+    from stages.ray_train import STATE_FILE, run_phase, scaling_config
 
     scaling = scaling_config(1, False, 1.0, 0.0)
     run_phase(phase_job(1), scaling, "unreadable", storage, max_failures=0)
@@ -81,7 +81,7 @@ def _in_task(job, name: str, storage: str, max_failures: int, retries: int):  # 
     """run_phase in process, inside a Ray task (as the train stage runs it): a kill takes the task."""
     import ray
 
-    from stages.train import run_phase, scaling_config
+    from stages.ray_train import run_phase, scaling_config
 
     def fit():  # noqa: ANN202
         return run_phase(job, scaling_config(1, False, 1.0, 0.0), name, storage, max_failures, in_process=True)
@@ -92,7 +92,7 @@ def _in_task(job, name: str, storage: str, max_failures: int, retries: int):  # 
 def test_in_process_a_phase_trains_without_ray_train_and_equals_its_ray_train_twin(ray_dashboard: str, storage: str) -> None:
     from ray.util.state import list_actors
 
-    from stages.train import run_phase, scaling_config
+    from stages.ray_train import run_phase, scaling_config
 
     controllers = sum(a.class_name == "TrainController" for a in list_actors(ray_dashboard, limit=10_000, raise_on_missing_output=False))
     local = _in_task(phase_job(2), "in-process", storage, 0, 0)
@@ -120,7 +120,7 @@ def test_in_process_a_killed_task_resumes_from_its_last_checkpoint(ray_session: 
 def test_in_process_a_failed_attempt_resumes_max_failures_times_then_raises(ray_session: None, storage: str,
                                                                             tmp_path: Path) -> None:
     from stages.core.faults import InjectedFault
-    from stages.train import run_phase, scaling_config
+    from stages.ray_train import run_phase, scaling_config
 
     scaling = scaling_config(1, False, 1.0, 0.0)
     first, second = tmp_path / "first", tmp_path / "second"
@@ -136,7 +136,7 @@ def test_in_process_a_failed_attempt_resumes_max_failures_times_then_raises(ray_
 
 
 def test_in_process_a_checkpoint_that_cannot_be_read_starts_the_phase_afresh(ray_session: None, storage: str) -> None:
-    from stages.train import STATE_FILE, run_phase, scaling_config
+    from stages.ray_train import STATE_FILE, run_phase, scaling_config
 
     scaling = scaling_config(1, False, 1.0, 0.0)
     run_phase(phase_job(1), scaling, "unreadable-in-process", storage, max_failures=0, in_process=True)

@@ -66,7 +66,7 @@ def test_every_phase_searches_the_grid_and_logs_every_trial(study: Any, client: 
 @pytest.mark.parametrize("node", SEARCHES)
 def test_the_phase_model_is_exactly_the_best_trials_checkpoint(study: Any, client: MlflowClient, node: str) -> None:
     from pipeline.artifacts import ArtifactStore, state_dict_hash
-    from stages.train import outcome_from_checkpoint
+    from stages.ray_train import outcome_from_checkpoint
 
     result = study.results[node]
     trial_state = outcome_from_checkpoint(result.summary["best_trial_checkpoint"]).best_state
@@ -92,8 +92,9 @@ def test_asha_stops_poor_learning_rates_early(ray_session: None, tmp_path: Path,
                                               in_process: bool) -> None:
     """Also: the search tells the driver's display its trial counts as trials start and end."""
     import pipeline.relay
-    from stages.train import scaling_config
-    from stages.tune import SearchPlan, run_search
+    from stages.ray_train import scaling_config
+    from stages.phase_plan import SearchPlan
+    from stages.ray_tune import run_search
 
     posted: list[tuple[str, dict]] = []
     monkeypatch.setattr(pipeline.relay, "_post", lambda line, event=None: posted.append((line, event)))
@@ -139,8 +140,9 @@ class RecordingLogs:
 @TRAINERS
 def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_session: None, tmp_path: Path,
                                                                          in_process: bool) -> None:
-    from stages.train import outcome_from_checkpoint, scaling_config
-    from stages.tune import SearchFailed, SearchPlan, run_search
+    from stages.ray_train import outcome_from_checkpoint, scaling_config
+    from stages.phase_plan import SearchPlan
+    from stages.ray_tune import SearchFailed, run_search
 
     plan = SearchPlan(grid=(3e-3, 1e-3))  # one trial at a time (below): 3e-3 finishes first
     scaling, storage = scaling_config(1, False, 1.0, 0.0), str(tmp_path / "ray")
@@ -162,15 +164,16 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_ses
 def test_a_search_whose_state_cannot_be_read_says_why_and_starts_afresh(
     ray_session: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from stages.train import scaling_config
-    from stages.tune import SearchPlan, run_search, search_dir
+    from stages.ray_train import scaling_config
+    from stages.phase_plan import SearchPlan
+    from stages.ray_tune import run_search, search_dir
 
     storage = tmp_path / "ray"
     folder = search_dir("broken", str(storage))
     broken = storage / folder
     broken.mkdir(parents=True)
     (broken / "tuner.pkl").write_bytes(b"not a pickle: a half-written file from a dead process")
-    with caplog.at_level("WARNING", logger="stages.tune"):
+    with caplog.at_level("WARNING", logger="stages.ray_tune"):
         # The trials train in process: what is broken is Tune's own saved state, the same under either trainer.
         search = run_search(phase_job(max_epochs=1), SearchPlan(grid=(3e-3,)), scaling_config(1, False, 1.0, 0.0),
                             "broken", str(storage), 0, in_process=True)
@@ -188,7 +191,7 @@ def test_the_same_search_in_two_storages_is_staged_apart(ray_session: None, tmp_
     name carries its storage, and stays the same for a restored search."""
     from ray.train._internal.storage import StorageContext
 
-    from stages.tune import search_dir
+    from stages.ray_tune import search_dir
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
 
@@ -206,8 +209,8 @@ def test_a_trial_whose_recorded_checkpoint_is_gone_reads_its_runs_newest_whole_o
     """Tune's record of a trial's checkpoint may be older than its Train run's own (an attempt Tune
     never heard of reported again and Train, keeping two, removed the old one): the newest whole
     checkpoint of the run is read instead; none whole is an error naming the trial and the run."""
-    from stages.train import PROGRESS_FILE, STATE_FILE
-    from stages.tune import SearchFailed, latest_complete_checkpoint
+    from stages.ray_train import PROGRESS_FILE, STATE_FILE
+    from stages.ray_tune import SearchFailed, latest_complete_checkpoint
 
     run = tmp_path / "search-trial_00001"
     for name, files in (("checkpoint_2026-11-30_14-56-09.354454", [STATE_FILE]),  # Tune's: half removed

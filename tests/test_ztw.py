@@ -243,7 +243,7 @@ def test_cascade_maps_cost_their_multiply_adds() -> None:
 def test_a_search_keeps_a_trial_that_fitted_its_ensemble() -> None:
     """ZTW fits its ensemble at a phase's last epoch, which a trial ASHA stopped never reached: such a
     trial cannot be the search's model, however it scored; for a method without that step it can."""
-    from stages.tune import TrialRecord, choose_trial
+    from stages.ray_tune import TrialRecord, choose_trial
 
     stopped = TrialRecord("t0", 1e-3, best_val=0.95, epochs=2, stopped_by="scheduler", checkpoint_path="a")
     ended = TrialRecord("t1", 3e-3, best_val=0.93, epochs=6, stopped_by="patience", checkpoint_path="b")

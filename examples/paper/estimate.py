@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the project's pa
     sys.path.insert(0, str(REPO))
 
 from pipeline.graph import build_graph  # noqa: E402
+from pipeline.stage import PHASE, nodes_with_role  # noqa: E402
 from pipeline.spec import load_spec  # noqa: E402
 
 # Assumed sustained training throughput of one A100/H100-class GPU in bf16 on these small-image nets:
@@ -160,7 +161,7 @@ def estimate(path: Path) -> Estimate:
     # Where the backbone starts changes no cost: estimate without net.init, so its weights (a file,
     # a run, a library's cache) need not be on this machine.
     graph = build_graph(spec.model_copy(update={"net": spec.net.model_copy(update={"init": None})}))
-    phases = graph.phase_nodes()
+    phases = nodes_with_role(graph, PHASE)
     trainings, max_epochs, flop = 0, 0, 0.0
     for node in phases:
         cfg = node.config

@@ -56,10 +56,9 @@ def run(
         }
     )
     curves = [(criterion, threshold_curve(logits, labels, flops, criterion, num_thresholds, spacing)) for criterion in criteria]
-    if net.method.curve is not None:  # the method's own (JEI-DNN's gates, one point per lambda)
-        points, taken = net.method.curve.compute(net, logits)
-        curves.append((net.method.curve.name, {"threshold": points, **curve_at_exits(logits, labels, flops, taken,
-                                                                                     net.method.curve.equal_mass_ece)}))
+    for own in net.method.curves():  # the method's own (JEI-DNN's gates, one point per lambda)
+        points, taken = own.compute(net, logits)
+        curves.append((own.name, {"threshold": points, **curve_at_exits(logits, labels, flops, taken, own.equal_mass_ece)}))
     parts = [
         pa.table(
             {

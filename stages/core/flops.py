@@ -26,7 +26,9 @@ with warnings.catch_warnings():  # fvcore.nn scripts its focal loss at import: t
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-from stages.core.nets.multi_exit import MultiExitNet
+# A stages.core.nets.multi_exit.MultiExitNet, read by its attributes: the net's methods (JEI-DNN's cost
+# targets) count FLOPs, so importing the net here would close an import circle.
+MultiExitNet = Any
 
 
 def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
@@ -113,9 +115,10 @@ def piece_flops(net: MultiExitNet) -> PieceFlops:
         ics = tuple(int(by_module[names[id(ic)]]) for ic in net.ics)
         last = net.block_states(x, [net.num_blocks])[0]
         head = int(flop_analysis(_Method(backbone, "forward_head"), (last,)).total())
-        combiner = net.combiner
-        in_forward = int(by_module.get(names[id(combiner)], 0)) if combiner is not None else 0
-        combine = _combine_flops(net, x) if combiner is not None else ()
+        # the method's own modules run in the forward only to combine the exits (GPF's aggregator)
+        in_forward = sum(int(by_module.get(name, 0)) for name in net.own_modules())
+        # an independent method's exit k is IC k's raw output: nothing to combine, nothing to trace
+        combine = () if net.method.independent else _combine_flops(net, x)
     # the stem is the rest: whatever is counted outside blocks, ICs, head and combining (so nothing is lost)
     stem = int(analysis.total()) - sum(blocks) - sum(ics) - head - in_forward
     return PieceFlops(stem=stem, blocks=blocks, ics=ics, head=head, combine=combine)

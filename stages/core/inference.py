@@ -12,7 +12,7 @@ simulated curve counts at that threshold (a test checks it on a trained net). A 
 confidence at exit i reads exits 0..i and the number of exits E, never a later exit, so it is
 computed here before the later exits run: the logits so far are padded to E rows by repeating
 the last one, and row i is read. A method with its own curve (JEI-DNN's gates) brings its own
-rule for it (`MethodCurve.leaves`), which reads the IC's logits alone.
+rule for it (`MethodCurve.leaves` of one of its `ExitMethod.curves()`), which reads the IC's logits alone.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def exit_rule(net: MultiExitNet, criterion: Criterion, threshold: float) -> Exit
     """The rule that decides who leaves at each IC: a criterion's confidence passing `threshold`, or,
     when `criterion` names the net's method's own curve (JEI-DNN's "gates"), that method's decision
     at the curve's point `threshold` (a lambda): the same rule its curve in curve.parquet simulates."""
-    curve = net.method.curve
-    if isinstance(criterion, str) and curve is not None and criterion == curve.name:
+    own = {c.name: c for c in net.method.curves()}
+    if isinstance(criterion, str) and criterion in own:
+        curve = own[criterion]
         return lambda seen, ic: curve.leaves(net, seen[-1], ic, threshold)
     c = get_criterion(criterion)
     return lambda seen, ic: passes(_confidence_at(seen, net.num_exits, c), threshold, c)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import Optimizer
 
-from stages.core.nets.methods import ExitLosses
+from stages.core.nets.exit_method import ExitLosses
 from stages.core.phase_config import L2WSettings
 
 

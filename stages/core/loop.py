@@ -244,7 +244,7 @@ def train_one_epoch(
                 else:
                     loss, per_exit = phase_loss(logits, ys, phase, weights, sample_loss, method.losses, l2w.weights,
                                                 cfg.loss_reduction)
-                aux = method.aux_loss(unwrap(net)) if method.aux_loss is not None else None
+                aux = method.aux_loss(unwrap(net))
                 if aux is not None and phase != "P1":  # the method's own loss (GPF's imitation) trains ICs only
                     loss = loss + aux
                 if probe is not None and i == 0:  # once per batch, as without L2W
@@ -537,13 +537,13 @@ def _finish_method(model: nn.Module, phase: Phase, progress: _Progress, train_lo
     """The method's own step once a phase that trained the ICs (P2, P3) ends (ZTW fits its ensemble):
     on the best state, which then holds its result. It runs before the last epoch's report, so a
     kill during it costs that epoch, and a phase resumed after it does not run it again."""
-    step = model.method.finish
-    if step is None or phase == "P1" or progress.best_state is None or diverged_in(progress.history):
+    method = model.method
+    if not method.finishes or phase == "P1" or progress.best_state is None or diverged_in(progress.history):
         return
     model.load_state_dict(progress.best_state)
     batches = (_to_device(x, y, device, cfg) for x, y in train_loader)
     with _autocast(device, cfg.bf16):
-        line = step(model, batches, _all_reduce_sum)
+        line = method.finish(model, batches, _all_reduce_sum)
     progress.best_state = _cpu_copy(model.state_dict())
     logger.info("%s: %s", phase, line)
 

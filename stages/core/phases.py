@@ -19,7 +19,7 @@ from typing import Callable, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from stages.core.nets.methods import ExitLosses, ExitMethod, each_exit_alone
+from stages.core.nets.exit_method import ExitLosses, ExitMethod, each_exit_alone
 from stages.core.phase_config import LossReduction, LossWeighting
 
 logger = logging.getLogger(__name__)
@@ -64,10 +64,10 @@ def check_phase(phase: str) -> Phase:
 def prepare_phase(net: nn.Module, phase: Phase) -> list[nn.Parameter]:
     """Set `requires_grad` for `phase` and return the trainable parameters, in module order.
 
-    P1: backbone only; P2: backbone and ICs; P3: ICs only (GPF's `net.aggregator` counts as the
-    ICs'). A method's own modules (ZTW's
-    `net.ensemble`, JEI-DNN's `net.gates`) are trained by no phase: its step of its own fits them
-    on the frozen net (`ExitMethod.finish`). Call it before any DDP wrap: DDP registers the parameters that require
+    P1: backbone only; P2: backbone and ICs; P3: ICs only (the method's modules that train with the
+    ICs, GPF's `net.aggregator`, count as the ICs': `net.ic_modules()`). The method's other modules
+    (`net.method_modules()`: ZTW's `net.ensemble`, JEI-DNN's `net.gates`) are trained by no phase: its
+    step of its own fits them on the frozen net (`ExitMethod.finish`). Call it before any DDP wrap: DDP registers the parameters that require
     grad at construction, and a frozen parameter it registered would stall its gradient
     all-reduce. A wrapped net is accepted (unwrapped).
     """
@@ -79,7 +79,8 @@ def prepare_phase(net: nn.Module, phase: Phase) -> list[nn.Parameter]:
     stray = [name for name, p in model.named_parameters() if id(p) not in grouped]
     if stray:
         # A parameter in no group has no phase semantics; refuse rather than guess.
-        raise ValueError(f"parameters outside net.backbone, net.ics, net.aggregator, net.ensemble and net.gates: {stray}")
+        raise ValueError(f"parameters outside net.backbone, net.ics and the method's modules "
+                         f"({', '.join(f'net.{n}' for n in model.own_modules()) or 'none'}): {stray}")
     backbone.requires_grad_(phase in ("P1", "P2"))
     for module in ics:
         module.requires_grad_(phase in ("P2", "P3"))
@@ -104,7 +105,7 @@ def set_train_mode(net: nn.Module, phase: Phase) -> None:
 
 def exit_weights(kind: LossWeighting, num_exits: int, progress: float = 1.0, method: ExitMethod | None = None) -> Tensor:
     """Per-exit loss weights (float32, final exit last): the phase's `kind`, times the early-exit
-    method's own weights when it has them (PABEE's and GPF's depth weights, `depth_weights`).
+    method's own (`ExitMethod.loss_weights`: 1 but for PABEE's and GPF's depth weights, `depth_weights`).
 
     - "uniform", "gradient_equilibrium", "l2w": all 1 (gradient equilibrium rescales gradients in
       the net instead, see `MultiExitNet.set_gradient_equilibrium`; L2W weighs each sample's
@@ -117,7 +118,7 @@ def exit_weights(kind: LossWeighting, num_exits: int, progress: float = 1.0, met
       of the ramp done (SDN: epoch / epochs, 1-based epoch); the other kinds ignore it.
     """
     weights = _kind_weights(kind, num_exits, progress)
-    return weights if method is None or method.loss_weights is None else weights * method.loss_weights(num_exits)
+    return weights if method is None else weights * method.loss_weights(num_exits)
 
 
 def _kind_weights(kind: LossWeighting, num_exits: int, progress: float) -> Tensor:

@@ -277,8 +277,7 @@ def permutation_spec(net: nn.Module) -> PermutationSpec:
         _head(b, f"ics.{k}", net.ics[k], streams[block - 1], backbone)
     # GPF's aggregator reads the ICs' states, ZTW's ensemble weighs their outputs, JEI-DNN's gates read their
     # softmax: no unit of the backbone in any of them
-    own = {**net.method_modules(), **({"aggregator": net.aggregator} if net.aggregator is not None else {})}
-    for name, module in own.items():
+    for name, module in net.own_modules().items():
         b.fixed.update(f"{name}.{key}" for key in module.state_dict())
     return b.done(backbone)
 

@@ -19,11 +19,11 @@ after it (the future).
   those ICs. It is added, unweighted, to the loss of the phases that train the ICs (P2, P3):
   it trains IC k's head and the imitators, never the states it imitates.
 - **Loss.** As the paper's code forms it: the exits' losses averaged with depth weights,
-  sum_j j L_j / sum_j j (`methods.depth_weights` with the phase's mean reduction), plus the
+  sum_j j L_j / sum_j j (`exit_method.depth_weights` with the phase's mean reduction), plus the
   imitation loss.
 
 The aggregator's parameters live under `net.aggregator` and train with the ICs (P2, P3).
-Nothing here imports the rest of exitflow: the method's registration wires it in.
+Of the rest of exitflow this imports only the method protocol; `stages.core.nets.methods` registers `GPF`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from stages.core.nets.exit_method import ExitMethod, ExitNet, MakeICs, MethodParts, depth_weights
 
 STATE_WIDTH = 128  # the ICs' hidden state; the authors' code makes it a setting (head_dim)
 
@@ -117,6 +119,28 @@ class PastFutureAggregator(nn.Module):
         return loss
 
 
-def imitation_loss(net: nn.Module) -> Tensor | None:
+def imitation_loss(net: ExitNet) -> Tensor | None:
     """The method's auxiliary loss after a training forward of `net` (a MultiExitNet with GPF's aggregator)."""
     return net.aggregator.take_imitation_loss()
+
+
+class GPF(ExitMethod):
+    """ICs give hidden states; the aggregator (`net.aggregator`, trained with the ICs) forms every IC
+    exit's logits from them; the depth-weighted loss plus the imitation loss."""
+
+    name = "gpf"
+    independent = False  # exit k aggregates the states of ICs 0..k
+
+    def build(self, make_ics: MakeICs, num_exits: int, num_classes: int) -> MethodParts:
+        aggregator = PastFutureAggregator(num_exits, num_classes)  # first: the heads draw their weights after it
+        heads = [aggregator.wrap_head(h) for h in make_ics(aggregator.state_width)]
+        return MethodParts(heads, trained={"aggregator": aggregator})
+
+    def combine(self, net: ExitNet, raw: Sequence[Tensor]) -> Tensor:
+        return net.aggregator(raw)
+
+    def loss_weights(self, num_exits: int) -> Tensor:
+        return depth_weights(num_exits)  # the paper's code: sum_i (i + 1) L_i / (E (E + 1) / 2)
+
+    def aux_loss(self, net: ExitNet) -> Tensor | None:
+        return imitation_loss(net)

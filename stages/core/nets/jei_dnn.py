@@ -29,8 +29,9 @@ fitted as the method's own step on the frozen net once a phase that trained the 
 its best state, on the training split (`fit_gates`): the paper's gate step, with the ICs as the
 regime left them. No phase trains the gates' parameters.
 
-Nothing here imports the rest of exitflow (the training code imports this module: the evaluation
-maths stays out of its fingerprint); the method's registration (`stages.core.nets.methods`) wires it in.
+Of the rest of exitflow this imports only the method protocol and the full-batch fit, never the
+evaluation maths (the training code imports this module: that maths stays out of its fingerprint);
+`stages.core.nets.methods` registers `JEIDNN`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stages.core.nets.exit_method import ExitMethod, ExitNet, MakeICs, MethodCurve, MethodParts
 from stages.core.nets.full_batch import fit_full_batch
 
 # lambda = 0 sends each sample to its most accurate exit; at 4 the full net's cost outweighs any
@@ -112,7 +114,7 @@ def gate_exits(gate_logits: Tensor) -> Tensor:
 
 def relative_costs(model: Any) -> Tensor:
     """Every exit's FLOPs over the final exit's: [E] float32, on the model's device."""
-    from stages.core.flops import exit_flops  # the FLOPs counter imports the net: not at this module's import
+    from stages.core.flops import exit_flops  # fvcore's import is costly: only when gates are fitted
 
     flops = torch.tensor(exit_flops(model), dtype=torch.float64)
     return (flops / flops[-1]).float().to(next(model.parameters()).device)
@@ -180,3 +182,24 @@ def gate_leaves(net: Any, logits: Tensor, ic: int, point: float) -> Tensor:
     if found.numel() == 0:
         raise ValueError(f"jei_dnn: no gates for lambda {point!r}; fitted for {[round(v, 6) for v in gates.lambdas.tolist()]}")
     return gates.at_ic(gate_features(logits).to(gates.lambdas.device), ic, int(found[0])) > 0
+
+
+# one point per lambda; ECE also binned by equal mass, as the authors' code bins it
+GATES_CURVE = MethodCurve("gates", gate_points, gate_leaves, equal_mass_ece=True)
+
+
+class JEIDNN(ExitMethod):
+    """Independent ICs (as SDN's) and learned exit gates (`net.gates`, trained by no phase), one set per
+    cost trade-off lambda, fitted on the frozen net once the ICs are trained; its curve sweeps lambda."""
+
+    name = "jei_dnn"
+
+    def build(self, make_ics: MakeICs, num_exits: int, num_classes: int) -> MethodParts:
+        return MethodParts(make_ics(num_classes), fitted={"gates": ExitGates(num_exits, num_classes)})
+
+    def finish(self, net: ExitNet, batches: Iterable[tuple[Tensor, Tensor]],
+               reduce_sum: Callable[[Tensor], Tensor]) -> str:
+        return fit_gates(net, batches, reduce_sum)
+
+    def curves(self) -> tuple[MethodCurve, ...]:
+        return (GATES_CURVE,)

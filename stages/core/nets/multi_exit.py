@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from stages.core.nets.heads import make_head
 from stages.core.nets.methods import get_method
 from stages.core.nets.spec import NetSpec
-from stages.core.nets.ztw import CascadeHead
 
 
 class ExitBackbone(nn.Module, abc.ABC):
@@ -160,21 +159,18 @@ class MultiExitNet(nn.Module):
         self.num_exits = len(self.exit_blocks)
         self.feature_shapes = block_shapes(backbone, spec.in_chans, spec.img_size)
         self.method = get_method(spec.method)
-        head = spec.head if spec.head is not None else self.method.head
-        # the method's aggregating module (GPF's): it reads the ICs' hidden states, trains with the ICs
-        self.aggregator = (self.method.aggregator(self.num_exits, spec.num_classes)
-                           if self.method.aggregator is not None else None)
-        ic_out = spec.num_classes if self.aggregator is None else self.aggregator.state_width
-        heads = [self._make_ic(head, self.feature_shapes[b - 1], ic_out) for b in ic_blocks]
-        if self.aggregator is not None:
-            heads = [self.aggregator.wrap_head(h) for h in heads]
-        if self.method.cascade:  # every IC after the first also reads its predecessor's output
-            heads = heads[:1] + [CascadeHead(h, spec.num_classes) for h in heads[1:]]
-        self.ics = nn.ModuleList(heads)
-        # the method's own combining module (ZTW's ensemble): trained by no phase, see `prepare_phase`
-        self.ensemble = self.method.ensemble(self.num_exits, spec.num_classes) if self.method.ensemble is not None else None
-        # the method's learned exit gates (JEI-DNN's): read by its curve, fitted by its `finish` step, trained by no phase
-        self.gates = self.method.gates(self.num_exits, spec.num_classes) if self.method.gates is not None else None
+        kind = spec.head if spec.head is not None else self.method.head
+        shapes = [self.feature_shapes[b - 1] for b in ic_blocks]
+        parts = self.method.build(lambda outputs: [self._make_ic(kind, s, outputs) for s in shapes],
+                                  self.num_exits, spec.num_classes)
+        if len(parts.ics) != len(ic_blocks):
+            raise ValueError(f"method {spec.method!r} built {len(parts.ics)} IC heads for {len(ic_blocks)} ICs")
+        # The method's modules that train with the ICs (GPF's aggregator) are registered before them, those no
+        # phase trains (ZTW's ensemble, JEI-DNN's gates) after: the state-dict and parameter order of every
+        # checkpoint and optimizer state written so far.
+        self._trained = self._hold(parts.trained)
+        self.ics = nn.ModuleList(parts.ics)
+        self._fitted = self._hold(parts.fitted)
         self._ic_after = {b: i for i, b in enumerate(ic_blocks)}  # block number -> IC index
         self.gradient_equilibrium = False
 
@@ -188,10 +184,23 @@ class MultiExitNet(nn.Module):
                              "name a head kind in `head` (linear, mlp) to use them")
         return own
 
+    def _hold(self, modules: dict[str, nn.Module]) -> tuple[str, ...]:
+        """Register the method's `modules` as attributes of the net (`net.<name>`, `<name>.*` in the state dict)."""
+        for name, module in modules.items():
+            if hasattr(self, name):  # `ics`, `backbone`, ... or a name the method gave twice
+                raise ValueError(f"method {self.spec.method!r}: module name {name!r} is taken in the net")
+            setattr(self, name, module)
+        return tuple(modules)
+
     def method_modules(self) -> dict[str, nn.Module]:
-        """The method's own modules by attribute name (ZTW's `ensemble`, JEI-DNN's `gates`): trained by
-        no phase, fitted by the method's `finish` step, no unit of the backbone in them."""
-        return {name: m for name in ("ensemble", "gates") if (m := getattr(self, name)) is not None}
+        """The method's modules that no phase trains, by attribute name (ZTW's `ensemble`, JEI-DNN's `gates`):
+        fitted by the method's `finish` step, no unit of the backbone in them."""
+        return {name: getattr(self, name) for name in self._fitted}
+
+    def own_modules(self) -> dict[str, nn.Module]:
+        """Every module the method adds beside the IC heads, by attribute name: those that train with the ICs
+        (GPF's `aggregator`), then `method_modules()`."""
+        return {name: getattr(self, name) for name in (*self._trained, *self._fitted)}
 
     @property
     def ic_blocks(self) -> tuple[int, ...]:
@@ -219,24 +228,16 @@ class MultiExitNet(nn.Module):
     def ic_output(self, ic: int, h: Tensor, raw: Sequence[Tensor]) -> Tensor:
         """IC `ic`'s raw output on its block's features `h`; `raw` holds the raw outputs of ICs 0..ic-1
         (a cascading method's IC reads the last of them)."""
-        if self.method.cascade and ic > 0:
-            return self.ics[ic](h, raw[-1])
-        return self.ics[ic](h)
+        return self.method.ic_forward(self, ic, h, raw)
 
     def ic_modules(self) -> list[nn.Module]:
-        """What the phases that train the ICs (P2, P3) train: the ICs, and GPF's aggregator when there is one."""
-        return [self.ics] + ([self.aggregator] if self.aggregator is not None else [])
-
-    @property
-    def combiner(self) -> nn.Module | None:
-        """The method's module that forms the exits' logits from their raw outputs (GPF's aggregator,
-        ZTW's ensemble); None: the method's `combine` function does."""
-        return self.aggregator if self.aggregator is not None else self.ensemble
+        """What the phases that train the ICs (P2, P3) train: the ICs, and the method's modules that train
+        with them (GPF's aggregator)."""
+        return [self.ics, *(getattr(self, name) for name in self._trained)]
 
     def combine(self, raw: Sequence[Tensor]) -> Tensor:
-        """Exit k's logits from the raw outputs of exits 0..k: the method's combining module, else its `combine`."""
-        combiner = self.combiner
-        return combiner(raw) if combiner is not None else self.method.combine(raw)
+        """Exit k's logits from the raw outputs of exits 0..k, as the method combines them."""
+        return self.method.combine(self, raw)
 
     def raw_exits(self, x: Tensor) -> list[Tensor]:
         """Every exit's raw output (each IC's, then the final head's), before the method combines them."""
@@ -252,13 +253,9 @@ class MultiExitNet(nn.Module):
         return raw
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """Every exit's logits, the final one last. In train mode a net with an ensemble module (ZTW's)
-        gives its exits' raw outputs: its ICs train on their own answers, and the ensemble is fitted
-        afterwards on the frozen net (`ExitMethod.finish`)."""
-        raw = self.raw_exits(x)
-        if self.method.independent or (self.training and self.ensemble is not None):
-            return raw
-        return [self.combine(raw[: k + 1]) for k in range(self.num_exits)]
+        """Every exit's logits, the final one last, as the method forms them from the raw outputs
+        (`ExitMethod.exit_logits`: in train mode ZTW's are the raw outputs its ICs train on)."""
+        return self.method.exit_logits(self, self.raw_exits(x))
 
     def forward_until(self, x: Tensor, k: int) -> Tensor:
         """Logits of exit `k` (0-based; negative counts from the end), running only the blocks it needs."""

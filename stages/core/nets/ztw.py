@@ -17,7 +17,8 @@ Two parts, registered together as the method `ztw` (`stages.core.nets.methods`):
   the summed negative log-likelihood of every IC's ensemble on the training split, by full-batch
   Adam on the ICs' cached log-probabilities (`fit_ensemble`).
 
-Nothing here imports the rest of exitflow: the method's registration wires it in.
+Of the rest of exitflow this imports only the method protocol and the full-batch fit;
+`stages.core.nets.methods` registers `ZTW`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stages.core.nets.exit_method import ExitMethod, ExitNet, MakeICs, MethodParts
 from stages.core.nets.full_batch import fit_full_batch
 
 ENSEMBLE_STEPS = 300  # full-batch Adam steps: the ensemble has (E - 1) * (E + C) parameters
@@ -117,3 +119,30 @@ def fit_ensemble(model: Any, batches: Iterable[tuple[Tensor, Tensor]], reduce_su
     ics = log_probs.shape[1]
     return (f"ztw ensemble fitted on {int(count)} training samples: summed NLL of its {ics} ICs "
             f"{before:.4f} -> {after:.4f} per sample")
+
+
+class ZTW(ExitMethod):
+    """Cascading ICs (IC k > 0 wrapped in `CascadeHead`) and the geometric ensemble (`net.ensemble`,
+    trained by no phase), fitted on the frozen net once the ICs are trained; exit k needs every IC before it."""
+
+    name = "ztw"
+    independent = False
+
+    def build(self, make_ics: MakeICs, num_exits: int, num_classes: int) -> MethodParts:
+        heads = make_ics(num_classes)
+        cascading = heads[:1] + [CascadeHead(h, num_classes) for h in heads[1:]]  # IC 0 has no predecessor
+        return MethodParts(cascading, fitted={"ensemble": GeometricEnsemble(num_exits, num_classes)})
+
+    def ic_forward(self, net: ExitNet, ic: int, h: Tensor, raw: Sequence[Tensor]) -> Tensor:
+        return net.ics[ic](h, raw[-1]) if ic > 0 else net.ics[ic](h)
+
+    def combine(self, net: ExitNet, raw: Sequence[Tensor]) -> Tensor:
+        return net.ensemble(raw)
+
+    def exit_logits(self, net: ExitNet, raw: list[Tensor]) -> list[Tensor]:
+        # in train mode the ICs train on their own answers: the ensemble is fitted afterwards (`finish`)
+        return raw if net.training else super().exit_logits(net, raw)
+
+    def finish(self, net: ExitNet, batches: Iterable[tuple[Tensor, Tensor]],
+               reduce_sum: Callable[[Tensor], Tensor]) -> str:
+        return fit_ensemble(net, batches, reduce_sum)
