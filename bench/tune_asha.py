@@ -19,12 +19,12 @@ from pathlib import Path
 
 import ray
 
-from pipeline.resolve import data_spec, net_choice, phase_config, sized_net
+from pipeline.resolve import sized_net
 from pipeline.ray_session import local_env
 from pipeline.spec import load_spec
 from stages.core.data import dataset_info
 from stages.phase import PhaseJob
-from stages.phase_plan import SearchPlan
+from stages.phase_plan import SearchPlan, phase_config
 from stages.ray_train import scaling_config
 from stages.ray_tune import SearchOutcome, run_search
 
@@ -34,10 +34,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
 def p1_job(epochs: int) -> PhaseJob:
     """P1 of the digits example, with `epochs` as its cap."""
     study = load_spec(EXAMPLE, [f"phases.P1.max_epochs={epochs}"])
-    data = data_spec(study)
-    net = sized_net(net_choice(study), dataset_info(data))
-    train = phase_config(study, "P1")
-    return PhaseJob(phase="P1", seed=0, data=data, net=net, train=train, selection="final", torch_threads=1, label="bench/P1")
+    config = phase_config(study, "P1", seed=0)  # the P1 node's own config (selection: final)
+    return PhaseJob(config=config, net=sized_net(config.net, dataset_info(config.data)), torch_threads=1, label="bench/P1")
 
 
 def search(job: PhaseJob, grid: tuple[float, ...], scheduler: str, grace: int, storage: str) -> tuple[SearchOutcome, float]:

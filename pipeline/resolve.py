@@ -1,5 +1,6 @@
-"""Spec sections -> the core's frozen configs (DataSpec, NetChoice, loop.PhaseConfig): the one place
-the validated spec becomes what the stages receive (inside each node's typed config).
+"""Spec sections -> the core's frozen configs (DataSpec with its content identity, NetChoice, StartWeights):
+what the stages receive inside each node's typed config. A phase's section builds the core's
+PhaseConfig itself (`pipeline.spec_sections.PhaseSection.phase_config`: its fields are the core's).
 
 Also the up-front checks: a bad dataset or a net that cannot be built fails here, before
 Ray starts or anything is written to the tracking store.
@@ -21,7 +22,6 @@ import torch
 
 from stages.core.data import DataError, DataSpec, DatasetInfo, check_dataset, dataset_info
 from stages.core.data.identity import DataIdentity, identify, unread_identity
-from stages.core.loop import PhaseConfig
 from stages.core.nets import NetChoice, NetSpec, create_net
 from stages.core.nets.pretrained import Pretrained
 from stages.core.allowed import MAX_PARAMETERS, RUN_PREFIX
@@ -129,24 +129,6 @@ def sized_net(choice: NetChoice, info: DatasetInfo) -> NetSpec:
     return choice.sized(info.num_classes, info.in_chans, info.img_size)
 
 
-def selection(spec: StudySpec, phase: str) -> str:
-    """The score that picks the epoch a phase keeps: P1 its final exit; P2 and P3 search.selection."""
-    return "final" if phase == "P1" else spec.search.selection
-
-
-def phase_config(spec: StudySpec, phase: str) -> PhaseConfig:
-    """The loop's PhaseConfig of one phase, as `phases.<phase>` sets it; a searched phase's lr is None
-    (each trial sets its own). What the analyses add to a phase is the phase planner's
-    (`stages.phase_plan`: gradient dominance, measured while P2 trains)."""
-    section = getattr(spec.phases, phase)
-    fields = section.model_dump(mode="json", exclude={"lr"})
-    # The loop's own selection, for runs without Ray; on Ray the train stage scores every epoch
-    # with stages.ray_train.selection_score (which also knows "auc").
-    loop_selection = "final" if selection(spec, phase) == "final" else "mean"
-    lr = None if section.is_search() else section.lr_values()[0]  # type: ignore[index]
-    return PhaseConfig(lr=lr, selection=loop_selection, **fields)
-
-
 def preflight(spec: StudySpec) -> tuple[DatasetInfo, NetSpec]:
     """Check the data and build the net once on CPU, for every variant of the study (each `compare`
     combination: each data set checked once, each net built once); raise SpecError naming the variant
@@ -195,8 +177,8 @@ def _preflight_variant(spec: StudySpec, infos: dict[str, DatasetInfo], nets: set
         check_start(spec, ns)  # a file: now; a run's weights once the tracking store is open (check_starts)
         nets.add(repr((ns, spec.net.init)))
     for phase in ("P1", "P2", "P3"):
-        try:
-            phase_config(spec, phase)
+        try:  # the core's own checks of the phase's fields (the spec's are generated from them)
+            getattr(spec.phases, phase).phase_config()
         except (ValueError, TypeError) as e:
             raise SpecError(f"phases.{phase}: {e}") from None
     return info, ns

@@ -11,7 +11,8 @@ import dataclasses
 import functools
 import math
 import re
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+import types
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     Discriminator,
@@ -33,7 +34,6 @@ from stages.core.allowed import (
     MAX_EPOCHS,
     MAX_HEAD_LAYERS,
     MAX_PROCESSES,
-    MAX_SAMPLES,
     MAX_THRESHOLDS,
     MAX_TRIALS,
     MAX_WIDTH,
@@ -46,7 +46,8 @@ from stages.core.allowed import (
 )
 from stages.core.augment import Augmentations as _CoreAugmentations
 from stages.core.budgets import DEFAULT_BUDGETS, NAMED_BUDGETS, BudgetRule, SeedAveraging
-from stages.core.phase_config import LossReduction, LossWeighting, OptimizerName, Schedule
+from stages.core.fields import field_types
+from stages.core.phase_config import SET_BY, Selection
 from stages.core.phase_config import PhaseConfig as _CorePhase
 
 # The paper's per-family learning-rate grids (its appendix D).
@@ -198,41 +199,14 @@ Budget = Annotated[
 ]
 
 
-_PHASE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(_CorePhase)}
+class PhaseSection(SpecModel):
+    """What every `phases.<phase>` section has beyond its fields: the lr's forms, and the core's config.
+    Its fields are the core's (`PhaseConfig` below is generated from `stages.core.phase_config`)."""
 
+    if TYPE_CHECKING:  # the generated fields the methods read
+        lr: LrSpec
 
-class PhaseConfig(SpecModel):
-    """A phase's hyper-parameters: the allowed values and defaults are the core's own
-    (`stages.core.phase_config.PhaseConfig`), so the spec and the training loop cannot disagree."""
-
-    optimizer: OptimizerName = _PHASE_DEFAULTS["optimizer"]
-    lr: LrSpec = _PHASE_DEFAULTS["lr"]  # a number, a grid (list or preset) or a log-uniform range: a list/range is tuned
-    momentum: Float = Field(_PHASE_DEFAULTS["momentum"], ge=0.0, lt=1.0)
-    nesterov: bool = _PHASE_DEFAULTS["nesterov"]
-    weight_decay: Float = Field(_PHASE_DEFAULTS["weight_decay"], ge=0.0)
-    batch_size: Int = Field(_PHASE_DEFAULTS["batch_size"], ge=1, le=MAX_BATCH)  # global: split over the Train workers
-    max_epochs: Int = Field(_PHASE_DEFAULTS["max_epochs"], ge=1, le=MAX_EPOCHS)
-    patience: Int = Field(_PHASE_DEFAULTS["patience"], ge=1, le=MAX_EPOCHS)  # early stopping: epochs with no exit improving
-    schedule: Schedule = _PHASE_DEFAULTS["schedule"]
-    warmup_epochs: Int = Field(_PHASE_DEFAULTS["warmup_epochs"], ge=0, le=MAX_EPOCHS)
-    step_epochs: Int = Field(_PHASE_DEFAULTS["step_epochs"], ge=1, le=MAX_EPOCHS)  # schedule "step": decay every this many epochs
-    step_gamma: Float = Field(_PHASE_DEFAULTS["step_gamma"], gt=0.0)  # schedule "step": the decay factor
-    grad_clip: Float | None = Field(_PHASE_DEFAULTS["grad_clip"], gt=0.0)
-    loss_weighting: LossWeighting = _PHASE_DEFAULTS["loss_weighting"]
-    kaya_epochs: Int | None = Field(_PHASE_DEFAULTS["kaya_epochs"], ge=1, le=MAX_EPOCHS)  # "kaya": epochs to the IC weights' caps; None: max_epochs
-    loss_reduction: LossReduction = _PHASE_DEFAULTS["loss_reduction"]  # mean: weighted exit losses / E (the paper's); sum
-    label_smoothing: Float = Field(_PHASE_DEFAULTS["label_smoothing"], ge=0.0, lt=1.0)
-    bf16: bool = _PHASE_DEFAULTS["bf16"]  # bf16 autocast (CUDA only; a no-op on CPU)
-    channels_last: bool = _PHASE_DEFAULTS["channels_last"]  # NHWC memory format for conv nets on CUDA
-    # loss_weighting "l2w": the weight prediction network (P2 and P3; see docs/methods.md)
-    l2w_epsilon: Float = Field(_PHASE_DEFAULTS["l2w_epsilon"], gt=0.0, le=0.5)
-    l2w_target_p: Float = Field(_PHASE_DEFAULTS["l2w_target_p"], gt=0.0)
-    l2w_hidden: Int = Field(_PHASE_DEFAULTS["l2w_hidden"], ge=1, le=MAX_WIDTH)
-    l2w_meta_lr: Float = Field(_PHASE_DEFAULTS["l2w_meta_lr"], gt=0.0)
-    l2w_meta_weight_decay: Float = Field(_PHASE_DEFAULTS["l2w_meta_weight_decay"], ge=0.0)
-    l2w_meta_interval: Int = Field(_PHASE_DEFAULTS["l2w_meta_interval"], ge=1, le=MAX_SAMPLES)
-
-    @field_validator("lr")
+    @field_validator("lr", check_fields=False)
     @classmethod
     def _positive(cls, v: LrSpec) -> LrSpec:
         values = v if isinstance(v, list) else [v] if isinstance(v, (int, float)) else []
@@ -257,6 +231,42 @@ class PhaseConfig(SpecModel):
         values = self.lr_values()
         return values is None or len(values) > 1
 
+    def phase_config(self, **set_elsewhere: Any) -> _CorePhase:
+        """The core's config of this phase: its fields, a searched lr None (each trial sets its own),
+        and the fields other sections set (`selection`, `gradient_dominance_every`: the phase planner's)."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields if name != "lr"}
+        lr = None if self.is_search() else self.lr_values()[0]  # type: ignore[index]
+        return _CorePhase(lr=lr, **fields, **set_elsewhere)
+
+
+def _spec_type(hint: Any) -> Any:
+    """A core field's annotation as a spec field's: its numbers read as YAML gives them (`Int`, `Float`:
+    never a boolean), its Literal choices and `annotated_types` bounds kept as they are."""
+    origin = get_origin(hint)
+    if origin is Annotated:
+        base, *bounds = get_args(hint)
+        return Annotated[(_spec_type(base), *bounds)]
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_spec_type(arm) for arm in get_args(hint))]
+    return {int: Int, float: Float}.get(hint, hint)
+
+
+def _phase_section() -> type[PhaseSection]:
+    """`phases.<phase>`: a model with one field per field of the core's PhaseConfig, in its order, with
+    its default and bounds (so the spec and the loop cannot disagree), less those another section sets
+    (`SET_BY`); `lr` also takes a grid, a preset or a log-uniform range (`LrSpec`)."""
+    hints = field_types(_CorePhase)
+    fields: dict[str, Any] = {
+        f.name: (LrSpec if f.name == "lr" else _spec_type(hints[f.name]), f.default)
+        for f in dataclasses.fields(_CorePhase) if SET_BY not in f.metadata
+    }
+    return create_model("PhaseConfig", __base__=PhaseSection, __module__=__name__, **fields)
+
+
+# A phase's hyper-parameters, as a study sets them: the core's fields (stages.core.phase_config), less
+# the ones other sections set, with lr's search forms.
+PhaseConfig = _phase_section()
+
 
 def _default_p1() -> PhaseConfig:
     return PhaseConfig()
@@ -269,7 +279,7 @@ class PhasesConfig(SpecModel):
 
 
 class SearchConfig(SpecModel):
-    selection: Literal["mean", "final", "auc"] = "mean"  # P2/P3 metric; P1 always uses the final exit
+    selection: Selection = "mean"  # P2/P3 metric; P1 always uses the final exit
     scheduler: Literal["none", "asha"] = "none"  # ASHA stops poor learning rates early
     grace_period: Int = Field(2, ge=1, le=MAX_EPOCHS)  # ASHA: epochs before a trial may be stopped
     reduction_factor: Float = Field(2.0, gt=1.0)

@@ -7,8 +7,9 @@ sections (`pipeline.spec_sections`) and the sections a stage kind declares besid
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Annotated, Any, ClassVar, Literal
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -67,6 +68,31 @@ class AnalysisSection(SpecModel):
 
     def check_study(self, regimes: Sequence[str], seeds: Sequence[int]) -> None:
         """Refuse (ValueError) settings that name what the study lacks (a regime, a seed); none by default."""
+
+
+C = TypeVar("C", bound=type)
+
+
+def with_settings(section: type[AnalysisSection], exclude: tuple[str, ...] = ()) -> Callable[[C], C]:
+    """A class decorator: the class as a frozen dataclass of its own fields, then `section`'s settings
+    (its fields but `enabled` and `exclude`, in its order, typed as it types them), so a node's config
+    declares none of them again. The config holds plain values (`settings()`), as a key hashes them:
+
+        @with_settings(ExitSpreadAnalysis)
+        class SpreadConfig:
+            seed: int               # the node's own fields; `statistic` comes from the section
+    """
+
+    def wrap(cls: C) -> C:
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        settings = {name: f.annotation for name, f in section.model_fields.items() if name != "enabled" and name not in exclude}
+        clash = sorted(set(own) & set(settings))
+        if clash:
+            raise TypeError(f"{cls.__name__}: {clash} are {section.__name__}'s settings already")
+        cls.__annotations__ = {**own, **settings}
+        return dataclasses.dataclass(frozen=True)(cls)
+
+    return wrap
 
 
 # ----------------------------------------------------------------------------- messages

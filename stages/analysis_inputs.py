@@ -55,20 +55,19 @@ class ModelAnalysis(Stage):
 
 @dataclass(frozen=True)
 class ComparisonConfig:
-    """What every per-seed comparison's config holds: the models compared (labels, in input order)
-    and the batch their layers see; a kind's config adds its own settings."""
+    """What every per-seed comparison's config holds: the models compared (labels, in input order), their
+    seed and data; a kind's config adds its section's settings (`with_settings`: the batch their layers
+    see, `split` and `samples`, and its own)."""
 
     seed: int
     data: DataSpec
     models: tuple[str, ...]
-    split: str  # train | test | val
-    samples: int
 
 
 class ComparisonAnalysis(ModelAnalysis):
     """One node per seed comparing the regimes' models (`compared_models`), switched on by
     `analyses.<section>.enabled`; the section's other fields (`split`, `samples`, its own) complete
-    `config_type`."""
+    `config_type` (declared `with_settings(section)`)."""
 
     section: ClassVar[type[AnalysisSection]]
     config_type: ClassVar[type[ComparisonConfig]]

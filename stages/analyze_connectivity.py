@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -21,7 +20,7 @@ from pydantic import Field, field_validator
 from pipeline.dag import Graph, Node
 from pipeline.resolve import data_spec
 from pipeline.spec import StudySpec
-from pipeline.spec_types import AnalysisSection, Int, Regime, Seed
+from pipeline.spec_types import AnalysisSection, Int, Regime, Seed, with_settings
 from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
 from stages.analysis_inputs import ModelAnalysis, Split, load_model
 from stages.core.allowed import MAX_GRID, MAX_SAMPLES
@@ -65,22 +64,15 @@ class ConnectivityAnalysis(AnalysisSection):
                 raise ValueError(f"analyses.connectivity.seeds: {regime}'s seed {seed} is not among the study's seeds {list(seeds)}")
 
 
-@dataclass(frozen=True)
+@with_settings(ConnectivityAnalysis, exclude=("seeds",))  # `seeds` is planned into regimes and model_seeds
 class ConnectivityConfig:
     """A connectivity node's config: the regimes compared (in input order) and the seed of each one's
-    model, the batches and the grids."""
+    model, and the section's settings: the batches, BatchNorm repair, the grids, weight matching's cap."""
 
     seed: int  # the batches' and matching's seed (the first model's seed)
     data: DataSpec
     regimes: tuple[str, ...]
     model_seeds: tuple[int, ...]  # per regime: the seed its model was trained with
-    split: str  # train | test | val: the evaluation batch
-    samples: int
-    train_samples: int  # training images BatchNorm statistics are repaired on
-    bn_repair: bool
-    points: int  # along each line, endpoints included
-    plane_steps: int  # per axis of the plane's grid
-    iterations: int  # cap on weight matching's passes
 
 
 CONNECTIVITY = TableKind("connectivity", "connectivity.parquet",

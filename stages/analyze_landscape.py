@@ -6,7 +6,6 @@ regime's final model. The maths is `stages.core.analysis.landscape`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -15,7 +14,7 @@ from pydantic import Field, field_validator
 from pipeline.dag import Graph, Node
 from pipeline.resolve import data_spec
 from pipeline.spec import StudySpec
-from pipeline.spec_types import AnalysisSection, Float, Int
+from pipeline.spec_types import AnalysisSection, Float, Int, with_settings
 from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
 from stages.analysis_inputs import ModelAnalysis, Split, load_model
 from stages.core.allowed import MAX_GRID, MAX_SAMPLES
@@ -40,17 +39,14 @@ class LandscapeAnalysis(AnalysisSection):
         return v
 
 
-@dataclass(frozen=True)
+@with_settings(LandscapeAnalysis)
 class LandscapeConfig:
-    """A landscape node's config: the batch, and the grid of points around the regime's model."""
+    """A landscape node's config: the regime's model, and the section's settings: the batch (split,
+    samples) and the grid of points around the model (steps, span)."""
 
     seed: int
     regime: str
     data: DataSpec
-    split: str  # train | test | val
-    samples: int
-    steps: int  # points per axis (odd: the centre is the model)
-    span: float
 
 
 LANDSCAPE = TableKind("landscape", "landscape.parquet", ("a", "b", "exit", "loss"))

@@ -7,14 +7,13 @@ paper's, and `mc`; exitflow's earlier `relative_noise`) are `stages.core.analysi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
 from pipeline.dag import Node
-from pipeline.spec_types import AnalysisSection, Float, Int
+from pipeline.spec_types import AnalysisSection, Float, Int, with_settings
 from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
 from stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, Split, load_model
 from stages.core.allowed import MAX_GRID, MAX_SAMPLES
@@ -52,16 +51,11 @@ class MutualInformationAnalysis(AnalysisSection):
         return v
 
 
-@dataclass(frozen=True)
+@with_settings(MutualInformationAnalysis)
 class MutualInformationConfig(ComparisonConfig):
-    """A mutual-information node's config: the compared models and their batch, the estimator and
-    its settings (`stages.core.analysis.mutual_information.MIEstimator`): the ones it reads, its
-    defaults filled in (so an explicit default keys as the unset one), the others None."""
-
-    estimator: str  # jensen | mc | relative_noise
-    noise_std: float | None  # jensen, mc: the noise's std, absolute
-    noise: float | None  # relative_noise: the noise's std as a share of the median pairwise distance
-    draws: int | None  # mc, relative_noise: noise draws per sample
+    """A mutual-information node's config: the compared models, and the section's settings: their batch,
+    the estimator and its settings (`stages.core.analysis.mutual_information.MIEstimator`): the ones it
+    reads, its defaults filled in (so an explicit default keys as the unset one), the others None."""
 
     def __post_init__(self) -> None:
         for name in DEFAULTS:  # frozen: fill through object.__setattr__, as dataclasses do

@@ -7,14 +7,13 @@ maths is `stages.core.analysis.rank`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 from pydantic import Field
 
 from pipeline.dag import Node
-from pipeline.spec_types import AnalysisSection, Float, Int
+from pipeline.spec_types import AnalysisSection, Float, Int, with_settings
 from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
 from stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, Split, load_model
 from stages.core.allowed import MAX_SAMPLES
@@ -31,12 +30,10 @@ class RankAnalysis(AnalysisSection):
     rtol: Float | None = Field(None, gt=0.0)  # None: s_max * max(m, n) * float32 eps (numpy's rule)
 
 
-@dataclass(frozen=True)
+@with_settings(RankAnalysis)
 class RankConfig(ComparisonConfig):
-    """A rank node's config: the compared models and their batch, and how rank is measured."""
-
-    features: int
-    rtol: float | None
+    """A rank node's config: the compared models, and the section's settings: their batch (split,
+    samples) and how rank is measured (features, rtol)."""
 
 
 RANK = TableKind("rank", "rank.parquet", ("model", "index", "layer", "rank", "rows", "columns", "full_columns"))

@@ -81,7 +81,5 @@ class Evaluate(Stage):
             metrics={f"test_acc_exit_{k}": a for k, a in enumerate(accs)}
             | {f"test_ece_exit_{k}": e for k, e in enumerate(out.exits.column("ece").to_pylist())}
             | {"test_acc_final": accs[-1], "backbone_flops": out.backbone_flops},
-            summary={"lrs": model.summary.get("lrs", {}), "diverged": model.summary.get("diverged", {}),
-                     "costs": model.summary.get("costs", {}),
-                     "test_acc_final": accs[-1], "backbone_flops": out.backbone_flops},
+            summary={"test_acc_final": accs[-1], "backbone_flops": out.backbone_flops},
         )

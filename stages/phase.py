@@ -1,12 +1,13 @@
-"""What the train and tune kinds share: a phase's job on the worker, its outcome, and the outcome as a
-StageResult; `PhaseStage`, their common declarations. Imports no Ray (the kinds' `run` reaches Ray
-Train and Tune through `stages.ray_train` and `stages.ray_tune`)."""
+"""What the train and tune kinds share: a phase's job on the worker (the node's own config, carried),
+its result as a StageResult (the model, its history, its lineage record); `PhaseStage`, their common
+declarations. Imports no Ray (the kinds' `run` reaches Ray Train and Tune through `stages.ray_train`
+and `stages.ray_tune`); a phase's result is the core's `PhaseResult`."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,10 @@ from pipeline.resolve import sized_net
 from pipeline.stage import (CHECKPOINT, PHASE, Checkpoint, File, RunSettings, Stage, StageContext, StageFailed, StageInput,
                             StageResult, Table, TableKind)
 from stages.core import faults
-from stages.core.data import DataSpec, dataset_info
-from stages.core.loop import PhaseConfig
+from stages.core.data import dataset_info
 from stages.core.nets import NetSpec
 from stages.core.nets.start import StartWeights, start_reader
+from stages.core.phase_state import PhaseResult
 from stages.phase_plan import GradientDominanceAnalysis, PhaseNodeConfig
 
 DIVERGED_TAG = "exitflow.diverged"  # on a phase that diverged (FAILED) or a search with diverged trials
@@ -33,23 +34,27 @@ TRIAL_RESOURCES = {"cpu": 0.01}  # a search trial's own process under Ray Train:
 PHASE_UNKEYED = (("data", "download"), ("data", "test_subset"), ("data", "root"), ("start", "source"))
 HISTORY = TableKind("history", "history.parquet", ("epoch", "train_loss", "val_acc_mean", "val_acc_final"))
 GRADIENT_DOMINANCE = TableKind("gradient_dominance", "gradient_dominance.parquet", ("epoch", "exit", "cosine"))
+# A phase node's record in the lineage of every model trained from it: its learning rate (a search's
+# choice), what it cost (`phase_cost`) and a search's diverged trials. One row; the report reads it
+# from the phase nodes behind each evaluated model (`stages.report`).
+LINEAGE_SCHEMA = pa.schema([("node", pa.string()), ("phase", pa.string()), ("lr", pa.float64()), ("epochs", pa.int64()),
+                            ("train_seconds", pa.float64()), ("wall_seconds", pa.float64()), ("device", pa.string()),
+                            ("device_hours", pa.float64()), ("resumed", pa.bool_()), ("ran_on", pa.string()),
+                            ("diverged", pa.list_(pa.string()))])
+LINEAGE = TableKind("lineage", "lineage.parquet", tuple(LINEAGE_SCHEMA.names))
 InitFrom = Callable[[], dict[str, torch.Tensor]]  # loads the input model's state (on the worker)
 MetricsSink = Callable[[int, dict[str, float]], None]  # logs one epoch's metrics (rank 0 only)
 
 
 @dataclass(frozen=True)
 class PhaseJob:
-    """Everything a Train worker needs for one phase: the node config's own objects plus two picklable callables."""
+    """Everything a Train worker needs for one phase: the node's config itself (not a copy of its
+    fields), its net sized for the data, and what the stage lends the worker (picklable callables)."""
 
-    phase: str  # P1 | P2 | P3
-    seed: int
-    data: DataSpec
-    net: NetSpec  # the node's NetChoice, sized for the data
-    train: PhaseConfig  # batch_size is global; lr is None until a search's trial sets it
-    selection: str = "mean"  # score reported to Tune: mean | final | auc (P1: always final)
+    config: PhaseNodeConfig  # phase, seed, data, train (batch_size global; lr None until a trial sets it), start
+    net: NetSpec  # config.net, sized for the data
     init_from: InitFrom | None = None  # the input model (P3 and mixed P2 start from P1)
-    start: InitFrom | None = None  # or the backbone a from-scratch phase starts from (net.init)
-    start_source: str = ""  # where `start` reads from, for the record
+    start: InitFrom | None = None  # or the backbone a from-scratch phase starts from (config.start: net.init)
     metrics_sink: MetricsSink | None = None
     torch_threads: int = 1
     fault_plan: faults.Plan = ()
@@ -58,28 +63,8 @@ class PhaseJob:
 
     def fault_context(self, epoch: int) -> dict[str, Any]:
         """What a fault hook in this phase may filter on."""
-        return {"phase": self.phase, "lr": self.train.lr, "epoch": epoch, "search": bool(self.trial),
+        return {"phase": self.config.phase, "lr": self.config.train.lr, "epoch": epoch, "search": bool(self.trial),
                 "node": self.label}
-
-    def with_lr(self, lr: float) -> "PhaseJob":
-        return replace(self, train=replace(self.train, lr=float(lr)))
-
-
-@dataclass
-class PhaseOutcome:
-    """What a phase produced, read back from its last checkpoint."""
-
-    best_state: dict[str, torch.Tensor]
-    best_epoch: int
-    epochs_run: int
-    stopped_early: bool
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_val: dict[str, float] = field(default_factory=dict)
-    resumed_at: int | None = None  # first epoch of this attempt, when it resumed from a checkpoint
-    diverged: str = ""  # "non-finite loss at epoch E, step S" when the phase stopped on one
-    start: dict[str, str] | None = None  # net.init's source and the sha256 of the backbone the phase started from
-    ran_on: str = ""  # where the epochs ran, as the workers saw it (`ran_on`); "" in checkpoints older than the record
-    ray_nodes: list[str] = field(default_factory=list)  # the Ray node ids of the workers that trained it (`worker_nodes`)
 
 
 class PhaseDiverged(StageFailed):
@@ -91,15 +76,10 @@ def phase_job(node: Node, inputs: list[StageInput], ctx: StageContext) -> tuple[
     cfg: PhaseNodeConfig = node.config
     ns = sized_net(cfg.net, dataset_info(cfg.data))
     job = PhaseJob(
-        phase=cfg.phase,
-        seed=cfg.seed,
-        data=cfg.data,
+        config=cfg,
         net=ns,
-        train=cfg.train,
-        selection=cfg.selection,
         init_from=inputs[0].checkpoint_source() if inputs else None,
         start=_start_loader(cfg.start, ctx),
-        start_source=cfg.start.source if cfg.start is not None else "",
         metrics_sink=ctx.metrics_sink(),
         torch_threads=ctx.settings.threads,
         fault_plan=ctx.fault_plan,
@@ -139,23 +119,21 @@ def epoch_seconds(history: list[dict[str, float]]) -> float:
     return float(sum(m.get("epoch_time", 0.0) for m in history))
 
 
-def phase_result(node: Node, inputs: list[StageInput], job: PhaseJob, ns: NetSpec, outcome: PhaseOutcome, lr: float,
-                 diverged: dict[str, list[str]] | None = None, workdir: Path | None = None,
-                 cost: dict[str, Any] | None = None) -> StageResult:
-    """The phase's best model, its history and its summary: the lrs chosen so far (lineage), any
-    diverged, and what each phase so far cost to train."""
-    phase = job.phase
-    lineage = {**(inputs[0].summary.get("lrs", {}) if inputs else {}), phase: lr}
-    all_diverged = {**(inputs[0].summary.get("diverged", {}) if inputs else {}), **(diverged or {})}
-    costs = {**(inputs[0].summary.get("costs", {}) if inputs else {}), **({node.id: cost} if cost else {})}
-    artifacts: list[Any] = [Checkpoint(outcome.best_state, {
-        "net": ns.to_dict(), "data": job.data.to_dict(), "phase": phase, "seed": job.seed, "lr": lr,
-        "best_epoch": outcome.best_epoch, "epochs_run": outcome.epochs_run, "best_val": outcome.best_val,
+def phase_result(node: Node, job: PhaseJob, ns: NetSpec, result: PhaseResult, lr: float, cost: dict[str, Any],
+                 diverged: Sequence[str] = (), workdir: Path | None = None) -> StageResult:
+    """The phase's best model, its history, its lineage record (its lr, its cost, a search's diverged
+    trials: `LINEAGE`) and its summary."""
+    cfg = job.config
+    artifacts: list[Any] = [Checkpoint(result.best_state_dict, {
+        "net": ns.to_dict(), "data": cfg.data.to_dict(), "phase": cfg.phase, "seed": cfg.seed, "lr": lr,
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "best_val": result.best_val,
     })]
-    if outcome.history:
-        artifacts.append(Table(HISTORY.name, pa.Table.from_pylist(_history_rows(outcome.history))))
+    if result.history:
+        artifacts.append(Table(HISTORY.name, pa.Table.from_pylist(_history_rows(result.history))))
+    record = {"node": node.id, "lr": float(lr), **cost, "diverged": list(diverged)}
+    artifacts.append(Table(LINEAGE.name, pa.Table.from_pylist([record], schema=LINEAGE_SCHEMA)))
     dominance = [{"epoch": int(m["epoch"]), "exit": int(k.removeprefix("grad_cos_")), "cosine": float(v)}
-                 for m in outcome.history for k, v in m.items() if k.startswith("grad_cos_")]
+                 for m in result.history for k, v in m.items() if k.startswith("grad_cos_")]
     if dominance and workdir is not None:  # measured during P2 (analyses.gradient_dominance)
         from stages.core.analysis.gradient_dominance import plot_dominance
 
@@ -163,15 +141,14 @@ def phase_result(node: Node, inputs: list[StageInput], job: PhaseJob, ns: NetSpe
         artifacts.append(File(plot_dominance(dominance, workdir / "gradient_dominance.png", f"{node.id}: gradient dominance")))
     return StageResult(
         artifacts=artifacts,
-        params={"chosen_lr": str(lr), **({"start.sha256": outcome.start["sha256"]} if outcome.start else {})},
-        metrics={f"best_{k}": float(v) for k, v in outcome.best_val.items()}
-        | {"epochs_run": outcome.epochs_run, "best_epoch": outcome.best_epoch},
+        params={"chosen_lr": str(lr), **({"start.sha256": result.start["sha256"]} if result.start else {})},
+        metrics={f"best_{k}": float(v) for k, v in result.best_val.items()}
+        | {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch},
         # which machines trained it (a resumed phase: those of its last attempt)
-        tags={RAY_NODES_TAG: ",".join(outcome.ray_nodes)} if outcome.ray_nodes else {},
-        summary={"phase": phase, "lr": lr, "lrs": lineage, "diverged": all_diverged, "epochs": outcome.epochs_run,
-                 "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early,
-                 "resumed_at": outcome.resumed_at, "best_val": outcome.best_val["val_score"], "start": outcome.start,
-                 "costs": costs},
+        tags={RAY_NODES_TAG: ",".join(result.nodes)} if result.nodes else {},
+        summary={"phase": cfg.phase, "lr": lr, "epochs": result.epochs_run, "best_epoch": result.best_epoch,
+                 "stopped_early": result.stopped_early, "resumed_at": result.resumed_at,
+                 "best_val": result.best_val["val_score"], "start": result.start},
     )
 
 

@@ -57,14 +57,16 @@ class SearchPlan:
 @dataclass(frozen=True)
 class PhaseNodeConfig:
     """A train or tune node's config: everything that changes the phase's result, as the core's own
-    types. Its key hashes exactly this; the Ray task gets it in the node, the Train worker its parts."""
+    types. Its key hashes exactly this; the Ray task gets it in the node, the Train worker in its job
+    (`stages.phase.PhaseJob`: this object itself)."""
 
     phase: str  # P1 | P2 | P3
     seed: int
     data: DataSpec
     net: NetChoice  # sized for the dataset on the worker, where the data is
-    train: PhaseConfig  # train.lr is None when `search` is set: each trial trains with its own
-    selection: str  # the score that picks the kept epoch: final (P1 always), mean or auc
+    # train.lr is None when `search` is set: each trial trains with its own; train.selection: the score
+    # that picks the kept epoch (P1: final)
+    train: PhaseConfig
     search: SearchPlan | None = None  # a tune node's learning rates and scheduler
     start: StartWeights | None = None  # the backbone a from-scratch phase (P1, joint P2) starts from
 
@@ -101,12 +103,13 @@ def _phase_node(spec: StudySpec, node_id: str, phase: str, regime: str, seed: in
 
 def phase_config(spec: StudySpec, phase: str, seed: int) -> PhaseNodeConfig:
     """A train or tune node's config; a tune node's `search` holds the learning rates to try."""
-    train = resolve.phase_config(spec, phase)
     dominance: GradientDominanceAnalysis = spec.analyses.gradient_dominance
-    if phase == "P2" and dominance.enabled:  # measured while P2 trains: part of what the phase computes
-        train = dataclasses.replace(train, gradient_dominance_every=dominance.every)
+    train = getattr(spec.phases, phase).phase_config(  # `phases.<phase>`, and what other sections set in it:
+        selection="final" if phase == "P1" else spec.search.selection,  # P1 trains the final exit alone
+        # measured while P2 trains: part of what the phase computes
+        gradient_dominance_every=dominance.every if phase == "P2" and dominance.enabled else 0)
     return PhaseNodeConfig(phase=phase, seed=seed, data=resolve.data_spec(spec), net=resolve.net_choice(spec), train=train,
-                           selection=resolve.selection(spec, phase), search=search_plan(spec, phase))
+                           search=search_plan(spec, phase))
 
 
 def search_plan(spec: StudySpec, phase: str) -> SearchPlan | None:

@@ -15,7 +15,6 @@ phase of one worker does not need. The runner names runs by cache key.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import tempfile
@@ -37,14 +36,14 @@ from pipeline.stage import StageContext
 from stages.checkpoints import PROGRESS_FILE, STATE_FILE, CheckpointStore, local_copy, read_state, write_checkpoint
 from stages.core import faults
 from stages.core.data import load_splits, make_loader, train_collate
-from stages.core.flops import exit_flops
-from stages.core.loop import EpochReport, PhaseConfig, diverged_in, fit_phase, seed_everything
+from stages.core.loop import EpochReport, PhaseConfig, exit_fractions, fit_phase, seed_everything
 from stages.core.nets import create_net
 from stages.core.nets.start import load_start
+from stages.core.phase_state import PhaseResult
 from stages.core.phases import prepare_phase
 from stages.core.progress import brief
 from stages.core.state_hash import state_dict_hash
-from stages.phase import PhaseJob, PhaseOutcome
+from stages.phase import PhaseJob
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +65,6 @@ def worker_nodes(world: int) -> list[str]:
     nodes: list[Any] = [None] * world
     torch.distributed.all_gather_object(nodes, node)
     return sorted(set(nodes))
-
-
-def selection_score(accuracies: list[float], selection: str, phase: str, flops_frac: list[float]) -> float:
-    """The validation score that picks a phase's best epoch and ranks a search's trials.
-
-    `accuracies`: every exit's validation accuracy, final exit last. P1 always uses the final
-    exit; otherwise `final`, `mean` over exits, or `auc`: the area under the validation
-    FLOPs-accuracy points of the fixed exits (relative FLOPs on x, trapezoids), normalised
-    by its x-range, so it reads as an accuracy.
-    """
-    if phase == "P1" or selection == "final":
-        return accuracies[-1]
-    if selection == "mean":
-        return sum(accuracies) / len(accuracies)
-    if selection != "auc":
-        raise ValueError(f"unknown selection {selection!r}; known: ['final', 'mean', 'auc']")
-    xs = flops_frac
-    if len(xs) != len(accuracies):
-        raise ValueError(f"{len(xs)} FLOPs fractions for {len(accuracies)} exits")
-    if len(xs) < 2 or xs[-1] <= xs[0]:
-        return accuracies[-1]
-    area = sum((xs[i + 1] - xs[i]) * (accuracies[i] + accuracies[i + 1]) / 2 for i in range(len(xs) - 1))
-    return area / (xs[-1] - xs[0])
 
 
 def _quiet_train_reports() -> None:
@@ -193,31 +169,32 @@ def fit_job(job: PhaseJob, session: WorkerSession) -> None:
     """One attempt at a phase: data -> net -> (input model) -> phase setup -> DDP -> resume -> fit."""
     torch.set_num_threads(job.torch_threads)
     rank, world = session.rank, session.world
-    seed_everything(job.seed)
-    cfg = replace(job.train, batch_size=max(1, job.train.batch_size // world))  # the spec's batch size is global
-    data = job.data
-    splits = load_splits(data, job.seed)
-    train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=job.seed, num_workers=data.num_workers,
+    node_cfg, phase, seed = job.config, job.config.phase, job.config.seed
+    seed_everything(seed)
+    cfg = replace(node_cfg.train, batch_size=max(1, node_cfg.train.batch_size // world))  # the spec's batch size is global
+    data = node_cfg.data
+    splits = load_splits(data, seed)
+    train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=seed, num_workers=data.num_workers,
                                drop_last=len(splits.train) > cfg.batch_size * world,
                                collate_fn=train_collate(data, splits.info.num_classes))
-    val_loader = make_loader(splits.val, cfg.batch_size, shuffle=False, seed=job.seed, num_workers=data.num_workers)
+    val_loader = make_loader(splits.val, cfg.batch_size, shuffle=False, seed=seed, num_workers=data.num_workers)
 
     net = create_net(job.net)
-    flops = exit_flops(net)
-    flops_frac = [f / flops[-1] for f in flops]
+    flops_frac = exit_fractions(net)  # what selection `auc` integrates over; the progress lines' exit count
     if job.init_from is not None:
         net.load_state_dict(job.init_from())
     start = None
     if job.start is not None:  # the hash of what the net holds now: the phase's proven starting point
-        start = {"source": job.start_source, "sha256": state_dict_hash(load_start(net, job.start()))}
+        source = node_cfg.start.source if node_cfg.start is not None else ""
+        start = {"source": source, "sha256": state_dict_hash(load_start(net, job.start()))}
         if rank == 0:
-            log.info("%s: backbone starts from %s (sha256 %s)", job.label or job.phase, job.start_source, start["sha256"][:12])
-    prepare_phase(net, job.phase)  # before DDP: DDP must see only the trainable parameters
+            log.info("%s: backbone starts from %s (sha256 %s)", job.label or phase, source, start["sha256"][:12])
+    prepare_phase(net, phase)  # before DDP: DDP must see only the trainable parameters
     net, train_loader, val_loader = session.prepare(net, train_loader, val_loader)
     device = session.device
     where = ran_on(device, world, cfg)
     nodes = worker_nodes(world)
-    label = job.label or job.phase
+    label = job.label or phase
     resume = session.resume_state(label)
     if resume is not None and rank == 0:
         log.info("%s: resuming after epoch %d", label, resume["epoch"])
@@ -250,7 +227,7 @@ def fit_job(job: PhaseJob, session: WorkerSession) -> None:
         report.state["ray_nodes"] = nodes
         metrics = {**report.metrics, **extra}
         if rank == 0:
-            publish_epoch(job.label, job.trial, job.train.lr, report.epoch, cfg.max_epochs, metrics, len(flops_frac))
+            publish_epoch(job.label, job.trial, cfg.lr, report.epoch, cfg.max_epochs, metrics, len(flops_frac))
         if rank == 0 and job.metrics_sink is not None:
             job.metrics_sink(report.epoch, metrics)
         session.report(report.state, metrics)
@@ -258,9 +235,8 @@ def fit_job(job: PhaseJob, session: WorkerSession) -> None:
         if report.stop:
             faults.hit(job.fault_plan, "train.stopped", **job.fault_context(report.epoch))
 
-    score_fn = functools.partial(selection_score, selection=job.selection, phase=job.phase, flops_frac=flops_frac)
-    fit_phase(net, job.phase, cfg, train_loader, val_loader, device, resume=resume, on_epoch=on_epoch,
-              score_fn=score_fn, on_step=on_step)
+    fit_phase(net, phase, cfg, train_loader, val_loader, device, resume=resume, on_epoch=on_epoch, on_step=on_step,
+              flops_frac=flops_frac)
     if not reported and resume is not None:
         # Resumed at (or past) its stopping point: nothing was left to train. Report the recorded
         # final state again, so this attempt ends with a result like any other (a Tune trial
@@ -322,39 +298,20 @@ def build_trainer(
     )
 
 
-def outcome_from_checkpoint(path: str | Path) -> PhaseOutcome:
-    """Read the phase's result from a checkpoint directory written by `train_worker`."""
-    state = read_state(Path(path) / STATE_FILE)
-    return replace(_outcome(state["history"], state["early_stopping"], state["best_state_dict"]), start=state.get("start"),
-                   ran_on=state.get("ran_on", ""), ray_nodes=state.get("ray_nodes", []))
+def outcome_from_checkpoint(path: str | Path) -> PhaseResult:
+    """The phase's result, read from a checkpoint directory written by `train_worker`."""
+    return PhaseResult.from_state(read_state(Path(path) / STATE_FILE))
 
 
-def read_outcome(path: str, storage_path: str) -> PhaseOutcome:
+def read_outcome(path: str, storage_path: str) -> PhaseResult:
     """`outcome_from_checkpoint` of a checkpoint in storage (`path` on the storage's filesystem)."""
     with local_copy(path, storage_path) as d:
         return outcome_from_checkpoint(d)
 
 
-def progress_from_checkpoint(path: str | Path) -> PhaseOutcome:
-    """The same as `outcome_from_checkpoint` without the model (`best_state` empty): cheap for every trial."""
-    progress = json.loads((Path(path) / PROGRESS_FILE).read_text())
-    return _outcome(progress["history"], progress["early_stopping"], {})
-
-
-def _outcome(history: list[dict[str, float]], es: dict[str, Any], best_state: dict[str, torch.Tensor]) -> PhaseOutcome:
-    best_epoch = int(es["best_epoch"])
-    best_val = next((m for m in history if int(m["epoch"]) == best_epoch), history[-1])
-    resumed = [int(m["resumed_at"]) for m in history if m.get("resumed_at", -1) >= 0]
-    return PhaseOutcome(
-        best_state=best_state,
-        best_epoch=best_epoch,
-        epochs_run=len(history),
-        stopped_early=int(es["epochs_without_improvement"]) >= int(es["patience"]),
-        history=history,
-        best_val={k: v for k, v in best_val.items() if k.startswith("val_")},
-        resumed_at=resumed[0] if resumed else None,
-        diverged=diverged_in(history),
-    )
+def progress_from_checkpoint(path: str | Path) -> PhaseResult:
+    """The same as `outcome_from_checkpoint` without the model (`best_state_dict` empty): cheap for every trial."""
+    return PhaseResult.from_state(json.loads((Path(path) / PROGRESS_FILE).read_text()))
 
 
 def phase_device(use_gpu: bool) -> torch.device:
@@ -377,11 +334,11 @@ def fit_in_process(job: PhaseJob, store: CheckpointStore, device: torch.device, 
             if attempt == max_failures:
                 raise
             log.warning("%s: training failed (%s); resuming from its last checkpoint (%d of %d restarts)",
-                        job.label or job.phase, brief(e), attempt + 1, max_failures)
+                        job.label or job.config.phase, brief(e), attempt + 1, max_failures)
 
 
 def run_phase(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: str, max_failures: int,
-              in_process: bool = False) -> PhaseOutcome:
+              in_process: bool = False) -> PhaseResult:
     """Fit one phase with one learning rate: under Ray Train (which raises TrainingFailedError on
     failure), or `in_process` (one worker: in this process, with its checkpoints in the same place)."""
     if in_process:
@@ -389,10 +346,10 @@ def run_phase(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: st
         fit_in_process(job, store, phase_device(bool(scaling.use_gpu)), max_failures)
         path = store.latest()
         if path is None:
-            raise RuntimeError(f"phase {job.phase} ({name}) finished without a checkpoint")
+            raise RuntimeError(f"phase {job.config.phase} ({name}) finished without a checkpoint")
         return read_outcome(path, storage_path)
     result = build_trainer(job, scaling, name, storage_path, max_failures).fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"phase {job.phase} ({name}) finished without a checkpoint")
+        raise RuntimeError(f"phase {job.config.phase} ({name}) finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         return outcome_from_checkpoint(d)

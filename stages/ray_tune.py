@@ -31,13 +31,14 @@ from stages.checkpoints import CheckpointStore, is_whole, local_copy, storage_fs
 from stages.core import faults
 from stages.core.nets.methods import get_method
 from stages.core.progress import brief
-from stages.phase import TRIAL_RESOURCES, PhaseJob, PhaseOutcome, epoch_seconds
+from stages.core.phase_state import PhaseResult
+from stages.phase import TRIAL_RESOURCES, PhaseJob, epoch_seconds
 from stages.phase_plan import SearchPlan
 from stages.ray_train import build_trainer, fit_in_process, phase_device, progress_from_checkpoint, read_outcome
 
 log = logging.getLogger(__name__)
 
-SCORE = "val_score"  # the metric trials are ranked by: each epoch's stages.ray_train.selection_score
+SCORE = "val_score"  # the metric trials are ranked by: each epoch's stages.core.selection.selection_score
 
 
 def trial_resources(scaling: ScalingConfig, in_process: bool) -> dict[str, float]:
@@ -103,7 +104,7 @@ class SearchFailed(RuntimeError):
 @dataclass
 class SearchOutcome:
     best: TrialRecord
-    outcome: PhaseOutcome  # read from the best trial's own checkpoint
+    outcome: PhaseResult  # read from the best trial's own checkpoint
     trials: list[TrialRecord]
 
 
@@ -133,11 +134,13 @@ def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, folder: st
     def trial(config: dict[str, Any]) -> None:
         relayed_progress()
         lr = float(config["lr"])
-        faults.hit(job.fault_plan, "trial.start", phase=job.phase, lr=lr, node=job.label)
+        faults.hit(job.fault_plan, "trial.start", phase=job.config.phase, lr=lr, node=job.label)
         trial_id = tune.get_context().get_trial_id()
         trial_name = trial_run_name(name, trial_id)
         trial_log = log_factory(trial_name, lr) if log_factory is not None else None
-        trial_job = replace(job.with_lr(lr), metrics_sink=trial_log, trial=trial_name)
+        # the node's config with the trial's lr: what the trial trains (and records in its checkpoints)
+        trial_job = replace(job, config=replace(job.config, train=replace(job.config.train, lr=lr)), metrics_sink=trial_log,
+                            trial=trial_name)
         # The trial name names its checkpoints' folder: a restored search resumes an interrupted
         # trial from its last checkpoint instead of epoch 0.
         try:
@@ -252,14 +255,14 @@ def run_search(
         _trial_function(job, scaling, name, folder, storage_path, max_failures, log_factory, in_process),
         trial_resources(scaling, in_process),
     )
-    max_t = job.train.max_epochs
+    max_t = job.config.train.max_epochs
     scheduler = (
         ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(plan.grace_period, max_t),
                       reduction_factor=plan.reduction_factor)
         if plan.scheduler == "asha"
         else FIFOScheduler()
     )
-    faults.hit(job.fault_plan, "search.start", phase=job.phase, node=job.label)
+    faults.hit(job.fault_plan, "search.start", phase=job.config.phase, node=job.label)
     tune_config = tune.TuneConfig(
         metric=SCORE,
         mode="max",

@@ -2,7 +2,8 @@
 
 The compute is `stages.core.report.run`; this module plans the study's one report (on the graph
 that merges the comparison axes' variants: one row per variant's evaluated model), gathers its
-inputs (each evaluate node's tables and the learning rates its phases chose) and declares what the
+inputs (each evaluate node's tables, and the lineage record of every phase node behind its model:
+the learning rates chosen, what each phase cost, a search's diverged trials) and declares what the
 stage writes.
 """
 
@@ -14,13 +15,14 @@ import pyarrow as pa
 
 from pipeline.dag import Graph, Node
 from pipeline.spec import StudySpec, axis_label
-from pipeline.stage import (FILES, REPORT, STUDY, File, Stage, StageContext, StageInput, StageResult, Table, TableKind, get_stage,
-                            register_stage)
+from pipeline.stage import (FILES, PHASE, REPORT, STUDY, File, Stage, StageContext, StageInput, StageResult, Table, TableKind,
+                            get_stage, register_stage, role_of)
 from stages.core import faults
 from stages.core.budgets import Readout
 from stages.core.nets.methods import method_curves
 
 EXITS, CURVE = "exits", "curve"  # read from each evaluate node (their writer, stages.evaluate, holds their schemas)
+LINEAGE = "lineage"  # read from each phase node behind an evaluated model (its writer, stages.phase, holds its schema)
 BUDGETS = TableKind("budgets", "budgets.parquet", ("regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds"), ui=True)
 COSTS = TableKind("costs", "costs.parquet", ("regime", "seed", "node", "phase", "epochs", "train_seconds", "wall_seconds",
                                             "device", "device_hours", "shared"), ui=True)
@@ -45,12 +47,14 @@ class ReportConfig:
     # does not change it). `axes`: (axis, its values as `axis=value`), the first value its baseline.
     rows: tuple[tuple[str, str, int, tuple[str, ...]], ...] = ()
     axes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # (evaluate node, the phase nodes behind its model, first phase first): whose lineage records it reads
+    lineages: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @register_stage
 class Report(Stage):
     kind = "report"
-    reads = (EXITS, CURVE)
+    reads = (EXITS, CURVE, LINEAGE)
     writes = (BUDGETS, COSTS, CALIBRATION, FILES)
     code = ("stages.report", "stages.core.report")
     role = REPORT
@@ -65,18 +69,23 @@ class Report(Stage):
                      if _evaluated(n := graph.nodes[merged]))
         ev = spec.evaluation
         criteria = tuple(ev.criteria) + method_curves(v.spec.net.method for v in graph.variants)
+        evaluated = tuple(dict.fromkeys(row[0] for row in rows))
+        lineages = tuple((n, _phases_behind(graph, n)) for n in evaluated)
         config = ReportConfig(budgets=tuple(ev.budgets), budget_rule=ev.budget_rule, seed_averaging=ev.seed_averaging,
                               thresholds=ev.thresholds, threshold_spacing=ev.threshold_spacing, criteria=criteria,
                               regimes=tuple(spec.regimes), seeds=tuple(spec.seeds), rows=rows,
                               axes=tuple((axis, tuple(axis_label(((axis, value),)) for value in values))
-                                         for axis, values in spec.compare.items()))
-        return [Node(id=self.kind, kind=self.kind, config=config, inputs=tuple(dict.fromkeys(row[0] for row in rows)))]
+                                         for axis, values in spec.compare.items()), lineages=lineages)
+        phases = (p for _, behind in lineages for p in behind)
+        return [Node(id=self.kind, kind=self.kind, config=config, inputs=tuple(dict.fromkeys((*evaluated, *phases))))]
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
         from stages.core import report
 
         cfg: ReportConfig = node.config
         by_id = {res.node_id: res for res in inputs}
+        behind = dict(cfg.lineages)
+        records = {p: by_id[p].table(LINEAGE).to_pylist()[0] for p in dict.fromkeys(p for ps in behind.values() for p in ps)}
         curves, exits, lrs, costs, notes, backbone = {}, {}, {}, {}, [], None
         for node_id, regime, seed, parts in cfg.rows:
             res = by_id[node_id]
@@ -84,10 +93,11 @@ class Report(Stage):
             curves[(label, seed)] = res.table(CURVE)
             exits[(label, seed)] = table = res.table(EXITS)
             backbone = float(table.schema.metadata[b"backbone_flops"])
-            costs[(label, seed)] = res.summary.get("costs", {})
-            for phase, lr in res.summary.get("lrs", {}).items():
-                lrs.setdefault(label, {}).setdefault(phase, []).append(lr)
-            for phase, bad in sorted(res.summary.get("diverged", {}).items()):
+            lineage = [records[p] for p in behind[node_id]]  # its model's phases, first phase first
+            costs[(label, seed)] = {r["node"]: r for r in lineage}
+            for r in lineage:
+                lrs.setdefault(label, {}).setdefault(r["phase"], []).append(r["lr"])
+            for phase, bad in sorted((r["phase"], r["diverged"]) for r in lineage if r["diverged"]):
                 where = f"seed{seed}/P1" if phase == "P1" else f"seed{seed}/{regime}/{phase}"  # P1 is shared
                 line = f"{where}{f' ({label})' if parts else ''} search: diverged, ranked last: {', '.join(bad)}"
                 if line not in notes:
@@ -122,6 +132,17 @@ class Report(Stage):
                                       Table(CALIBRATION.name, out.calibration), *map(File, out.plots),
                                       File(text), File(cost_file)],
                            metrics=metrics, summary={"chosen_lrs": chosen})
+
+
+def _phases_behind(graph: Graph, node_id: str) -> tuple[str, ...]:
+    """The phase nodes behind an evaluated model (its input's lineage), first phase first."""
+    found, todo = [], list(graph.nodes[node_id].inputs)
+    while todo:
+        n = graph.nodes[todo.pop(0)]
+        if role_of(n.kind) == PHASE:
+            found.append(n.id)
+            todo.extend(n.inputs)
+    return tuple(reversed(found))
 
 
 def _evaluated(node: Node) -> bool:

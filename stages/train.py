@@ -14,8 +14,8 @@ from pipeline.dag import Graph, Node
 from pipeline.spec import StudySpec
 from pipeline.stage import (CHECKPOINT, FILES, NODE_RETRIES, Resources, RunSettings, StageContext, StageInput, StageResult,
                             register_stage)
-from stages.phase import (DIVERGED_TAG, GRADIENT_DOMINANCE, HISTORY, PhaseDiverged, PhaseStage, epoch_seconds, phase_cost,
-                          phase_job, phase_result, run_name)
+from stages.phase import (DIVERGED_TAG, GRADIENT_DOMINANCE, HISTORY, LINEAGE, PhaseDiverged, PhaseStage, epoch_seconds,
+                          phase_cost, phase_job, phase_result, run_name)
 from stages.phase_plan import TRAIN, TUNE, plan_phases
 
 
@@ -25,7 +25,7 @@ class Train(PhaseStage):
 
     kind = TRAIN
     also_plans = (TUNE,)  # the searched phases: planned with the others, so a study lists its phases seed by seed
-    writes = (CHECKPOINT, HISTORY, GRADIENT_DOMINANCE, FILES)
+    writes = (CHECKPOINT, HISTORY, LINEAGE, GRADIENT_DOMINANCE, FILES)
     code = ("stages.train", "stages.phase", "pipeline.resolve")
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
@@ -46,13 +46,14 @@ class Train(PhaseStage):
         from stages.ray_train import run_phase, scaling  # Ray Train: only where a phase runs
 
         job, ns = phase_job(node, inputs, ctx)
+        phase = job.config.phase
         start = time.monotonic()
-        outcome = run_phase(job, scaling(ctx), run_name(node), ctx.storage_path, ctx.settings.max_failures,
-                            ctx.settings.in_process)
-        cost = phase_cost(job.phase, ctx.settings, outcome.epochs_run, epoch_seconds(outcome.history),
-                          time.monotonic() - start, outcome.resumed_at is not None, outcome.ran_on)
-        lr = float(job.train.lr)  # type: ignore[arg-type]  # a train node's lr is fixed
-        if outcome.diverged:
-            raise PhaseDiverged(f"{node.id} diverged: {outcome.diverged} (lr={lr:g}); lower phases.{job.phase}.lr "
-                                f"or set phases.{job.phase}.grad_clip", {DIVERGED_TAG: outcome.diverged})
-        return phase_result(node, inputs, job, ns, outcome, lr, workdir=ctx.workdir, cost=cost)
+        result = run_phase(job, scaling(ctx), run_name(node), ctx.storage_path, ctx.settings.max_failures,
+                           ctx.settings.in_process)
+        cost = phase_cost(phase, ctx.settings, result.epochs_run, epoch_seconds(result.history),
+                          time.monotonic() - start, result.resumed_at is not None, result.ran_on)
+        lr = float(job.config.train.lr)  # type: ignore[arg-type]  # a train node's lr is fixed
+        if result.diverged:
+            raise PhaseDiverged(f"{node.id} diverged: {result.diverged} (lr={lr:g}); lower phases.{phase}.lr "
+                                f"or set phases.{phase}.grad_clip", {DIVERGED_TAG: result.diverged})
+        return phase_result(node, job, ns, result, lr, cost, workdir=ctx.workdir)

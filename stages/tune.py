@@ -17,7 +17,7 @@ from pipeline.dag import Node
 from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, StageContext, StageInput, StageResult, Table,
                             TableKind, register_stage)
 from stages.core import faults
-from stages.phase import (DIVERGED_TAG, GRADIENT_DOMINANCE, HISTORY, TRIAL_RESOURCES, PhaseStage, describe_phase,
+from stages.phase import (DIVERGED_TAG, GRADIENT_DOMINANCE, HISTORY, LINEAGE, TRIAL_RESOURCES, PhaseStage, describe_phase,
                           phase_cost, phase_job, phase_result, run_name)
 from stages.phase_plan import TUNE
 
@@ -29,7 +29,7 @@ class Tune(PhaseStage):
     """A phase whose learning rate is searched: the best trial's model, every trial's record and a plot."""
 
     kind = TUNE
-    writes = (CHECKPOINT, HISTORY, GRADIENT_DOMINANCE, TRIALS, FILES)
+    writes = (CHECKPOINT, HISTORY, LINEAGE, GRADIENT_DOMINANCE, TRIALS, FILES)
     code = ("stages.tune", "stages.phase", "pipeline.resolve")
 
     def footprint(self, node: Node, settings: RunSettings) -> Resources:
@@ -59,18 +59,18 @@ class Tune(PhaseStage):
             raise
         from stages.core.report_plots import plot_lr_search  # matplotlib: here, not in every trial's process
 
-        faults.hit(ctx.fault_plan, "search.end", phase=job.phase, node=node.id)
+        phase = job.config.phase
+        faults.hit(ctx.fault_plan, "search.end", phase=phase, node=node.id)
         trial_runs.adopt(trial_outcomes(name, search))
         trials = sorted(search.trials, key=lambda t: t.lr)
         bad = [f"lr={t.lr:g}: {t.diverged}" for t in trials if t.diverged]
-        cost = phase_cost(job.phase, ctx.settings, sum(t.epochs for t in trials), sum(t.train_seconds for t in trials),
+        cost = phase_cost(phase, ctx.settings, sum(t.epochs for t in trials), sum(t.train_seconds for t in trials),
                           time.monotonic() - start, any(t.resumed for t in trials), search.outcome.ran_on)
-        result = phase_result(node, inputs, job, ns, search.outcome, search.best.lr, {job.phase: bad} if bad else None,
-                              workdir=ctx.workdir, cost=cost)
+        result = phase_result(node, job, ns, search.outcome, search.best.lr, cost, bad, workdir=ctx.workdir)
         rows = [{"trial": t.trial, "lr": t.lr, "best_val": t.best_val, "epochs": t.epochs, "stopped_early": t.stopped_early,
                  "stopped_by": t.stopped_by, "diverged": t.diverged, "chosen": t.trial == search.best.trial} for t in trials]
         plot = plot_lr_search([r["lr"] for r in rows], [r["best_val"] for r in rows], search.best.lr,
-                              ctx.workdir / "lr_search.png", f"{job.phase}: validation accuracy vs lr")
+                              ctx.workdir / "lr_search.png", f"{phase}: validation accuracy vs lr")
         result.artifacts += [Table(TRIALS.name, pa.Table.from_pylist(rows)), File(plot)]
         result.summary.update(trials=len(trials), trials_stopped_early=sum(t.stopped_early for t in trials),
                               trial_epochs=sum(t.epochs for t in trials), best_trial=search.best.trial,

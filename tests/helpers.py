@@ -48,13 +48,16 @@ def phase_job(max_epochs: int = 3, fault: str | None = None, phase: str = "P1", 
     from stages.core.loop import PhaseConfig
     from stages.core.nets import NetChoice
     from stages.phase import PhaseJob
+    from stages.phase_plan import PhaseNodeConfig
 
     data = DataSpec(name="digits")
     info = dataset_info(data)
-    net = NetChoice(backbone="resnet20", exit_every=2, exit_start=2, width=8).sized(info.num_classes, info.in_chans, info.img_size)
+    choice = NetChoice(backbone="resnet20", exit_every=2, exit_start=2, width=8)
     train = PhaseConfig(optimizer="adam", lr=lr, batch_size=64, max_epochs=max_epochs, patience=max_epochs + 1,
                         schedule="cosine", selection="final" if phase == "P1" else "mean")
-    return PhaseJob(phase=phase, seed=0, data=data, net=net, train=train, fault_plan=parse_plan(fault or ""), label="test")
+    config = PhaseNodeConfig(phase=phase, seed=0, data=data, net=choice, train=train)
+    return PhaseJob(config=config, net=choice.sized(info.num_classes, info.in_chans, info.img_size),
+                    fault_plan=parse_plan(fault or ""), label="test")
 
 
 def runs(client: Any, experiment: str, **tags: str) -> list[Any]:

@@ -46,7 +46,9 @@ def test_two_axes_share_every_node_they_can() -> None:
     assert f"{LW}=kaya,{EVERY}=2/seed1/joint/P2" in g.nodes and g.nodes[f"{LW}=kaya,{EVERY}=2/seed1/joint/P2"].variant
     report = g.nodes["report"]
     assert len(report.config.rows) == 3 * 6 * 2  # every regime of every variant and seed has its model
-    assert set(report.inputs) == {n.id for n in g.nodes.values() if n.kind == "evaluate"}
+    # every evaluated model, and the phase nodes behind them, whose lineage records it reads
+    assert set(report.inputs) == {n.id for n in g.nodes.values() if n.kind in ("evaluate", "train", "tune")}
+    assert {e for e, _ in report.config.lineages} == {n.id for n in g.nodes.values() if n.kind == "evaluate"}
     assert [a for a, _ in report.config.axes] == [LW, EVERY]
 
 

@@ -90,12 +90,14 @@ def test_a_ray_train_phase_on_the_gpu_uses_nccl(ray_session: None, tmp_path) -> 
     import ray
 
     from stages.phase import PhaseJob
+    from stages.phase_plan import PhaseNodeConfig
     from stages.ray_train import run_phase, scaling_config
 
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("the suite's Ray session has no GPU")
-    job = PhaseJob(phase="P2", seed=0, data=DataSpec(name="digits", augment=False), net=SPEC,
-                   train=dataclasses.replace(FAST, max_epochs=2), selection="mean", label="gpu/P2")
+    config = PhaseNodeConfig(phase="P2", seed=0, data=DataSpec(name="digits", augment=False), net=SPEC,
+                             train=dataclasses.replace(FAST, max_epochs=2, selection="mean"))
+    job = PhaseJob(config=config, net=SPEC, label="gpu/P2")
     outcome = run_phase(job, scaling_config(1, True, 1.0, 1.0), "gpu-phase", str(tmp_path), max_failures=0)
     assert outcome.ran_on.startswith("1 x NVIDIA") and "nccl" in outcome.ran_on, outcome.ran_on
     assert "bf16" in outcome.ran_on and "channels_last" in outcome.ran_on

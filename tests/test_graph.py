@@ -50,6 +50,16 @@ def test_default_study_shape() -> None:
         ("seed0/joint/evaluate", "report"),
         ("seed0/disjoint/evaluate", "report"),
         ("seed0/mixed/evaluate", "report"),
+        # the report reads the lineage record (lr, cost, diverged trials) of every phase behind a model
+        ("seed0/P1", "report"),
+        ("seed0/joint/P2", "report"),
+        ("seed0/disjoint/P3", "report"),
+        ("seed0/mixed/P2", "report"),
+    }
+    assert dict(g.nodes["report"].config.lineages) == {
+        "seed0/joint/evaluate": ("seed0/joint/P2",),
+        "seed0/disjoint/evaluate": ("seed0/P1", "seed0/disjoint/P3"),
+        "seed0/mixed/evaluate": ("seed0/P1", "seed0/mixed/P2"),
     }
 
 
@@ -78,7 +88,8 @@ def test_evaluate_per_regime_and_seed_and_one_report() -> None:
         assert n.inputs == (f"seed{n.seed}/{n.regime}/{final[n.regime]}",)
     reports = [n for n in g.nodes.values() if n.kind == "report"]
     assert [n.id for n in reports] == ["report"]
-    assert set(reports[0].inputs) == {n.id for n in evals}
+    # every evaluated model, and the phase nodes behind them (their lineage records: lr, cost, diverged trials)
+    assert set(reports[0].inputs) == {n.id for n in evals} | {n.id for n in g.nodes.values() if n.kind in ("train", "tune")}
     assert len(g.nodes) == 3 * (1 + 3 + 3) + 1
 
 

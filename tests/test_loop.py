@@ -213,9 +213,11 @@ def test_fit_phase_stops_early_and_restores_the_best_state(digits: Splits) -> No
     assert [r.stop for r in reports] == [False, False, True] and reports[0].improved
     assert {"val_acc_0", "val_acc_1", "val_acc_2", "val_acc_mean", "val_acc_final", "lr", "train_loss",
             "epoch_time"} <= set(reports[0].metrics)
-    # The final head is frozen in P3, so the score is the ICs' mean accuracy.
+    # The final head is frozen in P3: early stopping watches the ICs alone, and the epoch is scored by
+    # the one selection scorer (stages.core.selection), as a search ranks it: `mean` over every exit,
+    # the frozen exit's constant accuracy included (it never changes which epoch is best).
     m = reports[0].metrics
-    assert m["val_score"] == pytest.approx((m["val_acc_0"] + m["val_acc_1"]) / 2)
+    assert m["val_score"] == pytest.approx((m["val_acc_0"] + m["val_acc_1"] + m["val_acc_2"]) / 3)
     for key, value in net.state_dict().items():
         assert torch.equal(value, result.best_state_dict[key]), key
     for key, value in net.backbone.state_dict().items():
@@ -317,6 +319,23 @@ def test_a_non_finite_loss_stops_the_phase_and_says_where(digits: Splits, tmp_pa
     # A resumed diverged phase stays stopped: nothing trains on from garbage weights.
     resumed, more = _fit(digits_net(0), "P2", cfg, digits, size=256, resume=reports[-1].state)
     assert more == [] and resumed.diverged == result.diverged
+
+
+def test_every_epoch_is_scored_by_the_one_selection_scorer(digits: Splits) -> None:
+    from stages.core.loop import exit_fractions
+    from stages.core.selection import selection_score
+
+    net = digits_net(0)
+    fractions = exit_fractions(net)
+    assert len(fractions) == 3 and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    for selection in ("auc", "final"):
+        result, reports = _fit(digits_net(0), "P2", PhaseConfig(lr=3e-3, batch_size=64, max_epochs=2, selection=selection),
+                               digits, size=128)
+        for r in reports:
+            accuracies = [r.metrics[f"val_acc_{k}"] for k in range(3)]
+            assert r.metrics["val_score"] == pytest.approx(selection_score(accuracies, selection, "P2", fractions))
+        scores = [r.metrics["val_score"] for r in reports]
+        assert result.best_epoch == scores.index(max(scores))
 
 
 def test_a_healthy_phase_records_no_divergence(digits: Splits) -> None:

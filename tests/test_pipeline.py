@@ -262,7 +262,11 @@ def test_history_table_matches_the_logged_epochs(base: Any, client: MlflowClient
     logged = [m.value for m in client.get_metric_history(run_id, "val_acc_final")]
     assert [r["val_acc_final"] for r in history] == pytest.approx(logged)
     summary = json.loads(client.get_run(run_id).data.tags["exitflow.summary"])
-    assert summary["epochs"] == 2 and summary["lrs"] == {"P1": pytest.approx(3e-3)}
+    assert summary["epochs"] == 2 and summary["lr"] == pytest.approx(3e-3)
+    # its lineage record, which the report reads from the phase node: its lr, its cost, no diverged trial
+    [record] = ArtifactStore(client).load_table(run_id, "lineage").to_pylist()
+    assert (record["node"], record["phase"], record["lr"], record["epochs"]) == ("seed0/P1", "P1", pytest.approx(3e-3), 2)
+    assert record["diverged"] == [] and record["device"] == "CPU" and record["train_seconds"] > 0
 
 
 def test_a_failed_node_is_named_once_and_everything_downstream_is_skipped(

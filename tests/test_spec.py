@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from pathlib import Path
@@ -375,6 +376,35 @@ def test_phase_defaults_and_fields_are_the_cores() -> None:
         assert getattr(StudySpec().phases, phase).model_dump() == core
 
 
+def test_the_spec_phase_section_is_generated_from_the_cores_fields() -> None:
+    """One field list: each phases.* field is the core's, in its order, with the core's bounds (as
+    pydantic reads them) and default; only lr's type is the spec's own (a grid, a preset, a range)."""
+    import dataclasses
+
+    from annotated_types import Ge, Gt, Le, Lt
+
+    from stages.core.fields import field_types
+    from stages.core.phase_config import SET_BY
+    from stages.core.phase_config import PhaseConfig as CorePhase
+
+    core = [f for f in dataclasses.fields(CorePhase) if SET_BY not in f.metadata]
+    assert list(PhaseConfig.model_fields) == [f.name for f in core]
+    assert {f.name for f in dataclasses.fields(CorePhase) if SET_BY in f.metadata} == {"selection", "gradient_dominance_every"}
+
+    def bounds(hint: object) -> set[object]:
+        found = {m for m in getattr(hint, "__metadata__", ()) if isinstance(m, (Ge, Gt, Le, Lt))}
+        return found.union(*(bounds(arm) for arm in getattr(hint, "__args__", ())))
+
+    hints = field_types(CorePhase)
+    for f in core:
+        if f.name != "lr":
+            spec_field = PhaseConfig.model_fields[f.name]
+            assert bounds(hints[f.name]) <= set(spec_field.metadata) | bounds(spec_field.annotation), f.name
+    message = "phases.P2.max_epochs: Input should be greater than or equal to 1"
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_spec(None, ["phases.P2.max_epochs=0"])
+
+
 @pytest.mark.parametrize(
     ("field", "value", "valid"),
     [
@@ -382,6 +412,10 @@ def test_phase_defaults_and_fields_are_the_cores() -> None:
         ("loss_weighting", "han", True), ("loss_weighting", "equal", False), ("momentum", 0.99, True), ("momentum", 1.0, False),
         ("step_gamma", 0.5, True), ("step_gamma", 0.0, False), ("kaya_epochs", 1, True), ("kaya_epochs", 0, False),
         ("label_smoothing", 0.5, True), ("label_smoothing", 1.0, False), ("warmup_epochs", 0, True), ("warmup_epochs", -1, False),
+        # the caps (stages.core.allowed) are the core's bounds too: one declaration, both refuse
+        ("max_epochs", 10_000, True), ("max_epochs", 10_001, False), ("batch_size", 65_536, True), ("batch_size", 65_537, False),
+        ("l2w_hidden", 8_192, True), ("l2w_hidden", 8_193, False), ("l2w_epsilon", 0.5, True), ("l2w_epsilon", 0.6, False),
+        ("grad_clip", 1.0, True), ("grad_clip", 0.0, False), ("lr", 1e-3, True), ("lr", 0.0, False),
     ],
 )
 def test_the_spec_and_the_core_allow_the_same_phase_values(field: str, value: object, valid: bool) -> None:

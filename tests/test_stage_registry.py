@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -24,7 +23,7 @@ from helpers import tiny_spec
 
 from pipeline.dag import Graph, Node
 from pipeline.spec import SpecError, StudySpec
-from pipeline.spec_types import AnalysisSection
+from pipeline.spec_types import AnalysisSection, with_settings
 from pipeline.stage import (ANALYSIS, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage,
                             unregister_stage)
 
@@ -38,9 +37,9 @@ class ExitSpreadAnalysis(AnalysisSection):
     statistic: Literal["max-min"] = "max-min"  # what the spread is: the exits' best accuracy less their worst
 
 
-@dataclass(frozen=True)
+@with_settings(ExitSpreadAnalysis)
 class SpreadConfig:
-    statistic: str
+    """The node's config: the section's settings (`statistic`), declared once, in the section."""
 
 
 class ExitSpread(Stage):

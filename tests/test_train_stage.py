@@ -20,9 +20,9 @@ def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_dashboard: str,
     assert outcome.epochs_run == 2
     assert outcome.best_val["val_acc_final"] > 0.5  # two epochs of real learning, sharded over 2 ranks
     net = create_net(job.net)
-    net.load_state_dict(outcome.best_state)  # strict: no `module.` prefixes, nothing missing
+    net.load_state_dict(outcome.best_state_dict)  # strict: no `module.` prefixes, nothing missing
     for name, value in net.state_dict().items():
-        assert torch.equal(value, outcome.best_state[name]), name
+        assert torch.equal(value, outcome.best_state_dict[name]), name
     net.eval()
     with torch.no_grad():
         outs = net(torch.zeros(3, 1, 8, 8))
@@ -100,10 +100,10 @@ def test_in_process_a_phase_trains_without_ray_train_and_equals_its_ray_train_tw
     trained = run_phase(phase_job(2), scaling_config(1, False, 1.0, 0.0), "under-train", storage, max_failures=0)
     # the same seed, data and device: the same epochs, bit for bit
     assert [m["train_loss"] for m in local.history] == [m["train_loss"] for m in trained.history]
-    for name, value in trained.best_state.items():
-        assert torch.equal(value, local.best_state[name]), name
+    for name, value in trained.best_state_dict.items():
+        assert torch.equal(value, local.best_state_dict[name]), name
     assert (local.ran_on, trained.ran_on) == ("1 x CPU (one process)", "1 x CPU (gloo)")  # Train makes a group of one
-    assert local.ray_nodes == trained.ray_nodes
+    assert local.nodes == trained.nodes  # the Ray nodes of the workers that trained it
     # its checkpoints lie where Train's would, named like Train's, the two newest kept
     assert len(list(Path(storage).glob("in-process/checkpoint_*/progress.json"))) == 2
 

@@ -69,7 +69,7 @@ def test_the_phase_model_is_exactly_the_best_trials_checkpoint(study: Any, clien
     from stages.ray_train import outcome_from_checkpoint
 
     result = study.results[node]
-    trial_state = outcome_from_checkpoint(result.summary["best_trial_checkpoint"]).best_state
+    trial_state = outcome_from_checkpoint(result.summary["best_trial_checkpoint"]).best_state_dict
     state, spec = ArtifactStore(client).load_checkpoint(result.run_id)
     assert state_dict_hash(state) == state_dict_hash(trial_state) == spec["state_sha256"]
     assert spec["lr"] == result.summary["lr"]
