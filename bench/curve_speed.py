@@ -23,10 +23,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from stages.core.data import DataSpec, load_splits, make_loader
-from stages.core.evaluation import CRITERIA, collect_logits, threshold_curve
-from stages.core.flops import exit_flops
-from stages.core.nets import NetSpec, create_net
+from exitflow.stages.core.data import DataSpec, load_splits, make_loader
+from exitflow.stages.core.evaluation import CRITERIA, collect_logits, threshold_curve
+from exitflow.stages.core.flops import exit_flops
+from exitflow.stages.core.nets import NetSpec, create_net
 
 
 def literal_curve(logits: torch.Tensor, labels: torch.Tensor, flops: list[int], criterion: str, num: int) -> np.ndarray:

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.graph import build_graph  # noqa: E402
-from pipeline.resolve import sized_net  # noqa: E402
-from pipeline.spec import load_spec  # noqa: E402
-from stages.core.data import dataset_info, load_splits, make_loader  # noqa: E402
-from stages.core.nets import create_net  # noqa: E402
+from exitflow.pipeline.graph import build_graph  # noqa: E402
+from exitflow.pipeline.resolve import sized_net  # noqa: E402
+from exitflow.pipeline.spec import load_spec  # noqa: E402
+from exitflow.stages.core.data import dataset_info, load_splits, make_loader  # noqa: E402
+from exitflow.stages.core.nets import create_net  # noqa: E402
 
 
 def delivered(splits, batch_size: int, workers: int, batches: int) -> float:

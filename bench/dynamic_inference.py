@@ -30,12 +30,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from stages.core.data import DataSpec, dataset_info, load_splits, make_loader
-from stages.core.evaluation import collect_logits, fixed_exit_accuracy, threshold_curve
-from stages.core.flops import backbone_flops, exit_flops
-from stages.core.inference import early_exit_forward, early_exit_predict
-from stages.core.loop import PhaseConfig, fit_phase, seed_everything
-from stages.core.nets import NetChoice, create_net
+from exitflow.stages.core.data import DataSpec, dataset_info, load_splits, make_loader
+from exitflow.stages.core.evaluation import collect_logits, fixed_exit_accuracy, threshold_curve
+from exitflow.stages.core.flops import backbone_flops, exit_flops
+from exitflow.stages.core.inference import early_exit_forward, early_exit_predict
+from exitflow.stages.core.loop import PhaseConfig, fit_phase, seed_everything
+from exitflow.stages.core.nets import NetChoice, create_net
 
 
 def interleaved_best(repeat: int, fns: dict[str, Callable[[], object]], sync: Callable[[], None]) -> dict[str, float]:

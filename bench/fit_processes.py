@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], dest="sets")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", args.spec]
+        cmd = [sys.executable, "-m", "exitflow.pipeline.cli", "run", args.spec]
         for s in [*STUDY, f"tracking.storage_path={work}/ray", f"tracking.uri=sqlite:///{work}/mlflow.db", *args.sets]:
             cmd += ["--set", s]
         start = time.monotonic()

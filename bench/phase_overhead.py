@@ -40,12 +40,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.graph import build_graph  # noqa: E402
-from pipeline.spec import load_spec  # noqa: E402
-from stages.core.data import dataset_info, load_splits, make_loader  # noqa: E402
-from stages.core.loop import seed_everything  # noqa: E402
-from stages.core.nets import create_net  # noqa: E402
-from pipeline.resolve import sized_net  # noqa: E402
+from exitflow.pipeline.graph import build_graph  # noqa: E402
+from exitflow.pipeline.spec import load_spec  # noqa: E402
+from exitflow.stages.core.data import dataset_info, load_splits, make_loader  # noqa: E402
+from exitflow.stages.core.loop import seed_everything  # noqa: E402
+from exitflow.stages.core.nets import create_net  # noqa: E402
+from exitflow.pipeline.resolve import sized_net  # noqa: E402
 
 NODE = "seed0/joint/P2"
 RUN_ID = re.compile(r"pipeline run ([0-9a-f]{32})")
@@ -112,14 +112,14 @@ def bare_loop(spec_path: str, sets: list[str], device: torch.device, threads: in
 def exitflow_run(spec_path: str, sets: list[str]) -> dict[str, float]:
     """The whole command's wall time, and the phase's epochs and stage wall time, from a fresh folder."""
     with tempfile.TemporaryDirectory() as cwd:
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(Path(spec_path).resolve()), *[a for s in sets for a in ("--set", s)]]
+        cmd = [sys.executable, "-m", "exitflow.pipeline.cli", "run", str(Path(spec_path).resolve()), *[a for s in sets for a in ("--set", s)]]
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         command = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"exitflow run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         run_id = RUN_ID.findall(proc.stdout)[-1]
-        from pipeline.results import open_study
+        from exitflow.pipeline.results import open_study
 
         here = os.getcwd()
         os.chdir(cwd)  # the default store is ./mlflow.db + ./mlartifacts of the folder the study ran in

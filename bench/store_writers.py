@@ -34,7 +34,7 @@ def _writer(url: str, experiment: str, stop: float, latencies: list[float], erro
     """Runs like a stage's, one after another, until `stop`: every call timed, every failure counted."""
     from mlflow.entities import Metric, Param
 
-    from pipeline.tracking import client
+    from exitflow.pipeline.tracking import client
 
     c = client(url)
 
@@ -67,7 +67,8 @@ def _writer(url: str, experiment: str, stop: float, latencies: list[float], erro
 
 def measure(servers: int, threads: int, seconds: float) -> dict[str, object]:
     """Calls, failures and latencies of `threads` writers over `servers` servers on one fresh store."""
-    from pipeline.tracking import client, ensure_experiment, serve_store
+    from exitflow.pipeline.tracking import client, ensure_experiment
+    from exitflow.pipeline.tracking_server import serve_store
 
     with tempfile.TemporaryDirectory() as d, contextlib.ExitStack() as stack:
         uri = f"sqlite:///{Path(d) / 'mlflow.db'}"

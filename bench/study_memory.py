@@ -51,7 +51,7 @@ def run(name: str, epochs: int) -> tuple[float, float, float]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     with tempfile.TemporaryDirectory() as cwd:
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(EXAMPLE), *[a for s in sets for a in ("--set", s)]]
+        cmd = [sys.executable, "-m", "exitflow.pipeline.cli", "run", str(EXAMPLE), *[a for s in sets for a in ("--set", s)]]
         start = time.monotonic()
         sampler.start()
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)

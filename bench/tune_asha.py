@@ -19,14 +19,14 @@ from pathlib import Path
 
 import ray
 
-from pipeline.resolve import sized_net
-from pipeline.ray_session import local_env
-from pipeline.spec import load_spec
-from stages.core.data import dataset_info
-from stages.phase import PhaseJob
-from stages.phase_plan import SearchPlan, phase_config
-from stages.ray_train import scaling_config
-from stages.ray_tune import SearchOutcome, run_search
+from exitflow.pipeline.resolve import sized_net
+from exitflow.pipeline.ray_session import local_env
+from exitflow.pipeline.spec import load_spec
+from exitflow.stages.core.data import dataset_info
+from exitflow.stages.phase_kind import PhaseJob
+from exitflow.stages.phase_plan import SearchPlan, phase_config
+from exitflow.stages.ray_train import scaling_config
+from exitflow.stages.ray_tune import SearchOutcome, run_search
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
 

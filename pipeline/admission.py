@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline.stage import Resources
+from exitflow.pipeline.stage import Resources
 
 EPSILON = 1e-9  # fractional reservations (0.01 CPU per trial actor) add up with rounding error
 

@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.stage import TableKind, table_kind
-from stages.core import faults
-from stages.core.state_hash import state_dict_hash
-from stages.core.tensor_file import UnreadableTensors, load_tensors
+from exitflow.pipeline.stage import TableKind, table_kind
+from exitflow.stages.core import faults
+from exitflow.stages.core.state_hash import state_dict_hash
+from exitflow.stages.core.tensor_file import UnreadableTensors, load_tensors
 
 log = logging.getLogger(__name__)
 

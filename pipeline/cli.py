@@ -17,9 +17,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from pipeline.spec import SpecError, StudySpec, load_spec
-from stages.core.allowed import PREPARE_FORMATS
-from stages.core.progress import first_line
+from exitflow.pipeline.spec import SpecError, StudySpec, load_spec
+from exitflow.stages.core.allowed import PREPARE_FORMATS
+from exitflow.stages.core.log_lines import first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and study early-exit networks: joint, disjoint and mixed regimes on Ray, tracked in MLflow.")
 
@@ -43,9 +43,9 @@ def _load(spec: Path, sets: list[str] | None) -> StudySpec:
 
 def _check(study: StudySpec, tracking_uri: str | None, data: bool) -> None:
     """Up-front checks that write nothing: the tracking store, Ray storage and (if `data`) data + net."""
-    from pipeline.resolve import check_storage, preflight
-    from pipeline.runner import storage_path
-    from pipeline.tracking import TrackingError, check_store, resolve_uri
+    from exitflow.pipeline.resolve import check_storage, preflight
+    from exitflow.pipeline.runner import storage_path
+    from exitflow.pipeline.tracking import TrackingError, check_store, resolve_uri
 
     try:
         check_store(resolve_uri(tracking_uri, study.tracking.uri))
@@ -59,8 +59,8 @@ def _check(study: StudySpec, tracking_uri: str | None, data: bool) -> None:
 @app.command()
 def plan(spec: SpecArg, set_: SetOpt = None, tracking_uri: UriOpt = None) -> None:
     """Print the DAG: stages, edges and which ones are already cached. Runs nothing."""
-    from pipeline.runner import plan as make_plan
-    from pipeline.tracking import TrackingError
+    from exitflow.pipeline.runner import plan as make_plan
+    from exitflow.pipeline.tracking import TrackingError
 
     study = _load(spec, set_)
     _check(study, tracking_uri, data=True)  # plan fails on whatever would stop `run`
@@ -93,8 +93,8 @@ def _store_error(e: Exception, command: str = "exitflow") -> str:
 def _data_lines(graph: Any) -> list[str]:
     """`data: ...` for each data set the study's nodes read: its digest (what their keys hold) and what
     computing it cost in the pre-flight (identified once per process: this reads it back)."""
-    from pipeline.resolve import data_identity
-    from stages.core.data import DataError
+    from exitflow.pipeline.resolve import data_identity
+    from exitflow.stages.core.data import DataError
 
     read = {(d.name, d.root): d for n in graph.nodes.values() if (d := getattr(n.config, "data", None)) is not None}
     lines = []
@@ -117,13 +117,13 @@ def run(
 ) -> None:
     """Run the study (or reuse what is cached) and print the budget table."""
     if not (address or os.environ.get("RAY_ADDRESS")):
-        from pipeline.loopback import use_loopback
+        from exitflow.pipeline.loopback import use_loopback
 
         use_loopback()  # a local Ray listens on 127.0.0.1 only
-    from pipeline.display import choose_display
-    from pipeline.ray_session import ClusterError
-    from pipeline.runner import StudyFailed, run_study
-    from pipeline.tracking import TrackingError
+    from exitflow.pipeline.display import choose_display
+    from exitflow.pipeline.ray_session import ClusterError
+    from exitflow.pipeline.runner import StudyFailed, run_study
+    from exitflow.pipeline.tracking import TrackingError
 
     study = _load(spec, set_)
     _check(study, tracking_uri, data=False)  # run_study checks data and net itself, before Ray
@@ -216,7 +216,7 @@ def submit(
     if rel is None:
         raise _fail(f"exitflow submit: {spec} must lie under the working directory, which is uploaded to the cluster")
     args = ["exitflow", "run", str(rel), "--tracking-uri", uri] + [a for s in (set_ or []) for a in ("--set", s)]
-    from pipeline.job_submit import submit_job
+    from exitflow.pipeline.job_submit import submit_job
 
     client = _jobs(address, "submit")
     job_id = _job_call("submit", str(rel), lambda: submit_job(
@@ -261,8 +261,8 @@ def stop(job_id: JobArg, address: JobAddressOpt) -> None:
 def report(run_id: Annotated[str, typer.Argument(help="A pipeline run id (printed by exitflow run) or a report run id.")],
            tracking_uri: UriOpt = None) -> None:
     """Print a study's budget table and where its plots are."""
-    from pipeline.runner import study_report
-    from pipeline.tracking import TrackingError
+    from exitflow.pipeline.runner import study_report
+    from exitflow.pipeline.tracking import TrackingError
 
     try:
         table, where = study_report(run_id, tracking_uri)
@@ -280,7 +280,8 @@ def report(run_id: Annotated[str, typer.Argument(help="A pipeline run id (printe
 @app.command()
 def ui(tracking_uri: UriOpt = None, port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000) -> None:
     """Open the MLflow UI on the same tracking store, with a link to each study's runs."""
-    from pipeline.tracking import CLIENT_ENV, DEFAULT_ARTIFACTS, resolve_uri, runs_links
+    from exitflow.pipeline.tracking import CLIENT_ENV, DEFAULT_ARTIFACTS, resolve_uri
+    from exitflow.pipeline.tracking_server import runs_links
 
     uri = resolve_uri(tracking_uri, None)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--port", str(port), "--host", "127.0.0.1"]
@@ -322,8 +323,8 @@ def data(
 
     from tqdm import tqdm
 
-    from stages.core.data import DataError
-    from stages.core.data.prepare import prepare
+    from exitflow.stages.core.data import DataError
+    from exitflow.stages.core.data.prepare import prepare
 
     try:
         done = prepare(source, out, format_, force, bar=partial(tqdm, file=sys.stderr, disable=None, leave=False))

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pipeline.events import EPOCH, SEARCH, Event
-from pipeline.stage import PHASE, role_of
+from exitflow.pipeline.events import EPOCH, SEARCH, Event
+from exitflow.pipeline.stage import PHASE, role_of
 
 STATES = ("pending", "queued", "running", "cached", "done", "failed", "skipped")
 ACTIVE = ("running", "queued", "failed")  # the states a live display gives a row

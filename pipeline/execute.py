@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import tracking
-from pipeline.artifacts import ArtifactError, ArtifactStore
-from pipeline.dag import Node
-from pipeline.locks import key_lock, lock_dir
-from pipeline.stage import Checkpoint, File, RunSettings, Stage, StageResult, Table, get_stage
-from pipeline.trial_runs import MlflowTrialRuns
-from stages.core import faults
+from exitflow.pipeline import tracking
+from exitflow.pipeline.artifacts import ArtifactError, ArtifactStore
+from exitflow.pipeline.dag import Node
+from exitflow.pipeline.locks import key_lock, lock_dir
+from exitflow.pipeline.stage import Checkpoint, File, RunSettings, Stage, StageResult, Table, get_stage
+from exitflow.pipeline.trial_runs import MlflowTrialRuns
+from exitflow.stages.core import faults
 
 log = logging.getLogger(__name__)
 

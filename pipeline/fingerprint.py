@@ -14,26 +14,39 @@ import importlib.util
 import functools
 import hashlib
 import io
+import re
 import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding pipeline/ and stages/
-PACKAGES = ("stages", "pipeline")
+NAMESPACE = "exitflow"  # pipeline/ and stages/ install as exitflow.pipeline and exitflow.stages
+PACKAGES = ("pipeline", "stages")
 
 # Whose imports are followed: the stage modules and the PyTorch core. Each stage kind declares its
 # entry modules (`Stage.code`); pipeline modules named there are hashed but not followed, and the
 # rest of the pipeline (tracking, locks, the spec) reaches a result only through the config,
 # which the key holds already.
-FOLLOWED = ("stages",)
-IGNORED = frozenset({"stages.core.faults", "stages.core.progress"})
+FOLLOWED = ("exitflow.stages",)
+IGNORED = frozenset({"exitflow.stages.core.faults", "exitflow.stages.core.log_lines"})
+
+# The hash reads module names and code without the namespace: where the code is installed is not
+# what it does, so the keys of results made before the packages moved under `exitflow.` still hold.
+_NAMESPACED = re.compile(rf"\b{NAMESPACE} \. ({'|'.join(PACKAGES)})\b|(?<=[\"']){NAMESPACE}\.(?=(?:{'|'.join(PACKAGES)})\b)")
+
+
+def _in_project(name: str) -> bool:
+    return name == NAMESPACE or name.startswith(NAMESPACE + ".")
 
 
 def _module_file(name: str, root: Path) -> Path | None:
-    base = root.joinpath(*name.split("."))
-    for p in (base.with_suffix(".py"), base / "__init__.py"):
-        if p.is_file():
-            return p
-    if name.split(".")[0] in PACKAGES:
+    if _in_project(name):
+        parts = name.split(".")[1:]
+        if not parts or parts[0] not in PACKAGES:
+            return None
+        base = root.joinpath(*parts)
+        for p in (base.with_suffix(".py"), base / "__init__.py"):
+            if p.is_file():
+                return p
         return None  # a name imported from a module, not a module
     spec = importlib.util.find_spec(name)  # a stage registered from outside the project (a plugin, a test)
     origin = spec.origin if spec is not None else None
@@ -71,7 +84,7 @@ def _source_imports(source: str, package: str) -> frozenset[str]:
                 base = ".".join([*parts, base] if base else parts)
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)  # `from stages.core import faults`: a module
-    return frozenset(m for m in found if m.split(".")[0] in PACKAGES)
+    return frozenset(m for m in found if _in_project(m))
 
 
 def modules(code: tuple[str, ...], root: Path = ROOT) -> list[str]:
@@ -87,7 +100,7 @@ def modules(code: tuple[str, ...], root: Path = ROOT) -> list[str]:
         seen.add(name)
         if name.startswith(FOLLOWED):
             todo.extend(m for m in _imports(path, name) if m.startswith(FOLLOWED))
-    return sorted(seen)
+    return sorted(seen, key=lambda m: m.removeprefix(NAMESPACE + "."))  # the order keys were made in
 
 
 def _tokens(path: Path) -> str:
@@ -108,5 +121,5 @@ def fingerprint(code: tuple[str, ...], root: Path = ROOT) -> str:
     for name in modules(code, root):
         path = _module_file(name, root)
         assert path is not None
-        h.update(name.encode() + b"\0" + _tokens(path).encode() + b"\0")
+        h.update(name.removeprefix(NAMESPACE + ".").encode() + b"\0" + _NAMESPACED.sub(r"\1", _tokens(path)).encode() + b"\0")
     return h.hexdigest()[:16]

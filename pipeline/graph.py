@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pipeline.dag import Graph, Variant
-from pipeline.keys import with_keys
-from pipeline.spec import StudySpec, axis_label, variants
-from pipeline.stage import STUDY, VARIANT, Stage, planners
+from exitflow.pipeline.dag import Graph, Variant
+from exitflow.pipeline.keys import with_keys
+from exitflow.pipeline.spec import StudySpec, axis_label, variants
+from exitflow.pipeline.stage import STUDY, VARIANT, Stage, planners
 
 
 def build_graph(spec: StudySpec) -> Graph:

@@ -9,10 +9,10 @@ import hashlib
 import json
 from typing import Any
 
-from pipeline import __version__
-from pipeline.dag import Graph, Node
-from pipeline.fingerprint import fingerprint
-from pipeline.stage import get_stage
+from exitflow.pipeline import __version__
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.fingerprint import fingerprint
+from exitflow.pipeline.stage import get_stage
 
 
 def _keyed(kind: str, config: Any) -> dict[str, Any]:

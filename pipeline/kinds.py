@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.spec_types import AnalysisSection
+    from exitflow.pipeline.spec_types import AnalysisSection
 
-STAGES_PACKAGE = "stages"  # the package of the built-in kinds; its `core` subpackage holds none
+STAGES_PACKAGE = "exitflow.stages"  # the package of the built-in kinds; its `core` subpackage holds none
 DECORATOR = "register_stage"
 
 

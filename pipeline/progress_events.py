@@ -11,8 +11,8 @@ from typing import Any
 
 from ray import tune
 
-from pipeline.events import EPOCH, SEARCH
-from pipeline.relay import publish
+from exitflow.pipeline.events import EPOCH, SEARCH
+from exitflow.pipeline.relay import publish
 
 
 def publish_epoch(node: str, trial: str, lr: float | None, epoch: int, max_epochs: int, metrics: dict[str, float],

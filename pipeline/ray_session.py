@@ -12,10 +12,10 @@ from typing import Any
 
 import ray
 
-from pipeline import tracking
-from pipeline.loopback import free_loopback_port
-from pipeline.relay import quiet_ray_notices
-from stages.core.progress import first_line
+from exitflow.pipeline import tracking
+from exitflow.pipeline.loopback import free_loopback_port
+from exitflow.pipeline.relay import quiet_ray_notices
+from exitflow.stages.core.log_lines import first_line
 
 
 def job_env() -> dict[str, str]:

@@ -21,8 +21,8 @@ from typing import Any
 
 import ray
 
-from pipeline.events import Event
-from stages.core.progress import progress_logging, to_stderr
+from exitflow.pipeline.events import Event
+from exitflow.stages.core.log_lines import progress_logging, to_stderr
 
 Show = Callable[[str, "Event | None"], None]  # takes a line and its event
 NAMESPACE = "exitflow"

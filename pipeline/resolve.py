@@ -20,16 +20,16 @@ from typing import Any
 
 import torch
 
-from stages.core.data import DataError, DataSpec, DatasetInfo, check_dataset, dataset_info
-from stages.core.data.identity import DataIdentity, identify, unread_identity
-from stages.core.nets import NetChoice, NetSpec, create_net
-from stages.core.nets.pretrained import Pretrained
-from stages.core.allowed import MAX_PARAMETERS, RUN_PREFIX
-from stages.core.nets.start import StartWeights, backbone_weights, start_reader
-from stages.core.progress import brief
-from stages.core.tensor_file import UnreadableTensors
+from exitflow.stages.core.data import DataError, DataSpec, DatasetInfo, check_dataset, dataset_info
+from exitflow.stages.core.data.identity import DataIdentity, identify, unread_identity
+from exitflow.stages.core.nets import NetChoice, NetSpec, create_net
+from exitflow.stages.core.nets.pretrained import Pretrained
+from exitflow.stages.core.allowed import MAX_PARAMETERS, RUN_PREFIX
+from exitflow.stages.core.nets.start import StartWeights, backbone_weights, start_reader
+from exitflow.stages.core.log_lines import brief
+from exitflow.stages.core.tensor_file import UnreadableTensors
 
-from pipeline.spec import SpecError, StudySpec, axis_label, variants
+from exitflow.pipeline.spec import SpecError, StudySpec, axis_label, variants
 
 
 # Each data set's identity, per (name, root), for this process: the driver's pre-flight computes it

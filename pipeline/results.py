@@ -1,6 +1,6 @@
 """A study's results from Python, as pandas DataFrames, from its pipeline run id.
 
-    from pipeline.results import open_study
+    from exitflow.pipeline.results import open_study
 
     with open_study("PIPELINE_RUN_ID") as study:      # the default store; or tracking_uri="http://..."
         study.budgets()     # criterion, regime, budget, accuracy_mean, accuracy_std, n_seeds
@@ -28,9 +28,9 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import tracking
-from pipeline.artifacts import ArtifactStore
-from pipeline.stage import PHASE, REPORT, role_of, stages
+from exitflow.pipeline import tracking, tracking_server
+from exitflow.pipeline.artifacts import ArtifactStore
+from exitflow.pipeline.stage import PHASE, REPORT, role_of, stages
 
 NODES_FILE = "nodes.json"  # on the pipeline run: node id -> run id, kind, regime, seed, phase, cached
 
@@ -61,7 +61,7 @@ class StudyResults:
     def model(self, node: str) -> Any:
         """The trained multi-exit net of a phase node ("seed0/P1", "seed0/mixed/P2", ...), in eval
         mode on the CPU, from its verified checkpoint: ready for `stages.core.inference`."""
-        from stages.core.nets import NetSpec, create_net  # torch only when a model is asked for
+        from exitflow.stages.core.nets import NetSpec, create_net  # torch only when a model is asked for
 
         phases = sorted(k for k, v in self.nodes.items() if role_of(v["kind"]) == PHASE)
         if node not in phases:
@@ -100,7 +100,7 @@ def node_record(node: Any, result: Any) -> dict[str, Any]:
 def open_study(run_id: str, tracking_uri: str | None = None) -> Iterator[StudyResults]:
     """The results of pipeline run `run_id` (printed by `exitflow run`), while the block runs."""
     uri = tracking.resolve_uri(tracking_uri, None)
-    with tracking.serve_store(uri, create=False) as http:  # reading never makes a store
+    with tracking_server.serve_store(uri, create=False) as http:  # reading never makes a store
         c = tracking.client(http)
         run = c.get_run(run_id)
         if run.data.tags.get("exitflow.stage") != "pipeline":

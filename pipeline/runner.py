@@ -23,22 +23,22 @@ from typing import Any
 
 import ray
 
-from pipeline import tracking
-from pipeline.artifacts import ArtifactStore
-from pipeline.dag import Graph, Node, kind_from_tags
-from pipeline.display import Display, PlainDisplay
-from pipeline.execute import NodeResult, RunContext, cached_result
-from pipeline.graph import build_graph
-from pipeline.locks import STORE_STATE, lock_dir
-from pipeline.ray_session import check_address, ensure_ray, joined, ray_logs_dir
-from pipeline.relay import relay
-from pipeline.resolve import check_starts, preflight
-from pipeline.results import NODES_FILE, node_record
-from pipeline.scheduler import describe_result, run_tasks
-from pipeline.spec import SpecError, StudySpec, spec_to_yaml, variants
-from pipeline.stage import ANALYSIS, PHASE, REPORT, Role, RunSettings, get_stage, kinds_with_role, nodes_with_role, role_of
-from stages.core import faults
-from stages.core.allowed import RUN_PREFIX
+from exitflow.pipeline import tracking, tracking_server
+from exitflow.pipeline.artifacts import ArtifactStore
+from exitflow.pipeline.dag import Graph, Node, kind_from_tags
+from exitflow.pipeline.display import Display, PlainDisplay
+from exitflow.pipeline.execute import NodeResult, RunContext, cached_result
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.locks import STORE_STATE, lock_dir
+from exitflow.pipeline.ray_session import check_address, ensure_ray, joined, ray_logs_dir
+from exitflow.pipeline.relay import relay
+from exitflow.pipeline.resolve import check_starts, preflight
+from exitflow.pipeline.results import NODES_FILE, node_record
+from exitflow.pipeline.scheduler import describe_result, run_tasks
+from exitflow.pipeline.spec import SpecError, StudySpec, spec_to_yaml, variants
+from exitflow.pipeline.stage import ANALYSIS, PHASE, REPORT, Role, RunSettings, get_stage, kinds_with_role, nodes_with_role, role_of
+from exitflow.stages.core import faults
+from exitflow.stages.core.allowed import RUN_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def plan(spec: StudySpec, tracking_uri: str | None = None) -> tuple[Graph, list[
     if not tracking.store_exists(uri):
         check_run_start(spec, uri, None)
         return graph, planned  # no store yet: nothing is cached, and plan creates nothing
-    with tracking.serve_store(uri, create=False) as http:
+    with tracking_server.serve_store(uri, create=False) as http:
         c = tracking.client(http)
         check_run_start(spec, uri, c)
         exp = c.get_experiment_by_name(spec.tracking.experiment or spec.name)
@@ -214,7 +214,7 @@ def run_study(
     storage = storage_path(spec, uri)
     if not tracking.store_exists(uri):
         check_run_start(spec, uri, None)  # runs:/ID of a store not made yet: refused before making it
-    with joined(address, ray_logs), tracking.serve_store(uri) as http:
+    with joined(address, ray_logs), tracking_server.serve_store(uri) as http:
         c = tracking.client(http)
         check_run_start(spec, uri, c)  # net.init: runs:/RUN_ID, read from the store: nothing written yet
         if "://" not in storage:
@@ -324,7 +324,7 @@ def _read_text(c: Any, run_id: str, path: str) -> str:
 def study_report(run_id: str, tracking_uri: str | None = None) -> tuple[str, dict[str, Any]]:
     """The budget table of a pipeline run (or of a report run) and where its plots are."""
     uri = tracking.resolve_uri(tracking_uri, None)
-    with tracking.serve_store(uri, create=False) as http:  # a report never makes a store
+    with tracking_server.serve_store(uri, create=False) as http:  # a report never makes a store
         c = tracking.client(http)
         run = c.get_run(run_id)
         is_report = role_of(kind_from_tags(run.data.tags)) == REPORT

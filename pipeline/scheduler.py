@@ -9,12 +9,12 @@ from typing import Any
 
 import ray
 
-from pipeline.admission import Admission
-from pipeline.dag import Graph, Node
-from pipeline.display import Display
-from pipeline.execute import NodeResult, RunContext, execute_node
-from pipeline.relay import relayed_progress
-from pipeline.stage import RunSettings, Stage, get_stage
+from exitflow.pipeline.admission import Admission
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.display import Display
+from exitflow.pipeline.execute import NodeResult, RunContext, execute_node
+from exitflow.pipeline.relay import relayed_progress
+from exitflow.pipeline.stage import RunSettings, Stage, get_stage
 
 
 def _node_task(ctx: RunContext, node: Node, stage: Stage, *inputs: NodeResult) -> NodeResult:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pipeline.spec_sections import (
+from exitflow.pipeline.spec_sections import (
     AnalysesConfig,
     DataConfig,
     EvaluationConfig,
@@ -27,9 +27,9 @@ from pipeline.spec_sections import (
     SearchConfig,
     TrackingConfig,
 )
-from pipeline.spec_types import Regime, Seed, SpecError, SpecModel, format_validation_error, shown
-from pipeline.spec_yaml import SpecYAMLError, load_yaml
-from stages.core.allowed import MAX_SEEDS, MAX_SPEC_BYTES, MAX_VARIANTS, MAX_YAML_DEPTH, RUN_PREFIX, pretrained_source
+from exitflow.pipeline.spec_types import Regime, Seed, SpecError, SpecModel, format_validation_error, shown
+from exitflow.pipeline.spec_yaml import SpecYAMLError, load_yaml
+from exitflow.stages.core.allowed import MAX_SEEDS, MAX_SPEC_BYTES, MAX_VARIANTS, MAX_YAML_DEPTH, RUN_PREFIX, pretrained_source
 
 
 class StudySpec(SpecModel):

@@ -24,9 +24,9 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.kinds import analysis_sections
-from pipeline.spec_types import AnalysisSection, Float, Int, PathText, SpecModel
-from stages.core.allowed import (
+from exitflow.pipeline.kinds import analysis_sections
+from exitflow.pipeline.spec_types import AnalysisSection, Float, Int, PathText, SpecModel
+from exitflow.stages.core.allowed import (
     DATASET_NAMES,
     HEAD_KINDS,
     MAX_BATCH,
@@ -44,11 +44,11 @@ from stages.core.allowed import (
     VAL_FRACTION_BOUNDS,
     pretrained_source,
 )
-from stages.core.augment import Augmentations as _CoreAugmentations
-from stages.core.budgets import DEFAULT_BUDGETS, NAMED_BUDGETS, BudgetRule, SeedAveraging
-from stages.core.fields import field_types
-from stages.core.phase_config import SET_BY, Selection
-from stages.core.phase_config import PhaseConfig as _CorePhase
+from exitflow.stages.core.augment import Augmentations as _CoreAugmentations
+from exitflow.stages.core.budgets import DEFAULT_BUDGETS, NAMED_BUDGETS, BudgetRule, SeedAveraging
+from exitflow.stages.core.fields import field_types
+from exitflow.stages.core.phase_config import SET_BY, Selection
+from exitflow.stages.core.phase_config import PhaseConfig as _CorePhase
 
 # The paper's per-family learning-rate grids (its appendix D).
 LR_PRESETS: dict[str, tuple[float, ...]] = {
@@ -133,7 +133,7 @@ class NetConfig(SpecModel):
     @field_validator("method")
     @classmethod
     def _registered_method(cls, v: str) -> str:
-        from stages.core.nets.methods import METHODS  # the methods' one list: their registry
+        from exitflow.stages.core.nets.methods import METHODS  # the methods' one list: their registry
 
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; known: {METHODS.names()}")
@@ -306,7 +306,7 @@ class EvaluationConfig(SpecModel):
     @field_validator("criteria")
     @classmethod
     def _registered(cls, v: list[str]) -> list[str]:
-        from stages.core.evaluation import CRITERIA  # the criteria's one list: their registry
+        from exitflow.stages.core.evaluation import CRITERIA  # the criteria's one list: their registry
 
         unknown = [c for c in v if c not in CRITERIA]
         if unknown:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from stages.core.allowed import MAX_INT
+from exitflow.stages.core.allowed import MAX_INT
 
 Regime = Literal["joint", "disjoint", "mixed"]
 PhaseName = Literal["P1", "P2", "P3"]

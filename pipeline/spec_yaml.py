@@ -17,7 +17,7 @@ import yaml
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from stages.core.allowed import MAX_YAML_DEPTH, MAX_YAML_NODES
+from exitflow.stages.core.allowed import MAX_YAML_DEPTH, MAX_YAML_NODES
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
 

@@ -7,7 +7,7 @@ A stage kind is one module with one registered class:
         kind = "evaluate"
         reads = (CHECKPOINT,)                 # artifact kinds it reads from its inputs
         writes = (EXITS, CURVE)               # artifact kinds it writes (each table kind has one schema)
-        code = ("stages.evaluate",)           # modules whose source joins its cache key
+        code = ("exitflow.stages.evaluate",)           # modules whose source joins its cache key
         plan_order = 20                       # after the phases, whose models it evaluates
         def plan(self, spec, graph): ...      # the nodes it adds to a study
         def resources(self, node, settings): ...
@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from pipeline.dag import Graph, Node
-from pipeline.kinds import declare_section, drop_sections, load_builtin_kinds
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.kinds import declare_section, drop_sections, load_builtin_kinds
 
 if TYPE_CHECKING:
-    from pipeline.spec import StudySpec
-    from pipeline.spec_types import AnalysisSection
+    from exitflow.pipeline.spec import StudySpec
+    from exitflow.pipeline.spec_types import AnalysisSection
 
 
 class Role(enum.Enum):

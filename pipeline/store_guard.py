@@ -6,7 +6,7 @@ the server with its worker processes would linger, holding the store. This guard
 between the two: it starts the command in its own process group, watches its owner, and
 takes the whole group down when the owner is gone or when it is told to stop (SIGTERM).
 
-usage: python -m pipeline.store_guard OWNER_PID -- COMMAND [ARGS...]
+usage: python -m exitflow.pipeline.store_guard OWNER_PID -- COMMAND [ARGS...]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _take_down(server: subprocess.Popen[bytes]) -> NoReturn:
 
 def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[1] != "--":
-        sys.exit(f"usage: python -m pipeline.store_guard OWNER_PID -- COMMAND [ARGS...]; got {argv}")
+        sys.exit(f"usage: python -m exitflow.pipeline.store_guard OWNER_PID -- COMMAND [ARGS...]; got {argv}")
     owner = int(argv[0])
     server = subprocess.Popen(argv[2:])  # inherits the guard's own process group
     signal.signal(signal.SIGTERM, lambda *_: _take_down(server))

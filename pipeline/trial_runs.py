@@ -6,8 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import tracking
-from pipeline.stage import TrialOutcome
+from exitflow.pipeline import tracking
+from exitflow.pipeline.stage import TrialOutcome
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pipeline.dag import Graph, Node
-from pipeline.resolve import data_spec
-from pipeline.spec import StudySpec
-from pipeline.spec_types import AnalysisSection
-from pipeline.stage import ANALYSIS, CHECKPOINT, Resources, RunSettings, Stage, StageInput
-from stages.core.data import DataSpec
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.resolve import data_spec
+from exitflow.pipeline.spec import StudySpec
+from exitflow.pipeline.spec_types import AnalysisSection
+from exitflow.pipeline.stage import ANALYSIS, CHECKPOINT, Resources, RunSettings, Stage, StageInput
+from exitflow.stages.core.data import DataSpec
 
 # Which images an analysis reads, always with eval transforms: the test set, the validation share of
 # the training set, or the training images the phases learn from (the paper's landscapes and connectivity).
@@ -30,7 +30,7 @@ def compared_models(graph: Graph, seed: int) -> dict[str, str]:
 
 def load_model(model: StageInput, device: str) -> Any:
     """The input's trained net, on `device`, in eval mode."""
-    from stages.core.nets import NetSpec, create_net
+    from exitflow.stages.core.nets import NetSpec, create_net
 
     state, spec = model.checkpoint()
     net = create_net(NetSpec.from_dict(spec["net"]))

@@ -17,14 +17,14 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from pipeline.dag import Graph, Node
-from pipeline.resolve import data_spec
-from pipeline.spec import StudySpec
-from pipeline.spec_types import AnalysisSection, Int, Regime, Seed, with_settings
-from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
-from stages.analysis_inputs import ModelAnalysis, Split, load_model
-from stages.core.allowed import MAX_GRID, MAX_SAMPLES
-from stages.core.data import DataSpec
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.resolve import data_spec
+from exitflow.pipeline.spec import StudySpec
+from exitflow.pipeline.spec_types import AnalysisSection, Int, Regime, Seed, with_settings
+from exitflow.pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from exitflow.stages.analysis_inputs import ModelAnalysis, Split, load_model
+from exitflow.stages.core.allowed import MAX_GRID, MAX_SAMPLES
+from exitflow.stages.core.data import DataSpec
 
 # The reference order: pairs are (earlier, later) and the later model is aligned to the earlier one;
 # the plane is anchored at disjoint's model (the paper's Fig. 2 compares disjoint with mixed and joint).
@@ -98,8 +98,8 @@ class Connectivity(ModelAnalysis):
     section = ConnectivityAnalysis
     plan_order = 33
     writes = (CONNECTIVITY, FILES)
-    code = ("stages.analyze_connectivity", "stages.analysis_inputs", "stages.core.analysis.connectivity",
-            "stages.core.analysis.permutation", "stages.core.analysis.batch")
+    code = ("exitflow.stages.analyze_connectivity", "exitflow.stages.analysis_inputs", "exitflow.stages.core.analysis.connectivity",
+            "exitflow.stages.core.analysis.permutation", "exitflow.stages.core.analysis.batch")
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
         cfg = self.spec_section(spec)
@@ -130,10 +130,10 @@ class Connectivity(ModelAnalysis):
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
         import torch
 
-        from stages.core.analysis import connectivity as mc
-        from stages.core.analysis.batch import analysis_batch
-        from stages.core.analysis.permutation import permutation_spec, permute_state, weight_matching
-        from stages.core.data import load_splits
+        from exitflow.stages.core.analysis import connectivity as mc
+        from exitflow.stages.core.analysis.batch import analysis_batch
+        from exitflow.stages.core.analysis.permutation import permutation_spec, permute_state, weight_matching
+        from exitflow.stages.core.data import load_splits
 
         cfg: ConnectivityConfig = node.config
         device = ctx.settings.device()

@@ -11,14 +11,14 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from pipeline.dag import Graph, Node
-from pipeline.resolve import data_spec
-from pipeline.spec import StudySpec
-from pipeline.spec_types import AnalysisSection, Float, Int, with_settings
-from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
-from stages.analysis_inputs import ModelAnalysis, Split, load_model
-from stages.core.allowed import MAX_GRID, MAX_SAMPLES
-from stages.core.data import DataSpec
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.resolve import data_spec
+from exitflow.pipeline.spec import StudySpec
+from exitflow.pipeline.spec_types import AnalysisSection, Float, Int, with_settings
+from exitflow.pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from exitflow.stages.analysis_inputs import ModelAnalysis, Split, load_model
+from exitflow.stages.core.allowed import MAX_GRID, MAX_SAMPLES
+from exitflow.stages.core.data import DataSpec
 
 
 class LandscapeAnalysis(AnalysisSection):
@@ -58,7 +58,7 @@ class Landscape(ModelAnalysis):
     section = LandscapeAnalysis
     plan_order = 31
     writes = (LANDSCAPE, FILES)
-    code = ("stages.analyze_landscape", "stages.analysis_inputs", "stages.core.analysis.landscape", "stages.core.analysis.batch")
+    code = ("exitflow.stages.analyze_landscape", "exitflow.stages.analysis_inputs", "exitflow.stages.core.analysis.landscape", "exitflow.stages.core.analysis.batch")
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
         cfg = self.spec_section(spec)
@@ -78,9 +78,9 @@ class Landscape(ModelAnalysis):
         return f" centre_loss={summary.get('centre_loss', float('nan')):.4f} points={summary.get('points')}"
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        from stages.core.analysis.batch import analysis_batch
-        from stages.core.analysis.landscape import loss_landscape, plot_landscape
-        from stages.core.data import load_splits
+        from exitflow.stages.core.analysis.batch import analysis_batch
+        from exitflow.stages.core.analysis.landscape import loss_landscape, plot_landscape
+        from exitflow.stages.core.data import load_splits
 
         cfg: LandscapeConfig = node.config
         seed = cfg.seed

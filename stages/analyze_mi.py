@@ -12,12 +12,12 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
-from pipeline.dag import Node
-from pipeline.spec_types import AnalysisSection, Float, Int, with_settings
-from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
-from stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, Split, load_model
-from stages.core.allowed import MAX_GRID, MAX_SAMPLES
-from stages.core.analysis.mutual_information import (  # torch-free at import
+from exitflow.pipeline.dag import Node
+from exitflow.pipeline.spec_types import AnalysisSection, Float, Int, with_settings
+from exitflow.pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from exitflow.stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, Split, load_model
+from exitflow.stages.core.allowed import MAX_GRID, MAX_SAMPLES
+from exitflow.stages.core.analysis.mutual_information import (  # torch-free at import
     DEFAULTS,
     MIEstimator,
     block_mutual_information,
@@ -73,15 +73,15 @@ class MutualInformation(ComparisonAnalysis):
     config_type = MutualInformationConfig
     plan_order = 32
     writes = (MUTUAL_INFORMATION, FILES)
-    code = ("stages.analyze_mi", "stages.analysis_inputs", "stages.core.analysis.mutual_information",
-            "stages.core.analysis.batch")
+    code = ("exitflow.stages.analyze_mi", "exitflow.stages.analysis_inputs", "exitflow.stages.core.analysis.mutual_information",
+            "exitflow.stages.core.analysis.batch")
 
     def describe(self, summary: dict[str, Any]) -> str:
         return f" blocks={summary.get('blocks')}"
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        from stages.core.analysis.batch import analysis_batch
-        from stages.core.data import load_splits
+        from exitflow.stages.core.analysis.batch import analysis_batch
+        from exitflow.stages.core.data import load_splits
 
         cfg: MutualInformationConfig = node.config
         seed = cfg.seed

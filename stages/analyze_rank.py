@@ -12,11 +12,11 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.dag import Node
-from pipeline.spec_types import AnalysisSection, Float, Int, with_settings
-from pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
-from stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, Split, load_model
-from stages.core.allowed import MAX_SAMPLES
+from exitflow.pipeline.dag import Node
+from exitflow.pipeline.spec_types import AnalysisSection, Float, Int, with_settings
+from exitflow.pipeline.stage import FILES, File, StageContext, StageInput, StageResult, Table, TableKind, register_stage
+from exitflow.stages.analysis_inputs import ComparisonAnalysis, ComparisonConfig, Split, load_model
+from exitflow.stages.core.allowed import MAX_SAMPLES
 
 
 class RankAnalysis(AnalysisSection):
@@ -46,15 +46,15 @@ class Rank(ComparisonAnalysis):
     config_type = RankConfig
     plan_order = 30  # the analyses list in this order: rank, landscape, mutual information, connectivity
     writes = (RANK, FILES)
-    code = ("stages.analyze_rank", "stages.analysis_inputs", "stages.core.analysis.rank", "stages.core.analysis.batch")
+    code = ("exitflow.stages.analyze_rank", "exitflow.stages.analysis_inputs", "exitflow.stages.core.analysis.rank", "exitflow.stages.core.analysis.batch")
 
     def describe(self, summary: dict[str, Any]) -> str:
         return f" layers={summary.get('layers')}"
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        from stages.core.analysis.batch import analysis_batch
-        from stages.core.analysis.rank import layer_ranks, plot_ranks
-        from stages.core.data import load_splits
+        from exitflow.stages.core.analysis.batch import analysis_batch
+        from exitflow.stages.core.analysis.rank import layer_ranks, plot_ranks
+        from exitflow.stages.core.data import load_splits
 
         cfg: RankConfig = node.config
         device = ctx.settings.device()

@@ -1,7 +1,7 @@
 """A phase's checkpoints in Ray storage, written by the process that trains it.
 
 Ray Train keeps a fit's checkpoints itself; a phase trained in its own stage's process (one worker,
-`resources.trainer: auto`: `stages.ray_train.fit_in_process`) keeps them here, in the same place
+`resources.trainer: auto`: `stages.ray_train.fit_in_this_process`) keeps them here, in the same place
 and the same form: `<storage>/<run name>/checkpoint_<UTC time>/` holding `state.pt` and
 `progress.json`, names that sort by time like Train's: a phase trained in process resumes from
 the newest of either kind; Ray Train resumes only from its own (its snapshot lists them), so a
@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow.fs
 import torch
 
-from stages.core.tensor_file import UnreadableTensors, load_tensors
+from exitflow.stages.core.tensor_file import UnreadableTensors, load_tensors
 
 STATE_FILE = "state.pt"  # the full resumable state (net, optimizer, schedule, early stopping, history)
 

@@ -1,6 +1,6 @@
 """The evaluate stage: a trained model on the test split, every exit and every threshold.
 
-The compute is `stages.core.evaluate.run` (one pass over the test set, then the curves from the
+The compute is `stages.core.score_model.score_model` (one pass over the test set, then the curves from the
 cached logits); this module plans one node per regime's final model (and seed) and declares what
 the stage reads, writes and holds.
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.dag import Graph, Node
-from pipeline.resolve import data_spec
-from pipeline.spec import StudySpec
-from pipeline.stage import (CHECKPOINT, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, Table,
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.resolve import data_spec
+from exitflow.pipeline.spec import StudySpec
+from exitflow.pipeline.stage import (CHECKPOINT, Resources, RunSettings, Stage, StageContext, StageInput, StageResult, Table,
                             TableKind, register_stage)
-from stages.core import faults
-from stages.core.data import DataSpec
-from stages.phase_plan import final_models
+from exitflow.stages.core import faults
+from exitflow.stages.core.data import DataSpec
+from exitflow.stages.phase_plan import final_models
 
 EXITS = TableKind("exits", "exits.parquet", ("exit", "flops", "accuracy", "ece"), ui=True)
 CURVE = TableKind("curve", "curve.parquet", ("criterion", "threshold", "flops", "accuracy", "ece"))
@@ -40,7 +40,7 @@ class Evaluate(Stage):
     kind = "evaluate"
     reads = (CHECKPOINT,)
     writes = (EXITS, CURVE)
-    code = ("stages.evaluate", "stages.core.evaluate")
+    code = ("exitflow.stages.evaluate", "exitflow.stages.core.score_model")
     unkeyed = (("data", "download"), ("data", "root"))  # fetching changes no result; data.identity keys the content
     plan_order = 20  # after the phases, whose models it evaluates
     data_context = "evaluation"
@@ -63,15 +63,15 @@ class Evaluate(Stage):
         return f" test_acc_final={summary.get('test_acc_final', float('nan')):.4f}"
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        from stages.core import evaluate
-        from stages.core.nets import NetSpec
+        from exitflow.stages.core.score_model import score_model
+        from exitflow.stages.core.nets import NetSpec
 
         [model] = inputs
         state, spec = model.checkpoint()
         cfg: EvaluateConfig = node.config
         # The curve maths runs on CPU either way, from the cached logits.
         device = ctx.settings.device()
-        out = evaluate.run(NetSpec.from_dict(spec["net"]), state, cfg.data, cfg.seed, list(cfg.criteria), cfg.thresholds,
+        out = score_model(NetSpec.from_dict(spec["net"]), state, cfg.data, cfg.seed, list(cfg.criteria), cfg.thresholds,
                            cfg.batch_size, cfg.threshold_spacing, device)
         faults.hit(ctx.fault_plan, "evaluate", node=node.id)
         meta = {"backbone_flops": str(out.backbone_flops), "model_run_id": model.run_id}

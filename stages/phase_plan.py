@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from pipeline import resolve
-from pipeline.dag import Graph, Node
-from pipeline.spec import StudySpec
-from pipeline.spec_types import AnalysisSection, Int
-from stages.core.allowed import MAX_SAMPLES
-from stages.core.data import DataSpec
-from stages.core.nets import NetChoice
-from stages.core.nets.start import StartWeights
-from stages.core.phase_config import PhaseConfig
+from exitflow.pipeline import resolve
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.spec import StudySpec
+from exitflow.pipeline.spec_types import AnalysisSection, Int
+from exitflow.stages.core.allowed import MAX_SAMPLES
+from exitflow.stages.core.data import DataSpec
+from exitflow.stages.core.nets import NetChoice
+from exitflow.stages.core.nets.start import StartWeights
+from exitflow.stages.core.phase_config import PhaseConfig
 
 TRAIN, TUNE = "train", "tune"  # the kinds of a phase node: a fixed learning rate, a searched one
 # Which phase produces a regime's final model, and which phase it starts from.
@@ -58,7 +58,7 @@ class SearchPlan:
 class PhaseNodeConfig:
     """A train or tune node's config: everything that changes the phase's result, as the core's own
     types. Its key hashes exactly this; the Ray task gets it in the node, the Train worker in its job
-    (`stages.phase.PhaseJob`: this object itself)."""
+    (`stages.phase_kind.PhaseJob`: this object itself)."""
 
     phase: str  # P1 | P2 | P3
     seed: int

@@ -2,7 +2,7 @@
 with one worker, in the stage's own process.
 
 Only this adapter touches Ray: the loop itself is `stages.core.loop.fit_phase`, which runs without
-Ray. `fit_job` is one attempt at a phase on one worker, whatever hosts it: a `TrainSession`
+Ray. `train_loop_per_worker` is one attempt at a phase on one worker, whatever hosts it: a `TrainSession`
 (rank 0 writes a checkpoint every epoch, the full resumable state; every rank calls
 `ray.train.report`, a barrier; a re-run with the same (storage_path, name) resumes from
 `ray.train.get_checkpoint()`) or an `InProcessSession` (one worker in the stage's task or a Tune
@@ -30,20 +30,20 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-from pipeline.progress_events import publish_epoch
-from pipeline.relay import relayed_progress
-from pipeline.stage import StageContext
-from stages.checkpoints import PROGRESS_FILE, STATE_FILE, CheckpointStore, local_copy, read_state, write_checkpoint
-from stages.core import faults
-from stages.core.data import load_splits, make_loader, train_collate
-from stages.core.loop import EpochReport, PhaseConfig, exit_fractions, fit_phase, seed_everything
-from stages.core.nets import create_net
-from stages.core.nets.start import load_start
-from stages.core.phase_state import PhaseResult
-from stages.core.phases import prepare_phase
-from stages.core.progress import brief
-from stages.core.state_hash import state_dict_hash
-from stages.phase import PhaseJob
+from exitflow.pipeline.progress_events import publish_epoch
+from exitflow.pipeline.relay import relayed_progress
+from exitflow.pipeline.stage import StageContext
+from exitflow.stages.checkpoints import PROGRESS_FILE, STATE_FILE, CheckpointStore, local_copy, read_state, write_checkpoint
+from exitflow.stages.core import faults
+from exitflow.stages.core.data import load_splits, make_loader, train_collate
+from exitflow.stages.core.loop import EpochReport, PhaseConfig, exit_fractions, fit_phase, seed_everything
+from exitflow.stages.core.nets import create_net
+from exitflow.stages.core.nets.start import load_start
+from exitflow.stages.core.phase_state import PhaseResult
+from exitflow.stages.core.regimes import prepare_phase
+from exitflow.stages.core.log_lines import brief
+from exitflow.stages.core.state_hash import state_dict_hash
+from exitflow.stages.phase_kind import PhaseJob
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,12 @@ def sealed(job: PhaseJob) -> dict[str, bytes]:
 
 def train_worker(config: dict[str, bytes]) -> None:
     """Ray Train's loop function: the sealed job, fitted on this worker."""
-    relayed_progress("stages.core.loop")  # the loop's epoch line lacks the node's label: ours (fit_job) has it
+    relayed_progress("exitflow.stages.core.loop")  # the loop's epoch line lacks the node's label: ours (train_loop_per_worker) has it
     _quiet_train_reports()
-    fit_job(cloudpickle.loads(config["job"]), TrainSession())
+    train_loop_per_worker(cloudpickle.loads(config["job"]), TrainSession())
 
 
-def fit_job(job: PhaseJob, session: WorkerSession) -> None:
+def train_loop_per_worker(job: PhaseJob, session: WorkerSession) -> None:
     """One attempt at a phase: data -> net -> (input model) -> phase setup -> DDP -> resume -> fit."""
     torch.set_num_threads(job.torch_threads)
     rank, world = session.rank, session.world
@@ -319,16 +319,16 @@ def phase_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
-def fit_in_process(job: PhaseJob, store: CheckpointStore, device: torch.device, max_failures: int,
+def fit_in_this_process(job: PhaseJob, store: CheckpointStore, device: torch.device, max_failures: int,
                    to_tune: bool = False) -> None:
     """Fit a one-worker phase in this process. An attempt that raises resumes from its last
     checkpoint, `max_failures` times, as Ray Train restarts a failed worker group; the death of
     the process itself is the death of its Ray task or Tune trial, retried by Ray or Tune."""
-    logging.getLogger("stages.core.loop").setLevel(logging.WARNING)  # the labelled epoch line is fit_job's
+    logging.getLogger("exitflow.stages.core.loop").setLevel(logging.WARNING)  # the labelled epoch line is train_loop_per_worker's
     session = InProcessSession(store, device, to_tune)
     for attempt in range(max_failures + 1):
         try:
-            fit_job(job, session)
+            train_loop_per_worker(job, session)
             return
         except Exception as e:  # noqa: BLE001 - SystemExit (Tune stopping a trial) passes through
             if attempt == max_failures:
@@ -337,13 +337,13 @@ def fit_in_process(job: PhaseJob, store: CheckpointStore, device: torch.device, 
                         job.label or job.config.phase, brief(e), attempt + 1, max_failures)
 
 
-def run_phase(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: str, max_failures: int,
+def fit_with_torch_trainer(job: PhaseJob, scaling: ScalingConfig, name: str, storage_path: str, max_failures: int,
               in_process: bool = False) -> PhaseResult:
     """Fit one phase with one learning rate: under Ray Train (which raises TrainingFailedError on
     failure), or `in_process` (one worker: in this process, with its checkpoints in the same place)."""
     if in_process:
         store = CheckpointStore(storage_path, name)
-        fit_in_process(job, store, phase_device(bool(scaling.use_gpu)), max_failures)
+        fit_in_this_process(job, store, phase_device(bool(scaling.use_gpu)), max_failures)
         path = store.latest()
         if path is None:
             raise RuntimeError(f"phase {job.config.phase} ({name}) finished without a checkpoint")

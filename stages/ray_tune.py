@@ -1,7 +1,7 @@
 """The tune kind's Ray side: a per-phase learning-rate search on Ray Tune.
 
 Each trial is a Tune *function* that fits a full phase with early stopping: with one worker in
-the trial's own process (`stages.ray_train.fit_in_process`), with several a TorchTrainer with
+the trial's own process (`stages.ray_train.fit_in_this_process`), with several a TorchTrainer with
 `TuneReportCallback`. Either way the trial sees every epoch's metrics and the path of its last
 checkpoint (`CHECKPOINT_PATH_KEY`), kept in the trial's own folder of the storage, so a restored
 search resumes a trial from it whatever Tune last recorded. The winner's checkpoint *is* the
@@ -24,17 +24,17 @@ from ray.train import ScalingConfig
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from pipeline.progress_events import SearchProgress
-from pipeline.relay import relayed_progress
-from pipeline.stage import TrialOutcome
-from stages.checkpoints import CheckpointStore, is_whole, local_copy, storage_fs, storage_location, whole_checkpoints
-from stages.core import faults
-from stages.core.nets.methods import get_method
-from stages.core.progress import brief
-from stages.core.phase_state import PhaseResult
-from stages.phase import TRIAL_RESOURCES, PhaseJob, epoch_seconds
-from stages.phase_plan import SearchPlan
-from stages.ray_train import build_trainer, fit_in_process, phase_device, progress_from_checkpoint, read_outcome
+from exitflow.pipeline.progress_events import SearchProgress
+from exitflow.pipeline.relay import relayed_progress
+from exitflow.pipeline.stage import TrialOutcome
+from exitflow.stages.checkpoints import CheckpointStore, is_whole, local_copy, storage_fs, storage_location, whole_checkpoints
+from exitflow.stages.core import faults
+from exitflow.stages.core.nets.methods import get_method
+from exitflow.stages.core.log_lines import brief
+from exitflow.stages.core.phase_state import PhaseResult
+from exitflow.stages.phase_kind import TRIAL_RESOURCES, PhaseJob, epoch_seconds
+from exitflow.stages.phase_plan import SearchPlan
+from exitflow.stages.ray_train import build_trainer, fit_in_this_process, phase_device, progress_from_checkpoint, read_outcome
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _trial_function(job: PhaseJob, scaling: ScalingConfig, name: str, folder: st
         # trial from its last checkpoint instead of epoch 0.
         try:
             if in_process:  # the trial's own process is its one worker
-                fit_in_process(trial_job, CheckpointStore(storage_path, trial_name), phase_device(bool(scaling.use_gpu)),
+                fit_in_this_process(trial_job, CheckpointStore(storage_path, trial_name), phase_device(bool(scaling.use_gpu)),
                                max_failures, to_tune=True)
             else:
                 build_trainer(trial_job, scaling, trial_name, storage_path, max_failures,

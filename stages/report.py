@@ -13,16 +13,16 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.dag import Graph, Node
-from pipeline.spec import StudySpec, axis_label
-from pipeline.stage import (FILES, PHASE, REPORT, STUDY, File, Stage, StageContext, StageInput, StageResult, Table, TableKind,
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.spec import StudySpec, axis_label
+from exitflow.pipeline.stage import (FILES, PHASE, REPORT, STUDY, File, Stage, StageContext, StageInput, StageResult, Table, TableKind,
                             get_stage, register_stage, role_of)
-from stages.core import faults
-from stages.core.budgets import Readout
-from stages.core.nets.methods import method_curves
+from exitflow.stages.core import faults
+from exitflow.stages.core.budgets import Readout
+from exitflow.stages.core.nets.methods import method_curves
 
 EXITS, CURVE = "exits", "curve"  # read from each evaluate node (their writer, stages.evaluate, holds their schemas)
-LINEAGE = "lineage"  # read from each phase node behind an evaluated model (its writer, stages.phase, holds its schema)
+LINEAGE = "lineage"  # read from each phase node behind an evaluated model (its writer, stages.phase_kind, holds its schema)
 BUDGETS = TableKind("budgets", "budgets.parquet", ("regime", "budget", "accuracy_mean", "accuracy_std", "n_seeds"), ui=True)
 COSTS = TableKind("costs", "costs.parquet", ("regime", "seed", "node", "phase", "epochs", "train_seconds", "wall_seconds",
                                             "device", "device_hours", "shared"), ui=True)
@@ -56,7 +56,7 @@ class Report(Stage):
     kind = "report"
     reads = (EXITS, CURVE, LINEAGE)
     writes = (BUDGETS, COSTS, CALIBRATION, FILES)
-    code = ("stages.report", "stages.core.report")
+    code = ("exitflow.stages.report", "exitflow.stages.core.report")
     role = REPORT
     scope = STUDY  # one report for every variant of the comparison axes
     printed = ("budgets.txt", "costs.txt")  # what `exitflow run` and `exitflow report` print, in this order
@@ -80,7 +80,7 @@ class Report(Stage):
         return [Node(id=self.kind, kind=self.kind, config=config, inputs=tuple(dict.fromkeys((*evaluated, *phases))))]
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        from stages.core import report
+        from exitflow.stages.core import report
 
         cfg: ReportConfig = node.config
         by_id = {res.node_id: res for res in inputs}

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 
-from pipeline.dag import Graph, Node
-from pipeline.spec import StudySpec
-from pipeline.stage import (CHECKPOINT, FILES, NODE_RETRIES, Resources, RunSettings, StageContext, StageInput, StageResult,
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.spec import StudySpec
+from exitflow.pipeline.stage import (CHECKPOINT, FILES, NODE_RETRIES, Resources, RunSettings, StageContext, StageInput, StageResult,
                             register_stage)
-from stages.phase import (DIVERGED_TAG, GRADIENT_DOMINANCE, HISTORY, LINEAGE, PhaseDiverged, PhaseStage, epoch_seconds,
+from exitflow.stages.phase_kind import (DIVERGED_TAG, GRADIENT_DOMINANCE, HISTORY, LINEAGE, PhaseDiverged, PhaseStage, epoch_seconds,
                           phase_cost, phase_job, phase_result, run_name)
-from stages.phase_plan import TRAIN, TUNE, plan_phases
+from exitflow.stages.phase_plan import TRAIN, TUNE, plan_phases
 
 
 @register_stage
@@ -26,7 +26,7 @@ class Train(PhaseStage):
     kind = TRAIN
     also_plans = (TUNE,)  # the searched phases: planned with the others, so a study lists its phases seed by seed
     writes = (CHECKPOINT, HISTORY, LINEAGE, GRADIENT_DOMINANCE, FILES)
-    code = ("stages.train", "stages.phase", "pipeline.resolve")
+    code = ("exitflow.stages.train", "exitflow.stages.phase_kind", "exitflow.pipeline.resolve")
 
     def plan(self, spec: StudySpec, graph: Graph) -> list[Node]:
         return plan_phases(spec)
@@ -43,12 +43,12 @@ class Train(PhaseStage):
         return settings.worker_group()
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        from stages.ray_train import run_phase, scaling  # Ray Train: only where a phase runs
+        from exitflow.stages.ray_train import fit_with_torch_trainer, scaling  # Ray Train: only where a phase runs
 
         job, ns = phase_job(node, inputs, ctx)
         phase = job.config.phase
         start = time.monotonic()
-        result = run_phase(job, scaling(ctx), run_name(node), ctx.storage_path, ctx.settings.max_failures,
+        result = fit_with_torch_trainer(job, scaling(ctx), run_name(node), ctx.storage_path, ctx.settings.max_failures,
                            ctx.settings.in_process)
         cost = phase_cost(phase, ctx.settings, result.epochs_run, epoch_seconds(result.history),
                           time.monotonic() - start, result.resumed_at is not None, result.ran_on)

@@ -13,13 +13,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.dag import Node
-from pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, StageContext, StageInput, StageResult, Table,
+from exitflow.pipeline.dag import Node
+from exitflow.pipeline.stage import (CHECKPOINT, FILES, File, Resources, RunSettings, StageContext, StageInput, StageResult, Table,
                             TableKind, register_stage)
-from stages.core import faults
-from stages.phase import (DIVERGED_TAG, GRADIENT_DOMINANCE, HISTORY, LINEAGE, TRIAL_RESOURCES, PhaseStage, describe_phase,
+from exitflow.stages.core import faults
+from exitflow.stages.phase_kind import (DIVERGED_TAG, GRADIENT_DOMINANCE, HISTORY, LINEAGE, TRIAL_RESOURCES, PhaseStage, describe_phase,
                           phase_cost, phase_job, phase_result, run_name)
-from stages.phase_plan import TUNE
+from exitflow.stages.phase_plan import TUNE
 
 TRIALS = TableKind("trials", "trials.parquet", ("trial", "lr", "best_val", "epochs", "stopped_early"))
 
@@ -30,7 +30,7 @@ class Tune(PhaseStage):
 
     kind = TUNE
     writes = (CHECKPOINT, HISTORY, LINEAGE, GRADIENT_DOMINANCE, TRIALS, FILES)
-    code = ("stages.tune", "stages.phase", "pipeline.resolve")
+    code = ("exitflow.stages.tune", "exitflow.stages.phase_kind", "exitflow.pipeline.resolve")
 
     def footprint(self, node: Node, settings: RunSettings) -> Resources:
         """The trials that run at once, each a worker group (and its tiny trial actor)."""
@@ -43,8 +43,8 @@ class Tune(PhaseStage):
         return describe_phase(summary) + f" trials={summary.get('trials')}"
 
     def run(self, node: Node, inputs: list[StageInput], ctx: StageContext) -> StageResult:
-        from stages.ray_train import scaling  # Ray Tune and Train: only where a search runs
-        from stages.ray_tune import run_search, trial_outcomes, trial_run_name
+        from exitflow.stages.ray_train import scaling  # Ray Tune and Train: only where a search runs
+        from exitflow.stages.ray_tune import run_search, trial_outcomes, trial_run_name
 
         job, ns = phase_job(node, inputs, ctx)
         plan = node.config.search
@@ -57,7 +57,7 @@ class Tune(PhaseStage):
         except BaseException:
             trial_runs.abandon(trial_run_name(name, ""))  # every trial of this search: a re-run resumes them
             raise
-        from stages.core.report_plots import plot_lr_search  # matplotlib: here, not in every trial's process
+        from exitflow.stages.core.report_plots import plot_lr_search  # matplotlib: here, not in every trial's process
 
         phase = job.config.phase
         faults.hit(ctx.fault_plan, "search.end", phase=phase, node=node.id)

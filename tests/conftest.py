@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from helpers import Store
 
-from pipeline.loopback import use_loopback
+from exitflow.pipeline.loopback import use_loopback
 
 use_loopback()  # before any test module imports ray: the suite's Ray (and each run's own) on 127.0.0.1
 
@@ -25,7 +25,8 @@ CIFAR10 = SHARED / "data" / "cifar10"
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     """One MLflow server on a fresh sqlite store, as `exitflow run` serves it."""
-    from pipeline.tracking import DEFAULT_ARTIFACTS, serve_store
+    from exitflow.pipeline.tracking import DEFAULT_ARTIFACTS
+    from exitflow.pipeline.tracking_server import serve_store
 
     root = tmp_path_factory.mktemp("mlflow")
     with serve_store(f"sqlite:///{root / 'mlflow.db'}") as url:
@@ -43,7 +44,7 @@ def ray_session() -> Iterator[None]:
     """One local Ray for the whole suite: 4 logical CPUs so a Tune trial + Train workers never deadlock."""
     import ray
 
-    from pipeline.ray_session import init_local_ray, local_env
+    from exitflow.pipeline.ray_session import init_local_ray, local_env
 
     env = local_env()
     os.environ.update(env)
@@ -124,7 +125,7 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def digits() -> Any:
     """sklearn's digits split as a phase reads it (no augmentation, seed 0)."""
-    from stages.core.data import DataSpec, load_splits
+    from exitflow.stages.core.data import DataSpec, load_splits
 
     return load_splits(DataSpec(name="digits", augment=False), seed=0)
 

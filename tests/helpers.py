@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.spec import StudySpec, load_spec
+from exitflow.pipeline.spec import StudySpec, load_spec
 
 def digits_net(seed: int) -> Any:
     """The PyTorch-core tests' tiny net, seeded: CIFAR ResNet-20 at width 8 on 8x8 digits, ICs after blocks 3 and 6."""
-    from stages.core.loop import seed_everything
-    from stages.core.nets import NetSpec, create_net
+    from exitflow.stages.core.loop import seed_everything
+    from exitflow.stages.core.nets import NetSpec, create_net
 
     seed_everything(seed)
     return create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8))
@@ -43,12 +43,12 @@ def tiny_spec(storage: str | Path, *sets: str, epochs: int = 2) -> StudySpec:
 
 def phase_job(max_epochs: int = 3, fault: str | None = None, phase: str = "P1", lr: float = 3e-3) -> Any:
     """A digits phase (resnet20, width 8) for the train and tune stages; patience never stops it first."""
-    from stages.core.data import DataSpec, dataset_info
-    from stages.core.faults import parse_plan
-    from stages.core.loop import PhaseConfig
-    from stages.core.nets import NetChoice
-    from stages.phase import PhaseJob
-    from stages.phase_plan import PhaseNodeConfig
+    from exitflow.stages.core.data import DataSpec, dataset_info
+    from exitflow.stages.core.faults import parse_plan
+    from exitflow.stages.core.loop import PhaseConfig
+    from exitflow.stages.core.nets import NetChoice
+    from exitflow.stages.phase_kind import PhaseJob
+    from exitflow.stages.phase_plan import PhaseNodeConfig
 
     data = DataSpec(name="digits")
     info = dataset_info(data)
@@ -87,7 +87,7 @@ def is_loopback(ip: str) -> bool:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing holds now."""
-    from pipeline.loopback import free_loopback_port
+    from exitflow.pipeline.loopback import free_loopback_port
 
     return free_loopback_port()
 

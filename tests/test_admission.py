@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.admission import Admission
-from pipeline.stage import Resources, RunSettings, get_stage
-from pipeline.graph import build_graph
-from pipeline.runner import run_settings
-from pipeline.spec import load_spec
+from exitflow.pipeline.admission import Admission
+from exitflow.pipeline.stage import Resources, RunSettings, get_stage
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.runner import run_settings
+from exitflow.pipeline.spec import load_spec
 
 
 def _admission(cpus: float, gpus: float = 0.0) -> Admission:

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.graph import build_graph
-from pipeline.spec import load_spec
-from stages.core.analysis.connectivity import barrier, exit_metrics, interpolate, line, plane, repair_batchnorm
-from stages.core.analysis.permutation import permutation_spec, permute_state, random_perms, weight_matching
-from stages.core.nets import NetSpec, create_net
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.spec import load_spec
+from exitflow.stages.core.analysis.connectivity import barrier, exit_metrics, interpolate, line, plane, repair_batchnorm
+from exitflow.stages.core.analysis.permutation import permutation_spec, permute_state, random_perms, weight_matching
+from exitflow.stages.core.nets import NetSpec, create_net
 
 SPECS = {  # every family with a permutation spec, every IC head kind, and ZTW's and GPF's wrapped heads
     "resnet20-sdn": NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, width=8, exits=(2, 4, 6, 8)),
@@ -231,7 +231,7 @@ def test_seeds_make_one_node_comparing_each_regime_model_from_its_seed() -> None
     assert node.config.regimes == ("disjoint", "mixed", "joint") and node.config.model_seeds == (0, 1, 2)
     assert node.inputs == ("seed0/disjoint/P3", "seed1/mixed/P2", "seed2/joint/P2")
     assert node.config.seed == 0  # the batches' and matching's seed: the first model's
-    from stages.analyze_connectivity import which_models
+    from exitflow.stages.analyze_connectivity import which_models
 
     assert which_models(node.config) == "disjoint seed 0, mixed seed 1, joint seed 2"  # the plots' titles
     other = build_graph(load_spec(None, [*base, "analyses.connectivity.seeds={joint: 2, disjoint: 0, mixed: 2}"]))
@@ -247,7 +247,7 @@ def test_seeds_make_one_node_comparing_each_regime_model_from_its_seed() -> None
     ("{joint: 0, disjoint: 1}", "'disjoint' is not among the study's regimes"),
 ])
 def test_seeds_naming_a_missing_model_are_refused_naming_the_field(seeds: str, says: str) -> None:
-    from pipeline.spec import SpecError
+    from exitflow.pipeline.spec import SpecError
 
     with pytest.raises(SpecError, match="analyses.connectivity.seeds") as e:
         load_spec(None, ["analyses.connectivity.enabled=true", "seeds=[0, 1]", "regimes=[joint, mixed]",
@@ -269,8 +269,8 @@ def test_the_stage_run_writes_every_pair_the_plane_and_their_plots(tmp_path: obj
     """The node's own run, without Ray: three regimes' (untrained) digits models, a small grid."""
     from types import SimpleNamespace
 
-    from pipeline.stage import RunSettings, get_stage
-    from stages.analyze_connectivity import CONNECTIVITY
+    from exitflow.pipeline.stage import RunSettings, get_stage
+    from exitflow.stages.analyze_connectivity import CONNECTIVITY
 
     spec = load_spec(None, ["analyses.connectivity.enabled=true", "analyses.connectivity.samples=40",
                             "analyses.connectivity.train_samples=40", "analyses.connectivity.points=2",

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from stages.core.analysis.gradient_dominance import dominance, exit_gradients
-from stages.core.loop import PhaseConfig, fit_phase
-from stages.core.nets import NetSpec, create_net
-from stages.core.phases import exit_weights, prepare_phase
+from exitflow.stages.core.analysis.gradient_dominance import dominance, exit_gradients
+from exitflow.stages.core.loop import PhaseConfig, fit_phase
+from exitflow.stages.core.nets import NetSpec, create_net
+from exitflow.stages.core.regimes import exit_weights, prepare_phase
 
 
 def _net() -> nn.Module:

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.graph import build_graph
-from pipeline.spec import SpecError, load_spec
-from stages.core.analysis.landscape import exit_losses, filter_normalized_direction, grid_coordinates, loss_landscape
-from stages.core.nets import NetSpec, create_net
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.spec import SpecError, load_spec
+from exitflow.stages.core.analysis.landscape import exit_losses, filter_normalized_direction, grid_coordinates, loss_landscape
+from exitflow.stages.core.nets import NetSpec, create_net
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from typing import get_args
 import pytest
 import torch
 
-from pipeline.graph import build_graph
-from pipeline.spec import SpecError, load_spec
-from stages.analyze_mi import MutualInformationAnalysis
-from stages.core.analysis.mutual_information import (
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.spec import SpecError, load_spec
+from exitflow.stages.analyze_mi import MutualInformationAnalysis
+from exitflow.stages.core.analysis.mutual_information import (
     ESTIMATORS,
     MIEstimator,
     _log_kernel,
@@ -27,7 +27,7 @@ from stages.core.analysis.mutual_information import (
     mi_pairwise_bounds,
     noise_scale,
 )
-from stages.core.nets import NetSpec, create_net
+from exitflow.stages.core.nets import NetSpec, create_net
 
 TOLERANCE = 0.06  # relative: 2,000 samples, 8 noise draws (measured: 1.5-4 % low, mostly the sample covariance)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.graph import build_graph
-from pipeline.spec import SpecError, load_spec
-from stages.core.analysis.rank import capture_layer_outputs, feature_subset, layer_ranks, numerical_rank
-from stages.core.nets import NetSpec, create_net
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.spec import SpecError, load_spec
+from exitflow.stages.core.analysis.rank import capture_layer_outputs, feature_subset, layer_ranks, numerical_rank
+from exitflow.stages.core.nets import NetSpec, create_net
 
 
 @pytest.mark.parametrize("rank", [0, 1, 5, 20])
@@ -32,7 +32,7 @@ def test_float32_noise_stays_below_the_tolerance_and_rtol_can_count_it() -> None
 def test_activation_sized_matrices_take_the_gram_path_and_agree_with_the_svd(rows: int, columns: int, rank: int) -> None:
     """Activation-sized matrices rank by the Gram matrix's eigenvalues: every singular value the SVD
     gives, to 1e-9 of the largest, and the same rank, with ReLU-like structure and float32 rounding."""
-    from stages.core.analysis.rank import FLOAT32_EPS, gram_resolves, gram_singular_values
+    from exitflow.stages.core.analysis.rank import FLOAT32_EPS, gram_resolves, gram_singular_values
 
     g = torch.Generator().manual_seed(rows + rank)
     m = torch.relu(torch.randn(rows, rank, generator=g) @ torch.randn(rank, columns, generator=g)).float()
@@ -47,7 +47,7 @@ def test_activation_sized_matrices_take_the_gram_path_and_agree_with_the_svd(row
 
 
 def test_small_matrices_and_tight_tolerances_take_the_svd() -> None:
-    from stages.core.analysis.rank import FLOAT32_EPS, gram_resolves
+    from exitflow.stages.core.analysis.rank import FLOAT32_EPS, gram_resolves
 
     assert not gram_resolves((100, 50), 100 * FLOAT32_EPS)  # below 156 rows or columns
     assert not gram_resolves((1000, 6000), 1e-12)  # a tight rtol: below what the Gram matrix resolves

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from pipeline.spec import SpecError, load_spec
-from stages.core.augment import Augmentations, MixingCollate
-from stages.core.data import DataError, DataSpec, load_splits, make_loader, train_collate
-from stages.core.data.sources import digits_normalisation
-from stages.core.loop import PhaseConfig, fit_phase, seed_everything
-from stages.core.nets import create_net
-from stages.core.nets.spec import NetSpec
-from stages.core.phases import exit_weights, phase_loss
+from exitflow.pipeline.spec import SpecError, load_spec
+from exitflow.stages.core.augment import Augmentations, MixingCollate
+from exitflow.stages.core.data import DataError, DataSpec, load_splits, make_loader, train_collate
+from exitflow.stages.core.data.sources import digits_normalisation
+from exitflow.stages.core.loop import PhaseConfig, fit_phase, seed_everything
+from exitflow.stages.core.nets import create_net
+from exitflow.stages.core.nets.spec import NetSpec
+from exitflow.stages.core.regimes import exit_weights, phase_loss
 
 SPEC = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8)
 
@@ -181,7 +181,7 @@ def test_a_mixing_phase_resumes_exactly() -> None:
 def test_image_datasets_get_the_operations_in_their_train_transform_only() -> None:
     from PIL import Image
 
-    from stages.core.data.transforms import Normalization, build_transforms
+    from exitflow.stages.core.data.transforms import Normalization, build_transforms
 
     norm = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     aug = Augmentations(rotation=10, contrast=0.3, random_erasing=0.5, mixup=0.8)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.core.budgets import Readout, budget_accuracy, budget_point, budget_table, mean_std, read_budget
-from stages.core.evaluation import threshold_curve
-from stages.core.report_plots import format_budget_table, format_readout
+from exitflow.stages.core.budgets import Readout, budget_accuracy, budget_point, budget_table, mean_std, read_budget
+from exitflow.stages.core.evaluation import threshold_curve
+from exitflow.stages.core.report_plots import format_budget_table, format_readout
 
 
 def test_a_budget_reads_the_costliest_point_within_it() -> None:

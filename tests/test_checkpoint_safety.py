@@ -29,7 +29,7 @@ def _plant(path: Path, marker: Path) -> None:
 
 
 def test_a_state_file_that_would_run_code_is_refused_unread(tmp_path: Path) -> None:
-    from stages.checkpoints import UnreadableCheckpoint, read_state
+    from exitflow.stages.checkpoints import UnreadableCheckpoint, read_state
 
     good = tmp_path / "good.pt"
     torch.save({"epoch": 3, "net": {"w": torch.ones(2)}, "history": [{"epoch": 3.0}]}, good)
@@ -54,17 +54,17 @@ def test_a_state_file_that_would_run_code_is_refused_unread(tmp_path: Path) -> N
 def test_a_phase_resuming_from_a_planted_pickle_starts_afresh_and_runs_nothing(
     ray_session: None, storage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from stages.ray_train import STATE_FILE, run_phase, scaling_config
+    from exitflow.stages.ray_train import STATE_FILE, fit_with_torch_trainer, scaling_config
 
     scaling = scaling_config(1, False, 1.0, 0.0)
-    run_phase(phase_job(1), scaling, "planted", storage, max_failures=0, in_process=True)
+    fit_with_torch_trainer(phase_job(1), scaling, "planted", storage, max_failures=0, in_process=True)
     states = list(Path(storage).glob(f"planted/checkpoint_*/{STATE_FILE}"))
     assert states
     marker = tmp_path / "code-ran"
     for state in states:  # whoever can write to the storage replaces the checkpoint
         _plant(state, marker)
-    with caplog.at_level(logging.WARNING, logger="stages.ray_train"):
-        outcome = run_phase(phase_job(2), scaling, "planted", storage, max_failures=0, in_process=True)
+    with caplog.at_level(logging.WARNING, logger="exitflow.stages.ray_train"):
+        outcome = fit_with_torch_trainer(phase_job(2), scaling, "planted", storage, max_failures=0, in_process=True)
     assert not marker.exists()
     assert outcome.resumed_at is None and [int(m["epoch"]) for m in outcome.history] == [0, 1]  # from scratch
     assert any("starting the phase afresh" in r.getMessage() and "refused unread" in r.getMessage() for r in caplog.records)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from helpers import free_port
-from pipeline.cli import app
+from exitflow.pipeline.cli import app
 
 
 def test_ui_serves_the_tracking_store_and_links_each_studys_runs(tmp_path: Path) -> None:
@@ -24,7 +24,7 @@ def test_ui_serves_the_tracking_store_and_links_each_studys_runs(tmp_path: Path)
     study = MlflowClient(f"sqlite:///{db}").create_experiment("a-study")
     # A link that opens the study's runs, not MLflow's GenAI overview (its default mode)
     link = f"a-study: http://127.0.0.1:{port}/#/experiments/{study}/runs?workflowType=machine_learning"
-    cmd = [sys.executable, "-m", "pipeline.cli", "ui", "--tracking-uri", f"sqlite:///{db}", "--port", str(port)]
+    cmd = [sys.executable, "-m", "exitflow.pipeline.cli", "ui", "--tracking-uri", f"sqlite:///{db}", "--port", str(port)]
     log = tmp_path / "ui.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

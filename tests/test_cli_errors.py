@@ -14,7 +14,7 @@ import ray
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from exitflow.pipeline.cli import app
 
 WRITTEN = ("mlflow.db", "mlartifacts", ".exitflow")
 
@@ -200,8 +200,8 @@ def test_read_only_folder(cwd: Path, tmp_path: Path, command: str) -> None:
 def test_plan_on_a_fresh_dir_prints_every_node_and_creates_nothing(cwd: Path) -> None:
     code, out = _invoke(cwd, "plan", "empty.yaml", "--set", "seeds=[0,1]")
     assert code == 0, out
-    from pipeline.graph import build_graph
-    from pipeline.spec import load_spec
+    from exitflow.pipeline.graph import build_graph
+    from exitflow.pipeline.spec import load_spec
 
     graph = build_graph(load_spec(None, ["seeds=[0,1]"]))
     lines = out.splitlines()
@@ -224,7 +224,7 @@ def test_plan_example_runs_nothing(cwd: Path) -> None:
 
 
 def _closed_port() -> int:
-    from pipeline.loopback import free_loopback_port
+    from exitflow.pipeline.loopback import free_loopback_port
 
     return free_loopback_port()  # free once closed: nothing listens there
 

@@ -150,7 +150,7 @@ def submitted(cluster: Cluster, mlflow_uri: str, tmp_path_factory: pytest.TempPa
     shutil.copy(EXAMPLE, work / "digits.yaml")
     storage = tmp_path_factory.mktemp("cluster-storage")  # one file system: every node sees it
     sets = [*STUDY, f"tracking.storage_path={storage}"]
-    cmd = [sys.executable, "-m", "pipeline.cli", "submit", "digits.yaml", "--address", cluster.dashboard,
+    cmd = [sys.executable, "-m", "exitflow.pipeline.cli", "submit", "digits.yaml", "--address", cluster.dashboard,
            "--tracking-uri", mlflow_uri, "--wait", *[a for s in sets for a in ("--set", s)]]
     done = subprocess.run(cmd, cwd=work, env=cluster.env, capture_output=True, text=True, timeout=720)
     cluster.track()
@@ -166,7 +166,7 @@ def test_the_submitted_study_succeeds_on_the_cluster(submitted: subprocess.Compl
 
 
 def test_the_store_holds_the_whole_dag_with_its_artifacts(submitted: subprocess.CompletedProcess[str], mlflow_uri: str) -> None:
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     c = MlflowClient(mlflow_uri)
     experiment = c.get_experiment_by_name(NAME)
@@ -185,7 +185,7 @@ def test_the_store_holds_the_whole_dag_with_its_artifacts(submitted: subprocess.
 
 
 def test_phases_trained_on_both_nodes(submitted: subprocess.CompletedProcess[str], mlflow_uri: str) -> None:
-    from stages.phase import RAY_NODES_TAG
+    from exitflow.stages.phase_kind import RAY_NODES_TAG
 
     c = MlflowClient(mlflow_uri)
     experiment = c.get_experiment_by_name(NAME)
@@ -196,7 +196,7 @@ def test_phases_trained_on_both_nodes(submitted: subprocess.CompletedProcess[str
 
 def _submit(cluster: Cluster, work: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     shutil.copy(EXAMPLE, work / "digits.yaml")
-    cmd = [sys.executable, "-m", "pipeline.cli", "submit", "digits.yaml", "--address", cluster.dashboard, *args]
+    cmd = [sys.executable, "-m", "exitflow.pipeline.cli", "submit", "digits.yaml", "--address", cluster.dashboard, *args]
     return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -94,7 +94,7 @@ def _parse(group: click.Group, argv: list[str]) -> tuple[click.Command, click.Co
 def _exitflow() -> click.Group:
     import typer
 
-    from pipeline.cli import app
+    from exitflow.pipeline.cli import app
 
     return typer.main.get_command(app)
 
@@ -209,7 +209,7 @@ def test_every_shell_block_is_valid_bash(index: int) -> None:
 
 
 def test_every_exitflow_command_parses_and_its_spec_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.spec import load_spec
+    from exitflow.pipeline.spec import load_spec
 
     monkeypatch.chdir(ROOT)
     group = _exitflow()

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline.graph import build_graph
-from pipeline.spec import SpecError, load_spec
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.spec import SpecError, load_spec
 
 LW = "phases.P2.loss_weighting"
 EVERY = "net.exit_every"
@@ -90,8 +90,8 @@ def test_a_two_axis_study_trains_each_shared_node_once_and_reports_each_axis(
     from mlflow.tracking import MlflowClient
 
     from helpers import tiny_spec
-    from pipeline.artifacts import ArtifactStore
-    from pipeline.runner import run_study
+    from exitflow.pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.runner import run_study
 
     storage = tmp_path_factory.mktemp("compare")
     axes = ["compare={phases.P3.loss_weighting: [uniform, kaya], phases.P3.lr: [3.0e-3, 1.0e-3]}"]

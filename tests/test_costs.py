@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.stage import RunSettings
-from stages.core.report import training_costs
-from stages.phase import epoch_seconds, phase_cost
+from exitflow.pipeline.stage import RunSettings
+from exitflow.stages.core.report import training_costs
+from exitflow.stages.phase_kind import epoch_seconds, phase_cost
 
 
 def _cost(phase: str, epochs: int, train: float, wall: float, resumed: bool = False) -> dict:
@@ -59,8 +59,8 @@ def test_the_table_says_where_the_phases_ran_as_their_workers_saw_it() -> None:
 def test_ran_on_names_only_what_the_device_did() -> None:
     import torch
 
-    from stages.core.loop import PhaseConfig
-    from stages.ray_train import ran_on
+    from exitflow.stages.core.loop import PhaseConfig
+    from exitflow.stages.ray_train import ran_on
 
     # bf16 and channels_last are no-ops on a CPU: the record must not claim them
     assert ran_on(torch.device("cpu"), 1, PhaseConfig(bf16=True, channels_last=True)) == "1 x CPU (one process)"

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.spec import SpecError, load_spec
-from stages.core.data import (
+from exitflow.pipeline.spec import SpecError, load_spec
+from exitflow.stages.core.data import (
     DataError,
     DatasetInfo,
     DataSpec,
@@ -164,8 +164,8 @@ def test_parquet_info_and_splits(tmp_path: Path) -> None:
 
 
 def test_analysis_batches_read_train_unaugmented_and_never_val_images() -> None:
-    from stages.core.analysis.batch import analysis_batch
-    from stages.core.augment import Augmentations
+    from exitflow.stages.core.analysis.batch import analysis_batch
+    from exitflow.stages.core.augment import Augmentations
 
     plain = load_splits(DataSpec(name="digits"), seed=0)
     aug = load_splits(DataSpec(name="digits", augmentations=Augmentations(rotation=90, random_erasing=1.0)), seed=0)

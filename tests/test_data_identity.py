@@ -25,15 +25,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from helpers import TINY
-from pipeline.cli import app
-from pipeline.graph import build_graph
-from pipeline.keys import cache_key
-from pipeline.resolve import preflight
-from pipeline.spec import load_spec
-from stages.core.data import DataError, DataSpec
-from stages.core.data import file_hashes
-from stages.core.data.identity import identify
-from stages.core.data.memo import CACHE_DIR_ENV
+from exitflow.pipeline.cli import app
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.keys import cache_key
+from exitflow.pipeline.resolve import preflight
+from exitflow.pipeline.spec import load_spec
+from exitflow.stages.core.data import DataError, DataSpec
+from exitflow.stages.core.data import file_hashes
+from exitflow.stages.core.data.identity import identify
+from exitflow.stages.core.data.memo import CACHE_DIR_ENV
 
 LONG_AGO = time.time() - 3600  # older than file_hashes.RACY_SECONDS: such files' hashes are kept
 
@@ -268,7 +268,7 @@ def _plan(spec_file: Path, uri: str, *sets: str) -> tuple[str, dict[str, tuple[s
 
 def _finish_runs(uri: str, experiment: str, keys: list[str]) -> None:
     """What a finished study leaves for `plan` to find: a FINISHED run under each node's key."""
-    from pipeline import tracking
+    from exitflow.pipeline import tracking
 
     c = tracking.client(uri)
     exp = tracking.ensure_experiment(c, experiment)
@@ -311,7 +311,7 @@ def test_runs_that_log_a_new_data_set_at_once_all_record_it(mlflow_uri: str) -> 
     threads log one new data set to two runs at the same instant; every run must record it."""
     import threading
 
-    from pipeline import tracking
+    from exitflow.pipeline import tracking
 
     c = tracking.client(mlflow_uri)
     exp = tracking.ensure_experiment(c, "identity-race")
@@ -346,7 +346,7 @@ def test_a_study_on_an_image_folder_reruns_when_an_image_is_added_and_not_when_m
     what reads it; the folder moved (and the spec pointed at it) must reuse every node."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.runner import run_study
+    from exitflow.pipeline.runner import run_study
 
     root = image_folder(tmp_path / "images")
     spec_file = tmp_path / "study.yaml"

@@ -8,7 +8,7 @@ import time
 
 from rich.console import Console
 
-from pipeline.display import (EPOCH, SEARCH, LiveDisplay, PlainDisplay, StudyView, Training, choose_display,
+from exitflow.pipeline.display import (EPOCH, SEARCH, LiveDisplay, PlainDisplay, StudyView, Training, choose_display,
                               describe_training)
 
 NODES = {"seed0/P1": "train", "seed0/joint/P2": "tune", "seed0/mixed/P2": "train", "evaluate": "evaluate", "report": "report"}

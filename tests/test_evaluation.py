@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from stages.core.evaluation import (
+from exitflow.stages.core.evaluation import (
     CRITERIA,
     ExitCriterion,
     calibration_error,
@@ -253,7 +253,7 @@ def test_a_registered_criterion_runs_through_evaluation_without_a_branch_of_its_
 
 
 def test_the_spec_takes_its_criteria_from_the_registry(margin: ExitCriterion) -> None:
-    from pipeline.spec import SpecError, load_spec
+    from exitflow.pipeline.spec import SpecError, load_spec
 
     assert load_spec(None, ["evaluation.criteria=[toy_margin, entropy]"]).evaluation.criteria == ["toy_margin", "entropy"]
     with pytest.raises(SpecError, match="unknown criterion 'nope'"):

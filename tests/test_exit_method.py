@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from stages.core.nets import NetSpec, create_net
-from stages.core.nets.exit_method import ExitMethod, MethodParts
-from stages.core.nets.methods import METHODS, get_method, method_curves, register_method
-from stages.core.phases import exit_weights, prepare_phase
+from exitflow.stages.core.nets import NetSpec, create_net
+from exitflow.stages.core.nets.exit_method import ExitMethod, MethodParts
+from exitflow.stages.core.nets.methods import METHODS, get_method, method_curves, register_method
+from exitflow.stages.core.regimes import exit_weights, prepare_phase
 
 SPEC = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(2, 4, 6), width=8)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.core import faults
+from exitflow.stages.core import faults
 
 
 def test_a_plan_of_two_faults_each_with_its_marker(tmp_path: Path) -> None:

@@ -136,7 +136,7 @@ class Cell:
 
 def _command(address: str, uri: str, experiment: str, storage: Path, sets: tuple[str, ...]) -> list[str]:
     all_sets = [*STUDY, f"tracking.experiment={experiment}", f"tracking.storage_path={storage}", *sets]
-    return [sys.executable, "-m", "pipeline.cli", "run", str(EXAMPLE), "--address", address, "--tracking-uri", uri,
+    return [sys.executable, "-m", "exitflow.pipeline.cli", "run", str(EXAMPLE), "--address", address, "--tracking-uri", uri,
             *[a for s in all_sets for a in ("--set", s)]]
 
 

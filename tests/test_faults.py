@@ -29,7 +29,7 @@ SMALL = ["regimes=[joint]", "net.width=8", "evaluation.thresholds=20", "resource
 
 def _command(*sets: str) -> list[str]:
     args = [a for s in (*SMALL, *sets) for a in ("--set", s)]
-    return [sys.executable, "-m", "pipeline.cli", "run", str(EXAMPLE), *args]
+    return [sys.executable, "-m", "exitflow.pipeline.cli", "run", str(EXAMPLE), *args]
 
 
 def _env() -> dict[str, str]:
@@ -46,7 +46,7 @@ def work(tmp_path: Path) -> Path:
 
 def _read_store(work: Path) -> list[Any]:
     """Every run of the study in the working directory's store."""
-    from pipeline.tracking import serve_store
+    from exitflow.pipeline.tracking_server import serve_store
 
     with serve_store(f"sqlite:///{work / 'mlflow.db'}") as url:
         c = MlflowClient(url)
@@ -62,7 +62,7 @@ def _guards_of(pid: int) -> list[int]:
             argv = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"pipeline.store_guard" in argv and str(pid).encode() in argv:
+        if b"exitflow.pipeline.store_guard" in argv and str(pid).encode() in argv:
             found.append(int(cmdline.parent.name))
     return found
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.core.flops import backbone_flops, exit_flops, flop_analysis, piece_flops
-from stages.core.nets import MultiExitNet, NetSpec, create_net, list_nets
+from exitflow.stages.core.flops import backbone_flops, exit_flops, flop_analysis, piece_flops
+from exitflow.stages.core.nets import MultiExitNet, NetSpec, create_net, list_nets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

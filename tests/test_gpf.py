@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.core.data import make_loader
-from stages.core.flops import exit_flops, piece_flops
-from stages.core.loop import PhaseConfig, fit_phase, seed_everything
-from stages.core.nets import NetSpec, create_net
-from stages.core.nets.gpf import STATE_WIDTH, PastFutureAggregator, StateHead
-from stages.core.nets.start import backbone_weights
-from stages.core.phases import exit_weights, phase_loss, prepare_phase, set_train_mode
+from exitflow.stages.core.data import make_loader
+from exitflow.stages.core.flops import exit_flops, piece_flops
+from exitflow.stages.core.loop import PhaseConfig, fit_phase, seed_everything
+from exitflow.stages.core.nets import NetSpec, create_net
+from exitflow.stages.core.nets.gpf import STATE_WIDTH, PastFutureAggregator, StateHead
+from exitflow.stages.core.nets.start import backbone_weights
+from exitflow.stages.core.regimes import exit_weights, phase_loss, prepare_phase, set_train_mode
 
 SPEC = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(2, 4, 6), width=8, method="gpf")
 E, C = 4, 10

@@ -9,12 +9,12 @@ import dataclasses
 import pytest
 import torch
 
-from stages.core.data import DataSpec, load_splits, make_loader
-from stages.core.evaluation import collect_logits, exit_criterion, exit_indices, threshold_grid
-from stages.core.inference import early_exit_predict
-from stages.core.loop import PhaseConfig, fit_phase, seed_everything
-from stages.core.nets import create_net
-from stages.core.nets.spec import NetSpec
+from exitflow.stages.core.data import DataSpec, load_splits, make_loader
+from exitflow.stages.core.evaluation import collect_logits, exit_criterion, exit_indices, threshold_grid
+from exitflow.stages.core.inference import early_exit_predict
+from exitflow.stages.core.loop import PhaseConfig, fit_phase, seed_everything
+from exitflow.stages.core.nets import create_net
+from exitflow.stages.core.nets.spec import NetSpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 
@@ -89,16 +89,16 @@ def test_dynamic_inference_on_the_gpu_takes_the_simulated_exits(trained, splits)
 def test_a_ray_train_phase_on_the_gpu_uses_nccl(ray_session: None, tmp_path) -> None:  # noqa: ANN001
     import ray
 
-    from stages.phase import PhaseJob
-    from stages.phase_plan import PhaseNodeConfig
-    from stages.ray_train import run_phase, scaling_config
+    from exitflow.stages.phase_kind import PhaseJob
+    from exitflow.stages.phase_plan import PhaseNodeConfig
+    from exitflow.stages.ray_train import fit_with_torch_trainer, scaling_config
 
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("the suite's Ray session has no GPU")
     config = PhaseNodeConfig(phase="P2", seed=0, data=DataSpec(name="digits", augment=False), net=SPEC,
                              train=dataclasses.replace(FAST, max_epochs=2, selection="mean"))
     job = PhaseJob(config=config, net=SPEC, label="gpu/P2")
-    outcome = run_phase(job, scaling_config(1, True, 1.0, 1.0), "gpu-phase", str(tmp_path), max_failures=0)
+    outcome = fit_with_torch_trainer(job, scaling_config(1, True, 1.0, 1.0), "gpu-phase", str(tmp_path), max_failures=0)
     assert outcome.ran_on.startswith("1 x NVIDIA") and "nccl" in outcome.ran_on, outcome.ran_on
     assert "bf16" in outcome.ran_on and "channels_last" in outcome.ran_on
     assert outcome.epochs_run == 2 and outcome.best_val["val_acc_final"] > 0.5

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.dag import Graph, Node
-from pipeline.graph import build_graph
-from pipeline.keys import cache_key
-from pipeline.spec import StudySpec, load_spec
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.keys import cache_key
+from exitflow.pipeline.spec import StudySpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -355,8 +355,8 @@ def _code_tree(tmp_path: Path) -> Path:
 def test_editing_code_changes_the_fingerprint_of_exactly_the_stages_it_computes(
     tmp_path: Path, module: str, edit: str, changed: set[str]
 ) -> None:
-    from pipeline.fingerprint import fingerprint
-    from pipeline.stage import get_stage
+    from exitflow.pipeline.fingerprint import fingerprint
+    from exitflow.pipeline.stage import get_stage
 
     kinds = ("train", "tune", "evaluate", "report")
     root = _code_tree(tmp_path)
@@ -370,7 +370,7 @@ def test_editing_code_changes_the_fingerprint_of_exactly_the_stages_it_computes(
 
 
 def test_a_report_code_edit_rekeys_only_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import keys
+    from exitflow.pipeline import keys
 
     before = _graph()
     real = keys.fingerprint
@@ -383,9 +383,9 @@ def test_a_report_code_edit_rekeys_only_the_report(monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize("use_gpu", [False, True])
 def test_evaluate_tasks_and_in_process_phases_hold_a_workers_cpus_and_its_gpu_others_only_orchestrate(
         use_gpu: bool, trainer: str) -> None:
-    from pipeline.runner import run_settings
-    from pipeline.scheduler import task_resources
-    from pipeline.stage import NODE_RETRIES, get_stage
+    from exitflow.pipeline.runner import run_settings
+    from exitflow.pipeline.scheduler import task_resources
+    from exitflow.pipeline.stage import NODE_RETRIES, get_stage
 
     spec = load_spec(None, [f"resources.use_gpu={str(use_gpu).lower()}", "resources.cpus_per_worker=3",
                             f"resources.trainer={trainer}", "resources.max_failures=2", "phases.P2.lr=[1e-3,3e-3]"])
@@ -537,8 +537,8 @@ KEY_RULES: dict[str, tuple[str, set[str]]] = {
 def _spec_leaves(model: type, prefix: str = "") -> list[str]:
     from pydantic import BaseModel
 
-    from pipeline.kinds import analysis_sections
-    from pipeline.spec_sections import AnalysesConfig
+    from exitflow.pipeline.kinds import analysis_sections
+    from exitflow.pipeline.spec_sections import AnalysesConfig
 
     out = []
     # `analyses:` holds the sections the stage kinds declare (pipeline.kinds), not fields of its own

@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from stages.core.data import DataSpec, load_splits, make_loader
-from stages.core.evaluation import collect_logits, exit_criterion, exit_indices, threshold_curve, threshold_grid
-from stages.core.flops import exit_flops
-from stages.core.inference import EarlyExitClassifier, early_exit_forward, early_exit_predict
-from stages.core.loop import PhaseConfig, fit_phase, seed_everything
-from stages.core.nets import create_net
-from stages.core.nets.methods import METHODS, ExitMethod, register_method
-from stages.core.nets.multi_exit import MultiExitNet
-from stages.core.nets.spec import NetSpec
+from exitflow.stages.core.data import DataSpec, load_splits, make_loader
+from exitflow.stages.core.evaluation import collect_logits, exit_criterion, exit_indices, threshold_curve, threshold_grid
+from exitflow.stages.core.flops import exit_flops
+from exitflow.stages.core.inference import EarlyExitClassifier, early_exit_forward, early_exit_predict
+from exitflow.stages.core.loop import PhaseConfig, fit_phase, seed_everything
+from exitflow.stages.core.nets import create_net
+from exitflow.stages.core.nets.methods import METHODS, ExitMethod, register_method
+from exitflow.stages.core.nets.multi_exit import MultiExitNet
+from exitflow.stages.core.nets.spec import NetSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,22 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-from stages.core.data import make_loader
-from stages.core.evaluation import CRITERIA, calibration_error, collect_logits, curve_at_exits, top_probability
-from stages.core.loop import PhaseConfig, fit_phase, seed_everything
-from stages.core.nets import NetSpec, create_net
-from stages.core.evaluation import equal_mass_calibration_error as equal_mass_ece
-from stages.core.nets.jei_dnn import LAMBDAS, ExitGates, fit_gates, gate_exits, gate_features, gate_points, gate_targets
+from exitflow.stages.core.data import make_loader
+from exitflow.stages.core.evaluation import CRITERIA, calibration_error, collect_logits, curve_at_exits, top_probability
+from exitflow.stages.core.loop import PhaseConfig, fit_phase, seed_everything
+from exitflow.stages.core.nets import NetSpec, create_net
+from exitflow.stages.core.evaluation import equal_mass_calibration_error as equal_mass_ece
+from exitflow.stages.core.nets.jei_dnn import LAMBDAS, ExitGates, fit_gates, gate_exits, gate_features, gate_points, gate_targets
 
 
 def gate_curve_ece(logits: torch.Tensor, labels: torch.Tensor, exits: np.ndarray) -> np.ndarray:
     """The gates curve's `ece_equal_mass`, as the evaluate stage computes it."""
     return curve_at_exits(logits, labels, np.ones(logits.shape[0]), exits, equal_mass=True)["ece_equal_mass"]
-from stages.core.nets.methods import METHODS, method_curves
-from stages.core.phases import prepare_phase
+from exitflow.stages.core.nets.methods import METHODS, method_curves
+from exitflow.stages.core.regimes import prepare_phase
 
 def _gate_curve(net, logits, labels, flops):  # noqa: ANN001, ANN202
-    """The gates' curve as the evaluate stage builds it (stages.core.evaluate)."""
+    """The gates' curve as the evaluate stage builds it (stages.core.score_model)."""
     points, taken = gate_points(net, logits)
     return {"threshold": points, **curve_at_exits(logits, labels, flops, taken)}
 
@@ -146,7 +146,7 @@ def test_a_phase_that_trains_the_ics_ends_with_fitted_gates_that_trade_accuracy_
     moved = {k for k, v in net.state_dict().items() if not torch.equal(before[k], v)}
     assert moved and all(k.startswith("gates.") for k in moved)
     logits, labels = collect_logits(net, val, "cpu")
-    from stages.core.flops import exit_flops
+    from exitflow.stages.core.flops import exit_flops
 
     flops = exit_flops(net)
     curve = _gate_curve(net, logits, labels, flops)
@@ -160,7 +160,7 @@ def test_a_report_over_methods_gives_the_gates_table_only_the_variants_that_have
     which only the jei_dnn variant's curves hold; its table and ECE rows cover that variant alone."""
     import pyarrow as pa
 
-    from stages.core import report
+    from exitflow.stages.core import report
 
     def curve(names: tuple[str, ...]) -> pa.Table:
         rows = [{"criterion": n, "threshold": t, "flops": f, "accuracy": a, "ece": 0.05}
@@ -182,7 +182,7 @@ def test_dynamic_inference_by_the_gates_takes_the_exits_the_gates_curve_counts()
     """`early_exit_forward(net, x, lambda, "gates")` runs block by block and lets a sample leave at the
     first IC whose gate (for that lambda) opens: the same exits and predictions as the curve's
     simulation on the cached logits, for every lambda; a lambda the gates were not fitted for is refused."""
-    from stages.core.inference import EarlyExitClassifier, early_exit_forward
+    from exitflow.stages.core.inference import EarlyExitClassifier, early_exit_forward
 
     seed_everything(0)
     net = create_net(SPEC).eval()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from exitflow.pipeline.cli import app
 
 UNREACHABLE = "http://127.0.0.1:1"
 
@@ -83,7 +83,7 @@ def _wait_for(client: object, job_id: str, states: set[str], timeout: float = 12
 def test_status_logs_and_stop_read_a_real_job(ray_dashboard: str) -> None:
     from ray.job_submission import JobSubmissionClient
 
-    from pipeline.job_submit import submit_job
+    from exitflow.pipeline.job_submit import submit_job
 
     client = JobSubmissionClient(ray_dashboard)
     python = shlex.quote(sys.executable)

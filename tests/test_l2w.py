@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from stages.core.data import Splits, make_loader
-from stages.core.l2w import (L2W, WeightPredictor, centred_weights, exit_assignment, exit_distribution,
+from exitflow.stages.core.data import Splits, make_loader
+from exitflow.stages.core.l2w import (L2W, WeightPredictor, centred_weights, exit_assignment, exit_distribution,
                              lookahead, meta_loss)
-from stages.core.loop import EpochReport, PhaseConfig, PhaseResult, evaluate_exits, fit_phase
-from stages.core.phase_config import L2WSettings
-from stages.core.phases import per_sample_weighted, phase_objective, prepare_phase
+from exitflow.stages.core.loop import EpochReport, PhaseConfig, PhaseResult, evaluate_exits, fit_phase
+from exitflow.stages.core.phase_config import L2WSettings
+from exitflow.stages.core.regimes import per_sample_weighted, phase_objective, prepare_phase
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -224,7 +224,7 @@ def test_l2w_under_ddp_trains_the_net_and_the_predictor(digits: Splits, process_
 
 
 def test_spec_takes_l2w_settings_and_rejects_bad_ones() -> None:
-    from pipeline.spec_sections import PhaseConfig as SpecPhase
+    from exitflow.pipeline.spec_sections import PhaseConfig as SpecPhase
 
     assert SpecPhase(loss_weighting="l2w", l2w_epsilon=0.2).l2w_epsilon == 0.2
     with pytest.raises(ValueError, match="l2w_epsilon"):

@@ -23,16 +23,18 @@ from functools import cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "stages")
+NAMESPACE = "exitflow"  # pipeline/ and stages/ install as exitflow.pipeline and exitflow.stages (setup.py)
+FOLDERS = ("pipeline", "stages")
 # The pipeline's modules that a stage kind builds on: the registry and what a kind declares, the DAG's
 # data, the spec and its sections' types, the spec's resolution into the core's configs, the progress
 # events the kinds post. Everything else in pipeline/ orchestrates.
 STAGE_API = frozenset({
-    "pipeline", "pipeline.dag", "pipeline.kinds", "pipeline.stage", "pipeline.spec", "pipeline.spec_types",
-    "pipeline.spec_sections", "pipeline.spec_yaml", "pipeline.resolve", "pipeline.events", "pipeline.relay",
-    "pipeline.progress_events",
+    "exitflow.pipeline", "exitflow.pipeline.dag", "exitflow.pipeline.kinds", "exitflow.pipeline.stage", "exitflow.pipeline.spec", "exitflow.pipeline.spec_types",
+    "exitflow.pipeline.spec_sections", "exitflow.pipeline.spec_yaml", "exitflow.pipeline.resolve", "exitflow.pipeline.events", "exitflow.pipeline.relay",
+    "exitflow.pipeline.progress_events",
 })
-CLI = frozenset({"pipeline.cli"})
+# The commands and the public face: `exitflow` itself re-exports the results API (lazily)
+CLI = frozenset({"exitflow.pipeline.cli", "exitflow"})
 CORE, API, KINDS, ORCHESTRATION, COMMANDS = 0, 1, 2, 3, 4
 LAYER_NAMES = {CORE: "core", API: "stage API", KINDS: "stage kinds", ORCHESTRATION: "orchestration", COMMANDS: "CLI"}
 
@@ -40,18 +42,18 @@ LAYER_NAMES = {CORE: "core", API: "stage API", KINDS: "stage kinds", ORCHESTRATI
 @cache
 def modules() -> dict[str, Path]:
     """Every project module (packages by their name) -> its file."""
-    found = {}
-    for package in PACKAGES:
-        for path in sorted((REPO / package).rglob("*.py")):
-            parts = path.relative_to(REPO).with_suffix("").parts
+    found = {NAMESPACE: REPO / NAMESPACE / "__init__.py"}
+    for folder in FOLDERS:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = (NAMESPACE, *path.relative_to(REPO).with_suffix("").parts)
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
 
 def layer(module: str) -> int:
-    if module == "stages.core" or module.startswith("stages.core."):
+    if module == "exitflow.stages.core" or module.startswith("exitflow.stages.core."):
         return CORE
-    if module.startswith("stages"):
+    if module.startswith("exitflow.stages"):
         return KINDS
     if module in STAGE_API:
         return API
@@ -78,21 +80,44 @@ def imports(module: str) -> frozenset[str]:
         for name in names:
             while name and name not in modules():  # `import a.b.c` of a module: a.b.c; of a name in a.b: a.b
                 name = name.rpartition(".")[0]
-            if name and name.split(".")[0] in PACKAGES:
+            if name:
                 found.add(name)
     found.discard(module)
     return frozenset(found)
 
 
 def test_every_module_is_read() -> None:
-    assert {"pipeline.stage", "pipeline.dag", "pipeline.runner", "stages.train", "stages.core.loop"} <= set(modules())
+    assert {"exitflow.pipeline.stage", "exitflow.pipeline.dag", "exitflow.pipeline.runner", "exitflow.stages.train", "exitflow.stages.core.loop"} <= set(modules())
     # function-level and TYPE_CHECKING imports count: the train kind reaches Ray Train inside `run`
-    assert "stages.ray_train" in imports("stages.train")
+    assert "exitflow.stages.ray_train" in imports("exitflow.stages.train")
 
 
-# The one circle left, inside the core and older than the layers: a net imports its method's registry,
-# JEI-DNN's gates price the exits with the FLOPs counter (inside a function), which imports the net
-# (for annotations). The early-exit method protocol (issue 36, item 3) is to break it; then this goes.
+def test_every_import_of_the_project_names_it_under_exitflow() -> None:
+    """`pipeline` and `stages` are folders, not installed names: importing either bare would load a second
+    copy of a module from a checkout (two registries, two classes) and fail where exitflow is installed."""
+    files = [*modules().values(), *sorted(REPO.glob("tests/*.py")), *sorted(REPO.glob("bench/*.py")),
+             *sorted(REPO.glob("examples/**/*.py"))]
+    bare = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bare += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in FOLDERS]
+    assert bare == []
+
+
+def test_only_exitflow_is_installed_at_the_top_level(tmp_path: Path) -> None:
+    """Outside the checkout, the project answers to `exitflow` alone: the generic names stay free."""
+    code = textwrap.dedent("""
+        import importlib.util, exitflow, exitflow.pipeline.cli, exitflow.stages.core.loop
+        print([importlib.util.find_spec(n) is None for n in ("pipeline", "stages")], exitflow.__version__)
+        print(exitflow.open_study.__module__)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    free, module = out.stdout.splitlines()
+    assert free.startswith("[True, True]") and module == "exitflow.pipeline.results"
+
 
 def circles(graph: dict[str, set[str]]) -> list[set[str]]:
     """The strongly connected sets of more than one module (Tarjan's algorithm)."""
@@ -136,7 +161,7 @@ def test_no_module_imports_one_of_a_higher_layer() -> None:
 
 def test_the_pipeline_imports_no_stage_kinds_module() -> None:
     """pipeline/ reaches the kinds through the registry only (`pipeline.kinds` finds and imports them)."""
-    named = [f"{m} imports {i}" for m in sorted(modules()) if m.startswith("pipeline")
+    named = [f"{m} imports {i}" for m in sorted(modules()) if m.startswith("exitflow.pipeline")
              for i in sorted(imports(m)) if layer(i) == KINDS]
     assert named == []
 
@@ -152,16 +177,16 @@ def _strings(path: Path) -> set[str]:
 def test_nothing_in_the_pipeline_names_a_stage_kind_or_its_module() -> None:
     """No string in pipeline/ is a kind (or its family) or a kind's module: what the pipeline needs of a
     kind it asks the kind (`role`, `plan`, `printed`, ...), and it finds kinds' modules by reading stages/."""
-    from pipeline.kinds import builtin_modules
-    from pipeline.stage import stages
+    from exitflow.pipeline.kinds import builtin_modules
+    from exitflow.pipeline.stage import stages
 
     kinds = {s.kind for s in stages()} | {s.kind.partition(".")[0] for s in stages()}
     assert {"train", "tune", "evaluate", "report", "analyze"} <= kinds
-    named = {f"{m}: {text!r}" for m, path in modules().items() if m.startswith("pipeline")
-             for text in _strings(path) if text in kinds or re.match(r"stages\.(?!core\b)", text)}
+    named = {f"{m}: {text!r}" for m, path in modules().items() if m.startswith("exitflow.pipeline")
+             for text in _strings(path) if text in kinds or re.match(r"(exitflow\.)?stages\.(?!core\b)", text)}
     assert named == set()
     # and every kind of the project's own is found there: each in stages/, none left out
-    own = {type(s).__module__ for s in stages() if type(s).__module__.startswith("stages.")}
+    own = {type(s).__module__ for s in stages() if type(s).__module__.startswith("exitflow.stages.")}
     assert own == set(builtin_modules())
 
 
@@ -194,7 +219,7 @@ NO_RAY_TRAIN_OR_TUNE = textwrap.dedent("""
             return None
 
     sys.meta_path.insert(0, Refused())
-    from pipeline.cli import main
+    from exitflow.pipeline.cli import main
 
     sys.argv = ["exitflow", "plan", sys.argv[1], "--tracking-uri", sys.argv[2]]
     try:
@@ -209,8 +234,8 @@ NO_RAY_TRAIN_OR_TUNE = textwrap.dedent("""
 
 
 def test_exitflow_plan_runs_where_ray_train_and_tune_cannot_be_imported(tmp_path: Path) -> None:
-    from pipeline.graph import build_graph
-    from pipeline.spec import load_spec
+    from exitflow.pipeline.graph import build_graph
+    from exitflow.pipeline.spec import load_spec
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     store = f"sqlite:///{tmp_path / 'none.db'}"  # no such store: nothing cached, nothing made

@@ -12,9 +12,9 @@ from helpers import digits_net
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from stages.core.data import Splits, make_loader
-from stages.core.faults import hit, make_nonfinite, parse_plan
-from stages.core.loop import (
+from exitflow.stages.core.data import Splits, make_loader
+from exitflow.stages.core.faults import hit, make_nonfinite, parse_plan
+from exitflow.stages.core.loop import (
     EarlyStopping,
     EpochReport,
     PhaseConfig,
@@ -26,7 +26,7 @@ from stages.core.loop import (
     lr_factor,
     unwrap,
 )
-from stages.core.phases import REGIME_PHASES, prepare_phase
+from exitflow.stages.core.regimes import REGIME_PHASES, prepare_phase
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -322,8 +322,8 @@ def test_a_non_finite_loss_stops_the_phase_and_says_where(digits: Splits, tmp_pa
 
 
 def test_every_epoch_is_scored_by_the_one_selection_scorer(digits: Splits) -> None:
-    from stages.core.loop import exit_fractions
-    from stages.core.selection import selection_score
+    from exitflow.stages.core.loop import exit_fractions
+    from exitflow.stages.core.selection import selection_score
 
     net = digits_net(0)
     fractions = exit_fractions(net)

@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.core.data import memo
-from stages.core.data.memo import CACHE_DIR_ENV, memoized
-from stages.core.data.split import sklearn_split, stratified_split, stratified_subset
+from exitflow.stages.core.data import memo
+from exitflow.stages.core.data.memo import CACHE_DIR_ENV, memoized
+from exitflow.stages.core.data.split import sklearn_split, stratified_split, stratified_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A fresh process loads digits' splits and says what it got and whether sklearn was imported.
 LOAD = """
 import json, sys
-from stages.core.data import DataSpec, load_splits
+from exitflow.stages.core.data import DataSpec, load_splits
 s = load_splits(DataSpec(name="digits", train_subset=300), seed=4)
 print(json.dumps({"sklearn": "sklearn" in sys.modules, "val": s.val.labels.tolist(), "test": s.test.labels.tolist(),
                   "train0": s.train.images[0].flatten().tolist()}))

@@ -30,7 +30,7 @@ REGIMES = ("joint", "disjoint", "mixed")
 
 def _study(tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str, name: str, method: str, *sets: str) -> Any:
     """A one-epoch digits study of `method` through every regime, with the extra `sets`."""
-    from pipeline.runner import run_study
+    from exitflow.pipeline.runner import run_study
 
     spec = tiny_spec(tmp_path_factory.mktemp("ray"), f"name={name}", f"regimes=[{','.join(REGIMES)}]",
                      f"net.method={method}", *sets, epochs=1)
@@ -44,7 +44,7 @@ def pabee(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathF
 
 
 def test_pabee_runs_every_regime_to_a_curve_and_a_budget_table(pabee: Any, mlflow_uri: str) -> None:
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     assert sorted(pabee.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2", "seed0/mixed/P2"]
     client = MlflowClient(mlflow_uri)
@@ -77,7 +77,7 @@ def ztw(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFac
 
 
 def test_ztw_runs_every_regime_with_its_fitted_ensemble_to_a_curve_and_a_budget_table(ztw: Any, mlflow_uri: str) -> None:
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     assert sorted(ztw.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2", "seed0/mixed/P2"]
     client = MlflowClient(mlflow_uri)
@@ -98,7 +98,7 @@ def test_gpf_runs_every_regime_with_its_aggregator_to_a_curve_and_a_budget_table
     backbone as it was; every regime's curve spans its exits' costs (which include the aggregation)."""
     import torch
 
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     assert sorted(gpf.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2", "seed0/mixed/P2"]
     client = MlflowClient(mlflow_uri)
@@ -119,8 +119,8 @@ def test_jei_dnn_runs_every_regime_with_its_gates_to_a_lambda_curve_budget_and_e
     """The gates are fitted by every phase that trains the ICs (not P1), each evaluation writes the
     gates' curve (one point per lambda) beside max softmax's, and the report gives it a budget table
     and ECE at every budget, as for a criterion."""
-    from pipeline.artifacts import ArtifactStore
-    from stages.core.nets.jei_dnn import LAMBDAS
+    from exitflow.pipeline.artifacts import ArtifactStore
+    from exitflow.stages.core.nets.jei_dnn import LAMBDAS
 
     assert sorted(jei_dnn.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2", "seed0/mixed/P2"]
     client = MlflowClient(mlflow_uri)

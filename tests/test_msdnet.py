@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.core.data import DataSpec, load_splits, make_loader
-from stages.core.evaluation import exit_criterion, exit_indices
-from stages.core.flops import exit_flops, flop_analysis
-from stages.core.inference import early_exit_forward
-from stages.core.nets import NetSpec, create_net
-from stages.core.nets.heads import PoolLinearHead
-from stages.core.nets.msdnet import CIFAR, IMAGENET, MSDNetClassifier, Transition, scales_at
+from exitflow.stages.core.data import DataSpec, load_splits, make_loader
+from exitflow.stages.core.evaluation import exit_criterion, exit_indices
+from exitflow.stages.core.flops import exit_flops, flop_analysis
+from exitflow.stages.core.inference import early_exit_forward
+from exitflow.stages.core.nets import NetSpec, create_net
+from exitflow.stages.core.nets.heads import PoolLinearHead
+from exitflow.stages.core.nets.msdnet import CIFAR, IMAGENET, MSDNetClassifier, Transition, scales_at
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -105,8 +105,8 @@ def test_dynamic_inference_over_the_scales_takes_the_simulated_exits() -> None:
 
 
 def test_a_digits_phase_trains_msdnet_and_its_evaluation_gives_a_curve() -> None:
-    from stages.core import evaluate
-    from stages.core.loop import PhaseConfig, fit_phase, seed_everything
+    from exitflow.stages.core.score_model import score_model
+    from exitflow.stages.core.loop import PhaseConfig, fit_phase, seed_everything
 
     data = DataSpec(name="digits", augment=False)
     splits = load_splits(data, seed=0)
@@ -116,7 +116,7 @@ def test_a_digits_phase_trains_msdnet_and_its_evaluation_gives_a_curve() -> None
     cfg = PhaseConfig(optimizer="adam", lr=3e-3, batch_size=64, max_epochs=2, patience=3, selection="mean")
     result = fit_phase(net, "P2", cfg, make_loader(splits.train, 64, shuffle=True, seed=0),
                        make_loader(splits.val, 256, shuffle=False, seed=0), "cpu")
-    out = evaluate.run(spec, result.best_state_dict, data, 0, ["max_softmax"], num_thresholds=20)
+    out = score_model(spec, result.best_state_dict, data, 0, ["max_softmax"], num_thresholds=20)
     accuracy = out.exits.column("accuracy").to_pylist()
     assert len(accuracy) == 3 and accuracy[-1] > 0.5  # 10 classes: well above chance after two epochs
     curve = out.curve.to_pylist()

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from stages.core.nets import MultiExitNet, NetSpec, create_net, list_nets, register_net
-from stages.core.nets.methods import METHODS, ExitMethod, register_method
-from stages.core.nets.multi_exit import scale_grad
+from exitflow.stages.core.nets import MultiExitNet, NetSpec, create_net, list_nets, register_net
+from exitflow.stages.core.nets.methods import METHODS, ExitMethod, register_method
+from exitflow.stages.core.nets.multi_exit import scale_grad
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -312,8 +312,8 @@ def test_bad_specs_name_the_field(spec: NetSpec, field: str) -> None:
 @pytest.mark.parametrize(("backbone", "hidden"), [("resnet20", (32,)), ("vit_cifar", (32, 16))])
 def test_mlp_heads_with_one_or_two_hidden_layers(backbone: str, hidden: tuple[int, ...]) -> None:
     """The paper's Table 2 heads: hidden layers of the given widths before each IC's classifier."""
-    from stages.core.flops import exit_flops
-    from stages.core.nets.heads import MLPHead
+    from exitflow.stages.core.flops import exit_flops
+    from exitflow.stages.core.nets.heads import MLPHead
 
     net = create_net(small_spec(backbone, head="mlp", head_hidden=hidden))
     assert all(isinstance(ic, MLPHead) for ic in net.ics)
@@ -349,7 +349,7 @@ def ensemble() -> Iterator[ExitMethod]:
 
 
 def test_a_registered_method_runs_through_the_net_and_evaluation(ensemble: ExitMethod) -> None:
-    from stages.core.evaluation import collect_logits, fixed_exit_accuracy, threshold_curve
+    from exitflow.stages.core.evaluation import collect_logits, fixed_exit_accuracy, threshold_curve
 
     spec = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8)
     torch.manual_seed(0)
@@ -371,7 +371,7 @@ def test_a_registered_method_runs_through_the_net_and_evaluation(ensemble: ExitM
 
 
 def test_an_unknown_method_is_refused_by_the_spec_and_the_registry() -> None:
-    from pipeline.spec import SpecError, load_spec
+    from exitflow.pipeline.spec import SpecError, load_spec
 
     with pytest.raises(SpecError, match="unknown method 'nope'"):
         load_spec(None, ["net.method=nope"])
@@ -394,7 +394,7 @@ def final_only() -> Iterator[ExitMethod]:
 
 
 def test_a_registered_method_brings_its_own_loss_into_training(final_only: ExitMethod) -> None:
-    from stages.core.phases import exit_weights, phase_loss, prepare_phase
+    from exitflow.stages.core.regimes import exit_weights, phase_loss, prepare_phase
 
     net = create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(3, 6), width=8,
                              method="toy_final_only"))
@@ -411,7 +411,7 @@ def test_a_registered_method_brings_its_own_loss_into_training(final_only: ExitM
 def test_pabee_trains_the_depth_weighted_average_of_its_exits_losses() -> None:
     """PABEE's loss (Zhou et al. 2020): sum_j j * L_j / sum_j j over exits j = 1..E in P2; P1 stays the
     plain final-exit loss; per-exit losses are logged unweighted."""
-    from stages.core.phases import exit_weights, phase_loss
+    from exitflow.stages.core.regimes import exit_weights, phase_loss
 
     net = create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(2, 4, 6), width=8,
                              method="pabee"))

@@ -26,7 +26,7 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from exitflow.pipeline.cli import app
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
 NO_RUN = "0123456789abcdef0123456789abcdef"
@@ -109,7 +109,7 @@ def test_a_variants_start_from_a_run_the_store_lacks_is_refused_naming_the_varia
 
 @pytest.mark.parametrize("scheme", ["ray://", ""], ids=["ray-client", "gcs"])
 def test_a_cluster_address_that_refuses_connections_fails_fast_writing_nothing(cwd: Path, scheme: str) -> None:
-    from pipeline.loopback import free_loopback_port
+    from exitflow.pipeline.loopback import free_loopback_port
 
     address = f"{scheme}127.0.0.1:{free_loopback_port()}"  # nothing listens there
     line, _ = refused("run", "empty.yaml", "--set", "net.width=8", "--address", address)
@@ -158,8 +158,8 @@ def test_a_report_where_there_is_no_store_says_so_and_makes_none(cwd: Path, tmp_
 
 
 def test_reading_a_study_where_there_is_no_store_makes_none(tmp_path: Path) -> None:
-    from pipeline.results import open_study
-    from pipeline.tracking import TrackingError
+    from exitflow.pipeline.results import open_study
+    from exitflow.pipeline.tracking import TrackingError
 
     with pytest.raises(TrackingError, match="there is no store there"):
         with open_study(NO_RUN, f"sqlite:///{tmp_path / 'mlflow.db'}"):
@@ -206,7 +206,7 @@ def test_a_locked_store_is_waited_on_for_the_stated_time_then_refused_in_one_lin
 
 
 def test_a_store_unlocked_during_the_wait_is_served(locked: tuple[Path, sqlite3.Connection], monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.tracking import wait_unlocked
+    from exitflow.pipeline.tracking import wait_unlocked
 
     folder, con = locked
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -227,9 +227,9 @@ def test_a_store_unlocked_during_the_wait_is_served(locked: tuple[Path, sqlite3.
 
 
 def test_key_locks_and_ray_storage_live_beside_a_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.locks import lock_dir
-    from pipeline.runner import storage_path
-    from pipeline.spec import load_spec
+    from exitflow.pipeline.locks import lock_dir
+    from exitflow.pipeline.runner import storage_path
+    from exitflow.pipeline.spec import load_spec
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -266,11 +266,12 @@ def test_three_runs_of_overlapping_studies_on_one_store_from_two_folders_train_e
     """P1 is held by an earlier command (its key lock, beside the store) while the three start, so
     each of them finds it uncached and must take its lock: one trains it, the other two wait for it and
     reuse it. The disjoint P3 (two studies) and the mixed P2 (two) are raced for as they come."""
-    from pipeline.graph import build_graph
-    from pipeline.locks import key_lock
-    from pipeline.results import open_study
-    from pipeline.spec import load_spec
-    from pipeline.tracking import client, serve_store
+    from exitflow.pipeline.graph import build_graph
+    from exitflow.pipeline.locks import key_lock
+    from exitflow.pipeline.results import open_study
+    from exitflow.pipeline.spec import load_spec
+    from exitflow.pipeline.tracking import client
+    from exitflow.pipeline.tracking_server import serve_store
 
     store = tmp_path / "store"
     store.mkdir()
@@ -285,7 +286,7 @@ def test_three_runs_of_overlapping_studies_on_one_store_from_two_folders_train_e
         for (folder, _), sets, err in zip(STUDIES, studies, errs):
             work = tmp_path / f"work-{folder}"
             work.mkdir(exist_ok=True)
-            cmd = [sys.executable, "-m", "pipeline.cli", "run", str(EXAMPLE), "--address", ray_address, "--tracking-uri", uri,
+            cmd = [sys.executable, "-m", "exitflow.pipeline.cli", "run", str(EXAMPLE), "--address", ray_address, "--tracking-uri", uri,
                    *[a for s in sets for a in ("--set", s)]]
             with err.with_suffix(".out").open("w") as out, err.open("w") as e:  # files: no pipe fills up and stalls a run
                 procs.append(subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=e))

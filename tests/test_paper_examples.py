@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.dag import Graph
-from pipeline.graph import build_graph
-from pipeline.spec import StudySpec, load_spec
-from pipeline.spec_sections import LR_PRESETS, Preset
-from pipeline.stage import PHASE, nodes_with_role
+from exitflow.pipeline.dag import Graph
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.spec import StudySpec, load_spec
+from exitflow.pipeline.spec_sections import LR_PRESETS, Preset
+from exitflow.pipeline.stage import PHASE, nodes_with_role
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "examples" / "paper"

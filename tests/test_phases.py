@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from stages.core.loop import PhaseConfig, build_optimizer
-from stages.core.nets import create_net
-from stages.core.nets.spec import NetSpec
-from stages.core.phases import (
+from exitflow.stages.core.loop import PhaseConfig, build_optimizer
+from exitflow.stages.core.nets import create_net
+from exitflow.stages.core.nets.spec import NetSpec
+from exitflow.stages.core.regimes import (
     PHASES,
     REGIME_PHASES,
     exit_weights,

@@ -32,7 +32,7 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def base(ray_session: None, mlflow_uri: str, storage: str) -> Any:
-    from pipeline.runner import run_study
+    from exitflow.pipeline.runner import run_study
 
     return run_study(tiny_spec(storage, *BASE), mlflow_uri)
 
@@ -43,13 +43,13 @@ def client(mlflow_uri: str) -> MlflowClient:
 
 
 def _run(storage: str, mlflow_uri: str, *sets: str) -> Any:
-    from pipeline.runner import run_study
+    from exitflow.pipeline.runner import run_study
 
     return run_study(tiny_spec(storage, *BASE, *sets), mlflow_uri)
 
 
 def test_the_study_lands_in_mlflow_as_a_typed_dag(base: Any, client: MlflowClient, tmp_path: Path) -> None:
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     assert sorted(base.trained) == ["seed0/P1", "seed0/disjoint/P3", "seed0/joint/P2"]
     parent = client.get_run(base.parent_run_id)
@@ -93,8 +93,8 @@ def test_the_study_lands_in_mlflow_as_a_typed_dag(base: Any, client: MlflowClien
 
 
 def test_phase_runs_log_every_epoch_and_a_checkpoint_that_rebuilds_the_net(base: Any, client: MlflowClient) -> None:
-    from pipeline.artifacts import ArtifactStore, state_dict_hash
-    from stages.core.nets import NetSpec, create_net
+    from exitflow.pipeline.artifacts import ArtifactStore, state_dict_hash
+    from exitflow.stages.core.nets import NetSpec, create_net
 
     run_id = base.results["seed0/disjoint/P3"].run_id
     curve = client.get_metric_history(run_id, "val_acc_final")
@@ -115,7 +115,7 @@ def test_phase_runs_log_every_epoch_and_a_checkpoint_that_rebuilds_the_net(base:
 
 
 def test_running_again_trains_nothing(base: Any, storage: str, mlflow_uri: str, client: MlflowClient) -> None:
-    from pipeline.runner import plan
+    from exitflow.pipeline.runner import plan
 
     phase_runs_before = len(runs(client, NAME, stage="train"))
     again = _run(storage, mlflow_uri)
@@ -132,7 +132,7 @@ def test_results_from_python_are_dataframes_whether_trained_or_cached(
 ) -> None:
     from pandas.testing import assert_frame_equal
 
-    from pipeline.results import open_study
+    from exitflow.pipeline.results import open_study
 
     exp = client.get_experiment_by_name(NAME)
     # marked as model training; MLflow 3.17's UI opens in GenAI mode all the same (`exitflow ui` prints the runs link)
@@ -174,8 +174,8 @@ def test_results_api_gives_the_budget_table_exitflow_report_prints(base: Any, ml
     the DataFrame's value, as the report renders it; and the DataFrame has no row the report lacks."""
     import re
 
-    from pipeline.cli import app
-    from pipeline.results import open_study
+    from exitflow.pipeline.cli import app
+    from exitflow.pipeline.results import open_study
 
     printed = CliRunner().invoke(app, ["report", base.parent_run_id, "--tracking-uri", mlflow_uri])
     assert printed.exit_code == 0, printed.output
@@ -202,8 +202,8 @@ def test_results_api_gives_the_budget_table_exitflow_report_prints(base: Any, ml
 
 def early_exit_accuracy(net: Any, threshold: float) -> float:
     """Dynamic inference on the study's test split (digits, seed 0): the accuracy at `threshold`."""
-    from stages.core.data import DataSpec, load_splits, make_loader
-    from stages.core.inference import early_exit_predict
+    from exitflow.stages.core.data import DataSpec, load_splits, make_loader
+    from exitflow.stages.core.inference import early_exit_predict
 
     test = load_splits(DataSpec(name="digits"), seed=0).test
     loader = make_loader(test, 256, shuffle=False, seed=0)
@@ -227,7 +227,7 @@ def test_extending_the_study_trains_only_the_new_nodes(base: Any, storage: str, 
 def test_a_corrupted_checkpoint_is_refused_and_its_stage_rerun(
     base: Any, storage: str, mlflow_uri: str, mlflow_store: Store, client: MlflowClient
 ) -> None:
-    from pipeline.artifacts import ArtifactError, ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactError, ArtifactStore
 
     bad = base.results["seed0/joint/P2"].run_id
     model = mlflow_store.artifact_file(client.get_run(bad).info.artifact_uri, "checkpoint/model.pt")
@@ -246,7 +246,7 @@ def test_a_corrupted_checkpoint_is_refused_and_its_stage_rerun(
 
 
 def test_report_command_prints_the_table(base: Any, mlflow_uri: str) -> None:
-    from pipeline.cli import app
+    from exitflow.pipeline.cli import app
 
     result = CliRunner().invoke(app, ["report", base.parent_run_id, "--tracking-uri", mlflow_uri])
     assert result.exit_code == 0, result.output
@@ -254,7 +254,7 @@ def test_report_command_prints_the_table(base: Any, mlflow_uri: str) -> None:
 
 
 def test_history_table_matches_the_logged_epochs(base: Any, client: MlflowClient, tmp_path: Path) -> None:
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     run_id = base.results["seed0/P1"].run_id
     history = ArtifactStore(client).load_table(run_id, "history").to_pylist()
@@ -272,7 +272,7 @@ def test_history_table_matches_the_logged_epochs(base: Any, client: MlflowClient
 def test_a_failed_node_is_named_once_and_everything_downstream_is_skipped(
     ray_session: None, mlflow_uri: str, client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.runner import StudyFailed, run_study
+    from exitflow.pipeline.runner import StudyFailed, run_study
 
     # P1 crashes in its first epoch, and Train may not restart it: P1 fails for good.
     monkeypatch.setenv("EXITFLOW_FAULT", f"point=train.epoch_end,node=seed0/P1,epoch=0,action=raise,marker={tmp_path / 'fired'}")
@@ -301,7 +301,7 @@ def test_a_diverging_fixed_lr_phase_fails_with_its_message_and_is_never_reused(
     ray_session: None, storage: str, mlflow_uri: str, client: MlflowClient, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.runner import StudyFailed, run_study
+    from exitflow.pipeline.runner import StudyFailed, run_study
 
     spec = tiny_spec(storage, "name=pipeline-diverged", "regimes=[joint]", "phases.P2.optimizer=sgd", "phases.P2.lr=1.0e5")
     for attempt in range(2):  # the second run finds the diverged phase in storage: it fails again, it is not a cache hit
@@ -323,7 +323,7 @@ def test_a_search_with_a_diverging_lr_picks_a_healthy_one_and_the_report_says_so
 ) -> None:
     import pyarrow.parquet as pq
 
-    from pipeline.runner import run_study
+    from exitflow.pipeline.runner import run_study
 
     monkeypatch.setenv("EXITFLOW_FAULT", f"point=train.mid_epoch,node=seed0/joint/P2,lr=100000,epoch=0,"
                                          f"action=nonfinite,marker={tmp_path / 'fired'}")  # certain, as above

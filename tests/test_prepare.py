@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from stages.core.data import DataSpec, dataset_info
-from stages.core.data.sources import read_parquet_split
+from exitflow.pipeline.cli import app
+from exitflow.stages.core.data import DataSpec, dataset_info
+from exitflow.stages.core.data.sources import read_parquet_split
 
 
 def _data(*args: str) -> object:

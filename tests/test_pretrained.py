@@ -13,13 +13,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.graph import build_graph
-from pipeline.spec import SpecError, load_spec
-from stages.core.nets import NetSpec, create_net
-from stages.core.nets.pretrained import Pretrained, PretrainedStart, to_backbone_names
-from stages.core.nets.registry import list_nets
-from stages.core.nets.start import load_start
+from exitflow.pipeline.cli import app
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.spec import SpecError, load_spec
+from exitflow.stages.core.nets import NetSpec, create_net
+from exitflow.stages.core.nets.pretrained import Pretrained, PretrainedStart, to_backbone_names
+from exitflow.stages.core.nets.registry import list_nets
+from exitflow.stages.core.nets.start import load_start
 
 RESNET34_FILE = "resnet34-b627a593.pth"  # torchvision's file name for ResNet34_Weights.IMAGENET1K_V1
 VIT_TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"

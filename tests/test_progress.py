@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from stages.core.progress import progress_logging
+from exitflow.stages.core.log_lines import progress_logging
 
 
 def test_progress_lines_go_to_the_last_target_once() -> None:
@@ -12,17 +12,17 @@ def test_progress_lines_go_to_the_last_target_once() -> None:
     second: list[str] = []
     try:
         progress_logging(emit=first.append)
-        logging.getLogger("stages.core.loop").info("one")
-        progress_logging("stages.core.loop", emit=second.append)  # a reused Ray worker, a later run's relay
-        logging.getLogger("stages.core.loop").info("quiet now")
-        logging.getLogger("pipeline.locks").info("two")
-        logging.getLogger("stages.core.loop").warning("still warns")
+        logging.getLogger("exitflow.stages.core.loop").info("one")
+        progress_logging("exitflow.stages.core.loop", emit=second.append)  # a reused Ray worker, a later run's relay
+        logging.getLogger("exitflow.stages.core.loop").info("quiet now")
+        logging.getLogger("exitflow.pipeline.locks").info("two")
+        logging.getLogger("exitflow.stages.core.loop").warning("still warns")
         assert first == ["one"]
         assert second == ["two", "still warns"]
-        assert len(logging.getLogger("stages").handlers) == 1 and not logging.getLogger("stages").propagate
+        assert len(logging.getLogger("exitflow").handlers) == 1 and not logging.getLogger("exitflow").propagate
     finally:
-        logging.getLogger("stages.core.loop").setLevel(logging.NOTSET)
-        for name in ("pipeline", "stages"):
+        logging.getLogger("exitflow.stages.core.loop").setLevel(logging.NOTSET)
+        for name in ("exitflow",):
             logger = logging.getLogger(name)
             logger.handlers.clear()
             logger.propagate = True

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.relay import quiet_ray_notices, ray_notice
+from exitflow.pipeline.relay import quiet_ray_notices, ray_notice
 
 # As Ray 2.60's driver received them when a node task's process was SIGKILLed (ids shortened).
 WORKER_DIED = (

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from stages.core.budgets import budget_table
-from stages.core.evaluation import threshold_curve
-from stages.core.report_plots import format_budget_table, interpolate_curves, plot_tradeoff
+from exitflow.stages.core.budgets import budget_table
+from exitflow.stages.core.evaluation import threshold_curve
+from exitflow.stages.core.report_plots import format_budget_table, interpolate_curves, plot_tradeoff
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -75,7 +75,7 @@ def test_format_budget_table() -> None:
 def test_the_report_tabulates_calibration_per_exit_and_at_each_budget(tmp_path) -> None:  # noqa: ANN001
     import pyarrow as pa
 
-    from stages.core import report
+    from exitflow.stages.core import report
 
     def curve(shift: float) -> pa.Table:  # three points at 25 %, 50 %, 100 % of the backbone's 100 FLOPs
         return pa.table({"criterion": ["max_softmax"] * 3, "threshold": [0.0, 0.5, 1.0], "flops": [25.0, 50.0, 100.0],

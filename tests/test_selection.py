@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.core.selection import selection_score
+from exitflow.stages.core.selection import selection_score
 
 ACC = [0.5, 0.7, 0.9]
 FRAC = [0.25, 0.5, 1.0]

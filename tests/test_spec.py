@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.spec import SpecError, StudySpec, load_spec, spec_to_yaml
-from pipeline.spec_sections import LR_PRESETS, LogUniform, PhaseConfig, Preset
+from exitflow.pipeline.spec import SpecError, StudySpec, load_spec, spec_to_yaml
+from exitflow.pipeline.spec_sections import LR_PRESETS, LogUniform, PhaseConfig, Preset
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -336,7 +336,7 @@ def test_spec_is_frozen() -> None:
 )
 def test_the_spec_and_the_core_allow_the_same_data_values(field: str, value: object, valid: bool) -> None:
     """One list of allowed values (stages/core/allowed.py): the spec never accepts what the core refuses, nor the reverse."""
-    from stages.core.data import DataSpec
+    from exitflow.stages.core.data import DataSpec
 
     extra = {"root": "/data/x"} if field == "name" and value != "digits" else {}
     sets = [f"data.{field}={value}", *(f"data.{k}={v}" for k, v in extra.items())]
@@ -356,7 +356,7 @@ def _accepts(build: Callable[[], object], error: type[Exception]) -> bool:
 
 @pytest.mark.parametrize(("head", "valid"), [("sdn", True), ("linear", True), ("conv", False)])
 def test_the_spec_and_the_core_allow_the_same_heads(head: str, valid: bool) -> None:
-    from stages.core.nets.heads import make_head
+    from exitflow.stages.core.nets.heads import make_head
 
     spec_ok = _accepts(lambda: load_spec(None, [f"net.head={head}"]), SpecError)
     core_ok = _accepts(lambda: make_head(head, (8, 4, 4), 10), ValueError)
@@ -368,7 +368,7 @@ def test_phase_defaults_and_fields_are_the_cores() -> None:
     field the core reads from a study is a spec field (the rest the pipeline derives)."""
     import dataclasses
 
-    from stages.core.phase_config import PhaseConfig as CorePhase
+    from exitflow.stages.core.phase_config import PhaseConfig as CorePhase
 
     derived = {"selection", "gradient_dominance_every"}  # from search.selection and analyses.gradient_dominance
     core = {f.name: f.default for f in dataclasses.fields(CorePhase) if f.name not in derived}
@@ -383,9 +383,9 @@ def test_the_spec_phase_section_is_generated_from_the_cores_fields() -> None:
 
     from annotated_types import Ge, Gt, Le, Lt
 
-    from stages.core.fields import field_types
-    from stages.core.phase_config import SET_BY
-    from stages.core.phase_config import PhaseConfig as CorePhase
+    from exitflow.stages.core.fields import field_types
+    from exitflow.stages.core.phase_config import SET_BY
+    from exitflow.stages.core.phase_config import PhaseConfig as CorePhase
 
     core = [f for f in dataclasses.fields(CorePhase) if SET_BY not in f.metadata]
     assert list(PhaseConfig.model_fields) == [f.name for f in core]
@@ -419,7 +419,7 @@ def test_the_spec_phase_section_is_generated_from_the_cores_fields() -> None:
     ],
 )
 def test_the_spec_and_the_core_allow_the_same_phase_values(field: str, value: object, valid: bool) -> None:
-    from stages.core.phase_config import PhaseConfig as CorePhase
+    from exitflow.stages.core.phase_config import PhaseConfig as CorePhase
 
     spec_ok = _accepts(lambda: load_spec(None, [f"phases.P2.{field}={value}"]), SpecError)
     core_ok = _accepts(lambda: CorePhase(**{field: value}), ValueError)

@@ -55,13 +55,13 @@ def test_the_walk_is_at_most_seven_files_and_three_forms() -> None:
 
 
 def test_the_optimizer_reads_the_object_the_plan_put_in_the_node() -> None:
-    from pipeline.graph import build_graph
-    from pipeline.spec import load_spec
-    from stages.core.loop import build_optimizer, build_scheduler
-    from stages.core.nets import create_net
-    from stages.core.phase_config import PhaseConfig
-    from stages.core.phases import prepare_phase
-    from stages.phase import phase_job
+    from exitflow.pipeline.graph import build_graph
+    from exitflow.pipeline.spec import load_spec
+    from exitflow.stages.core.loop import build_optimizer, build_scheduler
+    from exitflow.stages.core.nets import create_net
+    from exitflow.stages.core.phase_config import PhaseConfig
+    from exitflow.stages.core.regimes import prepare_phase
+    from exitflow.stages.phase_kind import phase_job
 
     spec = load_spec(None, ["phases.P2.lr=0.01", "phases.P2.max_epochs=30", "regimes=[joint]", "net.width=8"])
     assert spec.phases.P2.lr == 0.01  # form 2: the spec's section
@@ -83,8 +83,8 @@ def test_the_optimizer_reads_the_object_the_plan_put_in_the_node() -> None:
 
 
 def test_a_bad_value_is_refused_by_the_spec_naming_the_field_with_the_cores_bound() -> None:
-    from pipeline.spec import SpecError, load_spec
-    from stages.core.phase_config import PhaseConfig
+    from exitflow.pipeline.spec import SpecError, load_spec
+    from exitflow.stages.core.phase_config import PhaseConfig
 
     with pytest.raises(SpecError, match=re.escape("phases.P2.max_epochs: Input should be greater than or equal to 1")):
         load_spec(None, ["phases.P2.max_epochs=0"])

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.graph import build_graph
-from pipeline.spec import SpecError, StudySpec, format_validation_error, load_spec, spec_to_yaml
+from exitflow.pipeline.cli import app
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.spec import SpecError, StudySpec, format_validation_error, load_spec, spec_to_yaml
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -405,7 +405,7 @@ preflight_documents = st.builds(_with, valid_studies, st.one_of(st.none(), fault
 def start_files() -> dict[str, bytes]:
     """weights.pt (the default study's net), random.pt, and code.pt: torch.save of an object whose
     unpickling creates CODE_RAN."""
-    from stages.core.nets import NetSpec, create_net
+    from exitflow.stages.core.nets import NetSpec, create_net
 
     def saved(obj: Any) -> bytes:
         buffer = io.BytesIO()

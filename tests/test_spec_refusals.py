@@ -13,10 +13,10 @@ import ray
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.spec import SpecError, load_spec
-from stages.core.allowed import MAX_EPOCHS, MAX_THRESHOLDS, MAX_YAML_NODES
-from stages.core.nets import NetSpec, create_net
+from exitflow.pipeline.cli import app
+from exitflow.pipeline.spec import SpecError, load_spec
+from exitflow.stages.core.allowed import MAX_EPOCHS, MAX_THRESHOLDS, MAX_YAML_NODES
+from exitflow.stages.core.nets import NetSpec, create_net
 from test_cli_errors import write_parquet
 from test_spec_fuzz import BOMB, assert_one_reason
 
@@ -212,9 +212,9 @@ def test_a_start_that_would_run_code_is_refused_without_torchs_advice(cwd: Path,
 
 
 def test_no_torch_load_error_carries_torchs_advice(tmp_path: Path) -> None:
-    from stages.checkpoints import UnreadableCheckpoint, read_state
-    from stages.core.nets.start import read_state_file
-    from stages.core.tensor_file import UnreadableTensors
+    from exitflow.stages.checkpoints import UnreadableCheckpoint, read_state
+    from exitflow.stages.core.nets.start import read_state_file
+    from exitflow.stages.core.tensor_file import UnreadableTensors
 
     marker = tmp_path / "code-ran"
     torch.save({"w": _RunsCode(marker)}, tmp_path / "evil.pt")
@@ -229,7 +229,7 @@ def test_no_torch_load_error_carries_torchs_advice(tmp_path: Path) -> None:
 
 def test_check_starts_reads_every_variants_run(tmp_path: Path) -> None:
     # runs:/ID starts are read once the store is open (the runner passes its reader): every variant's.
-    from pipeline.resolve import check_starts
+    from exitflow.pipeline.resolve import check_starts
 
     good, wide = "a" * 32, "b" * 32
     states = {good: create_net(NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8)).state_dict(),

@@ -21,10 +21,10 @@ import pyarrow as pa
 import pytest
 from helpers import tiny_spec
 
-from pipeline.dag import Graph, Node
-from pipeline.spec import SpecError, StudySpec
-from pipeline.spec_types import AnalysisSection, with_settings
-from pipeline.stage import (ANALYSIS, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage,
+from exitflow.pipeline.dag import Graph, Node
+from exitflow.pipeline.spec import SpecError, StudySpec
+from exitflow.pipeline.spec_types import AnalysisSection, with_settings
+from exitflow.pipeline.stage import (ANALYSIS, Stage, StageContext, StageInput, StageResult, Table, TableKind, register_stage,
                             unregister_stage)
 
 SPREAD = TableKind("exit_spread", "exit_spread.parquet", ("regime", "best_exit", "spread"))
@@ -95,13 +95,13 @@ def spec(registered: None, tmp_path_factory: pytest.TempPathFactory) -> StudySpe
 
 @pytest.fixture(scope="module")
 def first(registered: None, spec: StudySpec, ray_session: None, mlflow_uri: str) -> Any:
-    from pipeline.runner import run_study
+    from exitflow.pipeline.runner import run_study
 
     return run_study(spec, mlflow_uri, progress=lambda _: None)
 
 
 def test_the_registered_stage_joins_the_graph_through_its_plan(registered: None, spec: StudySpec) -> None:
-    from pipeline.graph import build_graph
+    from exitflow.pipeline.graph import build_graph
 
     g = build_graph(spec)
     node = g.nodes["seed0/joint/analyze/exit_spread"]
@@ -116,8 +116,8 @@ def test_the_registered_stage_joins_the_graph_through_its_plan(registered: None,
 
 
 def test_its_spec_section_is_declared_beside_it(registered: None) -> None:
-    from pipeline.kinds import analysis_sections
-    from pipeline.spec import load_spec
+    from exitflow.pipeline.kinds import analysis_sections
+    from exitflow.pipeline.spec import load_spec
 
     assert analysis_sections()["exit_spread"] is ExitSpreadAnalysis
     assert load_spec(None).analyses.exit_spread == ExitSpreadAnalysis()  # every declared section is there, its defaults
@@ -126,7 +126,7 @@ def test_its_spec_section_is_declared_beside_it(registered: None) -> None:
 
 
 def test_an_unregistered_kinds_section_is_an_unknown_key() -> None:
-    from pipeline.spec import load_spec
+    from exitflow.pipeline.spec import load_spec
 
     class GoneAnalysis(AnalysisSection):
         name = "gone"
@@ -148,7 +148,7 @@ def test_an_unregistered_kinds_section_is_an_unknown_key() -> None:
 def test_it_runs_through_the_dag_with_a_typed_hashed_artifact(first: Any, mlflow_store: Any) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     res = first.results["seed0/joint/analyze/exit_spread"]
     assert not res.cached
@@ -167,7 +167,7 @@ def test_it_runs_through_the_dag_with_a_typed_hashed_artifact(first: Any, mlflow
 
 @pytest.mark.ray
 def test_a_rerun_reuses_it(first: Any, spec: StudySpec, mlflow_uri: str) -> None:
-    from pipeline.runner import run_study
+    from exitflow.pipeline.runner import run_study
 
     again = run_study(spec, mlflow_uri, progress=lambda _: None)
     assert set(again.cache_hits) == set(again.results) and "seed0/joint/analyze/exit_spread" in again.cache_hits
@@ -183,7 +183,7 @@ def test_an_undeclared_artifact_kind_is_refused() -> None:
 
 
 def test_a_second_writer_of_a_table_kind_with_another_schema_is_refused() -> None:
-    from pipeline.stage import get_stage
+    from exitflow.pipeline.stage import get_stage
 
     get_stage("evaluate")  # the built-in writer of 'exits'
 
@@ -200,7 +200,7 @@ def test_a_second_writer_of_a_table_kind_with_another_schema_is_refused() -> Non
 def test_the_rank_analysis_runs_as_an_analyze_stage(first: Any, mlflow_store: Any) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     res = first.results["seed0/analyze/rank"]
     c = MlflowClient(mlflow_store.uri)
@@ -218,7 +218,7 @@ def test_the_rank_analysis_runs_as_an_analyze_stage(first: Any, mlflow_store: An
 def test_the_landscape_analysis_centres_on_the_model(first: Any, mlflow_store: Any) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     res = first.results["seed0/joint/analyze/landscape"]
     c = MlflowClient(mlflow_store.uri)
@@ -235,7 +235,7 @@ def test_the_landscape_analysis_centres_on_the_model(first: Any, mlflow_store: A
 def test_the_connectivity_analysis_connects_the_pair_of_regimes(first: Any, mlflow_store: Any) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     res = first.results["seed0/analyze/connectivity"]
     c = MlflowClient(mlflow_store.uri)
@@ -260,7 +260,7 @@ def test_the_mutual_information_analysis_gives_every_block_an_estimate(first: An
 
     from mlflow.tracking import MlflowClient
 
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     res = first.results["seed0/analyze/mutual_information"]
     c = MlflowClient(mlflow_store.uri)
@@ -274,7 +274,7 @@ def test_the_mutual_information_analysis_gives_every_block_an_estimate(first: An
 
 @pytest.mark.ray
 def test_the_pipeline_run_links_every_analysis_plot(first: Any, mlflow_uri: str) -> None:
-    from pipeline.runner import study_report
+    from exitflow.pipeline.runner import study_report
 
     _, where = study_report(first.parent_run_id, mlflow_uri)
     assert set(where["analyses"]) == {"seed0/analyze/rank", "seed0/joint/analyze/landscape", "seed0/disjoint/analyze/landscape",
@@ -287,7 +287,7 @@ def test_the_pipeline_run_links_every_analysis_plot(first: Any, mlflow_uri: str)
 
 @pytest.mark.ray
 def test_switching_an_analysis_off_or_changing_its_grid_reruns_only_it(first: Any, spec: StudySpec, mlflow_uri: str) -> None:
-    from pipeline.runner import run_study
+    from exitflow.pipeline.runner import run_study
 
     off = spec.model_copy(update={"analyses": spec.analyses.model_copy(
         update={"landscape": spec.analyses.landscape.model_copy(update={"enabled": False})})})
@@ -304,7 +304,7 @@ def test_switching_an_analysis_off_or_changing_its_grid_reruns_only_it(first: An
 def test_gradient_dominance_is_measured_during_joint_p2(first: Any, mlflow_store: Any) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     run_id = first.results["seed0/joint/P2"].run_id
     c = MlflowClient(mlflow_store.uri)

@@ -17,12 +17,12 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import tiny_spec
-from pipeline.artifacts import state_dict_hash
-from pipeline.cli import app
-from pipeline.graph import build_graph
-from pipeline.spec import SpecError, load_spec
-from stages.core.nets import NetSpec, create_net
-from stages.core.nets.start import backbone_weights, load_start
+from exitflow.pipeline.artifacts import state_dict_hash
+from exitflow.pipeline.cli import app
+from exitflow.pipeline.graph import build_graph
+from exitflow.pipeline.spec import SpecError, load_spec
+from exitflow.stages.core.nets import NetSpec, create_net
+from exitflow.stages.core.nets.start import backbone_weights, load_start
 
 SMALL = dict(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exit_every=2, exit_start=2)
 
@@ -103,8 +103,8 @@ def test_a_relative_init_path_resolves_against_the_spec_file(tmp_path: Path) -> 
 def test_a_phase_starts_from_exactly_the_given_weights(ray_session: None, mlflow_uri: str, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.artifacts import ArtifactStore
-    from pipeline.runner import run_study
+    from exitflow.pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.runner import run_study
 
     file = tmp_path / "start.pt"
     torch.save(_net(seed=7).state_dict(), file)

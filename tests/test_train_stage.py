@@ -12,11 +12,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_dashboard: str, storage: str, tmp_path: Path) -> None:
-    from stages.core.nets import create_net
-    from stages.ray_train import run_phase, scaling_config
+    from exitflow.stages.core.nets import create_net
+    from exitflow.stages.ray_train import fit_with_torch_trainer, scaling_config
 
     job = phase_job(max_epochs=2)
-    outcome = run_phase(job, scaling_config(2, False, 1.0, 0.0), "ddp", storage, max_failures=0)
+    outcome = fit_with_torch_trainer(job, scaling_config(2, False, 1.0, 0.0), "ddp", storage, max_failures=0)
     assert outcome.epochs_run == 2
     assert outcome.best_val["val_acc_final"] > 0.5  # two epochs of real learning, sharded over 2 ranks
     net = create_net(job.net)
@@ -37,40 +37,40 @@ def test_two_worker_gloo_ddp_checkpoint_loads_into_fresh_net(ray_dashboard: str,
 def test_interrupted_phase_resumes_from_its_checkpoint(ray_session: None, storage: str, tmp_path: Path) -> None:
     from ray.train import TrainingFailedError
 
-    from stages.ray_train import run_phase, scaling_config
+    from exitflow.stages.ray_train import fit_with_torch_trainer, scaling_config
 
     marker = tmp_path / "fault-fired"
     scaling = scaling_config(1, False, 1.0, 0.0)
     with pytest.raises(TrainingFailedError):
-        run_phase(phase_job(4, f"point=train.epoch_end,epoch=2,action=raise,settle_s=5,marker={marker}"), scaling, "resume", storage, max_failures=0)
+        fit_with_torch_trainer(phase_job(4, f"point=train.epoch_end,epoch=2,action=raise,settle_s=5,marker={marker}"), scaling, "resume", storage, max_failures=0)
     assert marker.exists()
-    outcome = run_phase(phase_job(4), scaling, "resume", storage, max_failures=0)
+    outcome = fit_with_torch_trainer(phase_job(4), scaling, "resume", storage, max_failures=0)
     assert outcome.resumed_at == 2  # epochs 0-1 came from the checkpoint, not from a fresh start
     assert [int(m["epoch"]) for m in outcome.history] == [0, 1, 2, 3]
     assert [m["resumed_at"] for m in outcome.history] == [-1.0, -1.0, 2.0, 2.0]
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_session: None, storage: str, tmp_path: Path) -> None:
-    from stages.ray_train import run_phase, scaling_config
+    from exitflow.stages.ray_train import fit_with_torch_trainer, scaling_config
 
     marker = tmp_path / "worker-killed"
     job = phase_job(3, f"point=train.epoch_end,epoch=1,settle_s=5,marker={marker}")
-    outcome = run_phase(job, scaling_config(1, False, 1.0, 0.0), "killed", storage, max_failures=1)
+    outcome = fit_with_torch_trainer(job, scaling_config(1, False, 1.0, 0.0), "killed", storage, max_failures=1)
     assert marker.exists()  # the worker process really died (SIGKILL) in epoch 1
     assert outcome.resumed_at == 1
     assert outcome.epochs_run == 3
 
 
 def test_a_phase_whose_checkpoint_cannot_be_read_starts_afresh(ray_session: None, storage: str) -> None:
-    from stages.ray_train import STATE_FILE, run_phase, scaling_config
+    from exitflow.stages.ray_train import STATE_FILE, fit_with_torch_trainer, scaling_config
 
     scaling = scaling_config(1, False, 1.0, 0.0)
-    run_phase(phase_job(1), scaling, "unreadable", storage, max_failures=0)
+    fit_with_torch_trainer(phase_job(1), scaling, "unreadable", storage, max_failures=0)
     states = list(Path(storage).glob(f"unreadable/checkpoint_*/{STATE_FILE}"))
     assert states
     for state in states:
         state.write_bytes(b"truncated")  # what a disk that filled up mid-write leaves
-    outcome = run_phase(phase_job(2), scaling, "unreadable", storage, max_failures=0)
+    outcome = fit_with_torch_trainer(phase_job(2), scaling, "unreadable", storage, max_failures=0)
     assert outcome.resumed_at is None and [int(m["epoch"]) for m in outcome.history] == [0, 1]  # from scratch
 
 
@@ -78,13 +78,13 @@ def test_a_phase_whose_checkpoint_cannot_be_read_starts_afresh(ray_session: None
 
 
 def _in_task(job, name: str, storage: str, max_failures: int, retries: int):  # noqa: ANN001, ANN202
-    """run_phase in process, inside a Ray task (as the train stage runs it): a kill takes the task."""
+    """fit_with_torch_trainer in process, inside a Ray task (as the train stage runs it): a kill takes the task."""
     import ray
 
-    from stages.ray_train import run_phase, scaling_config
+    from exitflow.stages.ray_train import fit_with_torch_trainer, scaling_config
 
     def fit():  # noqa: ANN202
-        return run_phase(job, scaling_config(1, False, 1.0, 0.0), name, storage, max_failures, in_process=True)
+        return fit_with_torch_trainer(job, scaling_config(1, False, 1.0, 0.0), name, storage, max_failures, in_process=True)
 
     return ray.get(ray.remote(num_cpus=1, max_retries=retries)(fit).remote())
 
@@ -92,12 +92,12 @@ def _in_task(job, name: str, storage: str, max_failures: int, retries: int):  # 
 def test_in_process_a_phase_trains_without_ray_train_and_equals_its_ray_train_twin(ray_dashboard: str, storage: str) -> None:
     from ray.util.state import list_actors
 
-    from stages.ray_train import run_phase, scaling_config
+    from exitflow.stages.ray_train import fit_with_torch_trainer, scaling_config
 
     controllers = sum(a.class_name == "TrainController" for a in list_actors(ray_dashboard, limit=10_000, raise_on_missing_output=False))
     local = _in_task(phase_job(2), "in-process", storage, 0, 0)
     assert sum(a.class_name == "TrainController" for a in list_actors(ray_dashboard, limit=10_000, raise_on_missing_output=False)) == controllers
-    trained = run_phase(phase_job(2), scaling_config(1, False, 1.0, 0.0), "under-train", storage, max_failures=0)
+    trained = fit_with_torch_trainer(phase_job(2), scaling_config(1, False, 1.0, 0.0), "under-train", storage, max_failures=0)
     # the same seed, data and device: the same epochs, bit for bit
     assert [m["train_loss"] for m in local.history] == [m["train_loss"] for m in trained.history]
     for name, value in trained.best_state_dict.items():
@@ -119,35 +119,35 @@ def test_in_process_a_killed_task_resumes_from_its_last_checkpoint(ray_session: 
 
 def test_in_process_a_failed_attempt_resumes_max_failures_times_then_raises(ray_session: None, storage: str,
                                                                             tmp_path: Path) -> None:
-    from stages.core.faults import InjectedFault
-    from stages.ray_train import run_phase, scaling_config
+    from exitflow.stages.core.faults import InjectedFault
+    from exitflow.stages.ray_train import fit_with_torch_trainer, scaling_config
 
     scaling = scaling_config(1, False, 1.0, 0.0)
     first, second = tmp_path / "first", tmp_path / "second"
     fault = (f"point=train.epoch_end,epoch=1,action=raise,marker={first};"
              f"point=train.epoch_end,epoch=2,action=raise,marker={second}")
-    outcome = run_phase(phase_job(3, fault), scaling, "retried", storage, max_failures=2, in_process=True)
+    outcome = fit_with_torch_trainer(phase_job(3, fault), scaling, "retried", storage, max_failures=2, in_process=True)
     assert first.exists() and second.exists()
     assert [int(m["epoch"]) for m in outcome.history] == [0, 1, 2] and outcome.resumed_at == 1
     again = tmp_path / "again"
     with pytest.raises(InjectedFault):
-        run_phase(phase_job(2, f"point=train.epoch_end,epoch=0,action=raise,marker={again}"), scaling, "no-retry", storage,
+        fit_with_torch_trainer(phase_job(2, f"point=train.epoch_end,epoch=0,action=raise,marker={again}"), scaling, "no-retry", storage,
                   max_failures=0, in_process=True)
 
 
 def test_in_process_a_checkpoint_that_cannot_be_read_starts_the_phase_afresh(ray_session: None, storage: str) -> None:
-    from stages.ray_train import STATE_FILE, run_phase, scaling_config
+    from exitflow.stages.ray_train import STATE_FILE, fit_with_torch_trainer, scaling_config
 
     scaling = scaling_config(1, False, 1.0, 0.0)
-    run_phase(phase_job(1), scaling, "unreadable-in-process", storage, max_failures=0, in_process=True)
+    fit_with_torch_trainer(phase_job(1), scaling, "unreadable-in-process", storage, max_failures=0, in_process=True)
     for state in Path(storage).glob(f"unreadable-in-process/checkpoint_*/{STATE_FILE}"):
         state.write_bytes(b"truncated")
-    outcome = run_phase(phase_job(2), scaling, "unreadable-in-process", storage, max_failures=0, in_process=True)
+    outcome = fit_with_torch_trainer(phase_job(2), scaling, "unreadable-in-process", storage, max_failures=0, in_process=True)
     assert outcome.resumed_at is None and [int(m["epoch"]) for m in outcome.history] == [0, 1]
 
 
 def test_a_save_cut_short_is_never_read_and_pruning_keeps_the_two_newest(tmp_path: Path) -> None:
-    from stages.checkpoints import PROGRESS_FILE, CheckpointStore
+    from exitflow.stages.checkpoints import PROGRESS_FILE, CheckpointStore
 
     store = CheckpointStore(str(tmp_path), "run")
     state = {"epoch": 0, "history": [{"epoch": 0}], "early_stopping": {}, "config": {"max_epochs": 3}}

@@ -25,7 +25,7 @@ SEARCHED = [f"phases.{p}.lr=[{','.join(map(str, GRID))}]" for p in ("P1", "P2", 
 @pytest.fixture(scope="module")
 def study(ray_session: None, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """disjoint + mixed: one search per phase kind (P1 shared, P2, P3), three learning rates each."""
-    from pipeline.runner import run_study
+    from exitflow.pipeline.runner import run_study
 
     storage = tmp_path_factory.mktemp("ray")
     return run_study(tiny_spec(storage, f"name={NAME}", "regimes=[disjoint,mixed]", *SEARCHED), mlflow_uri)
@@ -41,7 +41,7 @@ SEARCHES = ["seed0/P1", "seed0/disjoint/P3", "seed0/mixed/P2"]
 
 @pytest.mark.parametrize("node", SEARCHES)
 def test_every_phase_searches_the_grid_and_logs_every_trial(study: Any, client: MlflowClient, node: str) -> None:
-    from pipeline.artifacts import ArtifactStore
+    from exitflow.pipeline.artifacts import ArtifactStore
 
     result = study.results[node]
     stage = client.get_run(result.run_id)
@@ -65,8 +65,8 @@ def test_every_phase_searches_the_grid_and_logs_every_trial(study: Any, client: 
 
 @pytest.mark.parametrize("node", SEARCHES)
 def test_the_phase_model_is_exactly_the_best_trials_checkpoint(study: Any, client: MlflowClient, node: str) -> None:
-    from pipeline.artifacts import ArtifactStore, state_dict_hash
-    from stages.ray_train import outcome_from_checkpoint
+    from exitflow.pipeline.artifacts import ArtifactStore, state_dict_hash
+    from exitflow.stages.ray_train import outcome_from_checkpoint
 
     result = study.results[node]
     trial_state = outcome_from_checkpoint(result.summary["best_trial_checkpoint"]).best_state_dict
@@ -91,13 +91,13 @@ TRAINERS = pytest.mark.parametrize("in_process", [False, True], ids=["ray_train"
 def test_asha_stops_poor_learning_rates_early(ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               in_process: bool) -> None:
     """Also: the search tells the driver's display its trial counts as trials start and end."""
-    import pipeline.relay
-    from stages.ray_train import scaling_config
-    from stages.phase_plan import SearchPlan
-    from stages.ray_tune import run_search
+    from exitflow.pipeline import relay
+    from exitflow.stages.ray_train import scaling_config
+    from exitflow.stages.phase_plan import SearchPlan
+    from exitflow.stages.ray_tune import run_search
 
     posted: list[tuple[str, dict]] = []
-    monkeypatch.setattr(pipeline.relay, "_post", lambda line, event=None: posted.append((line, event)))
+    monkeypatch.setattr(relay, "_post", lambda line, event=None: posted.append((line, event)))
     # Grid order is trial order: the two good rates reach the first rung before the poor one starts.
     plan = SearchPlan(grid=(3e-3, 1e-3, 1e-6), scheduler="asha", grace_period=1, reduction_factor=2)
     search = run_search(phase_job(max_epochs=4), plan, scaling_config(1, False, 1.0, 0.0), "asha", str(tmp_path), 0,
@@ -140,9 +140,9 @@ class RecordingLogs:
 @TRAINERS
 def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_session: None, tmp_path: Path,
                                                                          in_process: bool) -> None:
-    from stages.ray_train import outcome_from_checkpoint, scaling_config
-    from stages.phase_plan import SearchPlan
-    from stages.ray_tune import SearchFailed, run_search
+    from exitflow.stages.ray_train import outcome_from_checkpoint, scaling_config
+    from exitflow.stages.phase_plan import SearchPlan
+    from exitflow.stages.ray_tune import SearchFailed, run_search
 
     plan = SearchPlan(grid=(3e-3, 1e-3))  # one trial at a time (below): 3e-3 finishes first
     scaling, storage = scaling_config(1, False, 1.0, 0.0), str(tmp_path / "ray")
@@ -164,16 +164,16 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_ses
 def test_a_search_whose_state_cannot_be_read_says_why_and_starts_afresh(
     ray_session: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from stages.ray_train import scaling_config
-    from stages.phase_plan import SearchPlan
-    from stages.ray_tune import run_search, search_dir
+    from exitflow.stages.ray_train import scaling_config
+    from exitflow.stages.phase_plan import SearchPlan
+    from exitflow.stages.ray_tune import run_search, search_dir
 
     storage = tmp_path / "ray"
     folder = search_dir("broken", str(storage))
     broken = storage / folder
     broken.mkdir(parents=True)
     (broken / "tuner.pkl").write_bytes(b"not a pickle: a half-written file from a dead process")
-    with caplog.at_level("WARNING", logger="stages.ray_tune"):
+    with caplog.at_level("WARNING", logger="exitflow.stages.ray_tune"):
         # The trials train in process: what is broken is Tune's own saved state, the same under either trainer.
         search = run_search(phase_job(max_epochs=1), SearchPlan(grid=(3e-3,)), scaling_config(1, False, 1.0, 0.0),
                             "broken", str(storage), 0, in_process=True)
@@ -191,7 +191,7 @@ def test_the_same_search_in_two_storages_is_staged_apart(ray_session: None, tmp_
     name carries its storage, and stays the same for a restored search."""
     from ray.train._internal.storage import StorageContext
 
-    from stages.ray_tune import search_dir
+    from exitflow.stages.ray_tune import search_dir
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
 
@@ -209,8 +209,8 @@ def test_a_trial_whose_recorded_checkpoint_is_gone_reads_its_runs_newest_whole_o
     """Tune's record of a trial's checkpoint may be older than its Train run's own (an attempt Tune
     never heard of reported again and Train, keeping two, removed the old one): the newest whole
     checkpoint of the run is read instead; none whole is an error naming the trial and the run."""
-    from stages.ray_train import PROGRESS_FILE, STATE_FILE
-    from stages.ray_tune import SearchFailed, latest_complete_checkpoint
+    from exitflow.stages.ray_train import PROGRESS_FILE, STATE_FILE
+    from exitflow.stages.ray_tune import SearchFailed, latest_complete_checkpoint
 
     run = tmp_path / "search-trial_00001"
     for name, files in (("checkpoint_2026-11-30_14-56-09.354454", [STATE_FILE]),  # Tune's: half removed

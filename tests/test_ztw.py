@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from stages.core.data import DataSpec, load_splits, make_loader
-from stages.core.evaluation import exit_criterion, exit_indices
-from stages.core.loop import PhaseConfig, fit_phase, seed_everything
-from stages.core.nets import NetSpec, create_net
-from stages.core.nets.start import backbone_weights
-from stages.core.nets.ztw import CascadeHead, GeometricEnsemble, ensemble_nll, fit_ensemble
-from stages.core.phases import prepare_phase
-from stages.core.state_hash import state_dict_hash
+from exitflow.stages.core.data import DataSpec, load_splits, make_loader
+from exitflow.stages.core.evaluation import exit_criterion, exit_indices
+from exitflow.stages.core.loop import PhaseConfig, fit_phase, seed_everything
+from exitflow.stages.core.nets import NetSpec, create_net
+from exitflow.stages.core.nets.start import backbone_weights
+from exitflow.stages.core.nets.ztw import CascadeHead, GeometricEnsemble, ensemble_nll, fit_ensemble
+from exitflow.stages.core.regimes import prepare_phase
+from exitflow.stages.core.state_hash import state_dict_hash
 
 SPEC = NetSpec(backbone="resnet20", num_classes=10, in_chans=1, img_size=8, exits=(2, 4, 6), width=8, method="ztw")
 
@@ -231,7 +231,7 @@ def test_a_ztw_checkpoint_starts_a_backbone_leaving_its_ics_and_ensemble() -> No
 def test_cascade_maps_cost_their_multiply_adds() -> None:
     """C x C multiply-adds per cascade map, and its LayerNorm as fvcore counts every LayerNorm (5 per
     element with its affine map; exitflow keeps that count for the ViTs' norms too, test_flops.py)."""
-    from stages.core.flops import piece_flops
+    from exitflow.stages.core.flops import piece_flops
 
     ztw = piece_flops(create_net(SPEC))
     sdn = piece_flops(create_net(NetSpec(**{**SPEC.__dict__, "method": "sdn"})))
@@ -243,7 +243,7 @@ def test_cascade_maps_cost_their_multiply_adds() -> None:
 def test_a_search_keeps_a_trial_that_fitted_its_ensemble() -> None:
     """ZTW fits its ensemble at a phase's last epoch, which a trial ASHA stopped never reached: such a
     trial cannot be the search's model, however it scored; for a method without that step it can."""
-    from stages.ray_tune import TrialRecord, choose_trial
+    from exitflow.stages.ray_tune import TrialRecord, choose_trial
 
     stopped = TrialRecord("t0", 1e-3, best_val=0.95, epochs=2, stopped_by="scheduler", checkpoint_path="a")
     ended = TrialRecord("t1", 3e-3, best_val=0.93, epochs=6, stopped_by="patience", checkpoint_path="b")

@@ -33,9 +33,9 @@ REPO = PAPER.parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the project's packages are beside examples/
     sys.path.insert(0, str(REPO))
 
-from pipeline.graph import build_graph  # noqa: E402
-from pipeline.stage import PHASE, nodes_with_role  # noqa: E402
-from pipeline.spec import load_spec  # noqa: E402
+from exitflow.pipeline.graph import build_graph  # noqa: E402
+from exitflow.pipeline.stage import PHASE, nodes_with_role  # noqa: E402
+from exitflow.pipeline.spec import load_spec  # noqa: E402
 
 # Assumed sustained training throughput of one A100/H100-class GPU in bf16 on these small-image nets:
 # about 10% of an A100's 312 TFLOP/s dense bf16 peak (small feature maps, short token sequences and
@@ -89,8 +89,8 @@ def forward_flops(choice: Any, dataset: str, side: int | None = None) -> int:
     at the data set's side or at `side` (data.resize)."""
     key = (choice, dataset, side)
     if key not in _FLOPS:
-        from stages.core.flops import exit_flops
-        from stages.core.nets import create_net
+        from exitflow.stages.core.flops import exit_flops
+        from exitflow.stages.core.nets import create_net
 
         ds = DATASETS[dataset]
         net = create_net(choice.sized(ds.classes, ds.channels, side or ds.side))

@@ -16,11 +16,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from stages.core.analysis.gradient_dominance import GradientDominance
-from stages.core.l2w import L2W
-from stages.core.phase_config import PhaseConfig
-from stages.core.phases import Phase, per_sample_weighted, phase_loss, phase_objective, set_train_mode, unwrap
-from stages.core.selection import NO_STEP
+from exitflow.stages.core.analysis.gradient_dominance import GradientDominance
+from exitflow.stages.core.l2w import L2W
+from exitflow.stages.core.phase_config import PhaseConfig
+from exitflow.stages.core.regimes import Phase, per_sample_weighted, phase_loss, phase_objective, set_train_mode, unwrap
+from exitflow.stages.core.selection import NO_STEP
 
 StepHook = Callable[[int, int, int], None]  # (epoch, step within the epoch, steps per epoch), after each step
 

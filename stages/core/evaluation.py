@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from stages.core.registry import Registry
+from exitflow.stages.core.registry import Registry
 
 Spacing = Literal["uniform", "quantile"]
 SPACINGS: tuple[str, ...] = ("uniform", "quantile")

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from stages.core.evaluation import Criterion, confidence, get_criterion, passes
-from stages.core.nets.multi_exit import MultiExitNet, map_state
+from exitflow.stages.core.evaluation import Criterion, confidence, get_criterion, passes
+from exitflow.stages.core.nets.multi_exit import MultiExitNet, map_state
 
 
 @dataclass(frozen=True)

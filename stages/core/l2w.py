@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import Optimizer
 
-from stages.core.nets.exit_method import ExitLosses
-from stages.core.phase_config import L2WSettings
+from exitflow.stages.core.nets.exit_method import ExitLosses
+from exitflow.stages.core.phase_config import L2WSettings
 
 
 class WeightPredictor(nn.Module):

@@ -23,13 +23,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from stages.core.early_stopping import EarlyStopping
-from stages.core.epoch import StepHook, all_reduce_sum, autocast, evaluate_exits, to_device, train_one_epoch
-from stages.core.l2w import L2W
-from stages.core.phase_config import L2WSettings, PhaseConfig
-from stages.core.phase_state import PhaseResult, Progress, cpu_copy, restore, snapshot
-from stages.core.phases import Phase, check_phase, exit_weights, prepare_phase, unwrap
-from stages.core.selection import DIVERGED_SCORE, divergence_message, diverged_in, monitored, selection_score
+from exitflow.stages.core.early_stopping import EarlyStopping
+from exitflow.stages.core.epoch import StepHook, all_reduce_sum, autocast, evaluate_exits, to_device, train_one_epoch
+from exitflow.stages.core.l2w import L2W
+from exitflow.stages.core.phase_config import L2WSettings, PhaseConfig
+from exitflow.stages.core.phase_state import PhaseResult, Progress, cpu_copy, restore, snapshot
+from exitflow.stages.core.regimes import Phase, check_phase, exit_weights, prepare_phase, unwrap
+from exitflow.stages.core.selection import DIVERGED_SCORE, divergence_message, diverged_in, monitored, selection_score
 
 __all__ = [
     "EarlyStopping",
@@ -186,7 +186,7 @@ def fit_phase(
 
 def exit_fractions(net: nn.Module) -> list[float]:
     """Each exit's FLOPs as a share of the final exit's (what selection `auc` integrates over)."""
-    from stages.core.flops import exit_flops  # fvcore: imported only when the fractions are asked for
+    from exitflow.stages.core.flops import exit_flops  # fvcore: imported only when the fractions are asked for
 
     flops = exit_flops(net)
     return [f / flops[-1] for f in flops]

@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
 
-from stages.core.allowed import MAX_BATCH, MAX_EPOCHS, MAX_SAMPLES, MAX_WIDTH
-from stages.core.fields import check_fields, reject_unknown
+from exitflow.stages.core.allowed import MAX_BATCH, MAX_EPOCHS, MAX_SAMPLES, MAX_WIDTH
+from exitflow.stages.core.fields import check_fields, reject_unknown
 
 OptimizerName = Literal["sgd", "adamw", "adam"]
 Schedule = Literal["none", "cosine", "step"]
@@ -25,7 +25,7 @@ Schedule = Literal["none", "cosine", "step"]
 # exits, or the area under the exits' validation FLOPs-accuracy points. P1 always keeps by its final exit.
 Selection = Literal["mean", "final", "auc"]
 LossWeighting = Literal["uniform", "kaya", "han", "han_decreasing", "gradient_equilibrium", "l2w"]
-# How the weighted exit losses combine (stages.core.phases.phase_objective): "mean" divides the weighted
+# How the weighted exit losses combine (stages.core.regimes.phase_objective): "mean" divides the weighted
 # sum by the number of exits E (the paper's code: 1/E, in P3 as well); "sum" is the plain weighted sum.
 LossReduction = Literal["mean", "sum"]
 
@@ -79,7 +79,7 @@ class PhaseConfig:
     step_epochs: Epochs = 30  # "step": multiply the lr by step_gamma every this many epochs
     step_gamma: Positive = 0.1  # "step": decay factor
     grad_clip: Positive | None = None  # max global grad norm of the trainable params (paper: 1 for EfficientNet)
-    loss_weighting: LossWeighting = "uniform"  # exit loss weights (stages.core.phases.exit_weights); equilibrium acts in P2 only
+    loss_weighting: LossWeighting = "uniform"  # exit loss weights (stages.core.regimes.exit_weights); equilibrium acts in P2 only
     kaya_epochs: Epochs | None = None  # "kaya": epochs for IC weights to reach their caps; None -> max_epochs (SDN's code)
     loss_reduction: LossReduction = "mean"  # the weighted exit losses / E (the paper's code) or their plain sum
     label_smoothing: Fraction = 0.0  # training loss only; validation loss is plain cross-entropy

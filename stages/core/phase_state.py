@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stages.core.early_stopping import EarlyStopping
-from stages.core.l2w import L2W
-from stages.core.phase_config import PhaseConfig
-from stages.core.phases import Phase
-from stages.core.selection import diverged_in
+from exitflow.stages.core.early_stopping import EarlyStopping
+from exitflow.stages.core.l2w import L2W
+from exitflow.stages.core.phase_config import PhaseConfig
+from exitflow.stages.core.regimes import Phase
+from exitflow.stages.core.selection import diverged_in
 
-logger = logging.getLogger("stages.core.loop")  # one logger for the loop's lines (launchers quieten it by name)
+logger = logging.getLogger("exitflow.stages.core.loop")  # one logger for the loop's lines (launchers quieten it by name)
 
 
 @dataclass

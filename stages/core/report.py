@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from stages.core.budgets import Budget, Readout, budget_label, budget_table, mean_std, read_budget
-from stages.core.report_plots import format_budget_table, format_readout, ordered, plot_tradeoff
+from exitflow.stages.core.budgets import Budget, Readout, budget_label, budget_table, mean_std, read_budget
+from exitflow.stages.core.report_plots import format_budget_table, format_readout, ordered, plot_tradeoff
 
 
 @dataclass
@@ -110,7 +110,7 @@ def training_costs(lineages: Mapping[tuple[str, int], Mapping[str, Mapping[str, 
     """The training cost of every regime: the rows of `costs.parquet` and the text table.
 
     `lineages[(regime, seed)]` maps each phase node behind that regime's model to its cost, as the
-    phase recorded it (stages.phase.phase_cost): epochs (a search: every trial's), train_seconds
+    phase recorded it (stages.phase_kind.phase_cost): epochs (a search: every trial's), train_seconds
     (the epochs' own time, searches included), wall_seconds (the stage's run, Ray's start-up
     included; a resumed phase: since its resume), device and device_hours. A regime's cost is
     everything behind its model, so a shared P1 counts in each regime that uses it; the study

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from stages.core.budgets import DEFAULT_BUDGETS, NAMED_BUDGETS, Readout, budget_label
+from exitflow.stages.core.budgets import DEFAULT_BUDGETS, NAMED_BUDGETS, Readout, budget_label
 
 Curve = tuple[Sequence[float], Sequence[float]]  # (flops, accuracy) of one seed
 GRID_POINTS = 200

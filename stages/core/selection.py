@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stages.core.phase_config import Selection
+from exitflow.stages.core.phase_config import Selection
 
 NO_STEP = float(2**53)  # "no non-finite step yet": above any step, so a MIN over ranks finds the first
 DIVERGED_SCORE = -1.0  # a diverged epoch's selection score: below every accuracy, never the best

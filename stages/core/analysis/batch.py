@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stages.core.data import Splits
+from exitflow.stages.core.data import Splits
 
 SPLITS = ("train", "test", "val")
 

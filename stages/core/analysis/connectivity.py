@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.core.analysis.permutation import State
+from exitflow.stages.core.analysis.permutation import State
 
 EVAL_BATCH = 512
 

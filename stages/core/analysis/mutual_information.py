@@ -176,7 +176,7 @@ def block_mutual_information(net: nn.Module, x: Tensor, estimator: MIEstimator =
     """I(X; Z_b) for every backbone block b on the batch `x` (net in eval mode)."""
     import torch
 
-    from stages.core.analysis.capture import capture_outputs
+    from exitflow.stages.core.analysis.capture import capture_outputs
 
     was_training = net.training
     net.eval()

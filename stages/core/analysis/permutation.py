@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from stages.core.nets.gpf import StateHead
-from stages.core.nets.heads import MLPHead, PoolLinearHead, SDNHead, TokenHead
-from stages.core.nets.msdnet import MSDLayer, MSDNet, MSDNetClassifier, Transition
-from stages.core.nets.ztw import CascadeHead
+from exitflow.stages.core.nets.gpf import StateHead
+from exitflow.stages.core.nets.heads import MLPHead, PoolLinearHead, SDNHead, TokenHead
+from exitflow.stages.core.nets.msdnet import MSDLayer, MSDNet, MSDNetClassifier, Transition
+from exitflow.stages.core.nets.ztw import CascadeHead
 
 Segment = tuple[str, int]  # (group, inner): the group's units in order, `inner` consecutive entries each
 Axis = tuple[Segment, ...] | None  # None: the dimension is not permuted
@@ -257,9 +257,9 @@ def _msdnet(b: _Builder, net: nn.Module) -> list[Axis]:
 
 def permutation_spec(net: nn.Module) -> PermutationSpec:
     """The spec of a MultiExitNet: its backbone's unit groups and its ICs' inputs; other backbones are refused."""
-    from stages.core.nets.resnet_cifar import CifarResNet
-    from stages.core.nets.resnet_tv import TVResNet
-    from stages.core.nets.vit import ViT
+    from exitflow.stages.core.nets.resnet_cifar import CifarResNet
+    from exitflow.stages.core.nets.resnet_tv import TVResNet
+    from exitflow.stages.core.nets.vit import ViT
 
     backbone = net.spec.backbone
     b = _Builder(net)

@@ -25,7 +25,7 @@ from typing import ContextManager
 import torch
 from torch import Tensor, nn
 
-from stages.core.analysis.capture import capture_outputs
+from exitflow.stages.core.analysis.capture import capture_outputs
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 FLOAT64_EPS = float(torch.finfo(torch.float64).eps)

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.core.data import sources
-from stages.core.data.loading import SUBSET_SEED, dataset_info
-from stages.core.data.spec import DataError, DatasetInfo, DataSpec
-from stages.core.data.split import stratified_split, stratified_subset
-from stages.core.data.transforms import is_large
+from exitflow.stages.core.data import sources
+from exitflow.stages.core.data.loading import SUBSET_SEED, dataset_info
+from exitflow.stages.core.data.spec import DataError, DatasetInfo, DataSpec
+from exitflow.stages.core.data.split import stratified_split, stratified_subset
+from exitflow.stages.core.data.transforms import is_large
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.core.data.memo import cache_root
+from exitflow.stages.core.data.memo import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.core.data import sources
-from stages.core.data.file_hashes import hash_files
-from stages.core.data.spec import DataError, DataSpec
+from exitflow.stages.core.data import sources
+from exitflow.stages.core.data.file_hashes import hash_files
+from exitflow.stages.core.data.spec import DataError, DataSpec
 
 IDENTITY_VERSION = 1  # bump when what the digest covers changes: every key that reads data changes with it
 DIGEST_PREFIX = "sha256:"

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from stages.core.augment import MixingCollate, NormalisedTensorOps
-from stages.core.data import sources
-from stages.core.data.spec import DataError, DatasetInfo, DataSpec
-from stages.core.data.split import stratified_split, stratified_subset
-from stages.core.data.transforms import (
+from exitflow.stages.core.augment import MixingCollate, NormalisedTensorOps
+from exitflow.stages.core.data import sources
+from exitflow.stages.core.data.spec import DataError, DatasetInfo, DataSpec
+from exitflow.stages.core.data.split import stratified_split, stratified_subset
+from exitflow.stages.core.data.transforms import (
     CIFAR10_STATS,
     CIFAR100_STATS,
     IMAGENET_STATS,

@@ -41,8 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from stages.core.allowed import PREPARE_FORMATS
-from stages.core.data.spec import DataError
+from exitflow.stages.core.allowed import PREPARE_FORMATS
+from exitflow.stages.core.data.spec import DataError
 
 FORMATS = PREPARE_FORMATS
 SPLITS: tuple[str, ...] = ("train", "test")

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from stages.core.data.memo import memoized, sklearn_version
-from stages.core.data.spec import DataError
-from stages.core.data.split import sklearn_split
+from exitflow.stages.core.data.memo import memoized, sklearn_version
+from exitflow.stages.core.data.spec import DataError
+from exitflow.stages.core.data.split import sklearn_split
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from stages.core.allowed import DATASET_NAMES, MIN_SUBSET, NEEDS_NO_ROOT, RESIZE_BOUNDS, VAL_FRACTION_BOUNDS
-from stages.core.augment import Augmentations
-from stages.core.fields import reject_unknown
+from exitflow.stages.core.allowed import DATASET_NAMES, MIN_SUBSET, NEEDS_NO_ROOT, RESIZE_BOUNDS, VAL_FRACTION_BOUNDS
+from exitflow.stages.core.augment import Augmentations
+from exitflow.stages.core.fields import reject_unknown
 
 
 class DataError(ValueError):

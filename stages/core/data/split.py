@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.core.data.memo import memoized, sklearn_version
-from stages.core.data.spec import DataError
+from exitflow.stages.core.data.memo import memoized, sklearn_version
+from exitflow.stages.core.data.spec import DataError
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from stages.core.augment import Augmentations, erasing, image_ops
+from exitflow.stages.core.augment import Augmentations, erasing, image_ops
 
 # Images at least this large get ImageNet-style crops; smaller ones (CIFAR-like) get pad-and-crop.
 LARGE_IMAGE_SIDE = 64

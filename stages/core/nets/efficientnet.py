@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from stages.core.nets.multi_exit import ExitBackbone, MultiExitNet, exits_every
-from stages.core.nets.registry import register_net
-from stages.core.nets.spec import NetSpec
+from exitflow.stages.core.nets.multi_exit import ExitBackbone, MultiExitNet, exits_every
+from exitflow.stages.core.nets.registry import register_net
+from exitflow.stages.core.nets.spec import NetSpec
 
 SMALL_INPUT_MAX = 64  # small_input=None picks the stride-1 stem at or below this image side
 STRIDE_STANDARD = 32  # stride-2 stem + four stride-2 stages

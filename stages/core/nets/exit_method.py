@@ -130,7 +130,7 @@ class ExitMethod:
 
     def losses(self, logits: Sequence[Tensor], target: Tensor, loss_fn: LossFn) -> list[Tensor]:
         """Each exit's training loss; the phase decides which exits count and weights them
-        (`stages.core.phases.phase_loss`)."""
+        (`stages.core.regimes.phase_loss`)."""
         return each_exit_alone(logits, target, loss_fn)
 
     def loss_weights(self, num_exits: int) -> Tensor:

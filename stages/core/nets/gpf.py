@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.core.nets.exit_method import ExitMethod, ExitNet, MakeICs, MethodParts, depth_weights
+from exitflow.stages.core.nets.exit_method import ExitMethod, ExitNet, MakeICs, MethodParts, depth_weights
 
 STATE_WIDTH = 128  # the ICs' hidden state; the authors' code makes it a setting (head_dim)
 

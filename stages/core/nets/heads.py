@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from stages.core.allowed import HEAD_KINDS
+from exitflow.stages.core.allowed import HEAD_KINDS
 
 SDN_POOL_SIZE = 4  # SDN heads pool conv features down to at most this many cells per side
 

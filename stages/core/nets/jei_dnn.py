@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.core.nets.exit_method import ExitMethod, ExitNet, MakeICs, MethodCurve, MethodParts
-from stages.core.nets.full_batch import fit_full_batch
+from exitflow.stages.core.nets.exit_method import ExitMethod, ExitNet, MakeICs, MethodCurve, MethodParts
+from exitflow.stages.core.nets.full_batch import fit_full_batch
 
 # lambda = 0 sends each sample to its most accurate exit; at 4 the full net's cost outweighs any
 # cross-entropy gap a trained net shows, and nearly every sample leaves at the first IC.
@@ -114,7 +114,7 @@ def gate_exits(gate_logits: Tensor) -> Tensor:
 
 def relative_costs(model: Any) -> Tensor:
     """Every exit's FLOPs over the final exit's: [E] float32, on the model's device."""
-    from stages.core.flops import exit_flops  # fvcore's import is costly: only when gates are fitted
+    from exitflow.stages.core.flops import exit_flops  # fvcore's import is costly: only when gates are fitted
 
     flops = torch.tensor(exit_flops(model), dtype=torch.float64)
     return (flops / flops[-1]).float().to(next(model.parameters()).device)

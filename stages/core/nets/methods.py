@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from stages.core.nets.exit_method import ExitLosses, ExitMethod, MethodCurve, MethodParts, depth_weights, each_exit_alone
-from stages.core.nets.gpf import GPF
-from stages.core.nets.jei_dnn import JEIDNN
-from stages.core.nets.pabee import PABEE
-from stages.core.nets.sdn import SDN
-from stages.core.nets.ztw import ZTW
-from stages.core.registry import Registry
+from exitflow.stages.core.nets.exit_method import ExitLosses, ExitMethod, MethodCurve, MethodParts, depth_weights, each_exit_alone
+from exitflow.stages.core.nets.gpf import GPF
+from exitflow.stages.core.nets.jei_dnn import JEIDNN
+from exitflow.stages.core.nets.pabee import PABEE
+from exitflow.stages.core.nets.sdn import SDN
+from exitflow.stages.core.nets.ztw import ZTW
+from exitflow.stages.core.registry import Registry
 
 __all__ = ["METHODS", "ExitLosses", "ExitMethod", "MethodCurve", "MethodParts", "depth_weights", "each_exit_alone",
            "get_method", "method_curves", "register_method"]

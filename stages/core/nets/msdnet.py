@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from stages.core.nets.multi_exit import ExitBackbone, MultiExitNet
-from stages.core.nets.registry import register_net
-from stages.core.nets.spec import NetSpec
+from exitflow.stages.core.nets.multi_exit import ExitBackbone, MultiExitNet
+from exitflow.stages.core.nets.registry import register_net
+from exitflow.stages.core.nets.spec import NetSpec
 
 Scales = list[Tensor]  # one feature map per scale still kept, finest first
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stages.core.nets.heads import make_head
-from stages.core.nets.methods import get_method
-from stages.core.nets.spec import NetSpec
+from exitflow.stages.core.nets.heads import make_head
+from exitflow.stages.core.nets.methods import get_method
+from exitflow.stages.core.nets.spec import NetSpec
 
 
 class ExitBackbone(nn.Module, abc.ABC):

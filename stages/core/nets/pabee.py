@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from stages.core.nets.exit_method import ExitMethod, depth_weights
+from exitflow.stages.core.nets.exit_method import ExitMethod, depth_weights
 
 
 class PABEE(ExitMethod):

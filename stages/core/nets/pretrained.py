@@ -20,8 +20,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-from stages.core.allowed import pretrained_source
-from stages.core.tensor_file import load_tensors
+from exitflow.stages.core.allowed import pretrained_source
+from exitflow.stages.core.tensor_file import load_tensors
 
 RESNET_LAYERS = 4  # layer1..layer4
 

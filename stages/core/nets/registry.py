@@ -6,12 +6,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from stages.core.nets.methods import get_method
-from stages.core.nets.spec import NetSpec
-from stages.core.registry import Registry
+from exitflow.stages.core.nets.methods import get_method
+from exitflow.stages.core.nets.spec import NetSpec
+from exitflow.stages.core.registry import Registry
 
 if TYPE_CHECKING:  # runtime import would be circular: families import this module and multi_exit
-    from stages.core.nets.multi_exit import MultiExitNet
+    from exitflow.stages.core.nets.multi_exit import MultiExitNet
 
 log = logging.getLogger(__name__)
 

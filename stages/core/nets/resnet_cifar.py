@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from stages.core.nets.multi_exit import ExitBackbone, MultiExitNet, resnet_exits
-from stages.core.nets.registry import register_net
-from stages.core.nets.spec import NetSpec
+from exitflow.stages.core.nets.multi_exit import ExitBackbone, MultiExitNet, resnet_exits
+from exitflow.stages.core.nets.registry import register_net
+from exitflow.stages.core.nets.spec import NetSpec
 
 NUM_STAGES = 3
 MIN_IMG_SIZE = 4  # two stride-2 stages: smaller images leave nothing to downsample

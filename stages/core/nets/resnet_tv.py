@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from stages.core.nets.multi_exit import ExitBackbone, MultiExitNet, resnet_exits
-from stages.core.nets.registry import register_net
-from stages.core.nets.spec import NetSpec
+from exitflow.stages.core.nets.multi_exit import ExitBackbone, MultiExitNet, resnet_exits
+from exitflow.stages.core.nets.registry import register_net
+from exitflow.stages.core.nets.spec import NetSpec
 
 STEM_WIDTH = 64  # torchvision's stem output channels
 SMALL_INPUT_MAX = 64  # small_input=None picks the small stem at or below this image side

@@ -6,7 +6,7 @@ the one every other method is compared with.
 
 from __future__ import annotations
 
-from stages.core.nets.exit_method import ExitMethod
+from exitflow.stages.core.nets.exit_method import ExitMethod
 
 
 class SDN(ExitMethod):

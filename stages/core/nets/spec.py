@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from stages.core.fields import reject_unknown
+from exitflow.stages.core.fields import reject_unknown
 
 
 @dataclass(frozen=True)

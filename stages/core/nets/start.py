@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from stages.core.allowed import RUN_PREFIX, pretrained_source
-from stages.core.nets.pretrained import PretrainedStart
-from stages.core.tensor_file import load_tensors
+from exitflow.stages.core.allowed import RUN_PREFIX, pretrained_source
+from exitflow.stages.core.nets.pretrained import PretrainedStart
+from exitflow.stages.core.tensor_file import load_tensors
 
 BACKBONE = "backbone."
 # A whole net's parts other than its backbone: the ICs and the method's own modules (GPF's aggregator,

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from stages.core.nets.multi_exit import ExitBackbone, MultiExitNet, exits_every
-from stages.core.nets.registry import register_net
-from stages.core.nets.spec import NetSpec
+from exitflow.stages.core.nets.multi_exit import ExitBackbone, MultiExitNet, exits_every
+from exitflow.stages.core.nets.registry import register_net
+from exitflow.stages.core.nets.spec import NetSpec
 
 AUTO_PATCHES = (16, 8, 4, 2, 1)  # candidate patch sides for patch_size=None, largest first
 AUTO_MIN_GRID = 7  # aim for at least a 7x7 token grid (224 px -> 16 px patches, 32 px -> 4 px)

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.core.nets.exit_method import ExitMethod, ExitNet, MakeICs, MethodParts
-from stages.core.nets.full_batch import fit_full_batch
+from exitflow.stages.core.nets.exit_method import ExitMethod, ExitNet, MakeICs, MethodParts
+from exitflow.stages.core.nets.full_batch import fit_full_batch
 
 ENSEMBLE_STEPS = 300  # full-batch Adam steps: the ensemble has (E - 1) * (E + C) parameters
 ENSEMBLE_LR = 0.05

@@ -14,16 +14,16 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from pipeline.dag import Node
-from pipeline.resolve import sized_net
-from pipeline.stage import (CHECKPOINT, PHASE, Checkpoint, File, RunSettings, Stage, StageContext, StageFailed, StageInput,
+from exitflow.pipeline.dag import Node
+from exitflow.pipeline.resolve import sized_net
+from exitflow.pipeline.stage import (CHECKPOINT, PHASE, Checkpoint, File, RunSettings, Stage, StageContext, StageFailed, StageInput,
                             StageResult, Table, TableKind)
-from stages.core import faults
-from stages.core.data import dataset_info
-from stages.core.nets import NetSpec
-from stages.core.nets.start import StartWeights, start_reader
-from stages.core.phase_state import PhaseResult
-from stages.phase_plan import GradientDominanceAnalysis, PhaseNodeConfig
+from exitflow.stages.core import faults
+from exitflow.stages.core.data import dataset_info
+from exitflow.stages.core.nets import NetSpec
+from exitflow.stages.core.nets.start import StartWeights, start_reader
+from exitflow.stages.core.phase_state import PhaseResult
+from exitflow.stages.phase_plan import GradientDominanceAnalysis, PhaseNodeConfig
 
 DIVERGED_TAG = "exitflow.diverged"  # on a phase that diverged (FAILED) or a search with diverged trials
 RAY_NODES_TAG = "exitflow.ray_nodes"  # on a phase: the Ray node ids of the workers that trained it, comma-separated
@@ -135,7 +135,7 @@ def phase_result(node: Node, job: PhaseJob, ns: NetSpec, result: PhaseResult, lr
     dominance = [{"epoch": int(m["epoch"]), "exit": int(k.removeprefix("grad_cos_")), "cosine": float(v)}
                  for m in result.history for k, v in m.items() if k.startswith("grad_cos_")]
     if dominance and workdir is not None:  # measured during P2 (analyses.gradient_dominance)
-        from stages.core.analysis.gradient_dominance import plot_dominance
+        from exitflow.stages.core.analysis.gradient_dominance import plot_dominance
 
         artifacts.append(Table(GRADIENT_DOMINANCE.name, pa.Table.from_pylist(dominance)))
         artifacts.append(File(plot_dominance(dominance, workdir / "gradient_dominance.png", f"{node.id}: gradient dominance")))

@@ -1,6 +1,6 @@
-"""The evaluate stage: one pass over the test set, then every exit and threshold from the cache.
-
-A stage is a function: it takes a model and configs and returns tables; the runner stores them.
+"""One trained net scored on the test split: one pass over the test set, then every exit and every
+threshold from the cached logits (the maths: `stages.core.evaluation`). The evaluate kind
+(`stages/evaluate.py`) stores the tables this returns.
 """
 
 from __future__ import annotations
@@ -10,21 +10,21 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from stages.core.data import DataSpec, load_splits, make_loader
-from stages.core.evaluation import (Spacing, calibration_error, collect_logits, curve_at_exits, fixed_exit_accuracy, threshold_curve,
+from exitflow.stages.core.data import DataSpec, load_splits, make_loader
+from exitflow.stages.core.evaluation import (Spacing, calibration_error, collect_logits, curve_at_exits, fixed_exit_accuracy, threshold_curve,
                                     top_probability)
-from stages.core.flops import backbone_flops, exit_flops
-from stages.core.nets import NetSpec, create_net
+from exitflow.stages.core.flops import backbone_flops, exit_flops
+from exitflow.stages.core.nets import NetSpec, create_net
 
 
 @dataclass
-class EvaluateOutput:
+class ModelScores:
     exits: pa.Table  # exit, block, flops, accuracy, ece (each exit forced; final head included)
     curve: pa.Table  # criterion, threshold, flops, accuracy, ece, ece_equal_mass (the method's own curve under its name)
     backbone_flops: int  # the plain backbone, the budgets' reference
 
 
-def run(
+def score_model(
     net_spec: NetSpec,
     state: dict[str, torch.Tensor],
     data: DataSpec,
@@ -34,7 +34,7 @@ def run(
     batch_size: int = 256,
     spacing: Spacing = "uniform",
     device: str = "cpu",
-) -> EvaluateOutput:
+) -> ModelScores:
     """Evaluate one trained multi-exit net on the test split."""
     net = create_net(net_spec)
     net.load_state_dict(state)
@@ -73,4 +73,4 @@ def run(
         )
         for name, c in curves
     ]
-    return EvaluateOutput(exits=exits, curve=pa.concat_tables(parts), backbone_flops=int(base))
+    return ModelScores(exits=exits, curve=pa.concat_tables(parts), backbone_flops=int(base))

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-OWN_LOGGERS = ("pipeline", "stages")
+OWN_LOGGERS = ("exitflow",)
 
 
 Emit = Callable[[str], None]

@@ -19,8 +19,8 @@ from typing import Callable, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from stages.core.nets.exit_method import ExitLosses, ExitMethod, each_exit_alone
-from stages.core.phase_config import LossReduction, LossWeighting
+from exitflow.stages.core.nets.exit_method import ExitLosses, ExitMethod, each_exit_alone
+from exitflow.stages.core.phase_config import LossReduction, LossWeighting
 
 logger = logging.getLogger(__name__)
 
