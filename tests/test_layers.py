@@ -246,3 +246,14 @@ def test_exitflow_plan_runs_where_ray_train_and_tune_cannot_be_imported(tmp_path
     printed = dict(re.findall(r"^  (\S+)\s+\S+\s+key=(\w+)", out.stdout, re.M))
     assert printed == {n.id: n.key for n in build_graph(load_spec(EXAMPLE)).nodes.values()}
     assert len(printed) == 8 and not (tmp_path / "none.db").exists()
+
+
+MAX_LINES = 450  # a module past this is doing two jobs: split it by responsibility
+
+
+def test_no_source_file_is_over_450_lines() -> None:
+    files = [p for folder in (*FOLDERS, NAMESPACE, "tests", "bench", "examples", "cluster")
+             for p in sorted((REPO / folder).rglob("*.py"))]
+    assert len(files) > 100
+    long = {str(p.relative_to(REPO)): n for p in files if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}

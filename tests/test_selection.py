@@ -17,8 +17,15 @@ def test_p1_always_scores_its_final_exit() -> None:
 
 @pytest.mark.parametrize("phase", ["P2", "P3"])
 def test_final_and_mean(phase: str) -> None:
-    assert selection_score(ACC, "final", phase, FRAC) == 0.9
+    assert selection_score(ACC, "final", phase, FRAC) == (0.9 if phase == "P2" else 0.7)
     assert selection_score(ACC, "mean", phase, FRAC) == pytest.approx(0.7)
+
+
+def test_p3_final_follows_the_deepest_exit_it_trains_not_its_frozen_head() -> None:
+    """P3's final exit is frozen: scored on it, every epoch ties and the first would be kept."""
+    epochs = [[0.3, 0.4, 0.9], [0.5, 0.6, 0.9], [0.4, 0.5, 0.9]]
+    scores = [selection_score(acc, "final", "P3", FRAC) for acc in epochs]
+    assert scores == [0.4, 0.6, 0.5] and max(range(3), key=scores.__getitem__) == 1
 
 
 def test_auc_is_the_normalised_trapezoid_area_over_relative_flops() -> None:

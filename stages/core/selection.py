@@ -20,9 +20,13 @@ def selection_score(accuracies: Sequence[float], selection: Selection | str, pha
     exit; otherwise `final`, `mean` over exits, or `auc`: the area under the validation
     FLOPs-accuracy points of the fixed exits (`flops_frac`: each exit's FLOPs as a share of the
     final exit's, on x; trapezoids), normalised by its x-range, so it reads as an accuracy.
+    P3 freezes the final exit, whose accuracy is then the same every epoch: there `final` scores
+    the deepest exit P3 trains (the last IC), which a constant would leave to the first epoch.
     """
-    if phase == "P1" or selection == "final":
+    if phase == "P1":
         return accuracies[-1]
+    if selection == "final":
+        return accuracies[-2] if phase == "P3" and len(accuracies) > 1 else accuracies[-1]
     if selection == "mean":
         return sum(accuracies) / len(accuracies)
     if selection != "auc":
