@@ -199,6 +199,24 @@ def _follow(client: Any, job_id: str) -> None:
     raise typer.Exit(2 if getattr(info, "driver_exit_code", None) == 2 else 1)
 
 
+def _check_uploaded(study: StudySpec) -> None:
+    """A backbone module of the user's (`net.backbone: module:builder`) reaches the cluster with the working
+    directory, which the job's `exitflow run` ships to every worker: one outside it, and not installed,
+    would not import there. Exit 2 naming it, before anything is submitted."""
+    from exitflow.pipeline.spec import variants
+    from exitflow.pipeline.user_code import shipped_paths
+
+    here = Path.cwd().resolve()
+    for _, variant in variants(study):
+        try:
+            outside = [p for p in shipped_paths([variant.net.backbone]) if not Path(p).is_relative_to(here)]
+        except ValueError as e:
+            raise _fail(f"exitflow submit: net: {e}") from None
+        if outside:
+            raise _fail(f"exitflow submit: net.backbone {variant.net.backbone}: {outside[0]} lies outside the working "
+                        "directory, which is what the cluster gets: put it beside the spec (or install it on every node)")
+
+
 @app.command()
 def submit(
     spec: SpecArg,
@@ -215,6 +233,7 @@ def submit(
     rel = spec.resolve().relative_to(Path.cwd().resolve()) if spec.resolve().is_relative_to(Path.cwd().resolve()) else None
     if rel is None:
         raise _fail(f"exitflow submit: {spec} must lie under the working directory, which is uploaded to the cluster")
+    _check_uploaded(study)
     args = ["exitflow", "run", str(rel), "--tracking-uri", uri] + [a for s in (set_ or []) for a in ("--set", s)]
     from exitflow.pipeline.job_submit import submit_job
 
@@ -313,27 +332,62 @@ def ui(tracking_uri: UriOpt = None, port: Annotated[int, typer.Option(help="Port
 
 @app.command()
 def data(
-    source: Annotated[Path, typer.Argument(help="The dataset in its own layout: a torchvision download folder, an image folder...")],
+    source: Annotated[Path, typer.Argument(help="The dataset in its own layout: a folder of class folders, train/ + val/, a torchvision download folder...")],
     out: Annotated[Path, typer.Argument(help="Where train.parquet and test.parquet go: a study's data.root.")],
     format_: Annotated[Optional[str], typer.Option("--format", help=f"Layout of SOURCE: {' | '.join(PREPARE_FORMATS)}; detected when omitted.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the Parquet files OUT already has.")] = False,
+    test_fraction: Annotated[Optional[float], typer.Option("--test-fraction", help="Image folders without a test split (SOURCE/<class>/*, or train/ alone): each class's share that goes to test.parquet, stratified (default 0.2).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Image folders without a test split: the seed of which images go to test (default 0); recorded in OUT/dataset.json.")] = None,
+    test_folder: Annotated[Optional[str], typer.Option("--test-folder", help="Image folders with train/: the folder beside it that becomes test.parquet (default: val/, else test/).")] = None,
 ) -> None:
-    """Prepare a dataset as exitflow's Parquet layout (a study reads it with data.name: parquet, data.root: OUT)."""
+    """Prepare a dataset as exitflow's Parquet layout (a study reads it with data.name: parquet, data.root: OUT).
+
+    An image folder is SOURCE/<class>/* (split here: --test-fraction, --seed) or SOURCE/train/<class>/* with SOURCE/val/<class>/* (or test/); CIFAR-10/100, SVHN, Tiny ImageNet and ImageNet are read in their own layouts. A folder it does not know is answered with the layouts it does, drawn as trees (exit 2).
+    """
     from functools import partial
 
     from tqdm import tqdm
 
     from exitflow.stages.core.data import DataError
-    from exitflow.stages.core.data.prepare import prepare
+    from exitflow.stages.core.data.prepare import FolderOptions, prepare, summary_lines
 
+    options = FolderOptions(test_fraction=test_fraction, seed=seed, test_folder=test_folder)
     try:
-        done = prepare(source, out, format_, force, bar=partial(tqdm, file=sys.stderr, disable=None, leave=False))
+        done = prepare(source, out, format_, force, bar=partial(tqdm, file=sys.stderr, disable=None, leave=False),
+                       options=options)
     except DataError as e:
         raise _fail(f"exitflow data: {e}") from None
-    typer.echo(f"{done.format}: {len(done.classes)} classes")
-    for name, split in done.splits.items():
-        typer.echo(f"  {split.path}  {split.rows} images  sha256 {split.sha256}")
-    typer.echo(f"a study reads it with: data: {{name: parquet, root: {out}}}")
+    for line in summary_lines(done):
+        typer.echo(line)
+
+
+@app.command()
+def register(
+    run_id: Annotated[str, typer.Argument(help="A pipeline run id (printed by exitflow run).")],
+    node: Annotated[str, typer.Argument(help="The node whose model to register: an evaluation node (seed0/joint/evaluate) or the phase it evaluated (seed0/joint/P2).")],
+    name: Annotated[str, typer.Option("--name", help="The registered model's name (a new version if it exists).")],
+    budget: Annotated[Optional[str], typer.Option("--budget", help="The version's default exit rule: a fraction of the backbone's FLOPs (0.5) or max; default: the model's own.")] = None,
+    criterion: Annotated[Optional[str], typer.Option("--criterion", help="The exit criterion the budget is read for (default: the model's, the study's first).")] = None,
+    tracking_uri: UriOpt = None,
+) -> None:
+    """Put a study's early-exit model in the MLflow Model Registry, loading at a FLOPs budget."""
+    from exitflow.pipeline.register import RegisterError, register as register_model
+    from exitflow.pipeline.tracking import TrackingError
+    from exitflow.stages.core.exit_policy import parse_budget
+
+    try:
+        chosen = parse_budget(budget) if budget is not None else None
+        done = register_model(run_id, node, name, chosen, criterion, tracking_uri)
+    except TrackingError as e:  # no store there (registering never makes one), or it cannot be served
+        raise _fail(_store_error(e, "exitflow register")) from None
+    except (RegisterError, ValueError) as e:  # a bad budget, node or name: nothing was written
+        raise _fail(f"exitflow register: {e}") from None
+    except Exception as e:  # noqa: BLE001 - an unknown run id is the usual cause
+        raise _fail(f"exitflow register: {type(e).__name__}: {e}") from None
+    typer.echo(f"registered {done.name} version {done.version}: {done.node} ({done.model_id})")
+    typer.echo(done.description)
+    typer.echo(f'load it with mlflow.pyfunc.load_model("models:/{done.name}/{done.version}"); serve it with '
+               f"mlflow models serve -m models:/{done.name}/{done.version} --env-manager local")
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from exitflow.stages.core import faults
 log = logging.getLogger(__name__)
 
 INVALID_PREFIX = "invalid:"  # a run whose artifacts failed verification keeps its key under this prefix
+MODELS_TAG = "exitflow.models"  # the ids of the MLflow models a stage logged on its run (JSON list)
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,9 @@ def _store(c: Any, store: ArtifactStore, run_id: str, stage: Stage, out: StageRe
             store.save_table(run_id, stage.table_kinds()[a.kind], a.table, dict(a.meta))
         elif isinstance(a, File):
             store.save_file(run_id, a.path)
+    models = [log_model(c, run_id) for log_model in out.models]  # after the metrics, which MLflow copies onto each
+    if models:
+        c.set_tag(run_id, MODELS_TAG, json.dumps(models))
     c.set_tag(run_id, "exitflow.summary", json.dumps(out.summary, default=float))
 
 

@@ -67,8 +67,14 @@ def _imports(path: Path, name: str) -> set[str]:
 
 # Parsing and tokenizing ~100 modules took ~3 s of a run's start, each once per stage kind: the
 # results are kept per source text (an edited file is read and parsed afresh).
-@functools.lru_cache(maxsize=1024)
 def _source_imports(source: str, package: str) -> frozenset[str]:
+    return frozenset(m for m in imported_names(source, package) if _in_project(m))
+
+
+@functools.lru_cache(maxsize=1024)
+def imported_names(source: str, package: str) -> frozenset[str]:
+    """Every module name the source imports, and every `module.name` it imports from one (which may be
+    a module), less type-only imports; relative imports resolved against `package`."""
     found: set[str] = set()
     tree = ast.parse(source)
     skipped = _type_only(tree)
@@ -84,7 +90,7 @@ def _source_imports(source: str, package: str) -> frozenset[str]:
                 base = ".".join([*parts, base] if base else parts)
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)  # `from stages.core import faults`: a module
-    return frozenset(m for m in found if _in_project(m))
+    return frozenset(found)
 
 
 def modules(code: tuple[str, ...], root: Path = ROOT) -> list[str]:
@@ -103,7 +109,7 @@ def modules(code: tuple[str, ...], root: Path = ROOT) -> list[str]:
     return sorted(seen, key=lambda m: m.removeprefix(NAMESPACE + "."))  # the order keys were made in
 
 
-def _tokens(path: Path) -> str:
+def tokens(path: Path) -> str:
     """The file's code without comments and blank lines: what changes behaviour, give or take docstrings."""
     return _source_tokens(path.read_text())
 
@@ -121,5 +127,5 @@ def fingerprint(code: tuple[str, ...], root: Path = ROOT) -> str:
     for name in modules(code, root):
         path = _module_file(name, root)
         assert path is not None
-        h.update(name.removeprefix(NAMESPACE + ".").encode() + b"\0" + _NAMESPACED.sub(r"\1", _tokens(path)).encode() + b"\0")
+        h.update(name.removeprefix(NAMESPACE + ".").encode() + b"\0" + _NAMESPACED.sub(r"\1", tokens(path)).encode() + b"\0")
     return h.hexdigest()[:16]

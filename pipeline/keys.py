@@ -13,6 +13,7 @@ from exitflow.pipeline import __version__
 from exitflow.pipeline.dag import Graph, Node
 from exitflow.pipeline.fingerprint import fingerprint
 from exitflow.pipeline.stage import get_stage
+from exitflow.pipeline.user_code import backbone_code
 
 
 def _keyed(kind: str, config: Any) -> dict[str, Any]:
@@ -30,11 +31,37 @@ def _keyed(kind: str, config: Any) -> dict[str, Any]:
     return out
 
 
+def _user_code(config: Any) -> list[str]:
+    """`module@digest` of the user's own code that builds each net the config holds (`net.backbone:
+    module:builder` or an entry point): editing a builder re-trains what it builds."""
+    from exitflow.stages.core.nets import NetChoice, list_nets
+
+    nets = [getattr(config, f.name) for f in dataclasses.fields(config)]
+    codes = [backbone_code(n.backbone) for n in nets if isinstance(n, NetChoice) and n.backbone not in list_nets()]
+    return [c for c in codes if c is not None]
+
+
+def _libraries(config: Any) -> dict[str, str]:
+    """The version of each library whose model a net of the config is (timm's, for `timm:NAME`): exitflow's
+    fingerprint covers its own code, not the library's, whose next version may build another net."""
+    from exitflow.stages.core.nets import NetChoice
+    from exitflow.stages.core.nets.timm_backbone import TIMM_PREFIX, timm_version
+
+    nets = [getattr(config, f.name) for f in dataclasses.fields(config)]
+    timm = any(isinstance(n, NetChoice) and n.backbone.startswith(TIMM_PREFIX) for n in nets)
+    return {"timm": timm_version()} if timm else {}
+
+
 def cache_key(kind: str, config: Any, input_keys: list[str]) -> str:
-    """Content hash of a stage: kind, config (less its unkeyed fields), inputs' keys, the code that computes it."""
+    """Content hash of a stage: kind, config (less its unkeyed fields), inputs' keys, the code that computes it
+    (and the user's, for a net of the user's own: only then is it in the hash, so no other key changed)."""
+    keyed = _keyed(kind, config)  # first: it refuses a config that is no frozen dataclass
+    user = _user_code(config)
+    used = _libraries(config)
     blob = json.dumps(
-        {"kind": kind, "config": _keyed(kind, config), "inputs": input_keys, "version": __version__,
-         "code": fingerprint(get_stage(kind).code)},
+        {"kind": kind, "config": keyed, "inputs": input_keys, "version": __version__,
+         "code": fingerprint(get_stage(kind).code), **({"user_code": user} if user else {}),
+         **({"libraries": used} if used else {})},
         sort_keys=True,
         separators=(",", ":"),
         default=str,

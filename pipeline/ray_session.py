@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ray
@@ -43,7 +43,13 @@ def local_env() -> dict[str, str]:
 STATE_API_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients look first
 
 
-def init_local_ray(env: dict[str, str], **init: Any) -> Any:
+def runtime_env(env: dict[str, str], py_modules: Sequence[str] = ()) -> dict[str, Any]:
+    """The job's runtime environment: its env vars, and the user's own modules (`pipeline.user_code`:
+    a backbone builder beside the spec) that Ray ships to every worker, which installs nothing."""
+    return {"env_vars": env, **({"py_modules": list(py_modules)} if py_modules else {})}
+
+
+def init_local_ray(env: dict[str, str], py_modules: Sequence[str] = (), **init: Any) -> Any:
     """`ray.init` of a local Ray whose processes know where its state API is: its dashboard, on a
     loopback port chosen here and named in every process's environment.
 
@@ -55,7 +61,7 @@ def init_local_ray(env: dict[str, str], **init: Any) -> Any:
     ctx = None
     for _ in range(3):
         port = free_loopback_port()
-        ctx = ray.init(runtime_env={"env_vars": {**env, STATE_API_ENV: f"http://127.0.0.1:{port}"}},
+        ctx = ray.init(runtime_env=runtime_env({**env, STATE_API_ENV: f"http://127.0.0.1:{port}"}, py_modules),
                        include_dashboard=True, dashboard_port=port, **init)
         url = ctx.dashboard_url or ""
         if not url or url.rsplit(":", 1)[-1] == str(port):
@@ -120,11 +126,11 @@ def _speaks_grpc(host: str, port: int) -> bool:
 
 
 @contextlib.contextmanager
-def joined(address: str | None, ray_logs: bool) -> Iterator[None]:
+def joined(address: str | None, ray_logs: bool, py_modules: Sequence[str] = ()) -> Iterator[None]:
     """Join the cluster a run names (--address, $RAY_ADDRESS) for the block, and leave it after: joined
     before anything is written, so an address that answers but is no Ray (or refuses this client)
     fails with the store untouched. A local Ray is not started here: only once a node must run."""
-    joined = ensure_ray(address, ray_logs) if address or os.environ.get("RAY_ADDRESS") else False
+    joined = ensure_ray(address, ray_logs, py_modules) if address or os.environ.get("RAY_ADDRESS") else False
     try:
         yield
     finally:
@@ -132,8 +138,9 @@ def joined(address: str | None, ray_logs: bool) -> Iterator[None]:
             ray.shutdown()
 
 
-def ensure_ray(address: str | None, ray_logs: bool = False) -> bool:
+def ensure_ray(address: str | None, ray_logs: bool = False, py_modules: Sequence[str] = ()) -> bool:
     """Join `address` / $RAY_ADDRESS, or start a local Ray; True if we started it (and stop it).
+    `py_modules`: files and package folders of the user's that every worker imports (shipped by Ray).
 
     Ray's own output of the processes stays in the session's log files unless `ray_logs`: the
     terminal shows exitflow's lines, relayed by `pipeline.relay`."""
@@ -149,9 +156,9 @@ def ensure_ray(address: str | None, ray_logs: bool = False) -> bool:
     common: dict[str, Any] = dict(logging_level=logging.WARNING, configure_logging=False, log_to_driver=ray_logs)
     try:
         if address:  # a cluster's nodes each know their Ray (`ray start` writes its address)
-            ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=True, **common)
+            ray.init(address=address, runtime_env=runtime_env(env, py_modules), include_dashboard=True, **common)
         else:
-            init_local_ray(env, **common)
+            init_local_ray(env, py_modules, **common)
     except (ConnectionError, RuntimeError) as e:
         if not address:
             raise

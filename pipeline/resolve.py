@@ -25,9 +25,11 @@ from exitflow.stages.core.data.identity import DataIdentity, identify, unread_id
 from exitflow.stages.core.nets import NetChoice, NetSpec, create_net
 from exitflow.stages.core.nets.pretrained import Pretrained
 from exitflow.stages.core.allowed import MAX_PARAMETERS, RUN_PREFIX
+from exitflow.stages.core.allowed import TIMM_PREFIX
 from exitflow.stages.core.nets.start import StartWeights, backbone_weights, start_reader
 from exitflow.stages.core.log_lines import brief
 from exitflow.stages.core.tensor_file import UnreadableTensors
+from exitflow.stages.core.user_backbone import is_user_backbone
 
 from exitflow.pipeline.spec import SpecError, StudySpec, axis_label, variants
 
@@ -98,6 +100,11 @@ def file_sha256(path: Path) -> str:
 def check_start(spec: StudySpec, ns: NetSpec, read_run: Callable[[str], dict[str, Any]] | None = None) -> None:
     """The starting weights load into the study's net (every backbone key, each its shape): a
     SpecError naming net.init otherwise. A run's weights are read with `read_run` (needs the store)."""
+    init = spec.net.init
+    if init is not None and ns.backbone.startswith(TIMM_PREFIX) and Pretrained.parse(init) is not None:
+        raise SpecError(f"net.init: {init}: a library's pretrained weights load onto the built-in resnet18/34/50 "
+                        f"and vit_* nets, not yet onto {ns.backbone}; start it fresh, or from a state-dict file or "
+                        f"runs:/RUN_ID of a {ns.backbone} net")
     start = start_weights(spec)
     if start is None:
         return
@@ -171,8 +178,14 @@ def _preflight_variant(spec: StudySpec, infos: dict[str, DatasetInfo], nets: set
     except (ValueError, KeyError, TypeError) as e:
         raise SpecError(f"net: {e}") from None
     if repr(ns) not in nets:
-        _build_net(ns)
+        if not _build_net(ns):
+            nets.add(NO_GRADIENT_EQUILIBRIUM + repr(ns))
         nets.add(repr(ns))
+    if NO_GRADIENT_EQUILIBRIUM + repr(ns) in nets:
+        _refuse_gradient_equilibrium(ns, spec)
+    if spec.analyses.connectivity.enabled and repr(("connectivity", ns)) not in nets:
+        _check_connectivity(ns)
+        nets.add(repr(("connectivity", ns)))
     if repr((ns, spec.net.init)) not in nets:
         check_start(spec, ns)  # a file: now; a run's weights once the tracking store is open (check_starts)
         nets.add(repr((ns, spec.net.init)))
@@ -184,30 +197,54 @@ def _preflight_variant(spec: StudySpec, infos: dict[str, DatasetInfo], nets: set
     return info, ns
 
 
+NO_GRADIENT_EQUILIBRIUM = "no gradient equilibrium: "  # marks, in a preflight's `nets`, a net built that has none
 MANY_CLASSES = 1_000  # ImageNet's: a classifier for more is counted before it is built
 
 
-def _build_net(ns: NetSpec) -> None:
+def _build_net(ns: NetSpec) -> bool:
     """Build the net on CPU, once its size is known to fit. A net the spec sizes (`net.width`,
     `net.depth`, `net.head_hidden`) or a data set of many classes sizes is counted first on torch's
     meta device, which allocates nothing (a width of thousands would take the machine's memory); a
-    family's own sizes are known to fit, and the meta build costs as much as the CPU one."""
+    family's own sizes are known to fit, and the meta build costs as much as the CPU one. Returns whether
+    the net can rescale gradients between its blocks (gradient equilibrium)."""
     count = 0
-    if ns.width or ns.depth or ns.head_hidden or ns.num_classes > MANY_CLASSES:
+    # a builder of the user's, or a timm model: its sizes are unknown until counted
+    users = is_user_backbone(ns.backbone) or ns.backbone.startswith(TIMM_PREFIX)
+    if ns.width or ns.depth or ns.head_hidden or ns.num_classes > MANY_CLASSES or users:
         try:
             with torch.device("meta"):
                 count = sum(p.numel() for p in create_net(ns).parameters())
         except (ValueError, KeyError, TypeError) as e:
-            raise SpecError(f"net: {e}") from None
+            if not users:  # the user's code may do what the meta device cannot: the CPU build below decides
+                raise SpecError(f"net: {e}") from None
         except Exception:  # noqa: BLE001 - an op the meta device lacks: the CPU build below decides
             count = 0
     if count > MAX_PARAMETERS:
         raise SpecError(f"net: {ns.backbone} with these settings has {count:,} parameters; at most {MAX_PARAMETERS:,} "
                         "(net.width, net.depth, net.head_hidden size it)")
     try:
-        create_net(ns)
+        net = create_net(ns)
     except (ValueError, KeyError, TypeError) as e:
         raise SpecError(f"net: {e}") from None
+    return bool(getattr(net.backbone, "supports_gradient_equilibrium", True))
+
+
+def _check_connectivity(ns: NetSpec) -> None:
+    """Mode connectivity matches units by the net's permutation spec: a backbone without one is refused now."""
+    from exitflow.stages.core.analysis.permutation import permutation_spec
+
+    try:
+        permutation_spec(create_net(ns))
+    except ValueError as e:
+        raise SpecError(f"analyses.connectivity: {e}") from None
+
+
+def _refuse_gradient_equilibrium(ns: NetSpec, spec: StudySpec) -> None:
+    """A backbone that exposes no hidden state between its blocks cannot rescale the gradients there."""
+    for phase in ("P2", "P3"):
+        if getattr(spec.phases, phase).loss_weighting == "gradient_equilibrium":
+            raise SpecError(f"phases.{phase}.loss_weighting: gradient_equilibrium rescales gradients between blocks, "
+                            f"which {ns.backbone} does not expose (it runs through forward_intermediates)")
 
 
 def check_storage(path: str) -> None:

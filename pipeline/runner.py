@@ -16,7 +16,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from exitflow.pipeline.results import NODES_FILE, node_record
 from exitflow.pipeline.scheduler import describe_result, run_tasks
 from exitflow.pipeline.spec import SpecError, StudySpec, spec_to_yaml, variants
 from exitflow.pipeline.stage import ANALYSIS, PHASE, REPORT, Role, RunSettings, get_stage, kinds_with_role, nodes_with_role, role_of
+from exitflow.pipeline.user_code import shipped_paths
 from exitflow.stages.core import faults
 from exitflow.stages.core.allowed import RUN_PREFIX
 
@@ -208,13 +209,14 @@ def run_study(
     preflight(spec)  # bad data or nets fail here, in every variant: before Ray, before the store is touched
     check_address(address)  # and a cluster that takes no connections
     graph = build_graph(spec)
+    ship = shipped_paths(v.net.backbone for _, v in variants(spec))  # the user's backbone modules, for every worker
     report_node = _report_node(graph)
     uri = tracking.resolve_uri(tracking_uri, spec.tracking.uri)
     tracking.check_store(uri)
     storage = storage_path(spec, uri)
     if not tracking.store_exists(uri):
         check_run_start(spec, uri, None)  # runs:/ID of a store not made yet: refused before making it
-    with joined(address, ray_logs), tracking_server.serve_store(uri) as http:
+    with joined(address, ray_logs, ship), tracking_server.serve_store(uri) as http:
         c = tracking.client(http)
         check_run_start(spec, uri, c)  # net.init: runs:/RUN_ID, read from the store: nothing written yet
         if "://" not in storage:
@@ -232,7 +234,7 @@ def run_study(
                                   "backbone": spec.net.backbone, "data": spec.data.name, "nodes": len(graph.nodes)})
             ctx = RunContext(http, exp, parent, storage, run_settings(spec), fault_plan, str(lock_dir(uri, storage)))
             try:
-                _execute(graph, ctx, result, show, address, ray_logs)
+                _execute(graph, ctx, result, show, address, ray_logs, ship)
             finally:
                 show.close()
             report = result.results[report_node.id]
@@ -259,7 +261,7 @@ def run_study(
 
 
 def _execute(graph: Graph, ctx: RunContext, result: StudyResult, show: Display, address: str | None,
-             ray_logs: bool = False) -> None:
+             ray_logs: bool = False, ship: Sequence[str] = ()) -> None:
     """Reuse cached nodes from the driver; run the rest as Ray tasks (Ray starts only if needed)."""
     c = tracking.client(ctx.tracking_uri)
     store = ArtifactStore(c)
@@ -275,7 +277,7 @@ def _execute(graph: Graph, ctx: RunContext, result: StudyResult, show: Display, 
         show.node(nid, "cached", describe_result(graph.nodes[nid], hit))
     if not to_run:
         return
-    started_ray = ensure_ray(address, ray_logs)
+    started_ray = ensure_ray(address, ray_logs, ship)
     if started_ray and not ray_logs and (logs := ray_logs_dir()):
         show.note(f"Ray's own output: {logs}")
     try:

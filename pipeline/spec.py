@@ -30,6 +30,7 @@ from exitflow.pipeline.spec_sections import (
 from exitflow.pipeline.spec_types import Regime, Seed, SpecError, SpecModel, format_validation_error, shown
 from exitflow.pipeline.spec_yaml import SpecYAMLError, load_yaml
 from exitflow.stages.core.allowed import MAX_SEEDS, MAX_SPEC_BYTES, MAX_VARIANTS, MAX_YAML_DEPTH, RUN_PREFIX, pretrained_source
+from exitflow.stages.core.user_backbone import import_root, names_module
 
 
 class StudySpec(SpecModel):
@@ -229,7 +230,10 @@ def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> St
         raise SpecError(format_validation_error(e)) from None
     except RecursionError:  # the YAML reader bounds nesting; this guards what else may nest (pydantic, copies)
         raise SpecError(f"{where}: invalid spec: nested too deeply") from None
-    return resolve_paths(spec, base)
+    spec = resolve_paths(spec, base)
+    if any(names_module(v.net.backbone) for _, v in variants(spec)):
+        import_root(base)  # `net.backbone: my_backbone:build` imports the spec folder's my_backbone.py (Ray ships it)
+    return spec
 
 
 def _is_file_init(v: str) -> bool:

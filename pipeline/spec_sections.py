@@ -98,7 +98,7 @@ class DataConfig(SpecModel):
 
 
 class NetConfig(SpecModel):
-    backbone: str = "resnet20"  # registry name (exitflow plan lists them on error)
+    backbone: str = "resnet20"  # a built-in net (exitflow plan lists them on error), timm:NAME, or module.path:builder
     method: str = "sdn"  # early-exit method, registered in stages.core.nets.methods
     exits: list[Annotated[Int, Field(le=MAX_DEPTH)]] | None = Field(None, max_length=MAX_DEPTH)  # IC positions: 1-based block numbers an IC follows
     exit_every: Int | None = Field(None, ge=1, le=MAX_DEPTH)  # or one IC every n blocks ...

@@ -98,6 +98,9 @@ class StageResult:
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    # MLflow models to log on the run once its metrics are in: each called with (client, run id),
+    # returns the LoggedModel's id (the evaluate kind's early-exit pyfunc)
+    models: list[Callable[[Any, str], str]] = field(default_factory=list)
 
 
 class StageFailed(RuntimeError):

@@ -2,12 +2,15 @@
 
 The compute is `stages.core.score_model.score_model` (one pass over the test set, then the curves from the
 cached logits); this module plans one node per regime's final model (and seed) and declares what
-the stage reads, writes and holds.
+the stage reads, writes and holds. Each evaluated model is also logged as an MLflow model (a pyfunc
+that runs true early exit at a FLOPs budget, its thresholds read off this node's own curve:
+`stages/mlflow_model.py`), named after the node and linked to its run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from exitflow.pipeline.dag import Graph, Node
@@ -40,7 +43,7 @@ class Evaluate(Stage):
     kind = "evaluate"
     reads = (CHECKPOINT,)
     writes = (EXITS, CURVE)
-    code = ("exitflow.stages.evaluate", "exitflow.stages.core.score_model")
+    code = ("exitflow.stages.evaluate", "exitflow.stages.core.score_model", "exitflow.stages.mlflow_model")
     unkeyed = (("data", "download"), ("data", "root"))  # fetching changes no result; data.identity keys the content
     plan_order = 20  # after the phases, whose models it evaluates
     data_context = "evaluation"
@@ -78,8 +81,29 @@ class Evaluate(Stage):
         accs = out.exits.column("accuracy").to_pylist()
         return StageResult(
             artifacts=[Table(EXITS.name, out.exits, meta), Table(CURVE.name, out.curve, meta)],
+            models=[early_exit_model(node, model, spec, state, out, cfg.criteria[0], ctx.workdir / "model")],
             metrics={f"test_acc_exit_{k}": a for k, a in enumerate(accs)}
             | {f"test_ece_exit_{k}": e for k, e in enumerate(out.exits.column("ece").to_pylist())}
             | {"test_acc_final": accs[-1], "backbone_flops": out.backbone_flops},
             summary={"test_acc_final": accs[-1], "backbone_flops": out.backbone_flops},
         )
+
+
+def early_exit_model(node: Node, model: StageInput, spec: dict[str, Any], state: dict[str, Any], out: Any, criterion: str,
+                     folder: Path) -> Any:
+    """The evaluated model as an MLflow pyfunc (`stages.mlflow_model`), its default exit rule `criterion`
+    at the default budget, tagged with this node and the phase node whose model it is."""
+    from exitflow.stages.mlflow_model import FORMAT, LoggedEarlyExitModel, default_rule, model_name, write_model_files
+
+    input_shape = tuple(int(d) for d in out.examples.shape[1:])
+    files = write_model_files(folder, spec["net"], state, list(out.classes), input_shape, out.exits, out.curve,
+                              out.backbone_flops, criterion)
+    tags = {k: v for k, v in node.tags().items() if k not in ("exitflow.key", "exitflow.stage")}
+    tags |= {"exitflow.model_node": model.node_id, "exitflow.model_run": model.run_id}
+    exits = out.exits.to_pylist()
+    config = default_rule(files)  # the rule it loads with: criterion, budget (set anew by `exitflow register --budget`)
+    metadata = {"exitflow_format": FORMAT, "node": node.id, "model_node": model.node_id, "default_criterion": criterion,
+                "default_budget": config["budget"], "budget_rule": "costliest point within budget x backbone FLOPs",
+                "backbone_flops": int(out.backbone_flops), "exit_flops": [int(e["flops"]) for e in exits],
+                "input": f"float32 N x {' x '.join(map(str, input_shape))}, after the data set's eval transform"}
+    return LoggedEarlyExitModel(model_name(node.id), files, input_shape, out.examples.numpy(), tags, metadata, config)

@@ -1,4 +1,5 @@
-"""A real two-node Ray cluster on this machine: `exitflow submit --wait` of the digits study to it,
+"""A real two-node Ray cluster on this machine: `exitflow submit --wait` of the digits study to it, and of
+examples/custom_backbone (a backbone module of the user's, shipped to the workers by Ray),
 and the submit errors only a cluster shows (its token refused, a tracking server it cannot reach).
 
 Two `ray start` nodes on 127.0.0.1 (a head and a worker, each with its own ports and temp dir, one
@@ -192,6 +193,42 @@ def test_phases_trained_on_both_nodes(submitted: subprocess.CompletedProcess[str
     phases = [r for r in c.search_runs([experiment.experiment_id], max_results=1000) if r.data.tags.get("exitflow.stage") == "train"]
     nodes = {n for r in phases for n in r.data.tags[RAY_NODES_TAG].split(",")}
     assert len(phases) == 3 and len(nodes) == 2, {r.data.tags["exitflow.node"]: r.data.tags[RAY_NODES_TAG] for r in phases}
+
+
+CUSTOM = Path(__file__).resolve().parents[1] / "examples" / "custom_backbone"
+CUSTOM_NAME = "two-node-custom-backbone"
+
+
+@pytest.fixture(scope="module")
+def submitted_custom(cluster: Cluster, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
+    """examples/custom_backbone submitted from the folder above it: its my_backbone.py is installed on no node
+    and the spec's folder is a subfolder of the job's working directory, so the workers import it only as the
+    job's `exitflow run` ships it (Ray's py_modules)."""
+    work = tmp_path_factory.mktemp("submit-custom")
+    shutil.copytree(CUSTOM, work / "custom_backbone", ignore=shutil.ignore_patterns("__pycache__"))
+    storage = tmp_path_factory.mktemp("cluster-storage-custom")
+    sets = [f"name={CUSTOM_NAME}", "regimes=[joint,disjoint]", f"tracking.storage_path={storage}"]
+    cmd = [sys.executable, "-m", "exitflow.pipeline.cli", "submit", "custom_backbone/study.yaml", "--address", cluster.dashboard,
+           "--tracking-uri", mlflow_uri, "--wait", *[a for s in sets for a in ("--set", s)]]
+    done = subprocess.run(cmd, cwd=work, env=cluster.env, capture_output=True, text=True, timeout=720)
+    cluster.track()
+    return done
+
+
+def test_a_backbone_of_the_users_travels_with_the_submitted_study(submitted_custom: subprocess.CompletedProcess[str],
+                                                                  mlflow_uri: str) -> None:
+    from exitflow.pipeline.artifacts import ArtifactStore
+    from exitflow.stages.phase_kind import RAY_NODES_TAG
+
+    assert submitted_custom.returncode == 0, submitted_custom.stdout[-3000:] + submitted_custom.stderr[-3000:]
+    assert "test accuracy (%)" in submitted_custom.stdout
+    c = MlflowClient(mlflow_uri)
+    experiment = c.get_experiment_by_name(CUSTOM_NAME)
+    phases = [r for r in c.search_runs([experiment.experiment_id], max_results=1000) if r.data.tags.get("exitflow.stage") == "train"]
+    nodes = {n for r in phases for n in r.data.tags[RAY_NODES_TAG].split(",")}
+    assert len(phases) == 3 and len(nodes) == 2  # both nodes imported my_backbone
+    _, spec = ArtifactStore(c).load_checkpoint(phases[0].info.run_id)
+    assert spec["net"]["backbone"] == "my_backbone:build"
 
 
 def _submit(cluster: Cluster, work: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -343,7 +343,8 @@ def _code_tree(tmp_path: Path) -> Path:
         # heads: a heads edit re-keys the report only through its inputs (evaluate)
         ("stages/core/nets/heads.py", "\nHEADS_EDITED = True\n", {"train", "tune", "evaluate"}),
         ("stages/core/evaluation.py", "\nEVAL_EDITED = True\n", {"evaluate"}),
-        ("stages/core/budgets.py", "\nBUDGETS_EDITED = True\n", {"tune", "report"}),  # via the plots' labels
+        # the report reads budgets; tune via the plots' labels; evaluate stores each budget's threshold with its model
+        ("stages/core/budgets.py", "\nBUDGETS_EDITED = True\n", {"tune", "report", "evaluate"}),
         ("stages/core/report_plots.py", "\nPLOTS_EDITED = True\n", {"tune", "report"}),  # tune draws lr_search.png
         ("stages/core/report.py", "\nREPORT_EDITED = True\n", {"report"}),
         ("stages/core/loop.py", "\n# a comment changes nothing\n", set()),

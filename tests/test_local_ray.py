@@ -54,6 +54,7 @@ def test_a_process_of_the_session_asks_its_own_state_api_beside_another_ray(
     controller = Controller.remote()
     assert ray.get(controller.ping.remote())
     seen, alive = ray.get(cleaner_asks.remote(controller._actor_id.hex()))
-    assert another_ray_on_the_machine in seen and len(seen) == 2  # discovery alone would give up here
+    # two or more sessions on the machine (a CI box may run others): discovery alone would give up here
+    assert another_ray_on_the_machine in seen and len(seen) >= 2
     assert alive
     ray.kill(controller)

@@ -23,7 +23,7 @@ from test_spec_fuzz import BOMB, assert_one_reason
 COMMANDS = ["plan", "run"]
 
 
-def _refused(cwd: Path, command: str, args: list[str], *expected: str) -> str:
+def refused(cwd: Path, command: str, args: list[str], *expected: str) -> str:
     """Run `exitflow COMMAND ARGS` in `cwd`: exit 2, one reason holding every `expected`, nothing new in
     `cwd` (the default store, its artifacts and Ray storage would land there), Ray never started."""
     before = sorted(p.name for p in cwd.iterdir())
@@ -50,14 +50,14 @@ def _weights(path: Path, width: int = 16) -> Path:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_variant_with_an_unknown_backbone(cwd: Path, command: str) -> None:
     (cwd / "s.yaml").write_text("compare: {net.backbone: [resnet20, nosuchnet]}\n")
-    _refused(cwd, command, ["s.yaml"], "compare net.backbone=nosuchnet: net:", "unknown net 'nosuchnet'")
+    refused(cwd, command, ["s.yaml"], "compare net.backbone=nosuchnet: net:", "unknown net 'nosuchnet'")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_variant_whose_data_root_does_not_exist(cwd: Path, tmp_path: Path, command: str) -> None:
     good = write_parquet(tmp_path / "good", ["cat", "dog"], per_class=20)
     (cwd / "s.yaml").write_text(f"data: {{name: parquet, root: {good}}}\ncompare: {{data.root: [{good}, {tmp_path}/gone]}}\n")
-    _refused(cwd, command, ["s.yaml"], f"compare data.root={tmp_path}/gone: data:", "does not exist")
+    refused(cwd, command, ["s.yaml"], f"compare data.root={tmp_path}/gone: data:", "does not exist")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -65,7 +65,7 @@ def test_a_variant_whose_start_is_another_architecture(cwd: Path, command: str) 
     _weights(cwd / "mine.pt")
     _weights(cwd / "wide.pt", width=32)
     (cwd / "s.yaml").write_text("compare: {net.init: [mine.pt, wide.pt]}\n")
-    _refused(cwd, command, ["s.yaml"], f"compare net.init={cwd}/wide.pt: net.init: {cwd}/wide.pt:", "has shape")
+    refused(cwd, command, ["s.yaml"], f"compare net.init={cwd}/wide.pt: net.init: {cwd}/wide.pt:", "has shape")
 
 
 def test_every_variant_that_passes_plans(cwd: Path) -> None:
@@ -85,7 +85,7 @@ def test_relative_compare_values_are_the_spec_folders(cwd: Path, command: str) -
     write_parquet(cwd / "data", ["cat", "dog"])
     write_parquet(cwd / "specs" / "here", ["cat", "dog"], per_class=20)
     (cwd / "specs" / "s.yaml").write_text("data: {name: parquet, root: here}\ncompare: {data.root: [here, data]}\n")
-    _refused(cwd, command, ["specs/s.yaml"], f"compare data.root={cwd}/specs/data: data:", f"{cwd}/specs/data does not exist")
+    refused(cwd, command, ["specs/s.yaml"], f"compare data.root={cwd}/specs/data: data:", f"{cwd}/specs/data does not exist")
 
 
 def test_every_path_field_resolves_against_the_spec_and_expands_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,7 +107,7 @@ def test_every_path_field_resolves_against_the_spec_and_expands_home(tmp_path: P
 @pytest.mark.parametrize("command", COMMANDS)
 def test_home_in_data_root_is_expanded(cwd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    _refused(cwd, command, ["empty.yaml", "--set", "data.name=parquet", "--set", "data.root=~/cifar"],
+    refused(cwd, command, ["empty.yaml", "--set", "data.name=parquet", "--set", "data.root=~/cifar"],
              f"data: parquet dataset: root folder {tmp_path}/home/cifar does not exist")
 
 
@@ -123,17 +123,17 @@ def test_two_compare_values_naming_one_path_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_an_alias_bomb_is_refused_unexpanded(cwd: Path, command: str) -> None:
     (cwd / "bomb.yaml").write_text(BOMB)  # 9 levels of 9: 387 million strings once expanded
-    _refused(cwd, command, ["bomb.yaml"], "bomb.yaml: YAML refused:", f"more than {MAX_YAML_NODES} values", "alias bomb")
+    refused(cwd, command, ["bomb.yaml"], "bomb.yaml: YAML refused:", f"more than {MAX_YAML_NODES} values", "alias bomb")
     # the same in a --set value: 9^5 zeros from five short lists
     nested = "[&a [" + ",".join(["0"] * 9) + "]" + "".join(f", &{b} [{','.join([f'*{a}'] * 9)}]" for a, b in zip("abc", "bcd"))
     nested += ", [" + ",".join(["*d"] * 9) + "]]"
-    _refused(cwd, command, ["empty.yaml", "--set", f"seeds={nested}"], "--set seeds: value refused:", "alias bomb")
+    refused(cwd, command, ["empty.yaml", "--set", f"seeds={nested}"], "--set seeds: value refused:", "alias bomb")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_duplicate_key_is_refused_naming_it_and_its_lines(cwd: Path, command: str) -> None:
     (cwd / "dup.yaml").write_text("seeds: [0]\nphases:\n  P1: {lr: 0.01}\n  P1: {lr: 0.1}\n")
-    _refused(cwd, command, ["dup.yaml"], "dup.yaml: YAML refused: duplicate key 'P1' (first at line 3) at line 4")
+    refused(cwd, command, ["dup.yaml"], "dup.yaml: YAML refused: duplicate key 'P1' (first at line 3) at line 4")
 
 
 def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
@@ -157,13 +157,13 @@ def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
      + ",".join(map(str, range(1, 41))) + "]}", "1600 variants"),
 ], ids=["thresholds", "epochs-1e35", "epochs", "batch", "width", "seeds", "variants"])
 def test_sizes_past_their_caps_are_refused(cwd: Path, command: str, setting: str, expected: str) -> None:
-    _refused(cwd, command, ["empty.yaml", "--set", setting], "invalid spec:", expected)
+    refused(cwd, command, ["empty.yaml", "--set", setting], "invalid spec:", expected)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_net_too_big_to_build_is_counted_not_built(cwd: Path, command: str) -> None:
     # Under every field's cap, but 67 billion parameters: counted on the meta device, never allocated.
-    _refused(cwd, command, ["empty.yaml", "--set", "net.width=8000"], "net: resnet20 with these settings has",
+    refused(cwd, command, ["empty.yaml", "--set", "net.width=8000"], "net: resnet20 with these settings has",
              "parameters; at most")
 
 
@@ -180,7 +180,7 @@ def test_a_spec_file_past_its_size_cap_is_refused_unread(tmp_path: Path) -> None
 @pytest.mark.parametrize("name", ["parquet", "imagefolder"])
 def test_a_data_root_that_is_a_file_says_so(cwd: Path, command: str, name: str) -> None:
     (cwd / "afile").write_text("not a folder")
-    _refused(cwd, command, ["empty.yaml", "--set", f"data.name={name}", "--set", "data.root=afile"],
+    refused(cwd, command, ["empty.yaml", "--set", f"data.name={name}", "--set", "data.root=afile"],
              f"data: {name} dataset: root {cwd}/afile is a file, not a folder")
 
 
@@ -188,7 +188,7 @@ def test_a_data_root_that_is_a_file_says_so(cwd: Path, command: str, name: str) 
 def test_random_bytes_as_net_init(cwd: Path, command: str) -> None:
     for i, raw in enumerate([bytes(range(256)) * 4, b"\x80\x02]q\x00(K\x01e."[:5], b"PK\x03\x04 truncated zip"]):
         (cwd / f"r{i}.pt").write_bytes(raw)
-        out = _refused(cwd, command, ["empty.yaml", "--set", f"net.init=r{i}.pt"],
+        out = refused(cwd, command, ["empty.yaml", "--set", f"net.init=r{i}.pt"],
                        f"net.init: {cwd}/r{i}.pt: not a state dict torch can read safely: corrupt, or not written by torch.save")
         assert "IndexError: list index out of range" not in out
 
@@ -205,7 +205,7 @@ class _RunsCode:
 def test_a_start_that_would_run_code_is_refused_without_torchs_advice(cwd: Path, tmp_path: Path, command: str) -> None:
     marker = tmp_path / "code-ran"
     torch.save({"backbone.stem.0.weight": _RunsCode(marker)}, cwd / "evil.pt")
-    out = _refused(cwd, command, ["empty.yaml", "--set", "net.init=evil.pt"],
+    out = refused(cwd, command, ["empty.yaml", "--set", "net.init=evil.pt"],
                    f"net.init: {cwd}/evil.pt: not a state dict torch can read safely: it names Python code", "refused unread")
     assert "weights_only" not in out and "Weights only load failed" not in out
     assert not marker.exists()

@@ -14,6 +14,8 @@ MIN_SUBSET = 10  # a stratified cap smaller than this leaves classes of a 10-cla
 HEAD_KINDS: tuple[str, ...] = ("sdn", "linear", "mlp")  # IC heads: SDN pooling head (conv maps), linear or MLP (pooled maps or tokens)
 # Libraries whose locally cached pretrained weights `net.init` reads as LIBRARY:NAME (stages.core.nets.pretrained)
 PRETRAINED_LIBRARIES: tuple[str, ...] = ("torchvision", "timm")
+# `net.backbone: timm:NAME`: any timm model as a backbone (stages.core.nets.timm_backbone)
+TIMM_PREFIX = "timm:"
 # `net.init` naming a finished phase run of the tracking store: runs:/RUN_ID
 RUN_PREFIX = "runs:/"
 # data.resize: the square side images are resized to (e.g. CIFAR's 32 px to a pretrained ViT's 224)

@@ -111,16 +111,22 @@ def piece_flops(net: MultiExitNet) -> PieceFlops:
     with torch.no_grad(), _eval_mode(net):
         analysis = flop_analysis(net, (x,))
         by_module = analysis.by_module()
-        blocks = tuple(int(by_module[names[id(b)]]) for b in backbone.blocks)
         ics = tuple(int(by_module[names[id(ic)]]) for ic in net.ics)
-        last = net.block_states(x, [net.num_blocks])[0]
-        head = int(flop_analysis(_Method(backbone, "forward_head"), (last,)).total())
+        own = getattr(backbone, "piece_costs", None)  # a backbone whose blocks fvcore cannot see one by one
+        if own is not None:
+            own_stem, blocks, head = own(x, lambda module, inputs: int(flop_analysis(module, inputs).total()))
+        else:
+            blocks = tuple(int(by_module[names[id(b)]]) for b in backbone.blocks)
+            last = net.block_states(x, [net.num_blocks])[0]
+            head = int(flop_analysis(_Method(backbone, "forward_head"), (last,)).total())
         # the method's own modules run in the forward only to combine the exits (GPF's aggregator)
         in_forward = sum(int(by_module.get(name, 0)) for name in net.own_modules())
         # an independent method's exit k is IC k's raw output: nothing to combine, nothing to trace
         combine = () if net.method.independent else _combine_flops(net, x)
     # the stem is the rest: whatever is counted outside blocks, ICs, head and combining (so nothing is lost)
     stem = int(analysis.total()) - sum(blocks) - sum(ics) - head - in_forward
+    if own is not None:  # its pieces were counted alone; the whole trace gave the ICs' and the method's
+        stem = own_stem
     return PieceFlops(stem=stem, blocks=blocks, ics=ics, head=head, combine=combine)
 
 

@@ -75,7 +75,8 @@ def early_exit_forward(net: MultiExitNet, x: Tensor, threshold: float, criterion
     here = torch.arange(n, device=device)  # original index of every sample still in the batch
     raw: list[Tensor] = []  # the exits' raw outputs so far, for the samples still in (methods combine them)
     seen: list[Tensor] = []  # the exits' logits so far (criteria may read earlier exits)
-    h = net.backbone.forward_stem(x)
+    # a backbone that cannot resume between blocks runs to the first IC, then on from the input for those still in
+    h = net.backbone.start(x, net.exit_blocks[0])
     for number, block in enumerate(net.backbone.blocks, start=1):
         h = block(h)
         ic = net._ic_after.get(number)

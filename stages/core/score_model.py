@@ -22,6 +22,11 @@ class ModelScores:
     exits: pa.Table  # exit, block, flops, accuracy, ece (each exit forced; final head included)
     curve: pa.Table  # criterion, threshold, flops, accuracy, ece, ece_equal_mass (the method's own curve under its name)
     backbone_flops: int  # the plain backbone, the budgets' reference
+    examples: torch.Tensor  # the first EXAMPLES test inputs [k, C, H, W], as the net reads them (a served model's example)
+    classes: tuple[str, ...]  # class names in label order
+
+
+EXAMPLES = 1  # a served model's input example: one image (a 224 x 224 one is megabytes of JSON)
 
 
 def score_model(
@@ -41,7 +46,8 @@ def score_model(
     net.to(device)
     flops = exit_flops(net)
     base = backbone_flops(net)
-    test = load_splits(data, seed).test
+    splits = load_splits(data, seed)
+    test = splits.test
     logits, labels = collect_logits(net, make_loader(test, batch_size, shuffle=False, seed=seed), device)
     fixed = fixed_exit_accuracy(logits, labels).tolist()
     correct = (logits.argmax(dim=-1) == labels.unsqueeze(0)).numpy()
@@ -73,4 +79,6 @@ def score_model(
         )
         for name, c in curves
     ]
-    return ModelScores(exits=exits, curve=pa.concat_tables(parts), backbone_flops=int(base))
+    examples = torch.stack([test[i][0] for i in range(min(EXAMPLES, len(test)))]).float()
+    return ModelScores(exits=exits, curve=pa.concat_tables(parts), backbone_flops=int(base), examples=examples,
+                       classes=tuple(splits.info.classes))

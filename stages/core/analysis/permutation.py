@@ -271,8 +271,12 @@ def permutation_spec(net: nn.Module) -> PermutationSpec:
     elif isinstance(net.backbone, MSDNet):
         streams = _msdnet(b, net)
     else:
-        raise ValueError(f"mode connectivity: backbone {backbone!r} ({type(net.backbone).__name__}) has no permutation "
-                         "spec; weight matching supports the CIFAR and torchvision ResNets, the ViTs and MSDNet")
+        inner = getattr(net.backbone, "model", None)
+        what = type(net.backbone).__name__ + (f" over {type(inner).__name__}" if isinstance(inner, nn.Module) else "")
+        raise ValueError(f"mode connectivity: backbone {backbone!r} ({what}) has no permutation spec: weight matching "
+                         "needs to know which units of each weight the next layers read (a per-family rule), and this "
+                         "model exposes only its intermediate outputs; exitflow has those rules for its CIFAR and "
+                         "torchvision ResNets, its vit_* nets and MSDNet (rank, mutual information and landscapes need none)")
     for k, block in enumerate(net.ic_blocks):
         _head(b, f"ics.{k}", net.ics[k], streams[block - 1], backbone)
     # GPF's aggregator reads the ICs' states, ZTW's ensemble weighs their outputs, JEI-DNN's gates read their

@@ -265,7 +265,10 @@ def imagefolder_dir(root: str, split: str) -> Path:
     for name in names:
         if (base / name).is_dir():
             return base / name
-    raise DataError(f"imagefolder dataset: {base} has no {' or '.join(names)} folder")
+    hint = ("; a flat folder of class folders (SOURCE/<class>/*) is split with `exitflow data SOURCE OUT`, then read "
+            "with data: {name: parquet, root: OUT}") if split == "train" else ""
+    raise DataError(f"imagefolder dataset: {base} has no {' or '.join(names)} folder (data.name: imagefolder reads "
+                    f"root/train/<class>/* and root/val/<class>/* or root/test/<class>/*){hint}")
 
 
 def imagefolder_split(root: str, split: str) -> RawSplit:

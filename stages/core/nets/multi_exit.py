@@ -39,6 +39,11 @@ class ExitBackbone(nn.Module, abc.ABC):
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    def start(self, x: Tensor, until: int) -> Any:
+        """The state before block 1 for a pass that goes no further than block `until` (a backbone that
+        cannot resume between blocks, `timm_backbone.IntermediatesBackbone`, stops its run there)."""
+        return self.forward_stem(x)
+
     def forward(self, x: Tensor) -> Tensor:
         h = self.forward_stem(x)
         for block in self.blocks:
@@ -57,8 +62,11 @@ class ExitBackbone(nn.Module, abc.ABC):
 
 
 def map_state(h: Any, fn: Any) -> Any:
-    """`fn` applied to a hidden state: to the tensor, or to each tensor of a list of scales."""
-    return [fn(t) for t in h] if isinstance(h, list) else fn(h)
+    """`fn` applied to a hidden state: to the tensor, to each tensor of a list of scales, or through the
+    state's own `map` (a lazy state: `timm_backbone.IntermediatesState`)."""
+    if isinstance(h, list):
+        return [fn(t) for t in h]
+    return h.map(fn) if hasattr(h, "map") else fn(h)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -130,7 +138,8 @@ def block_shapes(backbone: ExitBackbone, in_chans: int, img_size: int) -> tuple[
     param = next(backbone.parameters())
     backbone.eval()  # train-mode BatchNorm on one sample at 1x1 would fail, and must not see this pass
     try:
-        h = backbone.forward_stem(torch.zeros(1, in_chans, img_size, img_size, device=param.device, dtype=param.dtype))
+        h = backbone.start(torch.zeros(1, in_chans, img_size, img_size, device=param.device, dtype=param.dtype),
+                           backbone.num_blocks)
         shapes = []
         for block in backbone.blocks:
             h = block(h)
@@ -215,6 +224,10 @@ class MultiExitNet(nn.Module):
         as in the authors' MSDNet code (rescale by 1 / (n - i) before the classifier, then by
         (n - i - 1) on the way on). Forward values are unchanged.
         """
+        if enabled and not getattr(self.backbone, "supports_gradient_equilibrium", True):
+            raise ValueError(f"loss_weighting gradient_equilibrium rescales gradients between blocks, which "
+                             f"{self.spec.backbone} does not expose (it runs through forward_intermediates); "
+                             "pick another loss_weighting")
         self.gradient_equilibrium = bool(enabled)
 
     def _branch(self, h: Any, ic: int) -> tuple[Any, Tensor]:
@@ -241,7 +254,7 @@ class MultiExitNet(nn.Module):
 
     def raw_exits(self, x: Tensor) -> list[Tensor]:
         """Every exit's raw output (each IC's, then the final head's), before the method combines them."""
-        h = self.backbone.forward_stem(x)
+        h = self.backbone.start(x, self.num_blocks)
         raw: list[Tensor] = []
         for number, block in enumerate(self.backbone.blocks, start=1):
             h = block(h)
@@ -262,7 +275,7 @@ class MultiExitNet(nn.Module):
         if not -self.num_exits <= k < self.num_exits:
             raise IndexError(f"exit {k} out of range for {self.num_exits} exits")
         k %= self.num_exits
-        h = self.backbone.forward_stem(x)
+        h = self.backbone.start(x, self.exit_blocks[k])
         raw: list[Tensor] = []  # every exit up to k when the method combines them, else exit k alone
         for number in range(1, self.exit_blocks[k] + 1):
             h = self.backbone.blocks[number - 1](h)
@@ -284,7 +297,7 @@ class MultiExitNet(nn.Module):
         if bad:
             raise IndexError(f"blocks {bad} out of range [1, {self.num_blocks}]")
         found: dict[int, Any] = {}
-        h = self.backbone.forward_stem(x)
+        h = self.backbone.start(x, max(wanted, default=0))
         for number in range(1, max(wanted, default=0) + 1):
             h = self.backbone.blocks[number - 1](h)
             if number in wanted:

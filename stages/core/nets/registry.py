@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 from exitflow.stages.core.nets.methods import get_method
 from exitflow.stages.core.nets.spec import NetSpec
+from exitflow.stages.core.allowed import TIMM_PREFIX
 from exitflow.stages.core.registry import Registry
+from exitflow.stages.core.user_backbone import ENTRY_POINT_GROUP, is_user_backbone
 
 if TYPE_CHECKING:  # runtime import would be circular: families import this module and multi_exit
     from exitflow.stages.core.nets.multi_exit import MultiExitNet
@@ -30,10 +32,30 @@ def list_nets() -> list[str]:
     return _NETS.names()
 
 
+FORMS = ("timm:NAME", "module.path:builder", f"an entry point in {ENTRY_POINT_GROUP}")
+
+
+def _builder(backbone: str) -> NetBuilder | None:
+    """What builds `backbone`: a registered net's builder, timm's adapter for `timm:NAME`, the custom
+    builder loader for `module.path:builder` or an entry point's name; None for anything else."""
+    if backbone in _NETS:
+        return _NETS.get(backbone)
+    if backbone.startswith(TIMM_PREFIX):
+        from exitflow.stages.core.nets.timm_backbone import timm_net  # here: timm costs seconds to import
+
+        return timm_net
+    if is_user_backbone(backbone):
+        from exitflow.stages.core.nets.custom_backbone import custom_net  # here: user code is imported only when named
+
+        return custom_net
+    return None
+
+
 def _check_spec(spec: NetSpec) -> None:
     """Family-independent checks, before anything is built."""
-    if spec.backbone not in _NETS:
-        raise ValueError(f"net spec field `backbone`: unknown net {spec.backbone!r}; known: {list_nets()}")
+    if not isinstance(spec.backbone, str) or _builder(spec.backbone) is None:
+        raise ValueError(f"net spec field `backbone`: unknown net {spec.backbone!r}; known: {list_nets()}, "
+                         f"or {', or '.join(FORMS)}")
     if spec.num_classes < 2:
         raise ValueError(f"net spec field `num_classes`: need at least 2 classes, got {spec.num_classes}")
     if spec.in_chans < 1:
@@ -50,6 +72,8 @@ def _check_spec(spec: NetSpec) -> None:
 def create_net(spec: NetSpec) -> MultiExitNet:
     """Build the multi-exit net `spec` describes (fresh weights; nothing is ever downloaded)."""
     _check_spec(spec)
-    net = _NETS.get(spec.backbone)(spec)
+    builder = _builder(spec.backbone)
+    assert builder is not None  # _check_spec refused the rest
+    net = builder(spec)
     log.debug("built %s: %d blocks, exits after %s", spec.backbone, net.num_blocks, net.exit_blocks)
     return net
