@@ -24,8 +24,7 @@ from exitflow.stages.core.data import DataError, DataSpec, DatasetInfo, check_da
 from exitflow.stages.core.data.identity import DataIdentity, identify, unread_identity
 from exitflow.stages.core.nets import NetChoice, NetSpec, create_net
 from exitflow.stages.core.nets.pretrained import Pretrained
-from exitflow.stages.core.allowed import MAX_PARAMETERS, RUN_PREFIX
-from exitflow.stages.core.allowed import TIMM_PREFIX
+from exitflow.stages.core.allowed import MAX_PARAMETERS, RUN_PREFIX, TIMM_PREFIX
 from exitflow.stages.core.nets.start import StartWeights, backbone_weights, start_reader
 from exitflow.stages.core.log_lines import brief
 from exitflow.stages.core.tensor_file import UnreadableTensors
@@ -100,18 +99,13 @@ def file_sha256(path: Path) -> str:
 def check_start(spec: StudySpec, ns: NetSpec, read_run: Callable[[str], dict[str, Any]] | None = None) -> None:
     """The starting weights load into the study's net (every backbone key, each its shape): a
     SpecError naming net.init otherwise. A run's weights are read with `read_run` (needs the store)."""
-    init = spec.net.init
-    if init is not None and ns.backbone.startswith(TIMM_PREFIX) and Pretrained.parse(init) is not None:
-        raise SpecError(f"net.init: {init}: a library's pretrained weights load onto the built-in resnet18/34/50 "
-                        f"and vit_* nets, not yet onto {ns.backbone}; start it fresh, or from a state-dict file or "
-                        f"runs:/RUN_ID of a {ns.backbone} net")
     start = start_weights(spec)
     if start is None:
         return
     if start.source.startswith(RUN_PREFIX) and read_run is None:
         return
     try:
-        state = start_reader(start.source, lambda run_id: functools.partial(read_run, run_id))()
+        state = start_reader(start.source, lambda run_id: functools.partial(read_run, run_id), ns.backbone.startswith(TIMM_PREFIX))()
         backbone_weights(create_net(ns), state)
     except SpecError:
         raise

@@ -19,6 +19,7 @@ from exitflow.pipeline.resolve import sized_net
 from exitflow.pipeline.stage import (CHECKPOINT, PHASE, Checkpoint, File, RunSettings, Stage, StageContext, StageFailed, StageInput,
                             StageResult, Table, TableKind)
 from exitflow.stages.core import faults
+from exitflow.stages.core.allowed import TIMM_PREFIX
 from exitflow.stages.core.data import dataset_info
 from exitflow.stages.core.nets import NetSpec
 from exitflow.stages.core.nets.start import StartWeights, start_reader
@@ -79,7 +80,7 @@ def phase_job(node: Node, inputs: list[StageInput], ctx: StageContext) -> tuple[
         config=cfg,
         net=ns,
         init_from=inputs[0].checkpoint_source() if inputs else None,
-        start=_start_loader(cfg.start, ctx),
+        start=_start_loader(cfg.start, ctx, ns.backbone.startswith(TIMM_PREFIX)),
         metrics_sink=ctx.metrics_sink(),
         torch_threads=ctx.settings.threads,
         fault_plan=ctx.fault_plan,
@@ -88,8 +89,8 @@ def phase_job(node: Node, inputs: list[StageInput], ctx: StageContext) -> tuple[
     return job, ns
 
 
-def _start_loader(start: StartWeights | None, ctx: StageContext) -> Any:
-    return None if start is None else start_reader(start.source, ctx.run_checkpoint)
+def _start_loader(start: StartWeights | None, ctx: StageContext, onto_timm: bool) -> Any:
+    return None if start is None else start_reader(start.source, ctx.run_checkpoint, onto_timm)
 
 
 def run_name(node: Node) -> str:

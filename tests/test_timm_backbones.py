@@ -27,7 +27,7 @@ from exitflow.stages.core.inference import early_exit_forward
 from exitflow.stages.core.loop import PhaseConfig, fit_phase, seed_everything
 from exitflow.stages.core.nets import NetSpec, create_net
 from exitflow.stages.core.nets.timm_backbone import IntermediatesBackbone, timm_version
-from test_spec_refusals import _refused
+from test_spec_refusals import refused
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -251,18 +251,18 @@ RESIZED = ["--set", f"data.resize={SIDE}"]
 
 @pytest.mark.parametrize("command", ["plan", "run"])
 def test_a_timm_name_that_does_not_exist_is_refused_before_ray(cwd: Path, command: str) -> None:
-    _refused(cwd, command, ["empty.yaml", "--set", "net.backbone=timm:test_vitt", *RESIZED],
+    refused(cwd, command, ["empty.yaml", "--set", "net.backbone=timm:test_vitt", *RESIZED],
              "net: net spec field `backbone`: timm:test_vitt: timm", "has no model 'test_vitt'")
 
 
 def test_an_exit_past_the_models_depth_is_refused_before_ray(cwd: Path) -> None:
-    _refused(cwd, "run", ["empty.yaml", "--set", "net.backbone=timm:test_vit", "--set", "net.exits=[3,6]", *RESIZED],
+    refused(cwd, "run", ["empty.yaml", "--set", "net.backbone=timm:test_vit", "--set", "net.exits=[3,6]", *RESIZED],
              "net spec field `exits`", "[6] out of range [1, 5] for timm:test_vit (6 blocks")
 
 
 def test_an_image_the_model_cannot_take_is_refused_naming_it(cwd: Path) -> None:
     # digits' own 8 px: test_convnext downsamples 32x
-    _refused(cwd, "plan", ["empty.yaml", "--set", "net.backbone=timm:test_convnext"],
+    refused(cwd, "plan", ["empty.yaml", "--set", "net.backbone=timm:test_convnext"],
              "timm:test_convnext: forward_intermediates fails on a 1x8x8 input")
 
 
@@ -272,21 +272,52 @@ def test_a_model_without_intermediates_is_refused_before_ray(cwd: Path) -> None:
         "def build(num_classes, in_chans, img_size):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(in_chans * img_size * img_size, num_classes))\n")
     (cwd / "s.yaml").write_text("net: {backbone: 'plain_model:build'}\n")
-    _refused(cwd, "plan", ["s.yaml"], "net:", "forward_intermediates")
+    refused(cwd, "plan", ["s.yaml"], "net:", "forward_intermediates")
 
 
 def test_what_a_timm_model_cannot_do_is_refused_before_ray(cwd: Path) -> None:
     base = ["empty.yaml", "--set", "net.backbone=timm:test_vit", *RESIZED]
-    _refused(cwd, "plan", [*base, "--set", "phases.P2.loss_weighting=gradient_equilibrium"],
+    refused(cwd, "plan", [*base, "--set", "phases.P2.loss_weighting=gradient_equilibrium"],
              "phases.P2.loss_weighting: gradient_equilibrium", "timm:test_vit does not expose")
-    _refused(cwd, "plan", [*base, "--set", "analyses.connectivity.enabled=true"],
+    refused(cwd, "plan", [*base, "--set", "analyses.connectivity.enabled=true"],
              "analyses.connectivity: mode connectivity:", "has no permutation spec")
-    _refused(cwd, "plan", [*base, "--set", "net.init=timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k"],
-             "net.init: timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k:", "not yet onto timm:test_vit")
+    refused(cwd, "plan", [*base, "--set", "net.init=timm:test_vit.r160_in1k"],  # nothing cached here
+             "net.init: timm:test_vit.r160_in1k:", "not in the local cache")
     with pytest.raises(SpecError, match="unknown net 'nosuchnet'.*timm:NAME.*module.path:builder"):
         from exitflow.pipeline.resolve import preflight
 
         preflight(load_spec(None, ["net.backbone=nosuchnet"]))
+
+
+def test_a_timm_models_cached_weights_start_the_same_timm_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`net.init: timm:TAG` on `net.backbone: timm:NAME`: the library's state dict from the local Hugging Face
+    cache, in its own layout, under the net's timm model; the ImageNet classifier left out, to start fresh."""
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    from exitflow.stages.core.nets.pretrained import PretrainedStart
+    from exitflow.stages.core.nets.start import load_start
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    torch.manual_seed(1)
+    library = timm.create_model("test_efficientnet", pretrained=False).eval()  # 3 channels, 1000 classes
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--timm--test_efficientnet.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in library.state_dict().items()}, str(repo / "snapshots" / revision / "model.safetensors"))
+
+    seed_everything(0)
+    net = create_net(NetSpec(backbone="timm:test_efficientnet", num_classes=10, in_chans=3, img_size=SIDE)).eval()
+    loaded = load_start(net, PretrainedStart("timm:test_efficientnet.r160_in1k", onto_timm=True)())
+    theirs = library.state_dict()
+    assert loaded and all(torch.equal(v, theirs[k.removeprefix("backbone.model.")]) for k, v in loaded.items())
+    assert not any(k.startswith("backbone.model.classifier.") for k in loaded)  # 1000 classes: left out
+    x = torch.randn(2, 3, SIDE, SIDE)
+    with torch.no_grad():
+        assert torch.allclose(net.backbone.model.forward_features(x), library.forward_features(x))
 
 
 # ---------------------------------------------------------------------------------- through the pipeline

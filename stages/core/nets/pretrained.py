@@ -82,17 +82,37 @@ class Pretrained:
         """The weights under exitflow's backbone names (`backbone.*`), the ImageNet classifier left out."""
         return to_backbone_names(self.read(), str(self))
 
+    def timm_model_state(self) -> dict[str, Tensor]:
+        """The weights under a `timm:NAME` backbone's names: the library's own layout, which the timm model
+        of the same architecture inside the net (`backbone.model`) takes as it is, its classifier left out."""
+        heads = tuple(f"{c}." for c in self._classifiers())
+        return {f"{TIMM_MODEL}{k}": v for k, v in self.read().items() if not k.startswith(heads)}
+
+    def _classifiers(self) -> tuple[str, ...]:
+        if self.library == "torchvision":
+            return TORCHVISION_CLASSIFIERS
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(self.name)
+        named = cfg.classifier if cfg is not None else None
+        return (named,) if isinstance(named, str) else tuple(named or ())
+
 
 @dataclass(frozen=True)
 class PretrainedStart:
     """Reads the cached weights when called (on the Train worker: on a cluster, from that node's cache)."""
 
     source: str
+    onto_timm: bool = False  # the study's backbone is `timm:NAME`: the library's names, under backbone.model.
 
     def __call__(self) -> dict[str, Tensor]:
         pretrained = Pretrained.parse(self.source)
         assert pretrained is not None, self.source
-        return pretrained.backbone_state()
+        return pretrained.timm_model_state() if self.onto_timm else pretrained.backbone_state()
+
+
+TIMM_MODEL = "backbone.model."  # where a `timm:NAME` backbone holds the timm model (stages/core/nets/timm_backbone.py)
+TORCHVISION_CLASSIFIERS = ("fc", "classifier", "heads")  # the ImageNet heads of torchvision's classifiers
 
 
 def to_backbone_names(state: dict[str, Tensor], what: str) -> dict[str, Tensor]:

@@ -95,12 +95,14 @@ class StateFile:
         return read_state_file(self.path)
 
 
-def start_reader(source: str, run_reader: Callable[[str], Callable[[], dict[str, Tensor]]]) -> Callable[[], dict[str, Tensor]]:
+def start_reader(source: str, run_reader: Callable[[str], Callable[[], dict[str, Tensor]]],
+                 onto_timm: bool = False) -> Callable[[], dict[str, Tensor]]:
     """What reads a starting point's state dict when called: `runs:/RUN_ID` through `run_reader`
     (given the run id; the tracking store is the caller's), LIBRARY:NAME from that library's local
-    cache, anything else as a state-dict file."""
+    cache (`onto_timm`: for a `timm:NAME` backbone, in the library's own layout), anything else as a
+    state-dict file."""
     if source.startswith(RUN_PREFIX):
         return run_reader(source.removeprefix(RUN_PREFIX))
     if pretrained_source(source) is not None:
-        return PretrainedStart(source)
+        return PretrainedStart(source, onto_timm)
     return StateFile(source)
